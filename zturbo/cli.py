@@ -1,0 +1,106 @@
+"""The `zturbo` command: a Typer app assembled from ``zturbo.commands``.
+
+Each module in ``zturbo/commands`` defines ``register(app)``; modules are found
+at import time, so a command exists exactly when its module does. ``main()``
+turns known errors into one line on stderr plus a hint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+import traceback
+
+import click
+import typer
+
+from zturbo import __version__
+from zturbo.errors import ZTurboError
+
+# Order in `zturbo --help`; modules not listed follow alphabetically.
+_ORDER = ["prepare", "train", "eval", "bench", "export", "serve_batch", "config_cmd", "info"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"zturbo {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="zturbo",
+        help="Train, evaluate, benchmark, export and serve compact AutoencoderKL-style image VAEs.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    ) -> None:
+        """zturbo: compact image VAEs, measured honestly."""
+
+    import zturbo.commands as pkg
+
+    names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+    for name in names:
+        importlib.import_module(f"zturbo.commands.{name}").register(app)
+    return app
+
+
+def _debug() -> bool:
+    return os.environ.get("ZTURBO_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def _fail(message: str, hint: str | None, code: int) -> int:
+    from zturbo.console import stderr
+
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if hint:
+        stderr.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (no sys.exit), for tests and embedding."""
+    app = build_app()
+    try:
+        result = app(args=argv, prog_name="zturbo", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return _fail("aborted", None, 130)
+    except click.ClickException as exc:
+        if _debug():
+            traceback.print_exc()
+        exc.show()
+        return exc.exit_code
+    except ZTurboError as exc:
+        if _debug():
+            traceback.print_exc()
+        return _fail(exc.message, exc.hint, exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", None, 130)
+    except MemoryError:
+        return _fail("out of memory", "use a smaller batch or image size", 1)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return _fail(f"out of GPU memory: {str(exc).splitlines()[0]}", "use a smaller batch or image size", 1)
+        if _debug():
+            raise
+        return _fail(
+            f"unexpected {type(exc).__name__}: {exc}", "rerun with ZTURBO_DEBUG=1 for the traceback and report it", 1
+        )
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,377 @@
+"""Typed configuration: one pydantic model per concern, resolved in layers.
+
+Precedence, lowest to highest::
+
+    built-in defaults < profile < --config FILE < ZTURBO_<SECTION>__<FIELD> env < CLI flags
+
+Settings are resolved once at the command boundary (``load_settings``) and passed
+down as typed objects; library code never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from zturbo.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_PROFILE = "fast"
+PROFILE_NAMES = ("ultrafast", "fast", "highres", "ultra", "standard", "demo")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """AutoencoderKL architecture. Field names match diffusers' config.json."""
+
+    in_channels: int = Field(3, ge=1)
+    out_channels: int = Field(3, ge=1)
+    block_out_channels: list[int] = Field(default_factory=lambda: [96, 192, 384, 384], min_length=1, max_length=8)
+    layers_per_block: int = Field(2, ge=1, le=8)
+    latent_channels: int = Field(8, ge=1, le=256)
+    norm_num_groups: int = Field(32, ge=1)
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    scaling_factor: float = Field(1.0, gt=0)
+    shift_factor: float = 0.0
+    sample_size: int = Field(1024, ge=8)
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _positive_channels(cls, value: list[int]) -> list[int]:
+        if any(c <= 0 for c in value):
+            raise ValueError("every channel count must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> "ModelConfig":
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups} "
+                "(GroupNorm needs channels divisible by the group count)"
+            )
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class DataConfig(Section):
+    data_dir: Path | None = None
+    image_size: int = Field(1024, ge=8, le=16384)
+    num_workers: int = Field(4, ge=0, le=256)
+    random_flip: bool = True
+    random_crop: bool = True
+    val_images: int = Field(4, ge=0, description="images held out for the fixed sample grid")
+
+
+class TrainConfig(Section):
+    output_dir: Path = Path("runs/zturbo")
+    batch_size: int = Field(24, ge=1, description="effective batch (micro-batch x accumulation)")
+    micro_batch_size: int | None = Field(None, ge=1, description="None: chosen to fit the device")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    epochs: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    warmup_epochs: float = Field(3, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_epochs when set")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    mixed_precision: bool = True
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    sample_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(10, ge=1)
+
+
+class LossConfig(Section):
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
+    reconstruction_weight: float = Field(1.2, ge=0)
+    perceptual_weight: float = Field(0.8, ge=0)
+    perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    kl_weight: float = Field(1e-6, ge=0)
+    disc_weight: float = Field(0.5, ge=0, description="0 disables the discriminator")
+    disc_start: int = Field(50001, ge=0, description="step at which the discriminator loss starts")
+    disc_layers: int = Field(3, ge=1, le=6)
+    disc_learning_rate: float | None = Field(None, gt=0, description="None: same as train.learning_rate")
+    adaptive_weight_max: float = Field(1e4, gt=0)
+
+
+class PrepareConfig(Section):
+    size: int = Field(1024, ge=8, le=16384)
+    val_fraction: float = Field(0.02, ge=0, lt=1)
+    format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(95, ge=1, le=100)
+    resize: Literal["center-crop", "pad"] = "center-crop"
+    min_size: int | None = Field(None, ge=1, description="None: size / 2")
+    workers: int | None = Field(None, ge=1, description="None: all cores")
+    dedupe: bool = False
+    max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
+
+
+class EvalConfig(Section):
+    size: int | Literal["native"] = 256
+    metrics: list[Literal["psnr", "ssim", "lpips", "rfid"]] = Field(default_factory=lambda: ["psnr", "ssim", "lpips"])
+    backend: Literal["torch", "onnx", "trt"] = "torch"
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_images: int | None = Field(None, ge=1)
+
+
+class BenchConfig(Section):
+    resolutions: list[int] | None = Field(None, description="None: 256,512 on CPU, 512,1024 on GPU")
+    batch_sizes: list[int] | None = Field(None, description="None: 1,4 on CPU, 1,8,24 on GPU")
+    backends: list[Literal["torch", "compile", "onnx", "trt"]] = Field(default_factory=lambda: ["torch"])
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    what: list[Literal["encode", "decode", "train"]] = Field(default_factory=lambda: ["encode", "decode"])
+    repeats: int = Field(10, ge=1)
+    warmup: int = Field(2, ge=0)
+    channels_last: bool = False
+    device: str = "auto"
+    max_regression: float = Field(0.10, ge=0, description="fraction, for the --baseline gate")
+
+
+class ExportConfig(Section):
+    format: Literal["onnx", "trt", "diffusers"] = "onnx"
+    parts: list[Literal["encoder", "decoder"]] = Field(default_factory=lambda: ["encoder", "decoder"])
+    precision: Literal["fp32", "fp16"] = "fp32"
+    opset: int = Field(18, ge=13, le=23)
+    batch: tuple[int, int, int] = (1, 8, 24)
+    size: tuple[int, int, int] = (256, 1024, 2048)
+    apply_scaling: bool = False
+    verify: bool = False
+
+
+class ServeConfig(Section):
+    size: int | None = Field(None, ge=8, description="None: model sample_size")
+    batch_size: int | Literal["auto"] = "auto"
+    backend: Literal["torch", "compile", "onnx", "trt"] = "torch"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    latent_mode: Literal["mean", "sample"] = "mean"
+    shard_size: int = Field(1000, ge=1)
+    workers: int | None = Field(None, ge=0)
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+_LAYERS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("zturbo_config_layers", default={})
+
+
+class _LayeredSource(PydanticBaseSettingsSource):
+    """Profile and --config file values, already merged (file over profile)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used instead
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _LAYERS.get()
+
+
+class Settings(BaseSettings):
+    """The whole resolved configuration, one attribute per concern."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ZTURBO_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    profile: str | None = Field(None, description="name or path of the profile applied")
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        # Earlier sources win: CLI flags (init) > environment > profile + config file.
+        return (init_settings, env_settings, _LayeredSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _image_size_fits_model(self) -> "Settings":
+        factor = self.model.downsample_factor
+        for where, size in (("data.image_size", self.data.image_size), ("model.sample_size", self.model.sample_size)):
+            if size % factor:
+                raise ValueError(
+                    f"{where}={size} must be divisible by {factor} "
+                    f"(2^(levels-1) for {len(self.model.block_out_channels)} levels)"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, JSON or YAML mapping; any problem becomes a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", "check the path given to --config")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"unsupported config format '{suffix}' for {path}", "use .toml, .json or .yaml")
+    except ConfigError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # tomllib/json/yaml errors subclass ValueError
+        raise ConfigError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # yaml.YAMLError does not subclass ValueError
+        raise ConfigError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, train, ...), not {type(data).__name__}")
+    return _from_seed_layout(data)
+
+
+def _from_seed_layout(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept the seed guide's flat JSON keys (configs/*.json) next to our sectioned layout."""
+    flat_map = {
+        "image_size": ("data", "image_size"),
+        "batch_size": ("train", "batch_size"),
+        "learning_rate": ("train", "learning_rate"),
+        "z_channels": ("model", "latent_channels"),
+        "latent_channels": ("model", "latent_channels"),
+        "block_out_channels": ("model", "block_out_channels"),
+        "perceptual_weight": ("loss", "perceptual_weight"),
+        "reconstruction_weight": ("loss", "reconstruction_weight"),
+        "warmup_epochs": ("train", "warmup_epochs"),
+        "mixed_precision": ("train", "mixed_precision"),
+        "num_workers": ("data", "num_workers"),
+        "epochs": ("train", "epochs"),
+    }
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in flat_map and not isinstance(value, dict):
+            section, field = flat_map[key]
+            out.setdefault(section, {})[field] = value
+        else:
+            out[key] = deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def profile_dir() -> Path:
+    return Path(str(resources.files("zturbo") / "profiles"))
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in profile_dir().glob("*.toml"))
+
+
+def read_profile(name_or_path: str | Path) -> dict[str, Any]:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".toml", ".json", ".yaml", ".yml") or candidate.exists():
+        data = read_config_file(candidate)
+    else:
+        path = profile_dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown profile '{name_or_path}'",
+                f"choose one of: {', '.join(available_profiles())} (or give a path to a .toml file)",
+            )
+        data = read_config_file(path)
+    data.setdefault("profile", str(name_or_path))
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: 'section.field: message (got value)'."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def load_settings(
+    profile: str | Path | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    default_profile: str | None = DEFAULT_PROFILE,
+) -> Settings:
+    """Resolve the full configuration.
+
+    ``overrides`` is a nested mapping of the CLI flags the user actually gave,
+    e.g. ``{"train": {"batch_size": 8}}``; ``None`` values are dropped.
+    """
+    layers: dict[str, Any] = {}
+    chosen = profile if profile is not None else default_profile
+    if chosen is not None:
+        layers = read_profile(chosen)
+    if config_file is not None:
+        layers = deep_merge(layers, read_config_file(config_file))
+    token = _LAYERS.set(layers)
+    try:
+        return Settings(**_drop_none(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {format_validation_error(exc)}") from exc
+    finally:
+        _LAYERS.reset(token)
+
+
+def _drop_none(tree: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        elif value is None:
+            continue
+        out[key] = value
+    return out

@@ -1,0 +1,32 @@
+"""Data: the bundled demo photos, preparation pipeline, datasets and loaders."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def demo_dir() -> Path:
+    """Folder of the bundled CC0 / public-domain sample photos (see SOURCES.md there)."""
+    return Path(str(resources.files("zturbo") / "data" / "demo"))
+
+
+def demo_images() -> list[Path]:
+    """Paths of the bundled sample photos, sorted by name."""
+    return sorted(p for p in demo_dir().iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_demo_images(size: int | None = None):
+    """The demo photos as 8-bit RGB PIL images, optionally center-cropped to ``size`` x ``size``."""
+    from PIL import Image, ImageOps
+
+    images = []
+    for path in demo_images():
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+        if size is not None:
+            im = ImageOps.fit(im, (size, size), Image.Resampling.LANCZOS)
+        images.append(im)
+    return images

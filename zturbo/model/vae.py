@@ -1,0 +1,207 @@
+"""The zturbo VAE: diffusers' AutoencoderKL architecture, state-dict compatible.
+
+    vae = VAE(ModelConfig(block_out_channels=[96, 192, 384, 384], latent_channels=8))
+    z = vae.encode(x).mode()          # x in [-1, 1], (B, 3, H, W)
+    x_hat = vae.decode(z)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from zturbo.config import ModelConfig
+from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, UpDecoderBlock, _silu
+
+class DiagonalGaussian:
+    """Posterior q(z|x) = N(mean, exp(logvar)), logvar clamped to [-30, 20]."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.moments = moments
+        self.mean, logvar = torch.chunk(moments, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over latent dimensions, one value per sample."""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+class _CheckpointedSequence(nn.Module):
+    gradient_checkpointing = False
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+
+class Encoder(_CheckpointedSequence):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch = cfg.block_out_channels
+        g = cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        prev = ch[0]
+        for i, out in enumerate(ch):
+            self.down_blocks.append(DownEncoderBlock(prev, out, cfg.layers_per_block, g, add_downsample=i < len(ch) - 1))
+            prev = out
+        self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=NORM_EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = self._run(block, x)
+        x = self._run(self.mid_block, x)
+        return self.conv_out(_silu(self.conv_norm_out(x)))
+
+
+class Decoder(_CheckpointedSequence):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch = list(reversed(cfg.block_out_channels))
+        g = cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList()
+        prev = ch[0]
+        for i, out in enumerate(ch):
+            self.up_blocks.append(UpDecoderBlock(prev, out, cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1))
+            prev = out
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=NORM_EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z)
+        x = self._run(self.mid_block, x)
+        for block in self.up_blocks:
+            x = self._run(block, x)
+        return self.conv_out(_silu(self.conv_norm_out(x)))
+
+
+class VAE(nn.Module):
+    """AutoencoderKL with diffusers-identical parameter names and shapes."""
+
+    def __init__(self, config: ModelConfig | dict[str, Any] | None = None, **overrides: Any):
+        super().__init__()
+        if config is None:
+            config = ModelConfig(**overrides)
+        elif isinstance(config, dict):
+            config = ModelConfig(**{**config, **overrides})
+        elif overrides:
+            config = config.model_copy(update=overrides)
+            config = ModelConfig.model_validate(config.model_dump())
+        self.config = config
+        lat = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(lat, lat, 1) if config.use_post_quant_conv else None
+
+    # -- inference API ---------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z)
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent as a diffusion model sees it: (z - shift) * scale."""
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.config.scaling_factor + self.config.shift_factor
+
+    # -- training helpers ------------------------------------------------------------------------------
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.gradient_checkpointing = enabled
+        self.decoder.gradient_checkpointing = enabled
+
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """Weight of the decoder's final conv (for the GAN adaptive weight)."""
+        return self.decoder.conv_out.weight
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def diffusers_config(self) -> dict[str, Any]:
+        from zturbo import __version__
+
+        cfg = self.config
+        n = len(cfg.block_out_channels)
+        return {
+            "_class_name": DIFFUSERS_CLASS,
+            "_diffusers_version": "0.30.0",
+            "_zturbo_version": __version__,
+            "act_fn": "silu",
+            "block_out_channels": list(cfg.block_out_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels,
+            "latent_channels": cfg.latent_channels,
+            "layers_per_block": cfg.layers_per_block,
+            "norm_num_groups": cfg.norm_num_groups,
+            "sample_size": cfg.sample_size,
+            "scaling_factor": cfg.scaling_factor,
+            "shift_factor": cfg.shift_factor,
+            "latents_mean": None,
+            "latents_std": None,
+            "force_upcast": True,
+            "use_quant_conv": cfg.use_quant_conv,
+            "use_post_quant_conv": cfg.use_post_quant_conv,
+            "mid_block_add_attention": cfg.mid_block_add_attention,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers' layout), atomically."""
+        from zturbo.model.io import save_pretrained
+
+        return save_pretrained(self, directory, state_dict=state_dict)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "VAE":
+        """Load a folder written by ``save_pretrained`` here or by diffusers."""
+        from zturbo.model.io import load_pretrained
+
+        return load_pretrained(directory, map_location=map_location)
+
+    @staticmethod
+    def config_from_diffusers(data: dict[str, Any]) -> ModelConfig:
+        from zturbo.model.io import model_config_from_dict
+
+        return model_config_from_dict(data)
+
