@@ -1,0 +1,105 @@
+"""Robust image reading: any Pillow format and mode to 8-bit sRGB RGB.
+
+Shared by prepare, the training dataset, eval and serve-batch so every path
+treats EXIF orientation, ICC profiles, alpha and odd modes the same way.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps
+
+from zturbo.errors import InputError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default decompression-bomb threshold
+
+
+class ImageReadError(InputError):
+    """An image could not be decoded; ``reason`` is a short machine-friendly tag."""
+
+    def __init__(self, path: Path | str, reason: str, detail: str = ""):
+        super().__init__(f"cannot read image {path}: {reason}{': ' + detail if detail else ''}")
+        self.path = str(path)
+        self.reason = reason
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def to_srgb_rgb(im: Image.Image) -> Image.Image:
+    """Convert any mode to 8-bit RGB in sRGB; alpha is composited over white."""
+    icc = im.info.get("icc_profile")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba).convert("RGB")
+    if icc and im.mode in ("RGB", "CMYK", "L"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            im = ImageCms.profileToProfile(im, src, _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile: fall back to a plain conversion below
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Open, apply EXIF orientation, and return 8-bit sRGB RGB; raise ImageReadError on any failure.
+
+    ``draft_size`` lets JPEG decoding happen at a reduced scale when the image is much
+    larger than needed (the final resize still antialiases).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageReadError(path, "too-large", f"{w}x{h} exceeds {max_pixels} pixels")
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            if draft_size is not None and im.format == "JPEG":
+                scale = min(w, h) / draft_size
+                if scale >= 2:
+                    im.draft("RGB", (max(1, round(w / scale)), max(1, round(h / scale))))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_srgb_rgb(im)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, "too-large", str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise ImageReadError(path, "missing", "file or symlink target not found") from exc
+    except PermissionError as exc:
+        raise ImageReadError(path, "unreadable", "permission denied") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageReadError(path, "not-an-image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated data, bad headers, symlink loops
+        raise ImageReadError(path, "corrupt", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (B, 3, H, W) in [-1, 1] -> uint8 HWC / BHWC, clamped and rounded."""
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return (x.permute(0, 2, 3, 1) if x.dim() == 4 else x.permute(1, 2, 0)).cpu().numpy()
