@@ -151,11 +151,13 @@ class BenchConfig(Section):
     backends: list[Literal["torch", "compile", "onnx", "trt"]] = Field(default_factory=lambda: ["torch"])
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     what: list[Literal["encode", "decode", "train"]] = Field(default_factory=lambda: ["encode", "decode"])
-    repeats: int = Field(10, ge=1)
+    repeats: int | None = Field(None, ge=1, description="None: 3 on CPU, 10 on GPU")
     warmup: int = Field(2, ge=0)
     channels_last: bool = False
     device: str = "auto"
-    max_regression: float = Field(0.10, ge=0, description="fraction, for the --baseline gate")
+    against: str | None = Field(None, description="'standard', 'diffusers', another profile name or a .toml path")
+    max_regression: float = Field(0.10, ge=0, lt=10, description="fraction, for the --baseline gate")
+    peak_matmul_size: int | None = Field(None, ge=64, description="None: 8192 on GPU, 1024 on CPU")
 
 
 class ExportConfig(Section):
