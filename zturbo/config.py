@@ -179,8 +179,15 @@ class ServeConfig(Section):
     device: str = "auto"
     latent_mode: Literal["mean", "sample"] = "mean"
     shard_size: int = Field(1000, ge=1)
-    workers: int | None = Field(None, ge=0)
+    workers: int | None = Field(None, ge=0, description="image decoding processes; None: cores - 1 (at most 8)")
     image_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(95, ge=1, le=100, description="jpeg / webp quality when decoding to images")
+    resize: Literal["aspect", "square"] = Field(
+        "aspect", description="aspect: nearest aspect-ratio bucket of about size^2 pixels; square: center-crop to size"
+    )
+    max_batch_size: int = Field(256, ge=1, description="upper bound for batch_size=auto")
+    max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
+    seed: int = Field(0, description="seed of the per-image noise for latent_mode=sample")
 
 
 _LAYERS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("zturbo_config_layers", default={})
