@@ -163,7 +163,7 @@ class VAE(nn.Module):
         cfg = self.config
         n = len(cfg.block_out_channels)
         return {
-            "_class_name": DIFFUSERS_CLASS,
+            "_class_name": "AutoencoderKL",
             "_diffusers_version": "0.30.0",
             "_zturbo_version": __version__,
             "act_fn": "silu",
