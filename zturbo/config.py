@@ -136,13 +136,29 @@ class PrepareConfig(Section):
 
 
 class EvalConfig(Section):
-    size: int | Literal["native"] = 256
-    metrics: list[Literal["psnr", "ssim", "lpips", "rfid"]] = Field(default_factory=lambda: ["psnr", "ssim", "lpips"])
-    backend: Literal["torch", "onnx", "trt"] = "torch"
+    size: int | Literal["native"] = Field(
+        256, description="square side (shorter side resized, then center-cropped) or 'native' (padded, cropped back)"
+    )
+    metrics: list[Literal["psnr", "ssim", "lpips", "rfid"]] = Field(
+        default_factory=lambda: ["psnr", "ssim", "lpips"], min_length=1
+    )
+    lpips_nets: list[Literal["alex", "vgg"]] = Field(default_factory=lambda: ["alex", "vgg"], min_length=1)
+    backend: Literal["torch", "compile", "onnx", "trt"] = "torch"
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_images: int | None = Field(None, ge=1)
+    worst_images: int = Field(5, ge=0, le=100, description="worst images listed in the summary")
+    sheet_images: int = Field(4, ge=0, le=32, description="worst and best images each on the contact sheet")
+    inception_weights: Path | None = Field(None, description="torch-fidelity Inception weights file for rFID")
+    max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
+
+    @field_validator("size")
+    @classmethod
+    def _size_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 8 <= value <= 16384:
+            raise ValueError("must be 'native' or an integer from 8 to 16384")
+        return value
 
 
 class BenchConfig(Section):
