@@ -13,3 +13,16 @@ def _clean_zturbo_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith("ZTURBO_"):
             monkeypatch.delenv(key, raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu / tensorrt skip, with the reason, where that hardware or package is absent."""
+    import importlib.util
+
+    has_cuda = torch.cuda.is_available()
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if ("gpu" in item.keywords or "tensorrt" in item.keywords) and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)"))
+        elif "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT (pip install 'zturbo[gpu]')"))
