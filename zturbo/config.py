@@ -124,13 +124,14 @@ class LossConfig(Section):
 
 
 class PrepareConfig(Section):
-    size: int = Field(1024, ge=8, le=16384)
+    size: int | None = Field(None, ge=8, le=16384, description="None: data.image_size")
     val_fraction: float = Field(0.02, ge=0, lt=1)
     format: Literal["png", "jpeg", "webp"] = "png"
-    quality: int = Field(95, ge=1, le=100)
+    quality: int = Field(95, ge=1, le=100, description="JPEG / WebP quality")
+    png_compress_level: int = Field(3, ge=0, le=9, description="zlib level; 3 is ~3x faster than 6 and ~2% larger")
     resize: Literal["center-crop", "pad"] = "center-crop"
     min_size: int | None = Field(None, ge=1, description="None: size / 2")
-    workers: int | None = Field(None, ge=1, description="None: all cores")
+    workers: int | None = Field(None, ge=1, le=1024, description="None: all usable cores")
     dedupe: bool = False
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
 

@@ -6,8 +6,10 @@ treats EXIF orientation, ICC profiles, alpha and odd modes the same way.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ class ImageReadError(InputError):
         super().__init__(f"cannot read image {path}: {reason}{': ' + detail if detail else ''}")
         self.path = str(path)
         self.reason = reason
+        self.detail = detail
 
 
 _SRGB = ImageCms.createProfile("sRGB")
@@ -58,27 +61,15 @@ def to_srgb_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Open, apply EXIF orientation, and return 8-bit sRGB RGB; raise ImageReadError on any failure.
+@contextlib.contextmanager
+def image_read_errors(path: str | Path) -> Iterator[None]:
+    """Turn any failure while opening or decoding ``path`` into ImageReadError with a reason tag.
 
-    ``draft_size`` lets JPEG decoding happen at a reduced scale when the image is much
-    larger than needed (the final resize still antialiases).
+    Reasons: too-large, missing, unreadable, not-an-image, corrupt (and whatever an
+    ImageReadError raised inside carries).
     """
-    path = Path(path)
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageReadError(path, "too-large", f"{w}x{h} exceeds {max_pixels} pixels")
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            if draft_size is not None and im.format == "JPEG":
-                scale = min(w, h) / draft_size
-                if scale >= 2:
-                    im.draft("RGB", (max(1, round(w / scale)), max(1, round(h / scale))))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_srgb_rgb(im)
+        yield
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -89,8 +80,36 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
         raise ImageReadError(path, "unreadable", "permission denied") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageReadError(path, "not-an-image") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated data, bad headers, symlink loops
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated data, bad headers, symlink loops
         raise ImageReadError(path, "corrupt", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+
+def check_pixels(path: str | Path, im: Image.Image, max_pixels: int) -> None:
+    """Refuse a decompression bomb from its header, before any pixel is decoded."""
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageReadError(path, "too-large", f"{w}x{h} exceeds {max_pixels} pixels")
+
+
+def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Open, apply EXIF orientation, and return 8-bit sRGB RGB; raise ImageReadError on any failure.
+
+    ``draft_size`` lets JPEG decoding happen at a reduced scale when the image is much
+    larger than needed (the final resize still antialiases).
+    """
+    path = Path(path)
+    with image_read_errors(path), Image.open(path) as im:
+        check_pixels(path, im, max_pixels)
+        w, h = im.size
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        if draft_size is not None and im.format == "JPEG":
+            scale = min(w, h) / draft_size
+            if scale >= 2:
+                im.draft("RGB", (max(1, round(w / scale)), max(1, round(h / scale))))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return to_srgb_rgb(im)
 
 
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:

@@ -1,0 +1,233 @@
+"""`zturbo prepare INPUT OUTPUT`: any image folder -> size x size train/val folders, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, settings_from
+from zturbo.errors import UsageError
+
+_HIDDEN = {"hidden": True}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prepare", no_args_is_help=True)
+    def prepare(
+        input_dir: Annotated[
+            Path | None, typer.Argument(metavar="INPUT", help="Folder of images (recursed).")
+        ] = None,
+        output_dir: Annotated[
+            Path | None,
+            typer.Argument(metavar="OUTPUT", help="Folder for train/, val/, manifest and report."),
+        ] = None,
+        size: Annotated[
+            int | None,
+            typer.Option(
+                "--size",
+                "--target-size",
+                "--target_size",
+                help="Output side in pixels [default: data.image_size of the profile].",
+            ),
+        ] = None,
+        val_fraction: Annotated[
+            float | None,
+            typer.Option(
+                "--val-fraction", help="Share of images for val/, chosen by content hash [default: 0.02]."
+            ),
+        ] = None,
+        fmt: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp [default: png].")] = None,
+        quality: Annotated[
+            int | None, typer.Option("--quality", help="JPEG / WebP quality [default: 95].")
+        ] = None,
+        resize: Annotated[
+            str | None,
+            typer.Option("--resize", help="center-crop or pad (black bars) [default: center-crop]."),
+        ] = None,
+        min_size: Annotated[
+            int | None,
+            typer.Option(
+                "--min-size",
+                help="Skip (never upscale) images whose scaled side is smaller [default: size/2].",
+            ),
+        ] = None,
+        workers: Annotated[
+            int | None, typer.Option("--workers", "-j", help="Worker processes [default: all cores].")
+        ] = None,
+        dedupe: Annotated[
+            bool | None,
+            typer.Option("--dedupe/--no-dedupe", help="Drop exact duplicates (same bytes) [default: keep]."),
+        ] = None,
+        max_pixels: Annotated[
+            int | None,
+            typer.Option("--max-pixels", help="Skip images with more pixels (decompression bombs)."),
+        ] = None,
+        demo: Annotated[
+            bool,
+            typer.Option("--demo", help="Prepare the bundled sample photos: zturbo prepare --demo OUTPUT."),
+        ] = False,
+        input_opt: Annotated[Path | None, typer.Option("--input-dir", "--input_dir", **_HIDDEN)] = None,
+        output_opt: Annotated[Path | None, typer.Option("--output-dir", "--output_dir", **_HIDDEN)] = None,
+        mode: Annotated[str | None, typer.Option("--mode", **_HIDDEN)] = None,
+        profile: ProfileOpt = None,
+        config: ConfigOpt = None,
+        json_out: JsonOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Resize, crop and split a folder of images for training: fast, parallel, safe to kill and re-run.
+
+        Reads any Pillow format (JPEG, PNG, WebP, BMP, TIFF, GIF...), applies EXIF orientation,
+        converts every mode and ICC profile to 8-bit sRGB, and writes OUTPUT/train, OUTPUT/val,
+        manifest.jsonl and prepare-report.json. Bad files are skipped and reported. Re-runs only
+        redo what changed; OUTPUT mirrors INPUT (outputs of removed sources are removed).
+        """
+        from zturbo.data import prepare as lib
+
+        if mode not in (None, "preprocess"):
+            raise UsageError(
+                f"--mode {mode} is not supported", "zturbo prepare only preprocesses: drop --mode"
+            )
+        source, target = _paths(input_dir, output_dir, input_opt, output_opt, demo)
+        overrides = {
+            "prepare": {
+                "size": size,
+                "val_fraction": val_fraction,
+                "format": fmt,
+                "quality": quality,
+                "resize": resize,
+                "min_size": min_size,
+                "workers": workers,
+                "dedupe": dedupe,
+                "max_pixels": max_pixels,
+            }
+        }
+        settings = settings_from(profile if profile is not None or not demo else "demo", config, overrides)
+        cfg = settings.prepare
+        if cfg.size is None:
+            cfg = cfg.model_copy(update={"size": settings.data.image_size})
+
+        with _ProgressBar(quiet or json_out) as bar:
+            if demo:
+                report = lib.prepare_demo(target, cfg, on_progress=bar.update)
+            else:
+                report = lib.prepare_dataset(source, target, cfg, on_progress=bar.update)
+
+        if json_out:
+            from zturbo.console import print_json
+
+            print_json(report.to_dict())
+        else:
+            _print_summary(report)
+        _warn_skipped(report, quiet)
+
+
+def _paths(
+    input_dir: Path | None,
+    output_dir: Path | None,
+    input_opt: Path | None,
+    output_opt: Path | None,
+    demo: bool,
+) -> tuple[Path | None, Path]:
+    positional = [p for p in (input_dir, output_dir) if p is not None]
+    if demo:
+        if input_opt is not None or len(positional) > 1:
+            raise UsageError(
+                "--demo prepares the bundled photos and takes only OUTPUT", "zturbo prepare --demo OUTPUT"
+            )
+        target = output_opt or (positional[0] if positional else None)
+        if target is None:
+            raise UsageError("--demo needs an OUTPUT folder", "zturbo prepare --demo OUTPUT")
+        return None, target
+    source = input_opt or (positional.pop(0) if positional else None)
+    target = output_opt or (positional.pop(0) if positional else None)
+    if positional:
+        raise UsageError("too many folders given", "zturbo prepare INPUT OUTPUT")
+    if source is None or target is None:
+        raise UsageError("prepare needs INPUT and OUTPUT folders", "zturbo prepare INPUT OUTPUT --size 1024")
+    return source, target
+
+
+class _ProgressBar:
+    """Rich bar on stderr (images/s, skipped so far), started at the first update: after the
+    worker processes are forked, so the bar's refresh thread never exists at fork time."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def update(self, p) -> None:
+        if self.quiet:
+            return
+        if self.progress is None:
+            from rich.progress import TextColumn
+
+            from zturbo.console import progress
+
+            self.progress = progress(
+                False,
+                TextColumn("{task.fields[rate]} img/s"),
+                TextColumn("[yellow]{task.fields[skipped]} skipped"),
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "prepare", total=p.total, completed=p.done, rate="-", skipped=p.skipped
+            )
+        task = self.progress.tasks[0]
+        speed = task.speed
+        self.progress.update(
+            self.task, completed=p.done, skipped=p.skipped, rate=f"{speed:.1f}" if speed else "-"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _print_summary(report) -> None:
+    from rich.table import Table
+
+    from zturbo.console import stdout
+
+    table = Table(
+        title=f"prepared {report.input} -> {report.output}", title_justify="left", show_header=False
+    )
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    rows = [
+        ("images seen", report.seen),
+        ("written this run", report.written),
+        ("already up to date", report.up_to_date),
+        ("outputs (train / val)", f"{report.outputs} ({report.train} / {report.val})"),
+        ("size / format / resize", f"{report.size} / {report.format} / {report.resize}"),
+    ]
+    rows += [(f"skipped: {reason}", n) for reason, n in report.skipped.items()]
+    rows += [
+        ("duplicates" + (" (dropped)" if report.dedupe else " (kept)"), report.duplicates),
+        ("stale outputs removed", report.removed),
+        (
+            "time / throughput",
+            f"{report.elapsed_s:.1f} s / {report.images_per_s:.1f} img/s ({report.workers} workers)",
+        ),
+    ]
+    for label, value in rows:
+        table.add_row(label, str(value))
+    stdout.print(table)
+
+
+def _warn_skipped(report, quiet: bool) -> None:
+    from zturbo.console import warn
+
+    if report.skipped_total and not quiet:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.items())
+        examples = "; ".join(f"{s['source']} ({s['reason']})" for s in report.skipped_files[:3])
+        more = ", ..." if len(report.skipped_files) > 3 else ""
+        warn(
+            f"skipped {report.skipped_total} of {report.seen} files: {reasons} (e.g. {examples}{more}); "
+            f"every one is listed in {Path(report.output) / 'prepare-report.json'}"
+        )
