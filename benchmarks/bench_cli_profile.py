@@ -1,0 +1,140 @@
+"""Where the decoder's time goes: a torch.profiler trace summarised by op family.
+
+    python benchmarks/bench_cli_profile.py --device cuda --resolution 1024 --batch 8 --precision bf16 --channels-last
+
+Prints the share of each op family (convolution, GroupNorm, SiLU, upsampling,
+attention with its projections, residual adds, padding) and the top kernels by
+self CUDA time (top ops by self CPU time on a CPU). Optionally writes the
+table as JSON and the raw trace as a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# Each family is the inclusive time of its top-level aten ops, which do not nest in one another,
+# so the shares add up; what no family claims (layout copies, allocation, launches) is "other".
+FAMILY_ROOTS = {
+    "conv": ("aten::convolution",),
+    "groupnorm": ("aten::group_norm",),
+    "silu": ("aten::silu_", "aten::silu"),
+    "upsample": ("aten::upsample_nearest2d",),
+    "attention": ("aten::scaled_dot_product_attention", "aten::linear"),
+    "add": ("aten::add_", "aten::add"),
+    "pad": ("aten::pad", "aten::constant_pad_nd"),
+}
+
+
+def _time(event, field: str) -> float:
+    """Microseconds; newer torch says 'device', older 'cuda'."""
+    for name in (field, field.replace("device", "cuda")):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def summarise(events, use_cuda: bool, steps: int, top: int) -> dict:
+    if use_cuda:
+        leaves = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        total = sum(_time(e, "self_device_time_total") for e in leaves)
+        inclusive = "device_time_total"
+        ranked = sorted(leaves, key=lambda e: _time(e, "self_device_time_total"), reverse=True)
+        self_of = lambda e: _time(e, "self_device_time_total")
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        inclusive = "cpu_time_total"
+        ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+        self_of = lambda e: float(e.self_cpu_time_total)
+    total = total or 1.0
+    families = {}
+    by_key = {e.key: e for e in events}
+    for fam, roots in FAMILY_ROOTS.items():
+        families[fam] = sum(_time(by_key[r], inclusive) for r in roots if r in by_key)
+    families["other"] = max(total - sum(families.values()), 0.0)
+    return {
+        "ms_per_call": total / 1000 / steps,
+        "families": {k: v / 1000 / steps for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+        "shares": {k: v / total for k, v in families.items()},
+        "top": [{"op": e.key, "calls": e.count // steps, "ms_per_call": self_of(e) / 1000 / steps,
+                 "share": self_of(e) / total} for e in ranked[:top]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="fast")
+    parser.add_argument("--part", choices=("decode", "encode"), default="decode")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=3, help="profiled calls after 2 warm-ups")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--json", type=Path, help="write the summary here")
+    parser.add_argument("--trace", type=Path, help="write a Chrome trace here")
+    args = parser.parse_args(argv)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from zturbo.config import load_settings
+    from zturbo.model import VAE
+    from zturbo.utils import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision)
+    cfg = load_settings(args.profile).model
+    torch.manual_seed(0)
+    vae = VAE(cfg).to(device=device, dtype=dtype).eval()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    vae = vae.to(memory_format=layout)
+    if args.part == "decode":
+        lat = args.resolution // cfg.downsample_factor
+        x = torch.randn(args.batch, cfg.latent_channels, lat, lat, device=device, dtype=dtype)
+        fn = vae.decode
+    else:
+        x = torch.rand(args.batch, cfg.in_channels, args.resolution, args.resolution, device=device) * 2 - 1
+        x = x.to(dtype)
+        fn = lambda t: vae.encode(t).mean
+    x = x.contiguous(memory_format=layout)
+
+    use_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
+    with torch.inference_mode():
+        for _ in range(2):
+            fn(x)
+        if use_cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                fn(x)
+            if use_cuda:
+                torch.cuda.synchronize()
+
+    summary = summarise(list(prof.key_averages()), use_cuda, args.steps, args.top)
+    clock = "CUDA" if use_cuda else "CPU"
+    title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision}"
+             f"{' channels_last' if args.channels_last else ''} on {device}: "
+             f"{summary['ms_per_call']:.2f} ms of {clock} time per call (profiled)")
+    print(title)
+    print(f"{'family':<12} {'ms/call':>9} {'share':>7}")
+    for fam, ms in summary["families"].items():
+        print(f"{fam:<12} {ms:>9.2f} {summary['shares'][fam] * 100:>6.1f}%")
+    print(f"\ntop {len(summary['top'])} {'kernels' if use_cuda else 'ops'} by self {clock} time")
+    print(f"{'name':<90} {'calls':>6} {'ms/call':>9} {'share':>7}")
+    for row in summary["top"]:
+        print(f"{row['op'][:90]:<90} {row['calls']:>6} {row['ms_per_call']:>9.3f} {row['share'] * 100:>6.1f}%")
+    if args.json:
+        args.json.write_text(json.dumps({"title": title, "clock": clock, **summary}, indent=2) + "\n")
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""What is benchmarked: subjects (our VAE, a baseline config, diffusers' AutoencoderKL) and their engines.
+
+A *subject* is a model architecture with weights in host memory; an *engine*
+is that subject made runnable on one backend, device and precision, exposing
+``encode(images)`` and ``decode(latents)``. Engines for our VAE come from
+``zturbo.backends.create_backend``; diffusers' AutoencoderKL gets a small engine
+here, eager or ``torch.compile``'d, with the same weights, inputs and precision.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from zturbo.config import ModelConfig, load_settings
+from zturbo.errors import MissingDependencyError, UsageError, ZTurboError
+
+SubjectKind = Literal["zturbo", "diffusers"]
+
+
+@dataclass
+class Subject:
+    """A model to time. ``name`` is the stable key used in reports and by the baseline gate."""
+
+    name: str
+    role: Literal["ours", "against"]
+    kind: SubjectKind
+    config: ModelConfig
+    model: torch.nn.Module
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "kind": self.kind,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "config": self.config.model_dump(mode="json"),
+        }
+
+
+class SkipCase(Exception):
+    """A case that cannot run here; the message is the reason shown to the user."""
+
+
+def our_subject(config: ModelConfig, name: str, model_path: Path | None = None) -> Subject:
+    """Our VAE: loaded from ``model_path`` when given, else randomly initialised (timing needs no training)."""
+    from zturbo.model import VAE, load_vae
+
+    if model_path is not None:
+        vae = load_vae(model_path)
+        config = vae.config
+    else:
+        torch.manual_seed(0)
+        vae = VAE(config)
+    return Subject(name=name, role="ours", kind="zturbo", config=config, model=vae.eval())
+
+
+def against_subject(against: str, ours: Subject) -> Subject:
+    """The comparison subject: 'diffusers' (same config), or a profile name / config file path."""
+    if against == "diffusers":
+        return diffusers_subject(ours)
+    from zturbo.model import VAE
+
+    settings = load_settings(against, default_profile=None)
+    name = Path(against).stem if Path(against).suffix else against
+    if name == ours.name:
+        raise UsageError(f"--against {against} compares the profile with itself", "choose another profile or diffusers")
+    torch.manual_seed(1)
+    return Subject(name=name, role="against", kind="zturbo", config=settings.model, model=VAE(settings.model).eval())
+
+
+def diffusers_config(config: ModelConfig) -> dict[str, Any]:
+    """diffusers AutoencoderKL constructor arguments for the same architecture."""
+    n = len(config.block_out_channels)
+    return {
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(config.block_out_channels),
+        "layers_per_block": config.layers_per_block,
+        "act_fn": "silu",
+        "latent_channels": config.latent_channels,
+        "norm_num_groups": config.norm_num_groups,
+        "sample_size": config.sample_size,
+        "scaling_factor": config.scaling_factor,
+        "shift_factor": config.shift_factor,
+        "use_quant_conv": config.use_quant_conv,
+        "use_post_quant_conv": config.use_post_quant_conv,
+        "mid_block_add_attention": config.mid_block_add_attention,
+    }
+
+
+def build_diffusers_model(config: ModelConfig) -> torch.nn.Module:
+    diffusers = _import_diffusers()
+    return diffusers.AutoencoderKL(**diffusers_config(config))
+
+
+def diffusers_subject(ours: Subject) -> Subject:
+    """diffusers' AutoencoderKL with our config and our weights (strict load: same keys, same shapes)."""
+    model = build_diffusers_model(ours.config)
+    model.load_state_dict(ours.model.state_dict(), strict=True)
+    return Subject(name="diffusers", role="against", kind="diffusers", config=ours.config, model=model.eval())
+
+
+def _import_diffusers():
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise MissingDependencyError("diffusers", "--against diffusers", extra="dev") from exc
+    return diffusers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engines
+
+
+class DiffusersEngine:
+    """diffusers' AutoencoderKL on one device and precision, eager or compiled like our backends."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, channels_last: bool,
+                 compiled: bool):
+        model = model.to(device=device, dtype=dtype).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+
+        def encode(x):
+            return model.encode(x).latent_dist.mean
+
+        def decode(z):
+            return model.decode(z, return_dict=False)[0]
+
+        self._encode = torch.compile(encode, dynamic=False) if compiled else encode
+        self._decode = torch.compile(decode, dynamic=False) if compiled else decode
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode(self._prep(images))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(self._prep(latents))
+
+
+def build_engine(subject: Subject, backend: str, device: torch.device, precision: str, channels_last: bool):
+    """An engine for ``subject`` on ``backend``; raises SkipCase with the reason when it cannot be built."""
+    from zturbo.backends import available_backends, create_backend
+    from zturbo.utils import resolve_dtype
+
+    if subject.kind == "diffusers":
+        if backend not in ("torch", "compile"):
+            raise SkipCase(f"diffusers is timed on the torch and compile backends only, not '{backend}'")
+        model = copy.deepcopy(subject.model)
+        return DiffusersEngine(model, device, resolve_dtype(precision), channels_last=channels_last,
+                               compiled=backend == "compile")
+    if backend not in available_backends():
+        raise SkipCase(
+            f"backend '{backend}' is not available in this installation (have: {', '.join(available_backends())})"
+        )
+    options: dict[str, Any] = {"device": device, "precision": precision}
+    if channels_last:
+        options["channels_last"] = True
+    try:
+        return create_backend(backend, copy.deepcopy(subject.model), **options)
+    except MissingDependencyError as exc:
+        raise SkipCase(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from exc
+    except ZTurboError as exc:
+        raise SkipCase(exc.message) from exc
+    except (ImportError, RuntimeError, NotImplementedError, ValueError, TypeError, OSError) as exc:
+        raise SkipCase(f"backend '{backend}' could not be built here: {type(exc).__name__}: {_first_line(exc)}") \
+            from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def skip_reason(exc: BaseException, batch: int) -> tuple[str, str]:
+    """(status, reason) for an exception raised while running a case."""
+    if isinstance(exc, SkipCase):
+        return "skipped", str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "skipped", f"out of device memory at batch {batch}"
+    if isinstance(exc, MemoryError):
+        return "skipped", f"out of host memory at batch {batch}"
+    if isinstance(exc, ZTurboError):
+        return "skipped", exc.message
+    message = _first_line(exc)
+    if type(exc).__name__ in ("BackendCompilerFailed", "InductorError"):
+        return "skipped", f"torch.compile cannot compile here: {message}"
+    unsupported = ("not implemented for", "not supported", "unsupported", "no kernel", "does not support")
+    if isinstance(exc, NotImplementedError) or any(s in message.lower() for s in unsupported):
+        return "skipped", f"not supported here: {message}"
+    return "failed", f"{type(exc).__name__}: {message}"
