@@ -422,9 +422,9 @@ def test_dedupe_drops_exact_duplicates_by_content(tmp_path, capsys):
 def test_resume_after_sigkill_gives_same_outputs_and_manifest_as_clean_run(tmp_path):
     src, out, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
     src.mkdir()
-    total = 40
+    total = 60  # enough work that the kill lands mid-run even on a fast machine
     for i in range(total):
-        noise(480, 360, seed=i).save(src / f"p{i:02d}.jpg", quality=90)
+        noise(640, 480, seed=i).save(src / f"p{i:02d}.jpg", quality=90)
     cmd = [
         sys.executable,
         "-m",
@@ -451,10 +451,20 @@ def test_resume_after_sigkill_gives_same_outputs_and_manifest_as_clean_run(tmp_p
                 break
             time.sleep(0.005)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-flight
+        proc.kill()  # SIGKILL to the main process only, mid-flight, as the OOM killer would
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    # its orphaned workers notice and exit on their own
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the killed prepare")
     assert not (out / "manifest.jsonl").exists(), "the run finished before it could be killed"
     done_before = journal.read_text().count("\n")
     assert 3 <= done_before < total
@@ -487,6 +497,33 @@ def test_resume_after_sigkill_gives_same_outputs_and_manifest_as_clean_run(tmp_p
     assert output_tree(out) == output_tree(clean)
     assert (out / "manifest.jsonl").read_bytes() == (clean / "manifest.jsonl").read_bytes()
     assert not temp_files(out) and not temp_files(clean)
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_images(src, 1)
+    (out / ".prepare").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+            ),
+            str(out / ".prepare" / "lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run(["prepare", str(src), str(out), "--size", "32", "--workers", "1"]) == 2
+        assert "another zturbo prepare" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(["prepare", str(src), str(out), "--size", "32", "--workers", "1", "-q"]) == 0
 
 
 def test_leftover_temp_files_are_removed(tmp_path, capsys):

@@ -108,11 +108,14 @@ def register(app: typer.Typer) -> None:
         if cfg.size is None:
             cfg = cfg.model_copy(update={"size": settings.data.image_size})
 
-        with _ProgressBar(quiet or json_out) as bar:
+        bar = _ProgressBar(quiet or json_out)
+        try:
             if demo:
                 report = lib.prepare_demo(target, cfg, on_progress=bar.update)
             else:
                 report = lib.prepare_dataset(source, target, cfg, on_progress=bar.update)
+        finally:
+            bar.close()
 
         if json_out:
             from zturbo.console import print_json
@@ -158,9 +161,6 @@ class _ProgressBar:
         self.progress = None
         self.task = None
 
-    def __enter__(self) -> _ProgressBar:
-        return self
-
     def update(self, p) -> None:
         if self.quiet:
             return
@@ -184,7 +184,7 @@ class _ProgressBar:
             self.task, completed=p.done, skipped=p.skipped, rate=f"{speed:.1f}" if speed else "-"
         )
 
-    def __exit__(self, *exc_info: object) -> None:
+    def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
 

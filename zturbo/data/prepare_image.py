@@ -111,7 +111,10 @@ def _read(source: str) -> tuple[bytes | None, os.stat_result, str]:
 
 def _decode(source: str, data: bytes | None, opts: RenderOptions) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to 8-bit sRGB RGB, upright; JPEGs at the smallest DCT scale that still covers the target."""
-    with image_read_errors(source), Image.open(io.BytesIO(data) if data is not None else source) as im:
+    # Not a `with` block: closing would free the pixels we return. The bytes are in memory, and
+    # Pillow closes a file it opened itself once a single-frame image is loaded.
+    with image_read_errors(source):
+        im = Image.open(io.BytesIO(data) if data is not None else source)
         check_pixels(source, im, opts.max_pixels)
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
@@ -129,7 +132,7 @@ def _decode(source: str, data: bytes | None, opts: RenderOptions) -> tuple[Image
             if scale >= 2:  # draft picks a 1/2, 1/4 or 1/8 decode that is still >= the requested size
                 im.draft(None, (math.ceil(im.size[0] / scale), math.ceil(im.size[1] / scale)))
         im.load()
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the decoded pixels
     try:
         return to_srgb_rgb(im), (w, h)
     except (ValueError, OSError) as exc:

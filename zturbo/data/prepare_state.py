@@ -48,7 +48,7 @@ class Journal:
     def append(self, record: dict[str, Any]) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
         # One write() per complete line: a killed process never leaves half a line behind.
         self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._fh.flush()
@@ -88,7 +88,7 @@ class OutputLock:
         self.path = output_root / STATE_DIR / "lock"
         self._fd: int | None = None
 
-    def __enter__(self) -> OutputLock:
+    def __enter__(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -100,7 +100,7 @@ class OutputLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no cross-process guard
-            return self
+            return
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -110,7 +110,6 @@ class OutputLock:
                 f"another zturbo prepare is writing to {self.path.parent.parent}",
                 "wait for it to finish, or use a different OUTPUT folder",
             ) from exc
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._fd is not None:
