@@ -1,0 +1,148 @@
+"""`zturbo eval`: reconstruction quality of a checkpoint, alone or side by side with another."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, parse_list, settings_from
+
+_METRIC_ALIASES = {
+    "psnr": ("psnr", None),
+    "ssim": ("ssim", None),
+    "ms-ssim": ("ssim", None),
+    "ms_ssim": ("ssim", None),
+    "lpips": ("lpips", None),
+    "lpips-alex": ("lpips", "alex"),
+    "lpips_alex": ("lpips", "alex"),
+    "lpips-vgg": ("lpips", "vgg"),
+    "lpips_vgg": ("lpips", "vgg"),
+    "rfid": ("rfid", None),
+    "fid": ("rfid", None),
+}
+
+
+def parse_metrics(text: str | None) -> tuple[list[str] | None, list[str] | None]:
+    """'psnr,ssim,lpips-alex' -> (['psnr', 'ssim', 'lpips'], ['alex']); plain 'lpips' keeps the configured nets."""
+    from zturbo.errors import UsageError
+
+    tokens = parse_list(text)
+    if tokens is None:
+        return None, None
+    if not tokens:
+        raise UsageError("--metrics is empty", f"choose from: {', '.join(_METRIC_ALIASES)}")
+    metrics: list[str] = []
+    nets: list[str] = []
+    plain_lpips = False
+    for token in tokens:
+        try:
+            metric, net = _METRIC_ALIASES[token.lower()]
+        except KeyError:
+            raise UsageError(
+                f"unknown metric '{token}'", f"choose from: {', '.join(_METRIC_ALIASES)}"
+            ) from None
+        if metric not in metrics:
+            metrics.append(metric)
+        if net is None and metric == "lpips":
+            plain_lpips = True
+        elif net is not None and net not in nets:
+            nets.append(net)
+    return metrics, (nets if nets and not plain_lpips else None)
+
+
+def parse_size(text: str | None) -> int | str | None:
+    from zturbo.errors import UsageError
+
+    if text is None or text == "native":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--size must be an integer or 'native', got '{text}'") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        checkpoint: Annotated[
+            Path, typer.Argument(help="Run folder, model folder (save_pretrained / diffusers) or an export.")
+        ],
+        data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included).")],
+        size: Annotated[
+            str | None,
+            typer.Option("--size", "-s", help="N: shorter side to N, center crop; 'native': as is."),
+        ] = None,
+        metrics: Annotated[
+            str | None,
+            typer.Option(
+                help="Comma list: psnr, ssim (with MS-SSIM), lpips (or lpips-alex, lpips-vgg), rfid."
+            ),
+        ] = None,
+        backend: Annotated[str | None, typer.Option(help="torch, compile, onnx or trt.")] = None,
+        compare: Annotated[
+            Path | None, typer.Option("--compare", help="A second model evaluated on the same images.")
+        ] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option("--out", "-o", help="Folder for per_image.csv, summary.json, contact sheet."),
+        ] = None,
+        batch_size: Annotated[
+            int | None, typer.Option("--batch-size", "-b", help="Images per batch.")
+        ] = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+        precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
+        max_images: Annotated[
+            int | None, typer.Option("--max-images", "-n", help="Evaluate the first N.")
+        ] = None,
+        profile: ProfileOpt = None,
+        config: ConfigOpt = None,
+        json_out: JsonOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Measure PSNR, SSIM / MS-SSIM, LPIPS and rFID of reconstructions, optionally against another model."""
+        from zturbo.console import info, print_json, progress, stderr, stdout, warn
+        from zturbo.eval import evaluate, render_tables, report_json, write_report
+
+        metric_list, nets = parse_metrics(metrics)
+        overrides = {
+            "eval": {
+                "size": parse_size(size),
+                "metrics": metric_list,
+                "lpips_nets": nets,
+                "backend": backend,
+                "batch_size": batch_size,
+                "device": device,
+                "precision": precision,
+                "max_images": max_images,
+            }
+        }
+        settings = settings_from(profile, config, overrides)
+        with progress(quiet or json_out) as bar:
+            task = bar.add_task("eval", total=None)
+            report = evaluate(
+                checkpoint,
+                data,
+                settings.eval,
+                compare=compare,
+                # Metrics asked for by name must run; the default set drops what has no weights here.
+                missing_weights="error" if metrics is not None else "skip",
+                on_start=lambda total: bar.update(task, total=total),
+                on_batch=lambda done, total: bar.update(task, completed=done),
+            )
+        for metric in report.unavailable:
+            warn(
+                f"{metric} left out: {report.unavailable[metric]} (name it in --metrics to make this an error)"
+            )
+        written = write_report(report, out) if out is not None else {}
+        if json_out:
+            payload = report_json(report)
+            payload["written"] = {k: str(v) for k, v in written.items()}
+            print_json(payload)
+            return
+        render_tables(report, stdout)
+        if written:
+            info(f"wrote {', '.join(str(p) for p in written.values())}", quiet)
+        elif not quiet:
+            stderr.print("[dim]add --out DIR for the per-image CSV, summary.json and the contact sheet[/]")
