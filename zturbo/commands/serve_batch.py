@@ -1,0 +1,246 @@
+"""`zturbo serve-batch encode|decode|merge`: whole collections through the VAE, exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, settings_from
+
+SizeOpt = Annotated[Optional[int], typer.Option("--size", help="Target side in pixels (default: the model's).")]
+BatchOpt = Annotated[
+    Optional[str], typer.Option("--batch-size", "-b", help="'auto' (largest that fits) or a number.")
+]
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="torch, compile, onnx or trt.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 or fp16.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Reader processes (0: read in the main one).")]
+ShardOpt = Annotated[
+    Optional[str], typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
+]
+
+
+def _batch_size(text: str | None):
+    from zturbo.errors import UsageError
+
+    if text is None or text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--batch-size must be 'auto' or a positive integer, got '{text}'") from None
+    if value < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {value}")
+    return value
+
+
+def _distributed():
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+@contextlib.contextmanager
+def _process_group(world: int):
+    """Under torchrun: a gloo group for the final barrier (ranks may finish far apart)."""
+    if world <= 1:
+        yield None
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    try:
+        yield dist.barrier
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _progress(description: str, quiet: bool):
+    from rich.progress import TextColumn
+
+    from zturbo.console import progress
+
+    bar = progress(quiet, TextColumn("{task.fields[rate]}"))
+    with bar:
+
+        def start(total: int, done: int):
+            task = bar.add_task(description, total=total, completed=done, rate="")
+            t0, count = time.perf_counter(), [0]
+
+            def advance(n: int) -> None:
+                count[0] += n
+                elapsed = time.perf_counter() - t0
+                bar.update(task, advance=n, rate=f"{count[0] / elapsed:.1f} img/s" if elapsed > 0 else "")
+
+            return advance
+
+        yield start
+
+
+def _print_report(report, json_out: bool) -> None:
+    from zturbo.console import print_json, stdout
+
+    if json_out:
+        print_json(report.to_json())
+        return
+    from rich.table import Table
+
+    r = report
+    table = Table(title=f"serve-batch {r.operation} -> {r.output}", title_justify="left", show_header=False)
+    rows = [
+        ("images done", f"{r.processed}"),
+        ("failed", f"{r.failed}"),
+        ("already done before", f"{r.already_done}"),
+        ("batch size / workers", f"{r.batch_size} / {r.workers}"),
+        ("backend", ", ".join(f"{k}={v}" for k, v in r.backend.items())),
+        ("wall time", f"{r.wall_seconds:.2f} s"),
+        ("throughput", f"{r.images_per_second:.1f} images/s"),
+        ("reading (workers, summed)", f"{r.read_seconds:.2f} s"),
+        ("waiting for input", f"{r.wait_seconds:.2f} s"),
+        ("computing", f"{r.compute_seconds:.2f} s"),
+        ("writing (background)", f"{r.write_seconds:.2f} s"),
+    ]
+    if r.index is not None:
+        rows.append(("index", f"{r.index} ({r.index_count} latents)"))
+    for key, value in rows:
+        table.add_row(key, value)
+    stdout.print(table)
+    for f in r.failures[:20]:
+        stdout.print(f"  skipped {f['source']}: {f['reason']}", highlight=False)
+    if len(r.failures) > 20:
+        stdout.print(f"  ... and {len(r.failures) - 20} more (see report.json / index.json)", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(
+        help="Encode image collections to latent shards, or decode latents to images, exactly once.",
+        no_args_is_help=True,
+    )
+
+    @group.command("encode")
+    def encode(
+        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
+        input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images or a manifest listing them.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Folder for shards, index.json, report.json.")],
+        size: SizeOpt = None,
+        batch_size: BatchOpt = None,
+        backend: BackendOpt = None,
+        precision: PrecisionOpt = None,
+        device: DeviceOpt = None,
+        mean: Annotated[
+            Optional[bool], typer.Option("--mean/--sample", help="Store the posterior mean, or a sample of it.")
+        ] = None,
+        resize: Annotated[
+            Optional[str], typer.Option("--resize", help="aspect (size buckets) or square (center-crop).")
+        ] = None,
+        shard: ShardOpt = None,
+        shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Latents per shard file.")] = None,
+        workers: WorkersOpt = None,
+        profile: ProfileOpt = None,
+        config: ConfigOpt = None,
+        json_out: JsonOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Encode every image to a latent; writes safetensors shards plus index.json. Reruns do only what is missing."""
+        from zturbo.serve import Partition, encode_collection, parse_shard
+
+        overrides = {"serve": {
+            "size": size, "batch_size": _batch_size(batch_size), "backend": backend, "precision": precision,
+            "device": device, "latent_mode": None if mean is None else ("mean" if mean else "sample"),
+            "resize": resize, "shard_size": shard_size, "workers": workers,
+        }}
+        cfg = settings_from(profile, config, overrides).serve
+        index, count = parse_shard(shard)
+        rank, world, local_rank = _distributed()
+        dev = _rank_device(cfg.device, local_rank, world)
+        with _process_group(world) as barrier, _progress("encode", quiet or rank != 0) as progress:
+            report = encode_collection(
+                model, input, output, cfg, Partition(index, count, rank, world),
+                device=dev, barrier=barrier, progress=progress,
+            )
+        if rank == 0:
+            _print_report(report, json_out)
+
+    @group.command("decode")
+    def decode(
+        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
+        input: Annotated[
+            Path, typer.Option("--input", "-i", help="Encode output, shards, or .safetensors / .npy files.")
+        ],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images.")],
+        image_format: Annotated[Optional[str], typer.Option("--format", help="png, jpeg or webp.")] = None,
+        quality: Annotated[Optional[int], typer.Option("--quality", help="jpeg / webp quality.")] = None,
+        batch_size: BatchOpt = None,
+        backend: BackendOpt = None,
+        precision: PrecisionOpt = None,
+        device: DeviceOpt = None,
+        shard: ShardOpt = None,
+        workers: WorkersOpt = None,
+        profile: ProfileOpt = None,
+        config: ConfigOpt = None,
+        json_out: JsonOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Decode latents to images (written atomically; reruns skip images that exist)."""
+        from zturbo.serve import Partition, decode_collection, parse_shard
+
+        overrides = {"serve": {
+            "image_format": image_format, "quality": quality, "batch_size": _batch_size(batch_size),
+            "backend": backend, "precision": precision, "device": device, "workers": workers,
+        }}
+        cfg = settings_from(profile, config, overrides).serve
+        index, count = parse_shard(shard)
+        rank, world, local_rank = _distributed()
+        dev = _rank_device(cfg.device, local_rank, world)
+        with _progress("decode", quiet or rank != 0) as progress:
+            report = decode_collection(
+                model, input, output, cfg, Partition(index, count, rank, world), device=dev, progress=progress
+            )
+        if rank == 0:
+            _print_report(report, json_out)
+
+    @group.command("merge")
+    def merge(
+        outputs: Annotated[list[Path], typer.Argument(help="Encode output folders (e.g. one per --shard).")],
+        index_dir: Annotated[
+            Optional[Path], typer.Option("--index-dir", help="Where to write index.json (default: the first).")
+        ] = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Merge the shards of encode outputs into one index.json (after all --shard parts finished)."""
+        from zturbo.console import print_json, stdout
+        from zturbo.serve import merge_outputs
+
+        index = merge_outputs(outputs, index_dir)
+        summary = {k: index[k] for k in ("count", "failed", "duplicates_dropped", "unreadable_shards")}
+        summary["index"] = str((index_dir or outputs[0]) / "index.json")
+        if json_out:
+            print_json(summary)
+        else:
+            stdout.print(
+                f"index {summary['index']}: {index['count']} latents, {index['failed']} failed inputs"
+                + (f", {index['duplicates_dropped']} duplicates dropped" if index["duplicates_dropped"] else ""),
+                highlight=False,
+            )
+
+    app.add_typer(group, name="serve-batch")
+
+
+def _rank_device(device: str, local_rank: int, world: int) -> str:
+    """Under torchrun each rank takes its own GPU."""
+    if world > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device

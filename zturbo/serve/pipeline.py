@@ -1,0 +1,672 @@
+"""The batch pipeline: CPU workers read, the device computes, a background thread writes, all at once.
+
+    from zturbo.config import ServeConfig
+    from zturbo.serve import encode_collection, decode_collection
+
+    report = encode_collection("runs/demo", "photos/", "latents/", ServeConfig(size=256))
+    report = decode_collection("runs/demo", "latents/", "decoded/", ServeConfig())
+
+Stages and what overlaps with what:
+
+* worker processes (a torch DataLoader) open, decode and resize images into uint8
+  batches of one size bucket each; the loader pins them when the device is CUDA;
+* the main thread copies a batch to the device, normalises it there and runs the
+  backend, then starts an asynchronous copy of the result back;
+* a writer thread waits for that copy and writes shards (encode) or images
+  (decode, on a small thread pool), atomically.
+
+Bounded queues between the stages give back-pressure, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from zturbo.config import ServeConfig
+from zturbo.errors import UsageError
+from zturbo.serve import store
+from zturbo.serve.inputs import (
+    Failure,
+    Partition,
+    Probed,
+    bucket_sizes,
+    discover_sources,
+    probe_all,
+    resize_to_bucket,
+)
+from zturbo.serve.latents import LatentItem, LatentReader, check_channels, enumerate_latents
+from zturbo.utils import atomic_path, atomic_write_json
+
+# How many batches may wait between stages (loader -> compute, compute -> writer).
+PREFETCH_BATCHES = 4
+WRITE_QUEUE = 4
+
+
+@dataclass
+class RunReport:
+    """What a run did and where its time went. Reading time is summed over the worker processes."""
+
+    operation: str
+    output: str
+    total: int = 0  # inputs this process was responsible for
+    already_done: int = 0  # found complete from an earlier run and skipped
+    processed: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+    batch_size: int = 0
+    workers: int = 0
+    backend: dict = field(default_factory=dict)
+    partition: str = ""
+    wall_seconds: float = 0.0
+    read_seconds: float = 0.0  # worker CPU time decoding and resizing (summed over workers)
+    wait_seconds: float = 0.0  # main thread waiting for the next batch (reading not hidden)
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    index: str | None = None
+    index_count: int | None = None
+    duplicates_dropped: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "images_per_second": round(self.images_per_second, 3)}
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _seconds(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backend and batch size
+
+
+def load_backend(model: Any, cfg: ServeConfig, device: str | torch.device | None = None):
+    from zturbo.backends import create_backend
+
+    return create_backend(cfg.backend, model, device=device or cfg.device, precision=cfg.precision)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def auto_batch_size(run: Callable[[int], None], device: torch.device, limit: int) -> int:
+    """The largest batch that fits, found by doubling until out of memory (or ``limit``).
+
+    On CUDA a batch "fits" when it runs and its peak stays under 90% of the card; the
+    answer is that batch. On a CPU memory is rarely the limit and larger batches stop
+    paying off early, so the answer is min(limit, 8).
+    """
+    if device.type != "cuda":
+        return max(1, min(limit, 8))
+    total = torch.cuda.get_device_properties(device).total_memory
+    best, batch = 0, 1
+    while batch <= limit:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            run(batch)
+            torch.cuda.synchronize(device)
+        except Exception as exc:  # noqa: BLE001 - OOM from torch or another runtime
+            if not _is_oom(exc):
+                raise
+            break
+        if torch.cuda.max_memory_allocated(device) > 0.9 * total:
+            best = best or batch
+            break
+        best = batch
+        batch *= 2
+    torch.cuda.empty_cache()
+    if best == 0:
+        raise UsageError("even a batch of 1 does not fit in GPU memory", "use a smaller --size or --precision bf16")
+    return min(best, limit)
+
+
+def _resolve_batch(cfg: ServeConfig, run: Callable[[int], None], device: torch.device, n: int) -> int:
+    if cfg.batch_size == "auto":
+        return auto_batch_size(run, device, max(1, min(cfg.max_batch_size, n)))
+    return int(cfg.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workers: image reading (encode) and latent reading (decode)
+
+
+class _ImageSet(torch.utils.data.Dataset):
+    def __init__(self, items: list[Probed], max_pixels: int):
+        self.items = items
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from zturbo.data.images import ImageReadError, open_image
+
+        t0 = time.perf_counter()
+        item = self.items[i]
+        try:
+            im = open_image(item.source.path, self.max_pixels, draft_size=max(item.bucket))
+            im, _ = resize_to_bucket(im, item.bucket)
+            arr = torch.from_numpy(np.array(im, dtype=np.uint8))
+            return i, arr, None, _seconds(t0)
+        except ImageReadError as exc:
+            return i, None, Failure(item.source.key, exc.reason, exc.message), _seconds(t0)
+
+
+class _LatentSet(torch.utils.data.Dataset):
+    def __init__(self, items: list[LatentItem]):
+        self.items = items
+        self.reader = LatentReader()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        t0 = time.perf_counter()
+        return i, self.reader.load(self.items[i]), None, _seconds(t0)
+
+
+def _collate(samples):
+    ok = [s for s in samples if s[1] is not None]
+    return {
+        "indices": [s[0] for s in ok],
+        "data": torch.stack([s[1] for s in ok]) if ok else None,
+        "failures": [s[2] for s in samples if s[2] is not None],
+        "read_seconds": sum(s[3] for s in samples),
+    }
+
+
+def _loader(dataset, batches: list[list[int]], workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def _batches(keys: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped by size bucket, each group cut into full batches (a partial one last)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(tuple(key), []).append(i)
+    out = []
+    for key in sorted(groups, key=lambda k: -len(groups[k])):
+        idx = groups[key]
+        out += [idx[j : j + batch_size] for j in range(0, len(idx), batch_size)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device step
+
+
+class _DeviceStep:
+    """Normalise on the device, run the backend, start the copy back; timing by CUDA events there."""
+
+    def __init__(self, backend, op: str, latent_mode: str = "mean", seed: int = 0):
+        self.backend = backend
+        self.op = op
+        self.device = backend.device
+        self.cuda = self.device.type == "cuda"
+        self.sample = latent_mode == "sample"
+        self.seed = seed
+        if self.sample and not hasattr(backend, "vae"):
+            raise UsageError(
+                f"--sample needs the posterior's variance, which the '{backend.name}' backend does not output",
+                "use --mean, or --backend torch / compile",
+            )
+
+    def images_in(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True)
+        return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        if not self.sample:
+            return self.backend.encode(x)
+        vae = self.backend.vae
+        posterior = vae.encode(x.to(self.backend.dtype))
+        noise = torch.stack([
+            torch.randn(posterior.mean.shape[1:], generator=self._generator(k), dtype=torch.float32) for k in keys
+        ]).to(posterior.mean.device, posterior.mean.dtype, non_blocking=True)
+        return posterior.mean + posterior.std * noise
+
+    def _generator(self, key: str) -> torch.Generator:
+        # Per-image noise seeded by the image's name: a rerun after a crash gives the same sample.
+        digest = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "big") & ((1 << 63) - 1))
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.backend.decode(z.to(self.device, non_blocking=True))
+        # To uint8 on the device: a quarter of the bytes to copy back.
+        return ((x.float().clamp_(-1, 1) + 1.0) * 127.5).round_().to(torch.uint8).permute(0, 2, 3, 1)
+
+    def run(self, data: torch.Tensor, keys: list[str]):
+        """Returns (host tensor, ready event or None, compute timer) without waiting for a GPU."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        out = self.encode(self.images_in(data), keys) if self.op == "encode" else self.decode(data)
+        if not self.cuda:
+            return out.contiguous().cpu(), None, _seconds(t0)
+        end.record()
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done, (start, end)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writers
+
+
+class _Writer(threading.Thread):
+    """Runs ``handle(job)`` for queued jobs; the first error stops it and is re-raised in the caller."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.busy_seconds = 0.0
+        self.compute_seconds = 0.0
+
+    def put(self, job) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                break
+            if self.error is not None:
+                continue  # drain so the producer never blocks
+            try:
+                host, done, timer = job[0], job[1], job[2]
+                if done is not None:
+                    done.synchronize()
+                    self.compute_seconds += timer[0].elapsed_time(timer[1]) / 1000.0
+                else:
+                    self.compute_seconds += timer
+                t0 = time.perf_counter()
+                self.handle(host, *job[3:])
+                self.busy_seconds += _seconds(t0)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = _disk_full(exc)
+        if self.error is None:
+            try:
+                t0 = time.perf_counter()
+                self.close()
+                self.busy_seconds += _seconds(t0)
+            except BaseException as exc:  # noqa: BLE001
+                self.error = _disk_full(exc)
+
+    def handle(self, host, *args) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _disk_full(exc: BaseException) -> BaseException:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return store.DiskFullError(
+            f"no space left on the device ({exc.filename or 'output folder'}); the run stopped, and every "
+            "shard or image already written is complete",
+            "free some space and rerun the same command: it continues where it stopped",
+        )
+    return exc
+
+
+class _ShardWriter(_Writer):
+    def __init__(self, out_dir: Path, part: str, shard_size: int, failures: dict[str, dict]):
+        super().__init__()
+        self.out_dir, self.part, self.shard_size = out_dir, part, shard_size
+        self.seq = store.next_sequence(out_dir, part)
+        self.failures = failures
+        self.failures_dirty = True
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.entries: list[dict] = []
+        self.written = 0
+
+    def add_failures(self, failures: list[Failure]) -> None:
+        # From the main thread between batches; the dict is only read in _flush on this thread's side
+        # after the queue hands over the next job, so ordering is preserved by put().
+        self.put((None, None, 0.0, failures))
+
+    def handle(self, host, probed: list[Probed] | list[Failure] | None = None) -> None:
+        if host is None:
+            for f in probed:
+                self.failures[f.key] = f.to_json()
+            self.failures_dirty = True
+            return
+        for i, item in enumerate(probed):
+            name = f"{len(self.entries):06d}"
+            self.tensors[name] = host[i].clone()
+            self.entries.append({
+                "tensor": name,
+                "source": item.source.key,
+                "shape": list(host.shape[1:]),
+                "width": item.width,
+                "height": item.height,
+                "bucket": list(item.bucket),
+            })
+            if len(self.entries) >= self.shard_size:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.entries:
+            store.write_shard(store.shard_path(self.out_dir, self.part, self.seq), self.tensors, self.entries)
+            self.seq += 1
+            self.written += len(self.entries)
+            for e in self.entries:
+                self.failures.pop(e["source"], None)
+            self.failures_dirty = True
+            self.tensors, self.entries = {}, []
+        if self.failures_dirty:
+            path = store.failure_path(self.out_dir, self.part)
+            if self.failures or path.exists():
+                store.write_failures(self.out_dir, self.part, self.failures)
+            self.failures_dirty = False
+
+    def close(self) -> None:
+        self._flush()
+
+
+class _ImageWriter(_Writer):
+    def __init__(self, out_dir: Path, fmt: str, quality: int, threads: int):
+        super().__init__()
+        self.out_dir, self.fmt, self.quality = out_dir, fmt, quality
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="zturbo-write")
+        self.pending: list = []
+        self.written = 0
+
+    def handle(self, host, names: list[str]) -> None:
+        arrays = host.numpy()
+        self.pending += [self.pool.submit(self._save, arrays[i], name) for i, name in enumerate(names)]
+        # Bound the in-flight work and surface the first error.
+        while len(self.pending) > 4 * self.pool._max_workers:
+            self.pending.pop(0).result()
+            self.written += 1
+
+    def _save(self, arr: np.ndarray, name: str) -> None:
+        from PIL import Image
+
+        path = self.out_dir / f"{name}.{image_suffix(self.fmt)}"
+        options = {"compress_level": 1} if self.fmt == "png" else {"quality": self.quality}
+        with atomic_path(path, suffix=".tmp") as tmp:
+            Image.fromarray(arr).save(tmp, format=self.fmt.upper(), **options)
+
+    def close(self) -> None:
+        try:
+            for fut in self.pending:
+                fut.result()
+                self.written += 1
+        finally:
+            self.pending = []
+            self.pool.shutdown(wait=True)
+
+
+def image_suffix(fmt: str) -> str:
+    return {"jpeg": "jpg"}.get(fmt, fmt)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop shared by encode and decode
+
+
+def _drive(loader, step: _DeviceStep, writer: _Writer, report: RunReport, job_args, progress_cb) -> None:
+    """Pull batches, compute, hand results to the writer; the writer's first error stops everything."""
+    writer.start()
+    it = iter(loader)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            report.wait_seconds += _seconds(t0)
+            report.read_seconds += batch["read_seconds"]
+            failures = batch["failures"]
+            if failures:
+                report.failed += len(failures)
+                report.failures += [f.to_json() for f in failures]
+                if isinstance(writer, _ShardWriter):
+                    writer.add_failures(failures)
+            n = 0
+            if batch["data"] is not None:
+                args = job_args(batch["indices"])
+                host, done, timer = step.run(batch["data"], args[1])
+                writer.put((host, done, timer, args[0]))
+                n = len(batch["indices"])
+                report.processed += n
+            if progress_cb is not None:
+                progress_cb(n + len(failures))
+    finally:
+        del it  # shuts the worker processes down, also on error
+    writer.finish()
+    report.compute_seconds = writer.compute_seconds
+    report.write_seconds = writer.busy_seconds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encode
+
+
+def encode_collection(
+    model: Any,
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: ServeConfig | None = None,
+    partition: Partition | None = None,
+    *,
+    device: str | torch.device | None = None,
+    barrier: Callable[[], None] | None = None,
+    backend=None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> RunReport:
+    """Encode every image under ``input_path`` (a folder or manifest) into latent shards in ``output_dir``.
+
+    Exactly once: sources already in a complete shard are skipped, so a rerun after any
+    crash only does what is missing. With ``partition`` this process takes only its part
+    (``--shard I/N`` across machines, rank/world size under torchrun); ``barrier`` (e.g.
+    ``torch.distributed.barrier``) lets rank 0 wait for the others before merging the index.
+    ``progress(total, done)`` may return a callback advanced by the number of images handled.
+    """
+    cfg = cfg or ServeConfig()
+    partition = partition or Partition()
+    out_dir = Path(output_dir)
+    t_start = time.perf_counter()
+    sources, _ = discover_sources(input_path)
+    if not sources:
+        from zturbo.errors import InputError
+
+        raise InputError(f"no images found in {input_path}", "supported: .png .jpg .jpeg .webp .bmp .tif .tiff .gif")
+    mine = [s for s in sources if partition.owns(s.key)]
+
+    backend = backend or load_backend(model, cfg, device)
+    size = cfg.size or _model_sample_size(backend)
+    buckets = bucket_sizes(size, backend.downsample_factor, cfg.resize)
+    vae_cfg = getattr(getattr(backend, "vae", None), "config", None)
+    store.check_settings(out_dir, {
+        "format": store.FORMAT,
+        "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
+        "latent_channels": backend.latent_channels,
+        "downsample_factor": backend.downsample_factor,
+        "scaling_factor": getattr(vae_cfg, "scaling_factor", getattr(backend, "scaling_factor", None)),
+        "shift_factor": getattr(vae_cfg, "shift_factor", getattr(backend, "shift_factor", None)),
+        "size": size,
+        "resize": cfg.resize,
+        "latent_mode": cfg.latent_mode,
+        "precision": cfg.precision,
+        "seed": cfg.seed,
+    })
+    if partition.rank == 0:
+        store.remove_temp_files(out_dir)
+    done = store.scan_shards(out_dir, set_aside_unreadable=partition.rank == 0).sources
+    todo = [s for s in mine if s.key not in done]
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    report = RunReport("encode", str(out_dir), total=len(mine), already_done=len(mine) - len(todo),
+                       workers=workers, backend=backend.describe(), partition=partition.name)
+
+    probed = probe_all(todo, buckets, cfg.max_pixels, workers)
+    items = [p for p in probed if isinstance(p, Probed)]
+    header_failures = [p for p in probed if isinstance(p, Failure)]
+    previous = {f["source"]: f for f in _read_part_failures(out_dir, partition.name)}
+    writer = _ShardWriter(out_dir, partition.name, cfg.shard_size, previous)
+    for f in header_failures:
+        writer.failures[f.key] = f.to_json()
+    report.failed = len(header_failures)
+    report.failures = [f.to_json() for f in header_failures]
+
+    step = _DeviceStep(backend, "encode", cfg.latent_mode, cfg.seed)
+    if items:
+        largest = max((p.bucket for p in items), key=lambda b: b[0] * b[1])
+
+        def trial(b: int) -> None:
+            step.encode(torch.zeros(b, 3, largest[1], largest[0], device=backend.device), ["probe"] * b)
+
+        report.batch_size = _resolve_batch(cfg, trial, backend.device, len(items))
+        batches = _batches([p.bucket for p in items], report.batch_size)
+        loader = _loader(_ImageSet(items, cfg.max_pixels), batches, workers, backend.device)
+        advance = progress(len(mine), report.already_done + len(header_failures)) if progress else None
+        _drive(loader, step, writer, report,
+               lambda idx: ([items[i] for i in idx], [items[i].source.key for i in idx]), advance)
+    else:
+        writer.start()
+        writer.finish()
+    report.wall_seconds = _seconds(t_start)
+
+    if partition.world_size > 1 and barrier is not None:
+        barrier()
+    if partition.rank == 0 or barrier is None:
+        index = store.build_index([out_dir])
+        report.index = str(out_dir / store.INDEX_NAME)
+        report.index_count = index["count"]
+        report.duplicates_dropped = index["duplicates_dropped"]
+        if partition.rank == 0:
+            atomic_write_json(out_dir / store.REPORT_NAME, report.to_json())
+    return report
+
+
+def _read_part_failures(out_dir: Path, part: str) -> list[dict]:
+    import json
+
+    path = store.failure_path(out_dir, part)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+
+
+def _model_sample_size(backend) -> int:
+    size = getattr(getattr(getattr(backend, "vae", None), "config", None), "sample_size", None)
+    size = size or getattr(backend, "sample_size", None)
+    if not size:
+        raise UsageError(f"the '{backend.name}' backend does not say its image size", "give --size")
+    return int(size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode
+
+
+def decode_collection(
+    model: Any,
+    latents_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: ServeConfig | None = None,
+    partition: Partition | None = None,
+    *,
+    device: str | torch.device | None = None,
+    backend=None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> RunReport:
+    """Decode latents (an encode output, shards, ``.safetensors`` or ``.npy`` files) into images.
+
+    Each image is written atomically, so a rerun skips the ones that exist.
+    """
+    cfg = cfg or ServeConfig()
+    partition = partition or Partition()
+    out_dir = Path(output_dir)
+    t_start = time.perf_counter()
+    items = [it for it in enumerate_latents(latents_path) if partition.owns(it.name)]
+    backend = backend or load_backend(model, cfg, device)
+    check_channels(items, backend.latent_channels)
+    _disambiguate_names(items)
+    suffix = image_suffix(cfg.image_format)
+    todo = [it for it in items if not (out_dir / f"{it.name}.{suffix}").is_file()]
+    workers = min(2, default_workers()) if cfg.workers is None else cfg.workers
+    report = RunReport("decode", str(out_dir), total=len(items), already_done=len(items) - len(todo),
+                       workers=workers, backend=backend.describe(), partition=partition.name)
+    writer = _ImageWriter(out_dir, cfg.image_format, cfg.quality, threads=default_workers())
+    step = _DeviceStep(backend, "decode")
+    if todo:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        largest = max((it.shape for it in todo), key=lambda s: s[1] * s[2])
+
+        def trial(b: int) -> None:
+            step.decode(torch.zeros(b, *largest, device=backend.device))
+
+        report.batch_size = _resolve_batch(cfg, trial, backend.device, len(todo))
+        batches = _batches([it.shape[1:] for it in todo], report.batch_size)
+        loader = _loader(_LatentSet(todo), batches, workers, backend.device)
+        advance = progress(len(items), report.already_done) if progress else None
+        _drive(loader, step, writer, report, lambda idx: ([todo[i].name for i in idx], None), advance)
+    else:
+        writer.start()
+        writer.finish()
+    report.wall_seconds = _seconds(t_start)
+    return report
+
+
+def _disambiguate_names(items: list[LatentItem]) -> None:
+    """Two sources that differ only in extension (a.jpg, a.png) would overwrite each other's image."""
+    seen: dict[str, int] = {}
+    for it in items:
+        seen[it.name] = seen.get(it.name, 0) + 1
+    if any(n > 1 for n in seen.values()):
+        raise UsageError(
+            f"several latents would be written to the same image name (e.g. "
+            f"'{next(k for k, n in seen.items() if n > 1)}')",
+            "decode them into separate output folders",
+        )
