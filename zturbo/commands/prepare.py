@@ -25,40 +25,35 @@ def register(app: typer.Typer) -> None:
         ] = None,
         size: Annotated[
             int | None,
-            typer.Option(
-                "--size",
-                "--target-size",
-                "--target_size",
-                help="Output side in pixels [default: data.image_size of the profile].",
-            ),
+            typer.Option("--size", help="Output side in pixels (default: data.image_size of the profile)."),
         ] = None,
         val_fraction: Annotated[
             float | None,
             typer.Option(
-                "--val-fraction", help="Share of images for val/, chosen by content hash [default: 0.02]."
+                "--val-fraction", help="Share of images for val/, chosen by content hash (default: 0.02)."
             ),
         ] = None,
-        fmt: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp [default: png].")] = None,
+        fmt: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp (default: png).")] = None,
         quality: Annotated[
-            int | None, typer.Option("--quality", help="JPEG / WebP quality [default: 95].")
+            int | None, typer.Option("--quality", help="JPEG / WebP quality (default: 95).")
         ] = None,
         resize: Annotated[
             str | None,
-            typer.Option("--resize", help="center-crop or pad (black bars) [default: center-crop]."),
+            typer.Option("--resize", help="center-crop or pad (black bars) (default: center-crop)."),
         ] = None,
         min_size: Annotated[
             int | None,
             typer.Option(
                 "--min-size",
-                help="Skip (never upscale) images whose scaled side is smaller [default: size/2].",
+                help="Skip (never upscale) images whose scaled side is smaller (default: size/2).",
             ),
         ] = None,
         workers: Annotated[
-            int | None, typer.Option("--workers", "-j", help="Worker processes [default: all cores].")
+            int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores).")
         ] = None,
         dedupe: Annotated[
             bool | None,
-            typer.Option("--dedupe/--no-dedupe", help="Drop exact duplicates (same bytes) [default: keep]."),
+            typer.Option("--dedupe/--no-dedupe", help="Drop exact duplicates (same bytes) (default: keep)."),
         ] = None,
         max_pixels: Annotated[
             int | None,
@@ -68,6 +63,7 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option("--demo", help="Prepare the bundled sample photos: zturbo prepare --demo OUTPUT."),
         ] = False,
+        target_size: Annotated[int | None, typer.Option("--target-size", "--target_size", **_HIDDEN)] = None,
         input_opt: Annotated[Path | None, typer.Option("--input-dir", "--input_dir", **_HIDDEN)] = None,
         output_opt: Annotated[Path | None, typer.Option("--output-dir", "--output_dir", **_HIDDEN)] = None,
         mode: Annotated[str | None, typer.Option("--mode", **_HIDDEN)] = None,
@@ -82,6 +78,8 @@ def register(app: typer.Typer) -> None:
         converts every mode and ICC profile to 8-bit sRGB, and writes OUTPUT/train, OUTPUT/val,
         manifest.jsonl and prepare-report.json. Bad files are skipped and reported. Re-runs only
         redo what changed; OUTPUT mirrors INPUT (outputs of removed sources are removed).
+        Hidden files and folders are ignored. Seed spellings --input_dir, --output_dir and
+        --target_size are accepted.
         """
         from zturbo.data import prepare as lib
 
@@ -89,6 +87,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(
                 f"--mode {mode} is not supported", "zturbo prepare only preprocesses: drop --mode"
             )
+        size = size if size is not None else target_size
         source, target = _paths(input_dir, output_dir, input_opt, output_opt, demo)
         overrides = {
             "prepare": {
