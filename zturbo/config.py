@@ -181,11 +181,24 @@ class ExportConfig(Section):
     format: Literal["onnx", "trt", "diffusers"] = "onnx"
     parts: list[Literal["encoder", "decoder"]] = Field(default_factory=lambda: ["encoder", "decoder"])
     precision: Literal["fp32", "fp16"] = "fp32"
-    opset: int = Field(18, ge=13, le=23)
-    batch: tuple[int, int, int] = (1, 8, 24)
-    size: tuple[int, int, int] = (256, 1024, 2048)
-    apply_scaling: bool = False
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset; the torch.export-based exporter needs >= 18")
+    batch: tuple[int, int, int] = Field((1, 8, 24), description="min:opt:max batch of the dynamic axes / TRT profile")
+    size: tuple[int, int, int] = Field((256, 1024, 2048), description="min:opt:max image side in pixels")
+    apply_scaling: bool = Field(False, description="encoder emits (z - shift) * scale; decoder takes that latent")
     verify: bool = False
+    calibration_images: int = Field(4, ge=1, le=64, description="photos run through the fp32 graph for fp16 ranges")
+    calibration_size: int = Field(128, ge=16, le=2048, description="side of the calibration crops in pixels")
+    fp16_headroom: float = Field(4.0, ge=1.0, description="keep fp32 where |activation| > 65504 / headroom")
+    timing_cache: Path | None = Field(None, description="TensorRT timing cache; None: OUT/timing.cache")
+    workspace_gb: float = Field(4.0, gt=0, description="TensorRT builder workspace limit")
+
+    @field_validator("batch", "size")
+    @classmethod
+    def _min_opt_max(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        lo, opt, hi = value
+        if not 1 <= lo <= opt <= hi:
+            raise ValueError(f"needs 1 <= min <= opt <= max, got {lo}:{opt}:{hi}")
+        return value
 
 
 class ServeConfig(Section):

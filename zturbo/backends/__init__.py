@@ -20,6 +20,8 @@ from zturbo.errors import UsageError
 _REGISTRY: dict[str, str] = {
     "torch": "zturbo.backends.torch_backend:TorchBackend",
     "compile": "zturbo.backends.torch_backend:CompiledTorchBackend",
+    "onnx": "zturbo.backends.onnx_backend:OnnxBackend",
+    "trt": "zturbo.backends.tensorrt_backend:TensorRTBackend",
 }
 
 

@@ -1,0 +1,190 @@
+"""ONNX Runtime backend: CPU, CUDA (with IO binding) and TensorRT execution providers."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zturbo.backends.base import Backend
+from zturbo.errors import MissingDependencyError, UsageError, require
+from zturbo.utils import resolve_device
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _physical_cores() -> int:
+    import os
+
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+class ExportedBackend(Backend):
+    """Shared parts of backends that run an export folder: metadata, scaling, shape checks."""
+
+    def _init_from_meta(self, root: Path, meta: dict[str, Any]) -> None:
+        self.root = root
+        self.meta = meta
+        self.latent_channels = int(meta["latent_channels"])
+        self.downsample_factor = int(meta["downsample_factor"])
+        self.apply_scaling = bool(meta["apply_scaling"])
+        self.scaling_factor = float(meta["scaling_factor"])
+        self.shift_factor = float(meta["shift_factor"])
+        self.precision = meta["precision"]
+        self.dtype = torch.float32  # inputs and outputs; the graph itself may compute in fp16
+
+    def _part(self, part: str) -> dict[str, Any]:
+        info = self.meta["parts"].get(part)
+        if info is None:
+            raise UsageError(
+                f"the export in {self.root} has no {part}", f"export it with --part {part}"
+            )
+        return info
+
+    def _check_image(self, images: torch.Tensor) -> None:
+        f = self.downsample_factor
+        if images.dim() != 4 or images.shape[-1] % f or images.shape[-2] % f:
+            raise UsageError(f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(images.shape)}")
+
+    def _from_graph_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scaling_factor + self.shift_factor if self.apply_scaling else z
+
+    def _to_graph_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift_factor) * self.scaling_factor if self.apply_scaling else z
+
+    def describe(self) -> dict:
+        return {**super().describe(), "precision": self.precision, "export": str(self.root)}
+
+
+def resolve_export(model: Any, **export_options: Any) -> tuple[Path, Any]:
+    """An export folder for ``model``: itself, or a fp32 ONNX export made now into a temporary folder.
+
+    Returns the folder and the object keeping a temporary folder alive (or None).
+    """
+    from zturbo.export.layout import is_export_dir
+
+    if isinstance(model, (str, Path)) and is_export_dir(model):
+        return Path(model), None
+    from zturbo.config import ExportConfig
+    from zturbo.export.layout import META_NAME
+    from zturbo.export.pipeline import build_files
+    from zturbo.model import VAE, load_vae, resolve_model_dir
+    from zturbo.utils import atomic_write_json
+
+    source = Path("<in-memory>") if isinstance(model, VAE) else resolve_model_dir(model)
+    vae = model if isinstance(model, VAE) else load_vae(source)
+    keep = tempfile.TemporaryDirectory(prefix="zturbo-onnx-")
+    root = Path(keep.name)
+    cfg = ExportConfig(**export_options)
+    atomic_write_json(root / META_NAME, build_files(vae.float().eval(), source, root, root, cfg, lambda _: None))
+    return root, keep
+
+
+class OnnxBackend(ExportedBackend):
+    """Runs ``encoder.onnx`` / ``decoder.onnx`` of an export folder with onnxruntime.
+
+    ``model`` is an export folder, or a checkpoint / VAE that is exported to a
+    temporary folder first (fp32). ``provider`` is 'cpu', 'cuda' or 'tensorrt'
+    (default: from ``device``). On CUDA, inputs and outputs stay on the GPU
+    through IO binding.
+    """
+
+    name = "onnx"
+
+    def __init__(self, root: Path, meta: dict, device: torch.device, provider: str, threads: int | None, keep=None):
+        ort = require("onnxruntime", "the ONNX Runtime backend", extra="onnx")
+        self._init_from_meta(root, meta)
+        self._keep = keep
+        self.device = device
+        self.provider = provider
+        available = ort.get_available_providers()
+        wanted = _PROVIDERS[provider]
+        if wanted[0] not in available:
+            raise MissingDependencyError(
+                "onnxruntime-gpu", f"the ONNX Runtime {provider} provider ({wanted[0]}; this install has "
+                f"{', '.join(available)})", extra="gpu",
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or _physical_cores()
+        options.log_severity_level = 3
+        providers: list[Any] = list(wanted)
+        if provider == "tensorrt":
+            cache = str(root / "ort_trt_cache")
+            providers[0] = ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache})
+        self.sessions = {}
+        for part, info in meta["parts"].items():
+            self.sessions[part] = ort.InferenceSession(str(root / info["onnx"]), options, providers=providers)
+        self._ort = ort
+
+    @classmethod
+    def load(
+        cls,
+        model,
+        device: str | torch.device = "cpu",
+        precision: str | None = None,
+        provider: str | None = None,
+        threads: int | None = None,
+        **_: Any,
+    ) -> OnnxBackend:
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        provider = provider or ("cuda" if dev.type == "cuda" else "cpu")
+        if provider not in _PROVIDERS:
+            raise UsageError(f"unknown onnxruntime provider '{provider}'", f"choose one of: {', '.join(_PROVIDERS)}")
+        if provider != "cpu" and dev.type != "cuda":
+            dev = resolve_device("cuda")
+        from zturbo.export.layout import read_export_meta
+
+        options = {"precision": precision} if precision in ("fp32", "fp16") else {}
+        root, keep = resolve_export(model, **options)
+        return cls(root, read_export_meta(root), dev, provider, threads, keep)
+
+    def _run(self, part: str, x: torch.Tensor) -> torch.Tensor:
+        session = self.sessions.get(part) or self._part(part)
+        info = self.meta["parts"][part]
+        if self.device.type == "cuda":
+            return self._run_bound(session, info, x)
+        feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(session.run([info["output"]], {info["input"]: feed})[0])
+
+    def _run_bound(self, session, info: dict, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32).contiguous()
+        b, _, h, w = x.shape
+        f = self.downsample_factor
+        if info["input"] == "image":
+            shape = (b, self.latent_channels, h // f, w // f)
+        else:
+            shape = (b, int(self.meta["model"]["out_channels"]), h * f, w * f)
+        out = torch.empty(shape, dtype=torch.float32, device=self.device)
+        index = self.device.index or 0
+        torch.cuda.current_stream(self.device).synchronize()  # onnxruntime reads x on its own stream
+        binding = session.io_binding()
+        binding.bind_input(info["input"], "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(info["output"], "cuda", index, np.float32, shape, out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_image(images)
+        return self._from_graph_latent(self._run("encoder", images))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run("decoder", self._to_graph_latent(latents))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "provider": self.provider}

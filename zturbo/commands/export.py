@@ -1,0 +1,130 @@
+"""`zturbo export` (ONNX / TensorRT / diffusers folder) and `zturbo import-diffusers`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, parse_list, settings_from
+
+
+def _triple(text: str | None, name: str) -> tuple[int, int, int] | None:
+    from zturbo.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise UsageError(f"{name} must be MIN:OPT:MAX (or one number), got '{text}'", f"e.g. {name} 1:8:24")
+    return values  # type: ignore[return-value]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export(
+        checkpoint: Annotated[Path, typer.Argument(help="Model folder, run folder (its EMA weights) or step-N folder.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        fmt: Annotated[str | None, typer.Option("--format", "-f", help="onnx | trt | diffusers.")] = None,
+        trt: Annotated[bool, typer.Option("--trt", help="Shorthand for --format trt --precision fp16.")] = False,
+        part: Annotated[str | None, typer.Option("--part", help="encoder,decoder (default both).")] = None,
+        precision: Annotated[str | None, typer.Option("--precision", help="fp32 | fp16.")] = None,
+        opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (18-23).")] = None,
+        batch: Annotated[str | None, typer.Option("--batch", help="MIN:OPT:MAX batch (TRT profile).")] = None,
+        size: Annotated[str | None, typer.Option("--size", help="MIN:OPT:MAX image side in pixels.")] = None,
+        scaled: Annotated[
+            bool | None, typer.Option("--scaled/--unscaled", help="Graphs apply scaling/shift factors.")
+        ] = None,
+        verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Compare with torch.")] = None,
+        fp16_headroom: Annotated[
+            float | None, typer.Option("--fp16-headroom", help="Keep fp32 where |x| > 65504 / this.")
+        ] = None,
+        profile: ProfileOpt = None,
+        config: ConfigOpt = None,
+        json_out: JsonOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Export a checkpoint's EMA weights as ONNX graphs, TensorRT FP16 engines or a diffusers folder."""
+        from zturbo.console import info, print_json
+        from zturbo.errors import UsageError
+        from zturbo.export import export_model
+
+        if trt:
+            if fmt not in (None, "trt"):
+                raise UsageError(f"--trt contradicts --format {fmt}")
+            fmt = "trt"
+            precision = precision or "fp16"
+        overrides = {
+            "export": {
+                "format": fmt,
+                "parts": parse_list(part),
+                "precision": precision,
+                "opset": opset,
+                "batch": _triple(batch, "--batch"),
+                "size": _triple(size, "--size"),
+                "apply_scaling": scaled,
+                "verify": verify,
+                "fp16_headroom": fp16_headroom,
+            }
+        }
+        settings = settings_from(profile, config, overrides)
+        meta = export_model(checkpoint, out, settings.export, log=lambda m: info(m, quiet))
+        if json_out:
+            print_json(meta)
+        else:
+            _print_summary(meta, out)
+
+    @app.command("import-diffusers")
+    def import_diffusers_cmd(
+        source: Annotated[Path, typer.Argument(help="diffusers AutoencoderKL folder (or a pipeline with vae/).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="zturbo model folder to write.")],
+        verify: Annotated[bool, typer.Option("--verify", help="Compare outputs with diffusers.")] = False,
+        json_out: JsonOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Import a diffusers VAE (e.g. FLUX.1's) as a zturbo model folder for eval and bench."""
+        from zturbo.console import info, print_json, stdout
+        from zturbo.export import import_diffusers
+
+        report = import_diffusers(source, out, verify=verify, log=lambda m: info(m, quiet))
+        if json_out:
+            print_json(report)
+            return
+        stdout.print(f"wrote {report['out']} ({report['parameters'] / 1e6:.1f} M parameters)", highlight=False)
+        for part, stats in report.get("verify", {}).items():
+            stdout.print(f"  {part} vs diffusers: max abs {stats['max_abs']:.3g}", highlight=False)
+
+
+def _print_summary(meta: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from zturbo.console import stdout
+
+    if meta.get("format") == "diffusers":
+        stdout.print(f"wrote diffusers AutoencoderKL folder {out}", highlight=False)
+        for part, stats in meta.get("verify", {}).items():
+            stdout.print(f"  {part} vs diffusers: max abs {stats['max_abs']:.3g}", highlight=False)
+        return
+    table = Table(title=f"zturbo export -> {out} ({meta['format']}, {meta['precision']}, opset {meta['opset']})")
+    for col in ("part", "file", "MB", "fp32 layers", "max abs err", "mean abs err", "PSNR dB"):
+        table.add_column(col, justify="left" if col in ("part", "file") else "right")
+    verify = meta.get("verify", {})
+    for part, info in meta["parts"].items():
+        stats = verify.get(part)
+        kept = info.get("fp16", {}).get("kept_fp32_layers")
+        table.add_row(
+            part,
+            info.get("plan") or info["onnx"],
+            f"{info['bytes'] / 1e6:.1f}",
+            "-" if kept is None else str(len(kept)),
+            f"{stats['max_abs']:.2e}" if stats else "-",
+            f"{stats['mean_abs']:.2e}" if stats else "-",
+            f"{stats['psnr_db']:.1f}" if stats else "-",
+        )
+    stdout.print(table)

@@ -1,0 +1,257 @@
+"""`zturbo export`: one call from a checkpoint to a verified export folder.
+
+Everything is written into a staging folder inside OUT first; only when every
+graph (and engine) is written, checked and, with ``verify``, verified, are the
+files moved into place, the metadata last. An interrupted or failed export
+leaves OUT as it was, or (interrupted while moving) without metadata, which
+backends refuse as incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zturbo import __version__
+from zturbo.config import ExportConfig
+from zturbo.errors import ConfigError, InputError, UsageError, ZTurboError
+from zturbo.export import layout
+from zturbo.export.layout import INPUT_NAMES, META_NAME, OUTPUT_NAMES
+from zturbo.utils import atomic_write_json
+
+Log = Callable[[str], None]
+
+
+def _nolog(_: str) -> None:
+    pass
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create OUT and prove it is writable, or say why not."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".zturbo-write-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write to output folder {out}: {exc.strerror or exc}",
+            "choose another --out folder, or fix its permissions / free disk space",
+        ) from exc
+    return out
+
+
+def _check_sizes(cfg: ExportConfig, factor: int) -> None:
+    bad = [s for s in cfg.size if s % factor]
+    if bad:
+        raise ConfigError(
+            f"export.size: {':'.join(map(str, cfg.size))} has sides {bad} not divisible by {factor}",
+            f"this model downsamples by {factor}; use multiples of {factor}",
+        )
+
+
+def _profile_shapes(vae, part: str, cfg: ExportConfig) -> tuple[tuple[int, ...], ...]:
+    c = vae.config
+    f = c.downsample_factor
+    shapes = []
+    for batch, side in zip(cfg.batch, cfg.size):
+        if part == "encoder":
+            shapes.append((batch, c.in_channels, side, side))
+        else:
+            shapes.append((batch, c.latent_channels, side // f, side // f))
+    return tuple(shapes)
+
+
+def _calibration_feeds(vae, part: str, cfg: ExportConfig) -> list:
+    from zturbo.export.verify import sample_images
+
+    f = vae.config.downsample_factor
+    side = max(f, cfg.calibration_size // f * f)
+    images = sample_images(side, cfg.calibration_images)
+    if part == "encoder":
+        return [img[None].numpy() for img in images]
+    with torch.inference_mode():
+        latents = vae.float().eval().encode(images).mean
+        if cfg.apply_scaling:
+            latents = vae.scale_latents(latents)
+    return [z[None].contiguous().numpy() for z in latents]
+
+
+def export_model(
+    checkpoint: str | Path, out_dir: str | Path, cfg: ExportConfig | None = None, log: Log | None = None
+) -> dict[str, Any]:
+    """Export ``checkpoint`` (model folder, run folder: its EMA weights, or step-N folder) to ``out_dir``.
+
+    Returns the metadata written to ``out_dir/zturbo_export.json`` (or, for the
+    diffusers format, a summary of the folder written).
+    """
+    from zturbo.model.io import load_pretrained, resolve_model_dir
+
+    cfg = cfg or ExportConfig()
+    log = log or _nolog
+    if not cfg.parts:
+        raise UsageError("nothing to export: --part is empty", "use --part encoder,decoder")
+    if cfg.format == "trt":  # fail before minutes of export work if the engine cannot be built here
+        from zturbo.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    source = resolve_model_dir(checkpoint)
+    vae = load_pretrained(source).float().eval()
+    out = prepare_out_dir(out_dir)
+    log(f"model {source} ({vae.num_parameters / 1e6:.1f} M parameters)")
+
+    if cfg.format == "diffusers":
+        from zturbo.export.diffusers_format import export_diffusers
+
+        return export_diffusers(vae, out, verify=cfg.verify, source=source, log=log)
+
+    _check_sizes(cfg, vae.config.downsample_factor)
+    staging = Path(tempfile.mkdtemp(prefix=".zturbo-export-", dir=out))
+    try:
+        meta = build_files(vae, source, staging, out, cfg, log)
+        atomic_write_json(staging / META_NAME, meta)
+        if cfg.verify:
+            meta["verify"] = _verify(vae, staging, cfg, log)
+        _publish(staging, out, meta)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def build_files(vae, source: Path, staging: Path, out: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
+    """Write the graphs (and engines) of ``cfg.parts`` into ``staging``; return their metadata."""
+    from zturbo.export.onnx import export_part, io_shapes
+
+    parts: dict[str, dict[str, Any]] = {}
+    trt_env = None
+    for part in cfg.parts:
+        started = time.perf_counter()
+        final = staging / layout.onnx_name(part)
+        log(f"exporting {part} to ONNX (opset {cfg.opset})")
+        if cfg.precision == "fp16":
+            fp32_path = staging / f"{part}.fp32.onnx"
+            export_part(vae, part, fp32_path, opset=cfg.opset, apply_scaling=cfg.apply_scaling)
+            info = {"fp16": _to_fp16(vae, part, fp32_path, final, cfg, log)}
+            fp32_path.unlink()
+        else:
+            export_part(vae, part, final, opset=cfg.opset, apply_scaling=cfg.apply_scaling)
+            info = {}
+        info.update(
+            onnx=final.name,
+            input=INPUT_NAMES[part],
+            output=OUTPUT_NAMES[part],
+            shapes=io_shapes(final),
+            bytes=final.stat().st_size,
+        )
+        if cfg.format == "trt":
+            from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
+
+            trt = require_tensorrt()
+            trt_env = environment(trt)
+            info.update(
+                build_engine(
+                    final,
+                    staging / layout.plan_name(part),
+                    INPUT_NAMES[part],
+                    _profile_shapes(vae, part, cfg),
+                    timing_cache=cfg.timing_cache or out / "timing.cache",
+                    workspace_gb=cfg.workspace_gb,
+                    log=log,
+                )
+            )
+        info["seconds"] = round(time.perf_counter() - started, 2)
+        parts[part] = info
+
+    c = vae.config
+    meta: dict[str, Any] = {
+        "format_version": layout.FORMAT_VERSION,
+        "format": cfg.format,
+        "zturbo_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": str(source),
+        "model": c.model_dump(mode="json"),
+        "scaling_factor": c.scaling_factor,
+        "shift_factor": c.shift_factor,
+        "apply_scaling": cfg.apply_scaling,
+        "downsample_factor": c.downsample_factor,
+        "latent_channels": c.latent_channels,
+        "precision": cfg.precision,
+        "io_dtype": "float32",
+        "opset": cfg.opset,
+        "batch": {"min": cfg.batch[0], "opt": cfg.batch[1], "max": cfg.batch[2]},
+        "size": {"min": cfg.size[0], "opt": cfg.size[1], "max": cfg.size[2]},
+        "torch_version": torch.__version__,
+        "parts": parts,
+    }
+    if trt_env is not None:
+        meta["tensorrt"] = trt_env
+    return meta
+
+
+def _to_fp16(vae, part: str, fp32_path: Path, dst: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
+    from zturbo.export.fp16 import activation_ranges, convert_to_fp16, plan_fp16
+
+    feeds = _calibration_feeds(vae, part, cfg)
+    log(f"calibrating {part} fp16 ranges on {len(feeds)} photos at {feeds[0].shape[-1]} px")
+    ranges = activation_ranges(fp32_path, feeds)
+    plan = plan_fp16(fp32_path, ranges, headroom=cfg.fp16_headroom, inputs=len(feeds))
+    if plan.kept_layers:
+        log(f"{part}: keeping {len(plan.kept_layers)} layer(s) in fp32 (activations up to {plan.max_activation:.4g})")
+    convert_to_fp16(fp32_path, dst, plan)
+    from zturbo.export.onnx import check_onnx
+
+    check_onnx(dst)
+    return plan.summary()
+
+
+def _verify(vae, staging: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
+    from zturbo.backends import create_backend
+    from zturbo.export.verify import sample_images, verify_backend
+
+    f = vae.config.downsample_factor
+    side = min(max(256, cfg.size[0]), cfg.size[2]) // f * f
+    batch = min(max(2, cfg.batch[0]), cfg.batch[2])
+    images = sample_images(side, batch)
+    backend_name = "trt" if cfg.format == "trt" else "onnx"
+    device = "cuda" if cfg.format == "trt" else "cpu"
+    log(f"verifying the {backend_name} export against torch on {batch} photos at {side} px")
+    backend = create_backend(backend_name, staging, device=device)
+    result = verify_backend(vae, backend, list(cfg.parts), images, cfg.precision)
+    result["backend"] = backend.describe()
+    failed = [p for p in cfg.parts if not result[p]["passed"]]
+    if failed:
+        figures = "; ".join(
+            f"{p}: max abs {result[p]['max_abs']:.3g}, PSNR {result[p]['psnr_db']:.1f} dB" for p in failed
+        )
+        raise ZTurboError(
+            f"verification failed, nothing was written: {figures}",
+            "for fp16 try a larger --fp16-headroom or more calibration photos; otherwise export fp32",
+        )
+    return result
+
+
+def _publish(staging: Path, out: Path, meta: dict[str, Any]) -> None:
+    """Move the staged files into ``out``: drop the old metadata first, write the new one last."""
+    with contextlib.suppress(FileNotFoundError):
+        (out / META_NAME).unlink()
+    for path in sorted(staging.iterdir()):
+        if path.name != META_NAME:
+            os.replace(path, out / path.name)
+    atomic_write_json(out / META_NAME, meta)
+    _make_readable(out / META_NAME)
+
+
+def _make_readable(path: Path) -> None:
+    """Temp files are created owner-only; an export is meant to be read by whoever serves it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
