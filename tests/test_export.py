@@ -45,7 +45,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp32_export(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "onnx"
-    rc = run(["export", str(checkpoint), "--out", str(out), "--size", "32:64:128", "--verify", "--json", "-q"])
+    rc = run(
+        ["export", str(checkpoint), "--out", str(out), "--size", "32:64:128", "--verify", "--json", "-q"]
+    )
     assert rc == 0
     return out
 
@@ -132,7 +134,9 @@ def test_fp16_guard_keeps_overflowing_layers_fp32(tmp_path, monkeypatch):
 
     cfg = ExportConfig(format="onnx", precision="fp16", parts=["decoder"], size=(32, 64, 64), verify=True)
     feeds = _calibration_feeds(vae, "decoder", cfg)
-    assert max(activation_ranges(fp32, feeds[:1]).values()) > 65504, "the scaled layer must really overflow fp16"
+    assert max(activation_ranges(fp32, feeds[:1]).values()) > 65504, (
+        "the scaled layer must really overflow fp16"
+    )
     naive = convert_to_fp16(fp32, tmp_path / "naive.onnx", None)
     session = ort.InferenceSession(str(naive), providers=["CPUExecutionProvider"])
     assert not np.isfinite(session.run(None, {"latent": feeds[0]})[0]).all(), "unguarded fp16 should overflow"
@@ -146,7 +150,9 @@ def test_fp16_guard_keeps_overflowing_layers_fp32(tmp_path, monkeypatch):
     assert meta["verify"]["decoder"]["finite"] and meta["verify"]["decoder"]["passed"]
 
     model = onnx.load(str(out / "decoder.onnx"))
-    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer), "nothing became fp16"
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer), (
+        "nothing became fp16"
+    )
     typed = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
     norm_and_softmax = [n for n in model.graph.node if n.op_type in ("InstanceNormalization", "Softmax")]
@@ -169,7 +175,10 @@ def test_fp16_guard_keeps_overflowing_layers_fp32(tmp_path, monkeypatch):
 def test_diffusers_export_loads_in_diffusers_with_matching_outputs(checkpoint, tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     out = tmp_path / "hf"
-    assert run(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), "--verify", "--json"]) == 0
+    assert (
+        run(["export", str(checkpoint), "--format", "diffusers", "--out", str(out), "--verify", "--json"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["verify"]["decoder"]["max_abs"] < 1e-5
     theirs = diffusers.AutoencoderKL.from_pretrained(str(out)).eval()
@@ -185,18 +194,28 @@ def test_import_diffusers_vae_matches_diffusers(tmp_path, capsys):
     torch.manual_seed(3)
     # FLUX.1-style: no quant convs, shift factor, 16 latent channels; stored as fp16 in a pipeline's vae/.
     theirs = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=16,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
     ).eval()
     theirs.to(torch.float16).save_pretrained(tmp_path / "pipe" / "vae")
     theirs = theirs.float()
     out = tmp_path / "imported"
-    assert run(["import-diffusers", str(tmp_path / "pipe"), "--out", str(out), "--verify", "--json", "-q"]) == 0
+    assert (
+        run(["import-diffusers", str(tmp_path / "pipe"), "--out", str(out), "--verify", "--json", "-q"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["latent_channels"] == 16 and report["model"]["use_quant_conv"] is False
     ours = load_vae(out)
-    assert ours.config.shift_factor == pytest.approx(0.1159) and ours.config.scaling_factor == pytest.approx(0.3611)
+    assert ours.config.shift_factor == pytest.approx(0.1159) and ours.config.scaling_factor == pytest.approx(
+        0.3611
+    )
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
         z = theirs.encode(x).latent_dist.mean
@@ -238,7 +257,9 @@ def test_trt_without_tensorrt_or_gpu_says_what_is_needed(checkpoint, fp32_export
 def test_trt_engine_builds_and_matches_torch(checkpoint, tmp_path):
     out = tmp_path / "trt"
     meta = export_model(
-        checkpoint, out, ExportConfig(format="trt", precision="fp16", batch=(1, 2, 4), size=(32, 64, 256), verify=True)
+        checkpoint,
+        out,
+        ExportConfig(format="trt", precision="fp16", batch=(1, 2, 4), size=(32, 64, 256), verify=True),
     )
     assert (out / "encoder.plan").is_file() and (out / "decoder.plan").is_file()
     assert (out / "timing.cache").is_file()
@@ -253,7 +274,9 @@ def test_trt_engine_builds_and_matches_torch(checkpoint, tmp_path):
     got = backend.decode(backend.encode(x))
     assert torch.isfinite(got).all() and (got - ref).abs().mean() < 2e-2
     # a second build into the same folder reuses the timing cache
-    export_model(checkpoint, out, ExportConfig(format="trt", parts=["decoder"], batch=(1, 2, 4), size=(32, 64, 256)))
+    export_model(
+        checkpoint, out, ExportConfig(format="trt", parts=["decoder"], batch=(1, 2, 4), size=(32, 64, 256))
+    )
 
 
 # -- bad input and atomicity --------------------------------------------------------------------------
@@ -272,7 +295,9 @@ def test_checkpoint_config_mismatch_is_a_clean_error(checkpoint, tmp_path, capsy
     assert "do not match" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags,message", [(["--opset", "12"], "opset"), (["--size", "33:64:128"], "divisible")])
+@pytest.mark.parametrize(
+    "flags,message", [(["--opset", "12"], "opset"), (["--size", "33:64:128"], "divisible")]
+)
 def test_bad_flags_exit_2(checkpoint, tmp_path, capsys, flags, message):
     assert run(["export", str(checkpoint), "--out", str(tmp_path / "o"), *flags]) == 2
     assert message in capsys.readouterr().err

@@ -48,15 +48,15 @@ class ExportedBackend(Backend):
     def _part(self, part: str) -> dict[str, Any]:
         info = self.meta["parts"].get(part)
         if info is None:
-            raise UsageError(
-                f"the export in {self.root} has no {part}", f"export it with --part {part}"
-            )
+            raise UsageError(f"the export in {self.root} has no {part}", f"export it with --part {part}")
         return info
 
     def _check_image(self, images: torch.Tensor) -> None:
         f = self.downsample_factor
         if images.dim() != 4 or images.shape[-1] % f or images.shape[-2] % f:
-            raise UsageError(f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(images.shape)}")
+            raise UsageError(
+                f"images must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(images.shape)}"
+            )
 
     def _from_graph_latent(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.scaling_factor + self.shift_factor if self.apply_scaling else z
@@ -88,7 +88,9 @@ def resolve_export(model: Any, **export_options: Any) -> tuple[Path, Any]:
     keep = tempfile.TemporaryDirectory(prefix="zturbo-onnx-")
     root = Path(keep.name)
     cfg = ExportConfig(**export_options)
-    atomic_write_json(root / META_NAME, build_files(vae.float().eval(), source, root, root, cfg, lambda _: None))
+    atomic_write_json(
+        root / META_NAME, build_files(vae.float().eval(), source, root, root, cfg, lambda _: None)
+    )
     return root, keep
 
 
@@ -103,7 +105,9 @@ class OnnxBackend(ExportedBackend):
 
     name = "onnx"
 
-    def __init__(self, root: Path, meta: dict, device: torch.device, provider: str, threads: int | None, keep=None):
+    def __init__(
+        self, root: Path, meta: dict, device: torch.device, provider: str, threads: int | None, keep=None
+    ):
         ort = require("onnxruntime", "the ONNX Runtime backend", extra="onnx")
         self._init_from_meta(root, meta)
         self._keep = keep
@@ -113,8 +117,10 @@ class OnnxBackend(ExportedBackend):
         wanted = _PROVIDERS[provider]
         if wanted[0] not in available:
             raise MissingDependencyError(
-                "onnxruntime-gpu", f"the ONNX Runtime {provider} provider ({wanted[0]}; this install has "
-                f"{', '.join(available)})", extra="gpu",
+                "onnxruntime-gpu",
+                f"the ONNX Runtime {provider} provider ({wanted[0]}; this install has "
+                f"{', '.join(available)})",
+                extra="gpu",
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -124,7 +130,10 @@ class OnnxBackend(ExportedBackend):
         providers: list[Any] = list(wanted)
         if provider == "tensorrt":
             cache = str(root / "ort_trt_cache")
-            providers[0] = ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache})
+            providers[0] = (
+                "TensorrtExecutionProvider",
+                {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache},
+            )
         self.sessions = {}
         for part, info in meta["parts"].items():
             self.sessions[part] = ort.InferenceSession(str(root / info["onnx"]), options, providers=providers)
@@ -143,7 +152,9 @@ class OnnxBackend(ExportedBackend):
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         provider = provider or ("cuda" if dev.type == "cuda" else "cpu")
         if provider not in _PROVIDERS:
-            raise UsageError(f"unknown onnxruntime provider '{provider}'", f"choose one of: {', '.join(_PROVIDERS)}")
+            raise UsageError(
+                f"unknown onnxruntime provider '{provider}'", f"choose one of: {', '.join(_PROVIDERS)}"
+            )
         if provider != "cpu" and dev.type != "cuda":
             dev = resolve_device("cuda")
         from zturbo.export.layout import read_export_meta

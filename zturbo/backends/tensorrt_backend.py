@@ -26,7 +26,8 @@ class _Engine:
         if engine is None:
             raise CheckpointError(
                 f"TensorRT cannot load {path.name}: engines only run with the TensorRT version and GPU they were "
-                "built for", "rebuild it on this machine: zturbo export CHECKPOINT --trt --out DIR"
+                "built for",
+                "rebuild it on this machine: zturbo export CHECKPOINT --trt --out DIR",
             )
         self.engine = engine
         self.context = engine.create_execution_context()
@@ -45,7 +46,9 @@ class _Engine:
             )
         x = x.to(dtype=self.in_dtype).contiguous()
         self.context.set_input_shape(self.input, shape)
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype, device=x.device)
+        out = torch.empty(
+            tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype, device=x.device
+        )
         self.context.set_tensor_address(self.input, x.data_ptr())
         self.context.set_tensor_address(self.output, out.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
@@ -72,7 +75,9 @@ class TensorRTBackend(ExportedBackend):
             )
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         with torch.cuda.device(device):
-            self.engines = {p: _Engine(trt, runtime, root / info["plan"], info) for p, info in meta["parts"].items()}
+            self.engines = {
+                p: _Engine(trt, runtime, root / info["plan"], info) for p, info in meta["parts"].items()
+            }
         self.trt_version = str(trt.__version__)
 
     @classmethod
@@ -82,7 +87,11 @@ class TensorRTBackend(ExportedBackend):
         from zturbo.utils import resolve_device
 
         require_tensorrt()
-        dev = device if isinstance(device, torch.device) else resolve_device("cuda" if device == "auto" else device)
+        dev = (
+            device
+            if isinstance(device, torch.device)
+            else resolve_device("cuda" if device == "auto" else device)
+        )
         if dev.type != "cuda":
             raise UsageError("the TensorRT backend runs on CUDA devices only", "use --device cuda")
         if not (isinstance(model, (str, Path)) and is_export_dir(model)):

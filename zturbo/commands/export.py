@@ -29,10 +29,14 @@ def _triple(text: str | None, name: str) -> tuple[int, int, int] | None:
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
-        checkpoint: Annotated[Path, typer.Argument(help="Model folder, run folder (its EMA weights) or step-N folder.")],
+        checkpoint: Annotated[
+            Path, typer.Argument(help="Model folder, run folder (its EMA weights) or step-N folder.")
+        ],
         out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
         fmt: Annotated[str | None, typer.Option("--format", "-f", help="onnx | trt | diffusers.")] = None,
-        trt: Annotated[bool, typer.Option("--trt", help="Shorthand for --format trt --precision fp16.")] = False,
+        trt: Annotated[
+            bool, typer.Option("--trt", help="Shorthand for --format trt --precision fp16.")
+        ] = False,
         part: Annotated[str | None, typer.Option("--part", help="encoder,decoder (default both).")] = None,
         precision: Annotated[str | None, typer.Option("--precision", help="fp32 | fp16.")] = None,
         opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (18-23).")] = None,
@@ -41,7 +45,9 @@ def register(app: typer.Typer) -> None:
         scaled: Annotated[
             bool | None, typer.Option("--scaled/--unscaled", help="Graphs apply scaling/shift factors.")
         ] = None,
-        verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Compare with torch.")] = None,
+        verify: Annotated[
+            bool | None, typer.Option("--verify/--no-verify", help="Compare with torch.")
+        ] = None,
         fp16_headroom: Annotated[
             float | None, typer.Option("--fp16-headroom", help="Keep fp32 where |x| > 65504 / this.")
         ] = None,
@@ -82,7 +88,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("import-diffusers")
     def import_diffusers_cmd(
-        source: Annotated[Path, typer.Argument(help="diffusers AutoencoderKL folder (or a pipeline with vae/).")],
+        source: Annotated[
+            Path, typer.Argument(help="diffusers AutoencoderKL folder (or a pipeline with vae/).")
+        ],
         out: Annotated[Path, typer.Option("--out", "-o", help="zturbo model folder to write.")],
         verify: Annotated[bool, typer.Option("--verify", help="Compare outputs with diffusers.")] = False,
         json_out: JsonOpt = False,
@@ -96,7 +104,9 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(report)
             return
-        stdout.print(f"wrote {report['out']} ({report['parameters'] / 1e6:.1f} M parameters)", highlight=False)
+        stdout.print(
+            f"wrote {report['out']} ({report['parameters'] / 1e6:.1f} M parameters)", highlight=False
+        )
         for part, stats in report.get("verify", {}).items():
             stdout.print(f"  {part} vs diffusers: max abs {stats['max_abs']:.3g}", highlight=False)
 
@@ -111,7 +121,9 @@ def _print_summary(meta: dict, out: Path) -> None:
         for part, stats in meta.get("verify", {}).items():
             stdout.print(f"  {part} vs diffusers: max abs {stats['max_abs']:.3g}", highlight=False)
         return
-    table = Table(title=f"zturbo export -> {out} ({meta['format']}, {meta['precision']}, opset {meta['opset']})")
+    table = Table(
+        title=f"zturbo export -> {out} ({meta['format']}, {meta['precision']}, opset {meta['opset']})"
+    )
     for col in ("part", "file", "MB", "fp32 layers", "max abs err", "mean abs err", "PSNR dB"):
         table.add_column(col, justify="left" if col in ("part", "file") else "right")
     verify = meta.get("verify", {})

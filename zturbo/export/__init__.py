@@ -11,4 +11,11 @@ from zturbo.export.diffusers_format import export_diffusers, import_diffusers
 from zturbo.export.layout import META_NAME, is_export_dir, read_export_meta
 from zturbo.export.pipeline import export_model
 
-__all__ = ["META_NAME", "export_diffusers", "export_model", "import_diffusers", "is_export_dir", "read_export_meta"]
+__all__ = [
+    "META_NAME",
+    "export_diffusers",
+    "export_model",
+    "import_diffusers",
+    "is_export_dir",
+    "read_export_meta",
+]

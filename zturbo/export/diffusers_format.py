@@ -30,7 +30,9 @@ def _nolog(_: str) -> None:
     pass
 
 
-def export_diffusers(vae, out: Path, verify: bool = False, source: Path | None = None, log=None) -> dict[str, Any]:
+def export_diffusers(
+    vae, out: Path, verify: bool = False, source: Path | None = None, log=None
+) -> dict[str, Any]:
     """Write ``vae`` as a diffusers AutoencoderKL folder; with ``verify``, load it with diffusers and compare."""
     (log or _nolog)(f"writing diffusers AutoencoderKL folder {out}")
     vae.save_pretrained(out)
@@ -69,7 +71,11 @@ def _weight_files(folder: Path) -> list[Path]:
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{index} is corrupt: {exc}") from exc
         return [folder / s for s in shards]
-    for pattern in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.*.safetensors", "*.safetensors"):
+    for pattern in (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.*.safetensors",
+        "*.safetensors",
+    ):
         found = sorted(folder.glob(pattern))
         if found:
             return found[:1]

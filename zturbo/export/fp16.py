@@ -107,7 +107,9 @@ def _module_path(node) -> str | None:
     return None
 
 
-def plan_fp16(model_path: str | Path, ranges: dict[str, float], headroom: float = 4.0, inputs: int = 0) -> Fp16Plan:
+def plan_fp16(
+    model_path: str | Path, ranges: dict[str, float], headroom: float = 4.0, inputs: int = 0
+) -> Fp16Plan:
     """Decide which nodes keep fp32 from the calibration ``ranges``."""
     onnx = require("onnx", "fp16 export", extra="onnx")
     model = onnx.load(str(model_path))
@@ -162,7 +164,9 @@ def _skip_fp16_round_trips(model):
     from onnx import TensorProto
 
     typed = onnx.shape_inference.infer_shapes(model)
-    elem = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.input)}
+    elem = {
+        v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.input)
+    }
     elem.update({t.name: t.data_type for t in model.graph.initializer})
     producer = {o: n for n in model.graph.node for o in n.output}
 
@@ -175,7 +179,11 @@ def _skip_fp16_round_trips(model):
         if cast_to(node) != TensorProto.FLOAT:
             continue
         first = producer.get(node.input[0])
-        if first is None or cast_to(first) != TensorProto.FLOAT16 or elem.get(first.input[0]) != TensorProto.FLOAT:
+        if (
+            first is None
+            or cast_to(first) != TensorProto.FLOAT16
+            or elem.get(first.input[0]) != TensorProto.FLOAT
+        ):
             continue
         node.op_type = "Identity"
         del node.attribute[:]

@@ -54,9 +54,13 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{meta_path} is corrupt: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "parts" not in meta:
-        raise CheckpointError(f"{meta_path} is not a zturbo export description (format_version {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{meta_path} is not a zturbo export description (format_version {FORMAT_VERSION})"
+        )
     for part, info in meta["parts"].items():
         for key in ("onnx", "plan"):
             if info.get(key) and not (path / info[key]).is_file():
-                raise CheckpointError(f"export {path} lists {info[key]} for the {part}, but the file is missing")
+                raise CheckpointError(
+                    f"export {path} lists {info[key]} for the {part}, but the file is missing"
+                )
     return meta

@@ -132,7 +132,8 @@ def export_part(vae, part: str, path: str | Path, opset: int = 18, apply_scaling
     except Exception as exc:  # the exporter raises many types; all mean "this graph did not export"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ZTurboError(
-            f"ONNX export of the {part} failed: {first}", "rerun with ZTURBO_DEBUG=1 for the exporter's traceback"
+            f"ONNX export of the {part} failed: {first}",
+            "rerun with ZTURBO_DEBUG=1 for the exporter's traceback",
         ) from exc
     check_onnx(path)
     return path

@@ -205,7 +205,9 @@ def _to_fp16(vae, part: str, fp32_path: Path, dst: Path, cfg: ExportConfig, log:
     ranges = activation_ranges(fp32_path, feeds)
     plan = plan_fp16(fp32_path, ranges, headroom=cfg.fp16_headroom, inputs=len(feeds))
     if plan.kept_layers:
-        log(f"{part}: keeping {len(plan.kept_layers)} layer(s) in fp32 (activations up to {plan.max_activation:.4g})")
+        log(
+            f"{part}: keeping {len(plan.kept_layers)} layer(s) in fp32 (activations up to {plan.max_activation:.4g})"
+        )
     convert_to_fp16(fp32_path, dst, plan)
     from zturbo.export.onnx import check_onnx
 

@@ -88,13 +88,17 @@ def build_engine(
     cache_path = Path(timing_cache) if timing_cache else None
     blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=True)  # a cache from another GPU/version is just not reused
+    config.set_timing_cache(
+        cache, ignore_mismatch=True
+    )  # a cache from another GPU/version is just not reused
 
     if log:
         log(f"building TensorRT engine {Path(plan_path).name} (profile {shapes[0]} .. {shapes[2]})")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ZTurboError(f"TensorRT could not build an engine from {Path(onnx_path).name}", "see its log above")
+        raise ZTurboError(
+            f"TensorRT could not build an engine from {Path(onnx_path).name}", "see its log above"
+        )
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(memoryview(serialized))
     if cache_path is not None:

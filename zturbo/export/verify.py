@@ -32,7 +32,11 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, data_range: float 
     diff = (out - ref).abs()
     mse = float(diff.double().pow(2).mean()) if finite else float("inf")
     peak = data_range if data_range is not None else float(ref.max() - ref.min()) or 1.0
-    psnr = float("inf") if mse == 0 else (10 * math.log10(peak**2 / mse) if math.isfinite(mse) else float("-inf"))
+    psnr = (
+        float("inf")
+        if mse == 0
+        else (10 * math.log10(peak**2 / mse) if math.isfinite(mse) else float("-inf"))
+    )
     return {
         "finite": finite,
         "max_abs": float(diff.max()) if finite else float("inf"),
