@@ -1,0 +1,198 @@
+"""Training datasets and loaders.
+
+Works on a prepared folder (``train/`` and ``val/`` from ``zturbo prepare``) or any
+folder of images. Augmentation randomness is derived from (seed, epoch, image
+index) rather than from worker RNG state, so the sample stream is the same for
+any worker count and a resumed run sees exactly what an uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from zturbo.data import IMAGE_EXTENSIONS
+from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
+from zturbo.errors import InputError
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under ``root`` (recursive, sorted; hidden and temp files skipped)."""
+    root = Path(root)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.is_file()
+    )
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    train: list[Path]
+    val: list[Path]
+    layout: str  # "prepared" (train/ + val/) or "folder"
+
+
+def split_data(data_dir: str | Path, val_images: int) -> DataSplit:
+    """Training images and the fixed validation images for the sample grid.
+
+    A prepared folder uses its ``val/`` split; a plain folder holds out
+    ``val_images`` evenly spaced images (kept when there are too few to spare).
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"data folder not found: {root}", "give a folder of images or the output of `zturbo prepare`")
+    if (root / "train").is_dir():
+        train = list_images(root / "train")
+        val = list_images(root / "val")[:val_images] if (root / "val").is_dir() else []
+        if not val and val_images:
+            val = train[:: max(1, len(train) // val_images)][:val_images]
+        layout = "prepared"
+    else:
+        images = list_images(root)
+        step = max(1, len(images) // val_images) if val_images else 0
+        val = images[::step][:val_images] if val_images else []
+        held = set(val)
+        train = [p for p in images if p not in held] if len(images) - len(held) >= len(held) else images
+        layout = "folder"
+    if not train:
+        raise InputError(
+            f"no images found in {root}", f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return DataSplit(train=train, val=val, layout=layout)
+
+
+def augment_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample seed: same image, same epoch, same crop, whatever the worker or rank."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1)
+
+
+class ImageFolderDataset(Dataset):
+    """Square ``image_size`` crops in [-1, 1], shape (3, S, S).
+
+    The shorter side is resized to ``image_size`` (antialiased) when it differs,
+    then a random (or centre) square is cropped and optionally flipped. An
+    unreadable file is reported once and replaced by the next readable one.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        image_size: int,
+        random_crop: bool = True,
+        random_flip: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        if not paths:
+            raise InputError("the dataset is empty")
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.max_pixels = max_pixels
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                image = open_image(path, max_pixels=self.max_pixels, draft_size=self.image_size)
+            except ImageReadError as exc:
+                self._report(exc)
+                continue
+            return self._transform(image, generator)
+        raise InputError("no readable image in the dataset", "check the files in the data folder")
+
+    def _report(self, exc: ImageReadError) -> None:
+        if exc.path not in self._reported:
+            self._reported.add(exc.path)
+            from zturbo.console import warn
+
+            warn(f"skipping unreadable image {exc.path} ({exc.reason})")
+
+    def _transform(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
+        size = self.image_size
+        w, h = image.size
+        if min(w, h) != size:
+            scale = size / min(w, h)
+            new = (max(size, round(w * scale)), max(size, round(h * scale)))
+            image = image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+            w, h = image.size
+        if self.random_crop and generator is not None:
+            left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+            top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+        else:
+            left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        tensor = pil_to_tensor(image)
+        if self.random_flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
+            tensor = tensor.flip(-1)
+        return tensor
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that yields (index, augmentation seed) and can start mid-epoch.
+
+    ``set_epoch`` fixes the shuffle; ``skip`` drops the first samples of the next
+    pass only (what a resumed run already consumed of the current epoch).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self._skip = 0
+
+    def skip(self, samples: int) -> None:
+        self._skip = samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        indices = list(super().__iter__())[self._skip :]
+        self._skip = 0
+        for index in indices:
+            yield index, augment_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: ResumableSampler,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """Full batches only (drop_last), workers kept alive across epochs."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),  # keeps the global RNG out of loader start-up
+    )
+
+
+def steps_per_epoch(num_images: int, world_size: int, per_rank_batch: int) -> int:
+    return math.ceil(num_images / world_size) // per_rank_batch
+
+
+def load_batch(paths: list[Path], image_size: int) -> torch.Tensor:
+    """A fixed, unaugmented batch (centre crops), e.g. for the sample grid."""
+    dataset = ImageFolderDataset(paths, image_size, random_crop=False, random_flip=False)
+    return torch.stack([dataset[i] for i in range(len(dataset))])

@@ -1,0 +1,92 @@
+"""Timing full training steps on synthetic data (for `zturbo bench` and benchmarks/)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from zturbo.config import Settings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_step(
+    settings: Settings,
+    device: str | torch.device = "auto",
+    *,
+    steps: int = 5,
+    warmup: int = 2,
+    model: torch.nn.Module | None = None,
+    lpips_random_backbone: bool = True,
+    disc_active: bool | None = None,
+) -> dict[str, Any]:
+    """Median time of full optimizer steps at ``settings.train.batch_size`` on random images.
+
+    The step is the trainer's own (micro-batching, autocast, losses, clipping,
+    AdamW, EMA, discriminator when enabled), so the numbers are what training
+    gets. LPIPS uses an untrained backbone by default: the same FLOPs and memory
+    as the pretrained one, without needing its weights. ``disc_active`` forces
+    the discriminator on (True) or off (False); None follows ``loss.disc_start``
+    (counted from step 0).
+    Returns step_ms (median), step_ms_all, images_per_s, peak_memory_gib (CUDA max
+    allocated, or peak RSS growth on CPU), micro_batch and precision.
+    """
+    from zturbo.train.engine import TrainEngine
+    from zturbo.utils import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    size = settings.data.image_size
+    batch = settings.train.batch_size
+    engine = TrainEngine(
+        settings, device, model=model, lpips_random_backbone=lpips_random_backbone, total_steps=10**6
+    )
+    if disc_active is not None and engine.disc is not None:
+        start = 0 if disc_active else 10**9
+        engine.settings = settings.model_copy(update={"loss": settings.loss.model_copy(update={"disc_start": start})})
+    if device.type == "cuda":
+        engine.fit_micro_batch(size)
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, settings.model.in_channels, size, size, generator=gen) * 2 - 1
+    if device.type == "cuda":
+        images = images.pin_memory()
+    rss0 = _rss()
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        engine.step(images, i)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = max(0, _rss() - rss0) / 2**30
+    return {
+        "step_ms": median * 1e3,
+        "step_ms_all": [t * 1e3 for t in times],
+        "images_per_s": batch / median,
+        "peak_memory_gib": peak,
+        "batch_size": batch,
+        "micro_batch": engine.micro_batch,
+        "image_size": size,
+        "precision": engine.precision,
+        "device": str(device),
+    }
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return 0

@@ -1,0 +1,337 @@
+"""One optimisation step, independent of data, logging and checkpoints.
+
+``TrainEngine`` owns the model, EMA, losses, discriminator, optimizers, LR
+schedulers and grad scalers, and runs a full step on one effective batch:
+split into micro-batches, gradient accumulation (DDP-synchronised only on the
+last micro-batch), autocast, clipping, the non-finite guard, the optimizer and
+EMA updates, and the discriminator step. On CUDA an out-of-memory micro-batch
+halves the micro-batch size and retries the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from zturbo.config import Settings
+from zturbo.errors import DeviceError, ZTurboError
+from zturbo.train.distributed import DistContext, any_true
+from zturbo.train.ema import EMA
+from zturbo.train.losses import VAELoss, discriminator_loss
+from zturbo.train.schedule import make_scheduler
+
+
+class NonFiniteLossError(ZTurboError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+def resolve_precision(precision: str, mixed_precision: bool, device: torch.device) -> str:
+    """'auto' means the best mixed precision the device supports (fp32 on CPU), or fp32 when mixed is off."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise DeviceError("fp16 training is not supported on CPU", "use --precision bf16 or fp32")
+        return precision
+    if not mixed_precision or device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class TrainForward(nn.Module):
+    """encode -> reparameterised sample -> decode in one forward (what DDP and compile wrap).
+
+    Accepts zturbo's VAE or a diffusers ``AutoencoderKL`` (for like-for-like benchmarks).
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x)
+        posterior = getattr(posterior, "latent_dist", posterior)
+        mean, logvar = posterior.mean, torch.clamp(posterior.logvar, -30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
+        recon = self.vae.decode(z)
+        return getattr(recon, "sample", recon), mean, logvar
+
+
+@dataclass
+class StepResult:
+    terms: dict[str, float]
+    grad_norm: float
+    skipped: bool
+    lr: float
+    micro_batch: int
+    disc_active: bool
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    return ((seed * 7_919 + step) * 104_729 + rank * 1_009 + micro) % (2**63 - 1)
+
+
+class TrainEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        device: torch.device,
+        *,
+        dist_ctx: DistContext | None = None,
+        model: nn.Module | None = None,
+        perceptual: nn.Module | None = None,
+        lpips_random_backbone: bool = False,
+        total_steps: int = 1,
+        warmup_steps: int = 0,
+        per_rank_batch: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        from zturbo.model.vae import VAE
+
+        self.settings = settings
+        self.device = device
+        self.dist = dist_ctx or DistContext()
+        self.log = log or (lambda message: None)
+        tcfg, lcfg = settings.train, settings.loss
+        self.precision = resolve_precision(tcfg.precision, tcfg.mixed_precision, device)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.per_rank_batch = per_rank_batch or max(1, tcfg.batch_size // self.dist.world_size)
+        self.channels_last = device.type == "cuda"
+
+        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+        self.vae = (model if model is not None else VAE(settings.model)).to(device)
+        if tcfg.gradient_checkpointing:
+            if hasattr(self.vae, "enable_gradient_checkpointing"):
+                self.vae.enable_gradient_checkpointing()
+        if self.channels_last:
+            self.vae = self.vae.to(memory_format=torch.channels_last)
+        self.vae.train()
+        self.ema = EMA(self.vae, tcfg.ema_decay)
+
+        if perceptual is None and lcfg.perceptual_weight > 0:
+            from zturbo.perceptual import load_lpips
+
+            perceptual = load_lpips(lcfg.perceptual_net, device, random_backbone=lpips_random_backbone)
+        self.loss = VAELoss(lcfg, perceptual)
+
+        self.disc: nn.Module | None = None
+        if lcfg.disc_weight > 0:
+            from zturbo.model.discriminator import NLayerDiscriminator
+
+            self.disc = NLayerDiscriminator(settings.model.out_channels, n_layers=lcfg.disc_layers).to(device)
+            if self.channels_last:
+                self.disc = self.disc.to(memory_format=torch.channels_last)
+
+        betas = (tcfg.adam_beta1, tcfg.adam_beta2)
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.vae.parameters(), lr=tcfg.learning_rate, betas=betas, weight_decay=tcfg.weight_decay, fused=fused
+        )
+        self.scheduler = make_scheduler(self.optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio)
+        scaler_on = self.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=scaler_on)
+        self.disc_optimizer = self.disc_scheduler = None
+        self.disc_scaler = torch.amp.GradScaler(device.type, enabled=scaler_on)
+        if self.disc is not None:
+            # Betas (0.5, 0.9) as in the reference discriminator training.
+            self.disc_optimizer = torch.optim.AdamW(
+                self.disc.parameters(), lr=lcfg.disc_learning_rate or tcfg.learning_rate, betas=(0.5, 0.9), fused=fused
+            )
+            self.disc_scheduler = make_scheduler(self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio)
+
+        forward: nn.Module = TrainForward(self.vae)
+        self.disc_train: nn.Module | None = self.disc
+        if self.dist.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            forward = DDP(forward, device_ids=ids)
+            if self.disc is not None:
+                self.disc_train = DDP(self.disc, device_ids=ids)
+        self.forward = torch.compile(forward) if tcfg.compile else forward
+        self.micro_batch = min(tcfg.micro_batch_size or self.per_rank_batch, self.per_rank_batch)
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _latent_noise(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        f = 2 ** (len(self.settings.model.block_out_channels) - 1)
+        shape = (x.shape[0], self.settings.model.latent_channels, x.shape[2] // f, x.shape[3] // f)
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=gen).to(self.device, non_blocking=True)
+
+    def disc_active(self, step: int) -> bool:
+        return self.disc is not None and step >= self.settings.loss.disc_start
+
+    def step(self, batch: torch.Tensor, step: int) -> StepResult:
+        """One optimizer step on ``batch`` (this rank's share of the effective batch), at global ``step``."""
+        while True:
+            try:
+                return self._step(batch, step)
+            except torch.OutOfMemoryError:
+                if self.device.type != "cuda" or self.micro_batch == 1:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.disc_optimizer is not None:
+                    self.disc_optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                old, self.micro_batch = self.micro_batch, max(1, self.micro_batch // 2)
+                self.log(f"out of GPU memory at micro-batch {old}: retrying the step with micro-batch {self.micro_batch}")
+
+    def _step(self, batch: torch.Tensor, step: int) -> StepResult:
+        tcfg = self.settings.train
+        use_disc = self.disc_active(step)
+        n = batch.shape[0]
+        chunks = batch.split(self.micro_batch)
+        sums: dict[str, torch.Tensor] = {}
+        last_layer = self.vae.decoder.conv_out.weight
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            weight = chunk.shape[0] / n
+            x = chunk.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            noise = self._latent_noise(x, step_seed(tcfg.seed, step, self.dist.rank, i))
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward.no_sync()
+            with sync:
+                with self._autocast():
+                    recon, mean, logvar = self.forward(x, noise)
+                    if use_disc:
+                        self.disc.requires_grad_(False)
+                    total, terms = self.loss(
+                        x, recon, mean, logvar,
+                        discriminator=self.disc if use_disc else None,
+                        last_layer=last_layer if use_disc else None,
+                    )
+                self.scaler.scale(total * weight).backward()
+            terms["loss"] = total.detach()
+            if use_disc:
+                self.disc.requires_grad_(True)
+                dsync = contextlib.nullcontext() if last or not self.dist.enabled else self.disc_train.no_sync()
+                with dsync:
+                    with self._autocast():
+                        d_loss = discriminator_loss(self.disc_train, x, recon)
+                    self.disc_scaler.scale(d_loss * weight).backward()
+                terms["d"] = d_loss.detach()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float() * weight
+
+        values = {k: float(v) for k, v in sums.items()}  # one host sync per step
+        self.scaler.unscale_(self.optimizer)
+        clip = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.vae.parameters(), clip))
+        loss_ok = all(math.isfinite(v) for v in values.values())
+        # Under fp16 an overflowing gradient is the scaler's business (it skips and backs off).
+        grads_ok = math.isfinite(grad_norm) or self.scaler.is_enabled()
+        bad = any_true(not (loss_ok and grads_ok), self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.disc_optimizer is not None:
+                self.disc_optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            self.skipped_steps += 1
+            self._advance_schedules()
+            if self.nonfinite_streak >= tcfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"loss or gradients were NaN/Inf for {self.nonfinite_streak} steps in a row (step {step})",
+                    "lower the learning rate, use --precision bf16 or fp32, or check the data; "
+                    "the last checkpoint written is intact and --resume auto continues from it",
+                )
+            return StepResult(values, grad_norm, True, lr, self.micro_batch, use_disc)
+        self.nonfinite_streak = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.vae)
+        if self.disc_optimizer is not None and use_disc:
+            self.disc_scaler.unscale_(self.disc_optimizer)
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), clip)
+            self.disc_scaler.step(self.disc_optimizer)
+            self.disc_scaler.update()
+            self.disc_optimizer.zero_grad(set_to_none=True)
+        self._advance_schedules()
+        return StepResult(values, grad_norm, False, lr, self.micro_batch, use_disc)
+
+    def _advance_schedules(self) -> None:
+        """The schedules follow the global step, also over skipped steps and before the GAN starts."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+            if self.disc_scheduler is not None:
+                self.disc_scheduler.step()
+
+    def fit_micro_batch(self, image_size: int, headroom: float = 0.85) -> int:
+        """On CUDA, measure one image's training-step memory and pick the largest micro-batch that fits.
+
+        The micro-batch divides this rank's batch so every accumulation chunk has one
+        shape. An explicit ``train.micro_batch_size`` is kept as given.
+        """
+        if self.device.type != "cuda" or self.settings.train.micro_batch_size:
+            return self.micro_batch
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        x = torch.rand(1, self.settings.model.in_channels, image_size, image_size, device=self.device) * 2 - 1
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            with self._autocast():
+                recon, mean, logvar = self.forward(x, self._latent_noise(x, 0))
+                total, _ = self.loss(x, recon, mean, logvar)
+            total.backward()
+            per_image = torch.cuda.max_memory_allocated(self.device) - base
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        del x, recon, mean, logvar, total
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        param_bytes = sum(p.numel() * 4 for p in self.vae.parameters())
+        budget = free * headroom - 3 * param_bytes  # gradients + AdamW's two moments still to come
+        fits = max(1, int(budget // max(per_image, 1)))
+        self.micro_batch = max(d for d in range(1, self.per_rank_batch + 1) if self.per_rank_batch % d == 0 and d <= fits)
+        self.log(
+            f"micro-batch {self.micro_batch} x {self.per_rank_batch // self.micro_batch} accumulation "
+            f"(measured {per_image / 2**30:.2f} GiB per image, {free / 2**30:.1f} GiB free)"
+        )
+        return self.micro_batch
+
+    # ------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything but the weights, for a checkpoint (tensors, numbers and strings only)."""
+        out = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema_updates": self.ema.updates,
+            "micro_batch": self.micro_batch,
+            "nonfinite_streak": self.nonfinite_streak,
+            "skipped_steps": self.skipped_steps,
+        }
+        if self.disc_optimizer is not None:
+            out["disc_optimizer"] = self.disc_optimizer.state_dict()
+            out["disc_scheduler"] = self.disc_scheduler.state_dict()
+            out["disc_scaler"] = self.disc_scaler.state_dict()
+        return out
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.micro_batch = min(self.micro_batch, int(state.get("micro_batch", self.micro_batch)))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.disc_optimizer is not None and "disc_optimizer" in state:
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            self.disc_scheduler.load_state_dict(state["disc_scheduler"])
+            self.disc_scaler.load_state_dict(state["disc_scaler"])
