@@ -1,0 +1,335 @@
+"""zturbo bench: report schema, comparisons, skipped cases, FLOP counts, the baseline gate and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from zturbo.bench import (
+    SchemaError,
+    compare_with_baseline,
+    make_plan,
+    parse_tolerance,
+    run_bench,
+    to_markdown,
+    validate_report,
+)
+from zturbo.bench.flops import flops_per_image
+from zturbo.bench.timing import percentile
+from zturbo.cli import run
+from zturbo.config import ModelConfig, load_settings
+from zturbo.errors import UsageError
+from zturbo.model.flops import vae_flops
+
+TINY = """
+[model]
+block_out_channels = [32, 64]
+layers_per_block = 1
+latent_channels = 4
+sample_size = 32
+[data]
+image_size = 32
+[train]
+batch_size = 2
+"""
+WIDER = """
+[model]
+block_out_channels = [32, 64]
+layers_per_block = 2
+latent_channels = 8
+sample_size = 32
+[data]
+image_size = 32
+"""
+REPEATS = 2
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    (root / "tiny.toml").write_text(TINY)
+    (root / "wider.toml").write_text(WIDER)
+    return {"tiny": root / "tiny.toml", "wider": root / "wider.toml", "root": root}
+
+
+def tiny_settings(configs, **bench):
+    base = {"resolutions": [16], "batch_sizes": [1, 2], "repeats": REPEATS, "warmup": 1, "device": "cpu",
+            "peak_matmul_size": 128}
+    return load_settings(None, configs["tiny"], {"bench": {**base, **bench}})
+
+
+@pytest.fixture(scope="module")
+def report(configs):
+    settings = tiny_settings(configs, backends=["torch", "trt"], against=str(configs["wider"]))
+    return run_bench(settings, profile_name="tiny")
+
+
+def ok_cases(report):
+    return [c for c in report["cases"] if c["status"] == "ok"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+
+
+def test_report_validates_against_schema_and_survives_json(report):
+    pytest.importorskip("jsonschema", reason="the full schema check needs jsonschema (dev extra)")
+    validate_report(report)
+    validate_report(json.loads(json.dumps(report)))
+    assert report["complete"] is True
+    assert report["environment"]["torch"] == torch.__version__
+    assert "git_commit" in report["environment"]
+
+
+def test_schema_rejects_broken_reports(report):
+    pytest.importorskip("jsonschema", reason="the full schema check needs jsonschema (dev extra)")
+    measured = copy.deepcopy(report)
+    next(c for c in measured["cases"] if c["status"] == "ok")["median_ms"] = None
+    with pytest.raises(SchemaError, match="median_ms"):
+        validate_report(measured)
+    unexplained = copy.deepcopy(report)
+    next(c for c in unexplained["cases"] if c["status"] == "skipped")["reason"] = None
+    with pytest.raises(SchemaError):
+        validate_report(unexplained)
+    with pytest.raises(SchemaError):
+        validate_report({**report, "schema": "something-else/1"})
+
+
+def test_every_subject_what_and_batch_is_measured_consistently(report):
+    cases = ok_cases(report)
+    # 2 subjects x encode/decode x 2 batch sizes, on the torch backend.
+    assert {(c["subject"], c["what"], c["batch"]) for c in cases} == {
+        (s, w, b) for s in ("tiny", "wider") for w in ("encode", "decode") for b in (1, 2)
+    }
+    peak = report["peak"]["tflops"]
+    for c in cases:
+        assert c["backend"] == "torch"
+        assert len(c["samples_ms"]) == REPEATS
+        assert c["min_ms"] <= c["median_ms"] <= c["p90_ms"] <= max(c["samples_ms"]) + 1e-3
+        assert c["images_per_s"] == pytest.approx(c["batch"] * 1000 / c["median_ms"])
+        assert c["tflops"] == pytest.approx(c["flops_per_image"] * c["batch"] / (c["median_ms"] / 1000) / 1e12)
+        assert c["mfu"] == pytest.approx(c["tflops"] / peak)
+        assert c["peak_memory_mb"] > 0 and c["memory_kind"] == "process_peak_rss"
+
+
+def test_unavailable_backend_is_skipped_with_a_reason_not_a_crash(report):
+    trt = [c for c in report["cases"] if c["backend"] == "trt"]
+    assert len(trt) == 2 * 2 * 2
+    for c in trt:
+        assert c["status"] == "skipped"
+        assert c["reason"] and ("trt" in c["reason"].lower() or "tensorrt" in c["reason"].lower())
+        assert c["median_ms"] is None
+
+
+def test_comparison_reports_speedup_next_to_the_flop_ratio(configs, report):
+    tiny = load_settings(None, configs["tiny"]).model
+    wider = load_settings(None, configs["wider"]).model
+    expected = {w: vae_flops(wider, 16)[w] / vae_flops(tiny, 16)[w] for w in ("encode", "decode")}
+    rows = {(c["what"], c["batch"]): c for c in report["comparisons"]}
+    assert set(rows) == {(w, b) for w in ("encode", "decode", "encode+decode") for b in (1, 2)}
+    for (what, batch), row in rows.items():
+        assert (row["ours"], row["against"]) == ("tiny", "wider")
+        if what != "encode+decode":
+            assert row["flop_ratio"] == pytest.approx(expected[what])
+            ours = next(c for c in report["cases"] if c["key"] == f"tiny/{what}/torch/fp32/16/b{batch}")
+            theirs = next(c for c in report["cases"] if c["key"] == f"wider/{what}/torch/fp32/16/b{batch}")
+            assert row["speedup"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["flop_ratio"])
+    both = rows[("encode+decode", 1)]
+    assert both["ours_ms"] == pytest.approx(rows[("encode", 1)]["ours_ms"] + rows[("decode", 1)]["ours_ms"])
+
+
+def test_markdown_summary_has_cases_speedups_and_skips(report):
+    text = to_markdown(report)
+    assert text.startswith("## zturbo bench")
+    assert "| subject | what | backend |" in text
+    assert "### Speedup vs FLOP ratio" in text
+    assert "| tiny vs wider | encode+decode |" in text
+    assert "skipped:" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flop_count_of_a_tiny_config_equals_a_hand_count():
+    cfg = ModelConfig(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32,
+                      mid_block_add_attention=True, sample_size=16)
+    R, r = 16, 8  # image and latent side
+
+    def conv(cin, cout, k, side):
+        return 2 * cin * cout * k * k * side * side
+
+    def resnet(cin, cout, side):
+        return conv(cin, cout, 3, side) + conv(cout, cout, 3, side) + (conv(cin, cout, 1, side) if cin != cout else 0)
+
+    tokens, c = r * r, 64
+    attention = 4 * 2 * tokens * c * c + 2 * (2 * tokens * tokens * c)  # q, k, v, out projections; QK^T and AV
+    mid = 2 * resnet(64, 64, r) + attention
+    encode = (conv(3, 32, 3, R) + resnet(32, 32, R) + conv(32, 32, 3, r)  # stride-2 conv: output is r x r
+              + resnet(32, 64, r) + mid + conv(64, 8, 3, r) + conv(8, 8, 1, r))
+    decode = (conv(4, 4, 1, r) + conv(4, 64, 3, r) + mid
+              + 2 * resnet(64, 64, r) + conv(64, 64, 3, R)  # up block 0: layers+1 resnets, then upsample conv
+              + resnet(64, 32, R) + resnet(32, 32, R) + conv(32, 3, 3, R))
+    counted = flops_per_image(cfg, R)
+    assert counted["encode"] == encode
+    assert counted["decode"] == decode
+    # Backward costs about twice the forward; the train count must sit near 3x, and above 2x.
+    assert 2 * (encode + decode) < counted["train"] <= 3 * (encode + decode)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The baseline gate
+
+
+def test_gate_passes_on_identical_numbers(report):
+    verdict = compare_with_baseline(report, copy.deepcopy(report), 0.10)
+    assert verdict["passed"] is True
+    assert verdict["compared"] == len(ok_cases(report))
+    assert verdict["regressed"] == verdict["missing"] == 0
+
+
+def test_gate_fails_on_a_synthetic_2x_regression(report):
+    slower = copy.deepcopy(report)
+    for c in slower["cases"]:
+        if c["status"] == "ok":
+            c["median_ms"] *= 2
+    verdict = compare_with_baseline(slower, report, 0.10)
+    assert verdict["passed"] is False
+    assert verdict["regressed"] == len(ok_cases(report))
+    assert all(r["change"] == pytest.approx(1.0) for r in verdict["rows"] if r["verdict"] == "regressed")
+    # A 2x slow-down passes only a tolerance above 100%.
+    assert compare_with_baseline(slower, report, 1.01)["passed"] is True
+
+
+def test_gate_fails_when_a_measured_case_no_longer_runs(report):
+    lost = copy.deepcopy(report)
+    victim = next(c for c in lost["cases"] if c["status"] == "ok")
+    victim.update(status="skipped", reason="backend not installed", median_ms=None)
+    verdict = compare_with_baseline(lost, report, 0.10)
+    assert verdict["passed"] is False and verdict["missing"] == 1
+    assert "backend not installed" in next(r for r in verdict["rows"] if r["verdict"] == "missing")["note"]
+
+
+def test_tolerance_parsing():
+    assert parse_tolerance("10%") == pytest.approx(0.10)
+    assert parse_tolerance("0.25") == pytest.approx(0.25)
+    for bad in ("ten", "-5%", "5000%"):
+        with pytest.raises(UsageError):
+            parse_tolerance(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI
+
+
+def _write_baseline(path, source, factor):
+    data = json.loads(source.read_text())
+    for c in data["cases"]:
+        if c["status"] == "ok":
+            c["median_ms"] *= factor
+    path.write_text(json.dumps(data))
+
+
+def test_cli_writes_json_and_markdown_and_gates(configs, capsys):
+    root = configs["root"]
+    args = ["bench", "-c", str(configs["tiny"]), "--device", "cpu", "--resolutions", "16", "--batch-sizes", "1",
+            "--what", "decode", "--repeats", "1", "--warmup", "1", "--quiet"]
+    first = root / "first.json"
+    assert run([*args, "--json", str(first), "--markdown", str(root / "first.md")]) == 0
+    out = capsys.readouterr().out
+    assert "zturbo bench" in out and "decode" in out
+    data = json.loads(first.read_text())
+    assert data["complete"] and [c["key"] for c in data["cases"]] == ["fast/decode/torch/fp32/16/b1"]
+    assert (root / "first.md").read_text().startswith("## zturbo bench")
+
+    # A baseline 100x slower than now passes; one 100x faster is a regression: exit 1 and one line.
+    _write_baseline(root / "slow.json", first, 100.0)
+    assert run([*args, "--baseline", str(root / "slow.json"), "--max-regression", "10%"]) == 0
+    capsys.readouterr()
+    _write_baseline(root / "fast.json", first, 0.01)
+    second = root / "second.json"
+    rc = run([*args, "--baseline", str(root / "fast.json"), "--max-regression", "10%", "--json", str(second)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "benchmark regression" in err and "1 case(s) slower" in err
+    gate = json.loads(second.read_text())["gate"]
+    assert gate["passed"] is False and gate["rows"][0]["verdict"] == "regressed"
+
+
+def test_cli_json_to_stdout_and_usage_errors(configs, capsys):
+    args = ["bench", "-c", str(configs["tiny"]), "--device", "cpu", "--resolutions", "16", "--batch-sizes", "1",
+            "--what", "encode", "--repeats", "1", "--warmup", "0", "--quiet"]
+    assert run([*args, "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cases"][0]["status"] == "ok"
+    assert run([*args, "--max-regression", "lots"]) == 2
+    assert "--max-regression" in capsys.readouterr().err
+    assert run([*args, "--resolutions", "15"]) == 2
+    assert "not divisible by 2" in capsys.readouterr().err
+    assert run([*args, "--backend", "tpu"]) == 2
+    assert run([*args, "--baseline", str(configs["root"] / "missing.json")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plans, train case, diffusers
+
+
+def test_cpu_defaults_are_small(configs):
+    plan = make_plan(load_settings(None, configs["tiny"], {"bench": {"device": "cpu"}}))
+    assert (plan.resolutions, plan.batch_sizes, plan.repeats) == ([256, 512], [1, 4], 3)
+    assert plan.peak_dtype == "fp32"
+
+
+def test_train_case_is_skipped_with_a_reason_without_a_step_hook(configs, monkeypatch):
+    import zturbo.train
+
+    monkeypatch.delattr(zturbo.train, "benchmark_step", raising=False)
+    report = run_bench(tiny_settings(configs, what=["train"], batch_sizes=[1]), profile_name="tiny")
+    (case,) = report["cases"]
+    assert case["status"] == "skipped" and "benchmark_step" in case["reason"]
+
+
+def test_train_case_times_the_training_step(configs, monkeypatch):
+    import zturbo.train
+
+    calls = []
+
+    def fake_factory(settings, device):
+        assert settings.data.image_size == 16 and settings.train.batch_size == 2
+
+        def step():
+            calls.append(1)
+            torch.ones(64, 64) @ torch.ones(64, 64)
+
+        step.micro_batch_size = 1
+        return step
+
+    monkeypatch.setattr(zturbo.train, "benchmark_step", fake_factory, raising=False)
+    report = run_bench(tiny_settings(configs, what=["train"]), profile_name="tiny")
+    (case,) = report["cases"]
+    assert case["status"] == "ok" and case["batch"] == 2 and case["micro_batch"] == 1
+    assert len(calls) == 1 + REPEATS + 1  # warm-up, timed repeats, memory pass
+    assert case["flops_per_image"] == flops_per_image(load_settings(None, configs["tiny"]).model, 16)["train"]
+
+
+def test_against_diffusers_uses_the_same_config_and_weights(configs):
+    pytest.importorskip("diffusers", reason="--against diffusers needs diffusers")
+    settings = tiny_settings(configs, what=["decode"], batch_sizes=[1], backends=["torch", "trt"], against="diffusers")
+    report = run_bench(settings, profile_name="tiny")
+    (row,) = report["comparisons"]
+    assert row["against"] == "diffusers"
+    assert row["flop_ratio"] == pytest.approx(1.0)  # same architecture, counted independently
+    assert row["speedup"] > 0
+    skipped = next(c for c in report["cases"] if c["subject"] == "diffusers" and c["backend"] == "trt")
+    assert skipped["status"] == "skipped" and "torch and compile" in skipped["reason"]
+
+
+def test_percentile_matches_linear_interpolation():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 90) == pytest.approx(4.6)
+    assert percentile([7.0], 90) == 7.0
