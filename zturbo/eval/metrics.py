@@ -215,6 +215,11 @@ class MetricSuite:
             self._timed(name, _fid_update, fid, rec, ref)
         return {k: v.detach().cpu() for k, v in out.items()}
 
+    def reset(self) -> None:
+        """Forget accumulated times and rFID statistics, keeping the loaded networks."""
+        self.seconds.clear()
+        self._fid.clear()
+
     def dataset_metrics(self, model_key: str) -> dict[str, float]:
         fid = self._fid.get(model_key)
         if fid is None:

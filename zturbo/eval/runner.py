@@ -310,6 +310,7 @@ def evaluate(
     allow_download: bool = True,
     lpips_random_backbone: bool = False,
     fid_feature: torch.nn.Module | None = None,
+    metric_suite: MetricSuite | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> EvalReport:
@@ -318,7 +319,8 @@ def evaluate(
     ``missing_weights='skip'`` drops LPIPS or rFID with a note when their network
     weights are absent, instead of failing. ``lpips_random_backbone`` and
     ``fid_feature`` exist to test the plumbing; their values are named
-    ``*_random`` and are no quality figure.
+    ``*_random`` and are no quality figure. ``metric_suite`` reuses loaded metric
+    networks across calls (it then replaces ``config.metrics`` and the options above).
     """
     config = config or EvalConfig()
     wall_start = time.perf_counter()
@@ -329,16 +331,20 @@ def evaluate(
         models.append(open_model("other", compare, config, device))
     if len(models) == 2 and models[0].name == models[1].name:
         models[0].name, models[1].name = f"{models[0].name} (model)", f"{models[1].name} (other)"
-    suite = MetricSuite(
-        config.metrics,
-        device,
-        lpips_nets=list(dict.fromkeys(config.lpips_nets)),
-        lpips_random_backbone=lpips_random_backbone,
-        allow_download=allow_download,
-        fid_feature=fid_feature,
-        inception_weights=config.inception_weights,
-        missing_weights=missing_weights,
-    )
+    if metric_suite is not None:
+        suite = metric_suite
+        suite.reset()
+    else:
+        suite = MetricSuite(
+            config.metrics,
+            device,
+            lpips_nets=list(dict.fromkeys(config.lpips_nets)),
+            lpips_random_backbone=lpips_random_backbone,
+            allow_download=allow_download,
+            fid_feature=fid_feature,
+            inception_weights=config.inception_weights,
+            missing_weights=missing_weights,
+        )
     names = suite.per_image_names
     rank_metric = next((m for m in _RANK_PREFERENCE if m in names), None)
     sheet = SheetCollector(config.sheet_images, rank_metric, [m.key for m in models])
