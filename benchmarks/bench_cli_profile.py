@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from zturbo.utils import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True  # as zturbo bench measures
     dtype = resolve_dtype(args.precision)
     cfg = load_settings(args.profile).model
     torch.manual_seed(0)

@@ -27,17 +27,31 @@ def _speedups(report: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
     return out
 
 
+def _joined(values) -> str:
+    return ",".join(str(v) for v in dict.fromkeys(values))
+
+
 def case_rows(report: dict[str, Any]) -> list[list[str]]:
     """One list of cell strings per case, in CASE_COLUMNS order."""
     speedups = _speedups(report)
     rows = []
+    # Cases that did not run for one reason share one row, listing what, resolutions and batches.
+    unrun: dict[tuple, list[dict[str, Any]]] = {}
+    for c in report["cases"]:
+        if c["status"] != "ok":
+            unrun.setdefault((c["subject"], c["backend"], c["precision"], c["channels_last"], c["status"],
+                              c["reason"]), []).append(c)
     for c in report["cases"]:
         comp = speedups.get((c["what"], c["backend"], c["precision"], c["channels_last"], c["resolution"], c["batch"]))
         mine = comp is not None and c["role"] == "ours"
         prec = c["precision"] + ("/cl" if c["channels_last"] else "")
         if c["status"] != "ok":
-            rows.append([c["subject"], c["what"], c["backend"], prec, str(c["resolution"]), str(c["batch"]),
-                         *["-"] * 9, f"{c['status']}: {c['reason']}"])
+            group = unrun.pop((c["subject"], c["backend"], c["precision"], c["channels_last"], c["status"],
+                               c["reason"]), None)
+            if group:
+                rows.append([c["subject"], _joined(g["what"] for g in group), c["backend"], prec,
+                             _joined(g["resolution"] for g in group), _joined(g["batch"] for g in group),
+                             *["-"] * 9, f"{c['status']}: {c['reason']}"])
             continue
         gflop = c["flops_per_image"] / 1e9 if c["flops_per_image"] is not None else None
         rows.append([

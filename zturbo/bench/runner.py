@@ -9,6 +9,7 @@ The returned report is a plain JSON-ready dict (see ``schema.json``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 from collections.abc import Callable
@@ -130,29 +131,52 @@ def run_bench(
         "cases": [],
         "comparisons": [],
     }
-    peak = measure_matmul_peak(plan.device, resolve_dtype(plan.peak_dtype), plan.peak_matmul_size)
-    report["peak"] = peak.as_dict()
-    say(f"matmul peak on {plan.device}: {peak.tflops:.2f} TFLOP/s ({peak.dtype}, {peak.size}^3)")
-    flops = _FlopCache()
+    with _cudnn_autotuning():
+        report["environment"]["torch_flags"] = _torch_flags()
+        peak = measure_matmul_peak(plan.device, resolve_dtype(plan.peak_dtype), plan.peak_matmul_size)
+        report["peak"] = peak.as_dict()
+        say(f"matmul peak on {plan.device}: {peak.tflops:.2f} TFLOP/s ({peak.dtype}, {peak.size}^3)")
+        flops = _FlopCache()
 
-    def emit(case: dict[str, Any]) -> None:
-        report["cases"].append(case)
-        say(_case_line(case))
-        if on_update is not None:
-            on_update(report)
+        def emit(case: dict[str, Any]) -> None:
+            report["cases"].append(case)
+            report["comparisons"] = compare(report["cases"])
+            say(_case_line(case))
+            if on_update is not None:
+                on_update(report)
 
-    inference = [w for w in plan.what if w in ("encode", "decode")]
-    if inference:
-        for backend in plan.backends:
-            _run_backend(plan, backend, subjects, inference, flops, peak.tflops, emit)
-    if "train" in plan.what:
-        _run_train(plan, settings, ours, flops, peak.tflops, emit)
+        inference = [w for w in plan.what if w in ("encode", "decode")]
+        if inference:
+            for backend in plan.backends:
+                _run_backend(plan, backend, subjects, inference, flops, peak.tflops, emit)
+        if "train" in plan.what:
+            _run_train(plan, settings, ours, flops, peak.tflops, emit)
 
     report["comparisons"] = compare(report["cases"])
     report["complete"] = True
     if on_update is not None:
         on_update(report)
     return report
+
+
+@contextlib.contextmanager
+def _cudnn_autotuning():
+    """Let cuDNN pick the fastest kernels per shape, as a fixed-shape deployment would; warm-up absorbs the search."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _torch_flags() -> dict[str, Any]:
+    return {
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _check_resolutions(plan: BenchPlan, subjects: list[Subject]) -> None:
