@@ -287,6 +287,30 @@ def test_every_bad_input_is_skipped_counted_and_listed(shared_tmp, capsys):
     assert not temp_files(out)
 
 
+def test_decompression_bomb_is_refused_from_its_header(tmp_path, capsys):
+    """A 100k x 100k PNG in a few hundred bytes: refused at the default limit before any decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
+    src = tmp_path / "in"
+    write_images(src, 1)
+    (src / "bomb.png").write_bytes(bomb)
+    rc, report = prepare_json(capsys, src, tmp_path / "out", "--size", "32", "--workers", "1")
+    assert rc == 0 and report["skipped"] == {"too-large": 1} and report["outputs"] == 1
+
+
 def test_worker_crash_is_isolated_to_its_file(tmp_path):
     tasks = [(str(i), f"file{i}.png") for i in range(6)]
     results = []
