@@ -145,12 +145,42 @@ def test_every_mode_and_format_becomes_8bit_rgb_at_size(tmp_path, capsys):
     for line in manifest(tmp_path / "out"):
         with Image.open(tmp_path / "out" / line["output"]) as im:
             assert im.size == (32, 32) and im.mode == "RGB", line
+            assert "transparency" not in im.info, line  # a tRNS key would make one colour see-through
             modes[line["source"]] = np.asarray(im)
         assert line["source_size"] == [80, 60]
     assert (modes["rgba.png"] == 255).all()
     first_frame = modes["anim.gif"].reshape(-1, 3).mean(0)
     assert first_frame[0] > 200 and first_frame[2] < 50  # the first frame (red), not the second
     assert modes["float.tif"].std() > 10 and modes["gray16.png"].std() > 10  # scaled, not clipped flat
+
+
+def test_embedded_icc_profile_is_converted_to_srgb(tmp_path, capsys):
+    import io as _io
+
+    from PIL import ImageCms
+
+    from zturbo.data import demo_dir
+
+    adobe_icc = Image.open(demo_dir() / "rocket.jpg").info["icc_profile"]  # Adobe RGB (1998)
+    src = tmp_path / "in"
+    src.mkdir()
+    color = (60, 140, 200)
+    Image.new("RGB", (48, 48), color).save(src / "adobe.png", icc_profile=adobe_icc)
+    expected = ImageCms.profileToProfile(
+        Image.new("RGB", (1, 1), color),
+        ImageCms.ImageCmsProfile(_io.BytesIO(adobe_icc)),
+        ImageCms.createProfile("sRGB"),
+        outputMode="RGB",
+    ).getpixel((0, 0))
+    assert max(abs(a - b) for a, b in zip(expected, color)) > 10  # the profile matters for this colour
+
+    rc, _ = prepare_json(
+        capsys, src, tmp_path / "out", "--size", "32", "--workers", "1", "--val-fraction", "0"
+    )
+    assert rc == 0
+    out = Image.open(next((tmp_path / "out" / "train").iterdir()))
+    assert max(abs(a - b) for a, b in zip(out.getpixel((16, 16)), expected)) <= 2
+    assert "icc_profile" not in out.info  # pixels are sRGB now; nothing left to reinterpret
 
 
 def test_exif_rotated_image_comes_out_upright(tmp_path, capsys):

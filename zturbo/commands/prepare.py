@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -152,16 +153,33 @@ def _paths(
 
 
 class _ProgressBar:
-    """Rich bar on stderr (images/s, skipped so far), started at the first update: after the
-    worker processes are forked, so the bar's refresh thread never exists at fork time."""
+    """Progress on stderr: a rich bar (images/s, skipped so far) on a terminal, a log line every
+    30 s otherwise (batch jobs). Started at the first update, after the worker processes are
+    forked, so the bar's refresh thread never exists at fork time."""
+
+    LOG_EVERY_S = 30.0
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.progress = None
         self.task = None
+        self.started: tuple[float, int] | None = None  # (time, images done) at the first update
+        self.last_log = 0.0
 
     def update(self, p) -> None:
         if self.quiet:
+            return
+        from zturbo.console import stderr
+
+        now = time.monotonic()
+        if self.started is None:
+            self.started = (now, p.done)
+            self.last_log = now
+        if not stderr.is_terminal:
+            if now - self.last_log >= self.LOG_EVERY_S:
+                rate = (p.done - self.started[1]) / max(now - self.started[0], 1e-9)
+                stderr.print(f"prepare: {p.done}/{p.total} images, {rate:.1f} img/s, {p.skipped} skipped")
+                self.last_log = now
             return
         if self.progress is None:
             from rich.progress import TextColumn
@@ -177,8 +195,7 @@ class _ProgressBar:
             self.task = self.progress.add_task(
                 "prepare", total=p.total, completed=p.done, rate="-", skipped=p.skipped
             )
-        task = self.progress.tasks[0]
-        speed = task.speed
+        speed = self.progress.tasks[0].speed
         self.progress.update(
             self.task, completed=p.done, skipped=p.skipped, rate=f"{speed:.1f}" if speed else "-"
         )

@@ -164,6 +164,9 @@ def fit(im: Image.Image, size: int, resize: str) -> Image.Image:
 
 
 def encode(im: Image.Image, opts: RenderOptions) -> bytes:
+    # Plain untagged sRGB pixels: no carried-over ICC profile, EXIF or a PNG transparency key
+    # (which would make one RGB colour transparent), and byte-identical output on every run.
+    im.info = {}
     buf = io.BytesIO()
     if opts.format == "png":
         im.save(buf, "PNG", compress_level=opts.png_compress_level)
