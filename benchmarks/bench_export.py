@@ -1,0 +1,225 @@
+"""Exported backends against torch on the same model and input, timed side by side.
+
+CPU (default): ONNX Runtime (CPU provider) vs torch eager fp32 on a fast-profile
+VAE (random weights: speed does not depend on them), interleaved repeats, median.
+Target: ONNX Runtime <= 0.85x torch's time on the decoder at 256x256.
+
+--gpu: torch bf16 eager vs every other backend this GPU machine offers (torch.compile
+bf16, bf16 channels_last, onnxruntime CUDA / TensorRT providers and TensorRT engines
+when installed); the best is reported as a ratio to torch bf16.
+
+    python benchmarks/bench_export.py                     # CPU, decoder at 256
+    python benchmarks/bench_export.py --parts encoder,decoder --size 256 --json out.json
+    python benchmarks/bench_export.py --gpu --size 1024 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zturbo.backends import create_backend
+from zturbo.config import ExportConfig, load_settings
+from zturbo.export.pipeline import export_model
+from zturbo.model import VAE
+
+
+def _inputs(vae: VAE, part: str, batch: int, size: int, device) -> torch.Tensor:
+    torch.manual_seed(0)
+    c = vae.config
+    if part == "encoder":
+        return (torch.rand(batch, 3, size, size) * 2 - 1).to(device)
+    f = c.downsample_factor
+    return torch.randn(batch, c.latent_channels, size // f, size // f).to(device)
+
+
+def _timer(backend, part: str, x: torch.Tensor):
+    fn = backend.encode if part == "encoder" else backend.decode
+
+    def once() -> float:
+        backend.synchronize()
+        start = time.perf_counter()
+        fn(x)
+        backend.synchronize()
+        return time.perf_counter() - start
+
+    return once
+
+
+def interleaved(timers: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call; backends alternate within each repeat so load changes hit all alike."""
+    for _ in range(warmup):
+        for once in timers.values():
+            once()
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, once in timers.items():
+            samples[name].append(once())
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bench_cpu(
+    vae: VAE, parts: list[str], batch: int, size: int, repeats: int, warmup: int, work: Path
+) -> list[dict]:
+    t0 = time.perf_counter()
+    export_model(_save(vae, work), work / "onnx", ExportConfig(parts=parts, size=(size, size, size)))
+    print(f"exported {','.join(parts)} in {time.perf_counter() - t0:.1f} s", flush=True)
+    backends = {
+        "torch": create_backend("torch", vae, device="cpu", precision="fp32"),
+        "onnx": create_backend("onnx", work / "onnx", device="cpu"),
+    }
+    rows = []
+    for part in parts:
+        x = _inputs(vae, part, batch, size, "cpu")
+        times = interleaved({n: _timer(b, part, x) for n, b in backends.items()}, repeats, warmup)
+        rows.append(
+            {
+                "part": part,
+                "batch": batch,
+                "size": size,
+                "torch_ms": times["torch"] * 1e3,
+                "onnx_ms": times["onnx"] * 1e3,
+                "ratio": times["onnx"] / times["torch"],
+            }
+        )
+    return rows
+
+
+def _save(vae: VAE, work: Path) -> Path:
+    path = work / "model"
+    if not path.exists():
+        vae.save_pretrained(path)
+    return path
+
+
+def gpu_candidates(vae: VAE, parts: list[str], size: int, work: Path) -> dict:
+    """Every backend this machine can run, besides the torch bf16 baseline; skipped ones with their reason."""
+    out: dict = {}
+    skipped: dict[str, str] = {}
+    out["compile-bf16"] = lambda: create_backend("compile", vae, device="cuda", precision="bf16")
+    out["torch-bf16-channels_last"] = lambda: create_backend(
+        "torch", vae, device="cuda", precision="bf16", channels_last=True
+    )
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    if "CUDAExecutionProvider" in providers or "TensorrtExecutionProvider" in providers:
+        export_model(_save(vae, work), work / "onnx16", ExportConfig(parts=parts, precision="fp16"))
+        if "CUDAExecutionProvider" in providers:
+            out["onnx-cuda-fp16"] = lambda: create_backend("onnx", work / "onnx16", device="cuda")
+        if "TensorrtExecutionProvider" in providers:
+            out["onnx-trt-fp16"] = lambda: create_backend("onnx", work / "onnx16", provider="tensorrt")
+    else:
+        skipped["onnx-cuda"] = (
+            f"onnxruntime has no CUDA provider here ({', '.join(providers) or 'not installed'})"
+        )
+    try:
+        import tensorrt  # noqa: F401
+
+        cfg = ExportConfig(
+            format="trt", precision="fp16", parts=parts, batch=(1, 1, 8), size=(256, size, size)
+        )
+        export_model(_save(vae, work), work / "trt", cfg)
+        out["tensorrt-fp16"] = lambda: create_backend("trt", work / "trt", device="cuda")
+    except ImportError:
+        skipped["tensorrt"] = "tensorrt is not installed"
+    except Exception as exc:  # noqa: BLE001 - a failed engine build is reported, not fatal
+        skipped["tensorrt"] = f"engine build failed: {str(exc).splitlines()[0]}"
+    return {"make": out, "skipped": skipped}
+
+
+def bench_gpu(
+    vae: VAE, parts: list[str], batch: int, size: int, repeats: int, warmup: int, work: Path
+) -> dict:
+    baseline = create_backend("torch", vae, device="cuda", precision="bf16")
+    found = gpu_candidates(vae, parts, size, work)
+    rows, failed = [], dict(found["skipped"])
+    for part in parts:
+        x = _inputs(vae, part, batch, size, "cuda")
+        timers = {"torch-bf16": _timer(baseline, part, x)}
+        for name, make in found["make"].items():
+            try:
+                backend = make()
+                _timer(backend, part, x)()  # compile / first run outside the timing
+                timers[name] = _timer(backend, part, x)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the others
+                failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        times = interleaved(timers, repeats, warmup)
+        best = min((n for n in times if n != "torch-bf16"), key=times.get, default="torch-bf16")
+        rows.append(
+            {
+                "part": part,
+                "batch": batch,
+                "size": size,
+                **{f"{n}_ms": t * 1e3 for n, t in times.items()},
+                "best": best,
+                "best_ratio": times[best] / times["torch-bf16"],
+            }
+        )
+    return {"rows": rows, "skipped": failed, "gpu": torch.cuda.get_device_name()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="fast")
+    ap.add_argument("--parts", default="decoder")
+    ap.add_argument("--size", type=int, default=None, help="default 256 on CPU, 1024 with --gpu")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=None, help="default 7 on CPU, 20 with --gpu")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    parts = [p for p in args.parts.split(",") if p]
+    size = args.size or (1024 if args.gpu else 256)
+    repeats = args.repeats or (20 if args.gpu else 7)
+    torch.manual_seed(0)
+    vae = VAE(load_settings(args.profile).model).eval()
+    device_info = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory(prefix="zturbo-bench-export-") as tmp:
+        if args.gpu:
+            if not torch.cuda.is_available():
+                raise SystemExit("--gpu needs CUDA")
+            result = bench_gpu(vae, parts, args.batch, size, repeats, args.warmup, Path(tmp))
+            print(
+                f"\n{args.profile} profile on {result['gpu']}: torch bf16 eager vs the other backends (median ms)"
+            )
+            for r in result["rows"]:
+                cols = "  ".join(f"{k[:-3]} {v:.2f}" for k, v in r.items() if k.endswith("_ms"))
+                print(
+                    f"{r['part']:8s} {r['batch']}x{r['size']}  {cols}  best {r['best']} {r['best_ratio']:.2f}x"
+                )
+            for name, why in result["skipped"].items():
+                print(f"  skipped {name}: {why}")
+        else:
+            import onnxruntime
+
+            rows = bench_cpu(vae, parts, args.batch, size, repeats, args.warmup, Path(tmp))
+            device_info["onnxruntime"] = onnxruntime.__version__
+            result = {"rows": rows}
+            print(
+                f"\n{args.profile} profile, CPU, {torch.get_num_threads()} torch threads, median of {repeats}"
+            )
+            print(f"{'part':8s} {'input':>10s} {'torch ms':>10s} {'onnx ms':>10s} {'onnx/torch':>10s}")
+            for r in rows:
+                inp = f"{r['batch']}x{r['size']}"
+                print(
+                    f"{r['part']:8s} {inp:>10s} {r['torch_ms']:10.1f} {r['onnx_ms']:10.1f} {r['ratio']:10.2f}x"
+                )
+    result.update(profile=args.profile, repeats=repeats, **device_info)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
