@@ -52,7 +52,7 @@ from zturbo.data.prepare_state import (
 )
 from zturbo.errors import InputError, UsageError
 
-PIPELINE_VERSION = 1  # bump when the same settings would render different pixels
+PIPELINE_VERSION = 2  # bump when the same settings would render different pixels
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "prepare-report.json"
 SPLITS = ("train", "val")

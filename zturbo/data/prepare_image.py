@@ -69,7 +69,7 @@ def process_file(source: str, rel: str, output_root: str, opts: RenderOptions) -
         record["sha256"] = sha
         im, source_size = _decode(source, data, opts)
         record["source_size"] = list(source_size)
-        payload = encode(fit(im, opts.size, opts.resize), opts)
+        payload = encode(render(source, im, opts), opts)
     except ImageReadError as exc:
         record.update(status="skipped", reason=exc.reason, detail=exc.detail)
         return record
@@ -110,7 +110,7 @@ def _read(source: str) -> tuple[bytes | None, os.stat_result, str]:
 
 
 def _decode(source: str, data: bytes | None, opts: RenderOptions) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to 8-bit sRGB RGB, upright; JPEGs at the smallest DCT scale that still covers the target."""
+    """Decode upright, in the file's own mode; JPEGs at the smallest DCT scale that still covers the target."""
     # Not a `with` block: closing would free the pixels we return. The bytes are in memory, and
     # Pillow closes a file it opened itself once a single-frame image is loaded.
     with image_read_errors(source):
@@ -133,17 +133,46 @@ def _decode(source: str, data: bytes | None, opts: RenderOptions) -> tuple[Image
                 im.draft(None, (math.ceil(im.size[0] / scale), math.ceil(im.size[1] / scale)))
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the decoded pixels
+    return im, (w, h)
+
+
+def render(source: str, im: Image.Image, opts: RenderOptions) -> Image.Image:
+    """Decoded image (any mode) -> ``size`` x ``size`` 8-bit sRGB RGB.
+
+    L, RGB and CMYK are resized in their own mode and colour-converted afterwards: an ICC
+    transform (an sRGB-tagged camera JPEG, a Display P3 phone photo) then touches only the
+    output's pixels, several times fewer than the source's. Other modes (alpha, palette,
+    16-bit, float) are converted first, so alpha is composited before any resampling.
+    """
+    if im.mode not in _RESIZE_IN_SOURCE_MODE:
+        im = _to_rgb(source, im)
+    im = fit(im, opts.size, opts.resize)
+    im = _to_rgb(source, im)
+    if opts.resize == "pad":
+        canvas = Image.new("RGB", (opts.size, opts.size), (0, 0, 0))
+        canvas.paste(im, ((opts.size - im.width) // 2, (opts.size - im.height) // 2))
+        im = canvas
+    return im
+
+
+_RESIZE_IN_SOURCE_MODE = {"L", "RGB", "CMYK"}
+
+
+def _to_rgb(source: str, im: Image.Image) -> Image.Image:
     try:
-        return to_srgb_rgb(im), (w, h)
+        out = to_srgb_rgb(im)
     except (ValueError, OSError) as exc:
         raise ImageReadError(source, "unsupported-mode", f"cannot convert mode {im.mode} to RGB") from exc
+    out.info.pop("icc_profile", None)  # converted: the pixels are sRGB now
+    return out
 
 
 def fit(im: Image.Image, size: int, resize: str) -> Image.Image:
-    """Center-crop (or pad, black) to ``size`` x ``size`` with an antialiasing LANCZOS resample.
+    """Antialiased LANCZOS resize: the centred square to ``size`` x ``size`` ("center-crop"), or
+    the whole image to a longer side of ``size`` ("pad"; the caller adds the bars).
 
     Only the cropped box is resampled; large inputs are first box-reduced by an integer
-    factor (``reducing_gap``) so the cost does not grow with the source resolution.
+    factor (``reducing_gap``, Image.reduce) so the cost does not grow with the source resolution.
     """
     w, h = im.size
     if resize == "center-crop":
@@ -157,10 +186,7 @@ def fit(im: Image.Image, size: int, resize: str) -> Image.Image:
         )
     scale = size / max(w, h)
     inner_size = (min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale))))
-    inner = im.resize(inner_size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
-    canvas.paste(inner, ((size - inner_size[0]) // 2, (size - inner_size[1]) // 2))
-    return canvas
+    return im.resize(inner_size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
 
 
 def encode(im: Image.Image, opts: RenderOptions) -> bytes:
