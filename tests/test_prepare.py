@@ -227,12 +227,16 @@ def test_pad_mode_keeps_whole_image_with_black_bars(tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
     Image.new("RGB", (64, 32), (255, 255, 255)).save(src / "wide.png")
+    Image.new("L", (32, 64), 255).save(src / "tall_gray.png")
     rc, _ = prepare_json(capsys, src, tmp_path / "out", "--size", "32", "--resize", "pad", "--workers", "1")
     assert rc == 0
     arr = np.asarray(Image.open(next((tmp_path / "out").rglob("wide_png.png"))))
     assert arr.shape == (32, 32, 3)
     assert (arr[:7] == 0).all() and (arr[-7:] == 0).all()  # bars above and below
     assert (arr[10:22] == 255).all()  # the whole width of the picture in the middle
+    tall = np.asarray(Image.open(next((tmp_path / "out").rglob("tall_gray_png.png"))))
+    assert tall.shape == (32, 32, 3)
+    assert (tall[:, :7] == 0).all() and (tall[:, -7:] == 0).all() and (tall[:, 10:22] == 255).all()
 
 
 def test_too_small_images_are_skipped_not_upscaled(tmp_path, capsys):
