@@ -88,12 +88,18 @@ def settings_for(tiny_config: Path, data: Path, output: Path, **train):
 
 def tiny_vae() -> VAE:
     torch.manual_seed(0)
-    return VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, mid_block_add_attention=False,
-               sample_size=32)
+    return VAE(
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        latent_channels=4,
+        mid_block_add_attention=False,
+        sample_size=32,
+    )
 
 
 def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 # -- losses ---------------------------------------------------------------------------------------------
@@ -108,7 +114,12 @@ def _grads_for(loss_cfg: LossConfig, perceptual=None, with_disc=False):
     recon, mean, logvar = TrainForward(vae)(x, torch.randn(2, 4, 16, 16))
     disc = NLayerDiscriminator(n_layers=2).requires_grad_(False) if with_disc else None
     total, terms = VAELoss(loss_cfg, perceptual)(
-        x, recon, mean, logvar, discriminator=disc, last_layer=vae.decoder.conv_out.weight if with_disc else None
+        x,
+        recon,
+        mean,
+        logvar,
+        discriminator=disc,
+        last_layer=vae.decoder.conv_out.weight if with_disc else None,
     )
     total.backward()
     enc = vae.encoder.conv_in.weight.grad
@@ -121,10 +132,12 @@ def _nonzero(g) -> bool:
 
 
 def test_each_loss_term_contributes_gradient():
-    only = dict(reconstruction_weight=0.0, perceptual_weight=0.0, kl_weight=0.0, disc_weight=0.0)
+    only = {"reconstruction_weight": 0.0, "perceptual_weight": 0.0, "kl_weight": 0.0, "disc_weight": 0.0}
     enc, dec, _ = _grads_for(LossConfig(**{**only, "reconstruction_weight": 1.0}))
     assert _nonzero(enc) and _nonzero(dec)
-    enc, dec, _ = _grads_for(LossConfig(**{**only, "reconstruction_weight": 1.0, "reconstruction_loss": "l2"}))
+    enc, dec, _ = _grads_for(
+        LossConfig(**{**only, "reconstruction_weight": 1.0, "reconstruction_loss": "l2"})
+    )
     assert _nonzero(enc) and _nonzero(dec)
     # KL only reaches the encoder.
     enc, dec, terms = _grads_for(LossConfig(**{**only, "kl_weight": 1.0}))
@@ -172,7 +185,9 @@ def test_discriminator_step_leaves_vae_gradients_alone():
 
 
 def test_discriminator_starts_at_disc_start(tiny_config, tmp_path):
-    settings = load_settings(None, tiny_config, {"loss": {"disc_weight": 0.5, "disc_start": 2}}, default_profile=None)
+    settings = load_settings(
+        None, tiny_config, {"loss": {"disc_weight": 0.5, "disc_start": 2}}, default_profile=None
+    )
     engine = TrainEngine(settings, torch.device("cpu"), total_steps=4)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     initial = {k: v.clone() for k, v in engine.disc.state_dict().items()}
@@ -192,8 +207,15 @@ def test_discriminator_starts_at_disc_start(tiny_config, tmp_path):
 def test_loss_falls_on_demo_photos(tiny_config, tmp_path):
     from zturbo.data import demo_dir
 
-    settings = settings_for(tiny_config, demo_dir(), tmp_path / "run", max_steps=40, checkpoint_every=20,
-                            sample_every=20, learning_rate=3e-3)
+    settings = settings_for(
+        tiny_config,
+        demo_dir(),
+        tmp_path / "run",
+        max_steps=40,
+        checkpoint_every=20,
+        sample_every=20,
+        learning_rate=3e-3,
+    )
     trainer = Trainer(settings, quiet=True)
 
     def val_error(model) -> float:  # L1 on the fixed, held-out validation crops
@@ -214,8 +236,13 @@ def test_loss_falls_on_demo_photos(tiny_config, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-20", "step-40"]
     step = run / "checkpoints" / "step-40"
-    for name in ("model/config.json", "ema/diffusion_pytorch_model.safetensors", "trainer_state.pt",
-                 "trainer_state.json", "settings.json"):
+    for name in (
+        "model/config.json",
+        "ema/diffusion_pytorch_model.safetensors",
+        "trainer_state.pt",
+        "trainer_state.json",
+        "settings.json",
+    ):
         assert (step / name).is_file(), name
     from zturbo.model import load_vae
 
@@ -225,9 +252,12 @@ def test_loss_falls_on_demo_photos(tiny_config, tmp_path):
     assert result.steps == 40 and result.final_dir == str(run / "final")
 
 
-def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(tiny_config, small_data, tmp_path, monkeypatch):
-    settings = settings_for(tiny_config, small_data, tmp_path / "run", max_steps=20, checkpoint_every=3,
-                            max_nonfinite_steps=3)
+def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(
+    tiny_config, small_data, tmp_path, monkeypatch
+):
+    settings = settings_for(
+        tiny_config, small_data, tmp_path / "run", max_steps=20, checkpoint_every=3, max_nonfinite_steps=3
+    )
     trainer = Trainer(settings, quiet=True)
     poisoned = {"on": False}
     real_forward = VAELoss.forward
@@ -274,8 +304,21 @@ def test_corrupt_image_is_skipped_with_a_warning(tiny_config, small_data, tmp_pa
     good = next(small_data.glob("*.png"))
     (small_data / "truncated.png").write_bytes(good.read_bytes()[:200])
     (small_data / "empty.jpg").write_bytes(b"")
-    rc = run(["train", "--config", str(tiny_config), "--data", str(small_data), "--output", str(tmp_path / "run"),
-              "--max-steps", "4", "--json", "--quiet"])
+    rc = run(
+        [
+            "train",
+            "--config",
+            str(tiny_config),
+            "--data",
+            str(small_data),
+            "--output",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "4",
+            "--json",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "skipping unreadable image" in captured.err and "broken.png" in captured.err
@@ -285,8 +328,17 @@ def test_corrupt_image_is_skipped_with_a_warning(tiny_config, small_data, tmp_pa
 def test_existing_run_needs_resume_flag(tiny_config, small_data, tmp_path, capsys):
     from zturbo.cli import run
 
-    args = ["train", "--config", str(tiny_config), "--data", str(small_data), "--output", str(tmp_path / "run"),
-            "--quiet", "--json"]
+    args = [
+        "train",
+        "--config",
+        str(tiny_config),
+        "--data",
+        str(small_data),
+        "--output",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--json",
+    ]
     assert run([*args, "--max-steps", "2"]) == 0
     capsys.readouterr()
     assert run([*args, "--max-steps", "3"]) == 2
@@ -304,8 +356,21 @@ def test_missing_lpips_weights_is_a_clear_error(tiny_config, small_data, tmp_pat
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    rc = run(["train", "--config", str(tiny_config), "--data", str(small_data), "--output", str(tmp_path / "run"),
-              "--perceptual-weight", "0.5", "--max-steps", "1"])
+    rc = run(
+        [
+            "train",
+            "--config",
+            str(tiny_config),
+            "--data",
+            str(small_data),
+            "--output",
+            str(tmp_path / "run"),
+            "--perceptual-weight",
+            "0.5",
+            "--max-steps",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "vgg16-397923af.pth" in err and str(tmp_path / "hub") in err and "perceptual weight to 0" in err
@@ -315,8 +380,24 @@ def test_missing_lpips_weights_is_a_clear_error(tiny_config, small_data, tmp_pat
 
 
 def _train_cmd(config: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "zturbo", "train", "--config", str(config), "--data", str(data),
-            "--output", str(output), "--max-steps", "14", "--checkpoint-every", "3", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "zturbo",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--max-steps",
+        "14",
+        "--checkpoint-every",
+        "3",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_resume_after_sigkill_is_bit_identical(tiny_config, small_data, tmp_path):
@@ -337,8 +418,14 @@ def test_resume_after_sigkill_is_bit_identical(tiny_config, small_data, tmp_path
 
     # The uninterrupted reference runs meanwhile in another process; then the killed run resumes.
     ref = subprocess.Popen(_train_cmd(tiny_config, small_data, straight), env=env, stderr=subprocess.PIPE)
-    resumed = subprocess.run(_train_cmd(tiny_config, small_data, killed, "--resume", "auto"), env=env,
-                             capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(
+        _train_cmd(tiny_config, small_data, killed, "--resume", "auto"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert ref.wait(timeout=180) == 0, ref.stderr.read().decode()
 
@@ -363,10 +450,33 @@ def test_two_process_gloo_ddp_writes_a_loadable_checkpoint(tiny_config, small_da
     from zturbo.model import load_vae
 
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "zturbo", "train", "--config", str(tiny_config), "--data", str(small_data), "--output", str(run_dir),
-           "--max-steps", "2", "--checkpoint-every", "2", "--disc-weight", "0.5", "--disc-start", "1", "--json"]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "zturbo",
+        "train",
+        "--config",
+        str(tiny_config),
+        "--data",
+        str(small_data),
+        "--output",
+        str(run_dir),
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--disc-weight",
+        "0.5",
+        "--disc-start",
+        "1",
+        "--json",
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)  # rank 0 alone prints
     assert out["world_size"] == 2 and out["steps"] == 2
@@ -405,15 +515,51 @@ def test_interactive_menu_picks_a_profile(monkeypatch, capsys, tmp_path):
 def test_seed_flag_spellings(capsys, tmp_path):
     from zturbo.cli import run
 
-    rc = run(["train", "--profile", "fast", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o"),
-              "--batch_size", "8", "--image_size", "512", "--z_channels", "16", "--learning_rate", "1e-4",
-              "--perceptual_weight", "0.5", "--reconstruction_weight", "2", "--mixed_precision", "--num_workers", "2",
-              "--warmup_epochs", "1", "--epochs", "7", "--dry-run", "--json"])
+    rc = run(
+        [
+            "train",
+            "--profile",
+            "fast",
+            "--data_path",
+            str(tmp_path),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--batch_size",
+            "8",
+            "--image_size",
+            "512",
+            "--z_channels",
+            "16",
+            "--learning_rate",
+            "1e-4",
+            "--perceptual_weight",
+            "0.5",
+            "--reconstruction_weight",
+            "2",
+            "--mixed_precision",
+            "--num_workers",
+            "2",
+            "--warmup_epochs",
+            "1",
+            "--epochs",
+            "7",
+            "--dry-run",
+            "--json",
+        ]
+    )
     assert rc == 0
     s = json.loads(capsys.readouterr().out)["settings"]
-    assert s["train"]["batch_size"] == 8 and s["data"]["image_size"] == 512 and s["model"]["latent_channels"] == 16
+    assert (
+        s["train"]["batch_size"] == 8
+        and s["data"]["image_size"] == 512
+        and s["model"]["latent_channels"] == 16
+    )
     assert s["train"]["learning_rate"] == 1e-4 and s["loss"]["perceptual_weight"] == 0.5
-    assert s["loss"]["reconstruction_weight"] == 2 and s["data"]["num_workers"] == 2 and s["train"]["epochs"] == 7
+    assert (
+        s["loss"]["reconstruction_weight"] == 2
+        and s["data"]["num_workers"] == 2
+        and s["train"]["epochs"] == 7
+    )
     assert s["data"]["data_dir"] == str(tmp_path) and s["train"]["output_dir"] == str(tmp_path / "o")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -68,57 +68,87 @@ def register(app: typer.Typer) -> None:
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         data: Annotated[
-            Optional[Path], typer.Option("--data", "--data_path", "--data-path", help="Image folder or `zturbo prepare` output.")
+            Path | None,
+            typer.Option(
+                "--data", "--data_path", "--data-path", help="Image folder or `zturbo prepare` output."
+            ),
         ] = None,
         output: Annotated[
-            Optional[Path], typer.Option("--output", "--output_dir", "--output-dir", "-o", help="Run folder.")
+            Path | None, typer.Option("--output", "--output_dir", "--output-dir", "-o", help="Run folder.")
         ] = None,
         resume: Annotated[
-            Optional[str], typer.Option("--resume", help="'auto' (newest checkpoint in the run folder) or a checkpoint path.")
+            str | None,
+            typer.Option(
+                "--resume", help="'auto' (newest checkpoint in the run folder) or a checkpoint path."
+            ),
         ] = None,
-        image_size: Annotated[Optional[int], typer.Option("--image-size", "--image_size", help="Training crop size.")] = None,
+        image_size: Annotated[
+            int | None, typer.Option("--image-size", "--image_size", help="Training crop size.")
+        ] = None,
         batch_size: Annotated[
-            Optional[int], typer.Option("--batch-size", "--batch_size", help="Effective batch (all processes, all micro-batches).")
+            int | None,
+            typer.Option(
+                "--batch-size", "--batch_size", help="Effective batch (all processes, all micro-batches)."
+            ),
         ] = None,
         micro_batch_size: Annotated[
-            Optional[int], typer.Option("--micro-batch-size", "--micro_batch_size", help="Default: the largest that fits.")
+            int | None,
+            typer.Option("--micro-batch-size", "--micro_batch_size", help="Default: the largest that fits."),
         ] = None,
         z_channels: Annotated[
-            Optional[int], typer.Option("--z-channels", "--z_channels", "--latent-channels", help="Latent channels.")
+            int | None,
+            typer.Option("--z-channels", "--z_channels", "--latent-channels", help="Latent channels."),
         ] = None,
         block_out_channels: Annotated[
-            Optional[str], typer.Option("--block-out-channels", "--block_out_channels", help="e.g. 96,192,384,384")
+            str | None,
+            typer.Option("--block-out-channels", "--block_out_channels", help="e.g. 96,192,384,384"),
         ] = None,
-        learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--learning_rate", "--lr")] = None,
-        perceptual_weight: Annotated[Optional[float], typer.Option("--perceptual-weight", "--perceptual_weight")] = None,
+        learning_rate: Annotated[
+            float | None, typer.Option("--learning-rate", "--learning_rate", "--lr")
+        ] = None,
+        perceptual_weight: Annotated[
+            float | None, typer.Option("--perceptual-weight", "--perceptual_weight")
+        ] = None,
         reconstruction_weight: Annotated[
-            Optional[float], typer.Option("--reconstruction-weight", "--reconstruction_weight")
+            float | None, typer.Option("--reconstruction-weight", "--reconstruction_weight")
         ] = None,
-        kl_weight: Annotated[Optional[float], typer.Option("--kl-weight", "--kl_weight")] = None,
-        disc_weight: Annotated[Optional[float], typer.Option("--disc-weight", "--disc_weight", help="0 disables the GAN.")] = None,
-        disc_start: Annotated[Optional[int], typer.Option("--disc-start", "--disc_start")] = None,
+        kl_weight: Annotated[float | None, typer.Option("--kl-weight", "--kl_weight")] = None,
+        disc_weight: Annotated[
+            float | None, typer.Option("--disc-weight", "--disc_weight", help="0 disables the GAN.")
+        ] = None,
+        disc_start: Annotated[int | None, typer.Option("--disc-start", "--disc_start")] = None,
         mixed_precision: Annotated[
-            Optional[bool],
-            typer.Option("--mixed-precision/--no-mixed-precision", "--mixed_precision/--no_mixed_precision",
-                         help="Best autocast the device supports (bf16, else fp16; fp32 on CPU)."),
+            bool | None,
+            typer.Option(
+                "--mixed-precision/--no-mixed-precision",
+                "--mixed_precision/--no_mixed_precision",
+                help="Best autocast the device supports (bf16, else fp16; fp32 on CPU).",
+            ),
         ] = None,
-        precision: Annotated[Optional[str], typer.Option("--precision", help="bf16 | fp16 | fp32 (overrides --mixed-precision).")] = None,
-        num_workers: Annotated[Optional[int], typer.Option("--num-workers", "--num_workers")] = None,
-        warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", "--warmup_epochs")] = None,
-        warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", "--warmup_steps")] = None,
-        epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
-        max_steps: Annotated[Optional[int], typer.Option("--max-steps", "--max_steps")] = None,
-        compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+        precision: Annotated[
+            str | None, typer.Option("--precision", help="bf16 | fp16 | fp32 (overrides --mixed-precision).")
+        ] = None,
+        num_workers: Annotated[int | None, typer.Option("--num-workers", "--num_workers")] = None,
+        warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", "--warmup_epochs")] = None,
+        warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", "--warmup_steps")] = None,
+        epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+        max_steps: Annotated[int | None, typer.Option("--max-steps", "--max_steps")] = None,
+        compile: Annotated[
+            bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+        ] = None,
         gradient_checkpointing: Annotated[
-            Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", "--gradient_checkpointing")
+            bool | None,
+            typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", "--gradient_checkpointing"),
         ] = None,
-        device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = None,
-        seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-        checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", "--save_steps")] = None,
-        keep_last: Annotated[Optional[int], typer.Option("--keep-last")] = None,
-        sample_every: Annotated[Optional[int], typer.Option("--sample-every")] = None,
-        log_every: Annotated[Optional[int], typer.Option("--log-every")] = None,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and print the plan; do not train.")] = False,
+        device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = None,
+        seed: Annotated[int | None, typer.Option("--seed")] = None,
+        checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", "--save_steps")] = None,
+        keep_last: Annotated[int | None, typer.Option("--keep-last")] = None,
+        sample_every: Annotated[int | None, typer.Option("--sample-every")] = None,
+        log_every: Annotated[int | None, typer.Option("--log-every")] = None,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Resolve and print the plan; do not train.")
+        ] = False,
         json_out: JsonOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -134,16 +164,31 @@ def register(app: typer.Typer) -> None:
             },
             "data": {"data_dir": data, "image_size": image_size, "num_workers": num_workers},
             "train": {
-                "output_dir": output, "batch_size": batch_size, "micro_batch_size": micro_batch_size,
-                "learning_rate": learning_rate, "mixed_precision": mixed_precision, "precision": precision,
-                "warmup_epochs": warmup_epochs, "warmup_steps": warmup_steps, "epochs": epochs,
-                "max_steps": max_steps, "compile": compile, "gradient_checkpointing": gradient_checkpointing,
-                "device": device, "seed": seed, "checkpoint_every": checkpoint_every, "keep_last": keep_last,
-                "sample_every": sample_every, "log_every": log_every,
+                "output_dir": output,
+                "batch_size": batch_size,
+                "micro_batch_size": micro_batch_size,
+                "learning_rate": learning_rate,
+                "mixed_precision": mixed_precision,
+                "precision": precision,
+                "warmup_epochs": warmup_epochs,
+                "warmup_steps": warmup_steps,
+                "epochs": epochs,
+                "max_steps": max_steps,
+                "compile": compile,
+                "gradient_checkpointing": gradient_checkpointing,
+                "device": device,
+                "seed": seed,
+                "checkpoint_every": checkpoint_every,
+                "keep_last": keep_last,
+                "sample_every": sample_every,
+                "log_every": log_every,
             },
             "loss": {
-                "perceptual_weight": perceptual_weight, "reconstruction_weight": reconstruction_weight,
-                "kl_weight": kl_weight, "disc_weight": disc_weight, "disc_start": disc_start,
+                "perceptual_weight": perceptual_weight,
+                "reconstruction_weight": reconstruction_weight,
+                "kl_weight": kl_weight,
+                "disc_weight": disc_weight,
+                "disc_start": disc_start,
             },
         }
         if image_size is not None:  # the model's nominal size follows the training size unless set elsewhere
@@ -203,7 +248,10 @@ def _summary(result) -> None:
         ("loss", f"{first} -> {last}"),
         ("terms", "  ".join(f"{k} {v:.4g}" for k, v in result.last_terms.items())),
         ("wall time", f"{result.wall_s:.1f} s ({result.images_per_s:.1f} images/s)"),
-        ("device", f"{result.device} [{result.precision}] x{result.world_size}, micro-batch {result.micro_batch}"),
+        (
+            "device",
+            f"{result.device} [{result.precision}] x{result.world_size}, micro-batch {result.micro_batch}",
+        ),
         ("skipped steps", str(result.skipped_steps)),
         ("final model", str(result.final_dir)),
     ]

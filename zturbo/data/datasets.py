@@ -9,9 +9,9 @@ any worker count and a resumed run sees exactly what an uninterrupted one did.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from PIL import Image
@@ -49,7 +49,9 @@ def split_data(data_dir: str | Path, val_images: int) -> DataSplit:
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise InputError(f"data folder not found: {root}", "give a folder of images or the output of `zturbo prepare`")
+        raise InputError(
+            f"data folder not found: {root}", "give a folder of images or the output of `zturbo prepare`"
+        )
     if (root / "train").is_dir():
         train = list_images(root / "train")
         val = list_images(root / "val")[:val_images] if (root / "val").is_dir() else []
@@ -64,9 +66,7 @@ def split_data(data_dir: str | Path, val_images: int) -> DataSplit:
         train = [p for p in images if p not in held] if len(images) - len(held) >= len(held) else images
         layout = "folder"
     if not train:
-        raise InputError(
-            f"no images found in {root}", f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}"
-        )
+        raise InputError(f"no images found in {root}", f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
     return DataSplit(train=train, val=val, layout=layout)
 
 
@@ -150,8 +150,12 @@ class ResumableSampler(DistributedSampler):
     pass only (what a resumed run already consumed of the current epoch).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True
+    ):
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
         self._skip = 0
 
     def skip(self, samples: int) -> None:

@@ -16,7 +16,10 @@ class NLayerDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, channels, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)

@@ -5,4 +5,12 @@ from zturbo.train.distributed import DistContext
 from zturbo.train.engine import NonFiniteLossError, TrainEngine
 from zturbo.train.loop import Trainer, TrainResult, train
 
-__all__ = ["DistContext", "NonFiniteLossError", "TrainEngine", "TrainResult", "Trainer", "benchmark_step", "train"]
+__all__ = [
+    "DistContext",
+    "NonFiniteLossError",
+    "TrainEngine",
+    "TrainResult",
+    "Trainer",
+    "benchmark_step",
+    "train",
+]

@@ -48,7 +48,9 @@ def benchmark_step(
     )
     if disc_active is not None and engine.disc is not None:
         start = 0 if disc_active else 10**9
-        engine.settings = settings.model_copy(update={"loss": settings.loss.model_copy(update={"disc_start": start})})
+        engine.settings = settings.model_copy(
+            update={"loss": settings.loss.model_copy(update={"disc_start": start})}
+        )
     if device.type == "cuda":
         engine.fit_micro_batch(size)
         torch.cuda.reset_peak_memory_stats(device)

@@ -79,7 +79,10 @@ def save_checkpoint(
         ema_vae.save_pretrained(tmp / "ema")
         if discriminator is not None:
             with atomic_path(tmp / DISC_NAME) as path:
-                save_file({k: v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()}, str(path))
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in discriminator.state_dict().items()},
+                    str(path),
+                )
         with atomic_path(tmp / STATE_NAME) as path:
             torch.save({**engine_state, "rng": rng_state(), "position": position}, path)
         atomic_write_json(tmp / STATE_JSON, position)
@@ -113,7 +116,9 @@ def step_folders(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     if not checkpoints_dir.is_dir():
         return []
     return sorted(
-        (int(m.group(1)), p) for p in checkpoints_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
+        (int(m.group(1)), p)
+        for p in checkpoints_dir.iterdir()
+        if p.is_dir() and (m := STEP_DIR.match(p.name))
     )
 
 
@@ -157,7 +162,7 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path} is incomplete: {needed} is missing")
     try:
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+    except Exception as exc:
         raise CheckpointError(f"cannot read {path / STATE_NAME}: {str(exc).splitlines()[0]}") from exc
     out = {
         "model": read_weights(path / "model", device),

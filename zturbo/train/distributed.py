@@ -7,8 +7,8 @@ The command reads RANK / LOCAL_RANK / WORLD_SIZE from the environment and hands 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "DistContext":
+    def from_env(cls, environ: Mapping[str, str]) -> DistContext:
         """What torchrun sets; a plain process (no RANK / WORLD_SIZE) is rank 0 of 1."""
         if "RANK" not in environ or "WORLD_SIZE" not in environ:
             return cls()

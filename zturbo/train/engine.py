@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -53,7 +53,9 @@ class TrainForward(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(x)
         posterior = getattr(posterior, "latent_dist", posterior)
         mean, logvar = posterior.mean, torch.clamp(posterior.logvar, -30.0, 20.0)
@@ -106,9 +108,8 @@ class TrainEngine:
 
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
         self.vae = (model if model is not None else VAE(settings.model)).to(device)
-        if tcfg.gradient_checkpointing:
-            if hasattr(self.vae, "enable_gradient_checkpointing"):
-                self.vae.enable_gradient_checkpointing()
+        if tcfg.gradient_checkpointing and hasattr(self.vae, "enable_gradient_checkpointing"):
+            self.vae.enable_gradient_checkpointing()
         if self.channels_last:
             self.vae = self.vae.to(memory_format=torch.channels_last)
         self.vae.train()
@@ -131,7 +132,11 @@ class TrainEngine:
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            self.vae.parameters(), lr=tcfg.learning_rate, betas=betas, weight_decay=tcfg.weight_decay, fused=fused
+            self.vae.parameters(),
+            lr=tcfg.learning_rate,
+            betas=betas,
+            weight_decay=tcfg.weight_decay,
+            fused=fused,
         )
         self.scheduler = make_scheduler(self.optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio)
         scaler_on = self.precision == "fp16"
@@ -141,9 +146,14 @@ class TrainEngine:
         if self.disc is not None:
             # Betas (0.5, 0.9) as in the reference discriminator training.
             self.disc_optimizer = torch.optim.AdamW(
-                self.disc.parameters(), lr=lcfg.disc_learning_rate or tcfg.learning_rate, betas=(0.5, 0.9), fused=fused
+                self.disc.parameters(),
+                lr=lcfg.disc_learning_rate or tcfg.learning_rate,
+                betas=(0.5, 0.9),
+                fused=fused,
             )
-            self.disc_scheduler = make_scheduler(self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio)
+            self.disc_scheduler = make_scheduler(
+                self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio
+            )
 
         forward: nn.Module = TrainForward(self.vae)
         self.disc_train: nn.Module | None = self.disc
@@ -185,7 +195,9 @@ class TrainEngine:
                     self.disc_optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 old, self.micro_batch = self.micro_batch, max(1, self.micro_batch // 2)
-                self.log(f"out of GPU memory at micro-batch {old}: retrying the step with micro-batch {self.micro_batch}")
+                self.log(
+                    f"out of GPU memory at micro-batch {old}: retrying the step with micro-batch {self.micro_batch}"
+                )
 
     def _step(self, batch: torch.Tensor, step: int) -> StepResult:
         tcfg = self.settings.train
@@ -208,7 +220,10 @@ class TrainEngine:
                     if use_disc:
                         self.disc.requires_grad_(False)
                     total, terms = self.loss(
-                        x, recon, mean, logvar,
+                        x,
+                        recon,
+                        mean,
+                        logvar,
                         discriminator=self.disc if use_disc else None,
                         last_layer=last_layer if use_disc else None,
                     )
@@ -216,7 +231,9 @@ class TrainEngine:
             terms["loss"] = total.detach()
             if use_disc:
                 self.disc.requires_grad_(True)
-                dsync = contextlib.nullcontext() if last or not self.dist.enabled else self.disc_train.no_sync()
+                dsync = (
+                    contextlib.nullcontext() if last or not self.dist.enabled else self.disc_train.no_sync()
+                )
                 with dsync:
                     with self._autocast():
                         d_loss = discriminator_loss(self.disc_train, x, recon)
@@ -299,7 +316,9 @@ class TrainEngine:
         param_bytes = sum(p.numel() * 4 for p in self.vae.parameters())
         budget = free * headroom - 3 * param_bytes  # gradients + AdamW's two moments still to come
         fits = max(1, int(budget // max(per_image, 1)))
-        self.micro_batch = max(d for d in range(1, self.per_rank_batch + 1) if self.per_rank_batch % d == 0 and d <= fits)
+        self.micro_batch = max(
+            d for d in range(1, self.per_rank_batch + 1) if self.per_rank_batch % d == 0 and d <= fits
+        )
         self.log(
             f"micro-batch {self.micro_batch} x {self.per_rank_batch // self.micro_batch} accumulation "
             f"(measured {per_image / 2**30:.2f} GiB per image, {free / 2**30:.1f} GiB free)"

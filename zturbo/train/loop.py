@@ -12,12 +12,14 @@ runs the same loop, rank 0 alone logs, samples and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -92,7 +94,9 @@ class Trainer:
         distributed.setup(self.dist, device)
 
         if dcfg.data_dir is None:
-            raise UsageError("no training data given", "pass --data DIR (a folder of images or `zturbo prepare` output)")
+            raise UsageError(
+                "no training data given", "pass --data DIR (a folder of images or `zturbo prepare` output)"
+            )
         if tcfg.batch_size % self.dist.world_size:
             raise UsageError(
                 f"batch size {tcfg.batch_size} is not divisible by the {self.dist.world_size} processes",
@@ -113,7 +117,11 @@ class Trainer:
             dataset, self.sampler, self.per_rank_batch, dcfg.num_workers, pin_memory=device.type == "cuda"
         )
         self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
-        warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else round(tcfg.warmup_epochs * self.steps_per_epoch)
+        warmup = (
+            tcfg.warmup_steps
+            if tcfg.warmup_steps is not None
+            else round(tcfg.warmup_epochs * self.steps_per_epoch)
+        )
         self.warmup_steps = min(warmup, self.total_steps)
         self.val_batch = load_batch(split.val, dcfg.image_size) if split.val and self.dist.is_main else None
 
@@ -173,9 +181,15 @@ class Trainer:
         self.engine.load_state(state)
         ckpt.set_rng_state(state["rng"])
         pos = state["position"]
-        self.step, self.epoch, self.batch_in_epoch = int(pos["step"]), int(pos["epoch"]), int(pos["batch_in_epoch"])
+        self.step, self.epoch, self.batch_in_epoch = (
+            int(pos["step"]),
+            int(pos["epoch"]),
+            int(pos["batch_in_epoch"]),
+        )
         self.resumed_from = path
-        self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+        self._log(
+            f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+        )
         if self.dist.is_main:
             self._truncate_metrics(self.step)
 
@@ -212,7 +226,10 @@ class Trainer:
         return self._writer or None
 
     def _record(self, result: StepResult, images_per_s: float) -> dict[str, Any]:
-        row: dict[str, Any] = {"step": self.step, "epoch": round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)}
+        row: dict[str, Any] = {
+            "step": self.step,
+            "epoch": round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4),
+        }
         row.update({k: round(v, 6) for k, v in result.terms.items()})
         row.update(lr=result.lr, grad_norm=round(result.grad_norm, 4), images_per_s=round(images_per_s, 2))
         if result.skipped:
@@ -383,10 +400,8 @@ def _status(row: dict[str, Any], device: torch.device) -> str:
     parts.append(f"{row['images_per_s']:.1f} img/s")
     if "memory_gib" in row:
         parts.append(f"{row['memory_gib']:.1f} GiB")
-        try:
+        with contextlib.suppress(Exception):  # needs NVML; utilisation is optional information
             parts.append(f"util {torch.cuda.utilization(device)}%")
-        except Exception:  # noqa: BLE001 - needs NVML; utilisation is optional information
-            pass
     if row.get("skipped"):
         parts.append("[skipped: non-finite]")
     return "  ".join(parts)
