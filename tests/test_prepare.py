@@ -19,7 +19,7 @@ from PIL import Image
 
 from zturbo.cli import run
 from zturbo.config import PrepareConfig
-from zturbo.data.prepare import _run_tasks, prepare_dataset
+from zturbo.data.prepare import _run_tasks, prepare_dataset, prepared_images
 from zturbo.data.prepare_image import TMP_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -425,6 +425,10 @@ def test_split_is_stable_when_images_are_added_and_reruns_skip_done_work(tmp_pat
 
     rc, third = prepare_json(capsys, src, out, "--size", "32", "--val-fraction", "0.3", "--workers", "1")
     assert third["written"] == 0 and third["up_to_date"] == 36
+
+    val = prepared_images(out, "val")
+    assert len(val) == third["val"] and all(p.is_file() and p.parent.name == "val" for p in val)
+    assert len(prepared_images(out)) == third["train"]
 
 
 def test_changes_in_input_and_settings_converge_to_a_clean_run(tmp_path, capsys):

@@ -5,6 +5,7 @@ Usable from Python without the CLI::
     from zturbo.config import PrepareConfig
     from zturbo.data.prepare import prepare_dataset
     report = prepare_dataset("raw/", "data/", PrepareConfig(size=512))
+    train_files = prepared_images("data/", "train")
 
 Layout of OUTPUT::
 
@@ -116,6 +117,12 @@ def resolve_workers(workers: int | None) -> int:
 def render_options(config: PrepareConfig) -> RenderOptions:
     if config.size is None:
         raise UsageError("prepare.size is not set", "pass --size, or set data.image_size in the profile")
+    from PIL import features
+
+    if config.format == "webp" and not features.check("webp"):
+        raise UsageError(
+            "this Pillow build cannot write WebP", "use --format png or jpeg, or a Pillow with libwebp"
+        )
     return RenderOptions(
         size=config.size,
         resize=config.resize,
@@ -255,6 +262,18 @@ def prepare_demo(
 
         atomic_write_bytes(Path(output_dir) / "SOURCES.md", sources.read_bytes())
     return report
+
+
+def prepared_images(output_dir: str | os.PathLike, split: str = "train") -> list[Path]:
+    """The prepared images of one split, in manifest order (sorted by source path)."""
+    if split not in SPLITS:
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got '{split}'")
+    root = Path(output_dir)
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise InputError(f"{root} has no {MANIFEST_NAME}", f"run: zturbo prepare INPUT {root}")
+    lines = (json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip())
+    return [root / rec["output"] for rec in lines if rec["split"] == split]
 
 
 # ---------------------------------------------------------------------------------------------------------
