@@ -102,6 +102,7 @@ def test_roundtrip_of_sample_photos(trained_model, tmp_path, capsys):
     assert _encode(trained_model, demo_images()[0].parent, lat, "--size", "16", "--resize", "square", "-b", "4") == 0
     index = load_index(lat / "index.json")
     assert index["count"] == len(demo_images()) and index["failed"] == 0
+    capsys.readouterr()
     assert run(["serve-batch", "decode", str(trained_model), "-i", str(lat), "-o", str(dec), "--quiet", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["processed"] == len(demo_images())
@@ -302,3 +303,17 @@ def test_gpu_encode_matches_cpu(tiny_model, photos, tmp_path):
     assert gpu.batch_size >= 8 and gpu.processed == cpu.processed == 40
     lg, lc = _latents(tmp_path / "gpu"), _latents(tmp_path / "cpu")
     assert all(torch.allclose(lg[k], lc[k], atol=1e-3) for k in lc)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zturbo",
+           "serve-batch", "encode", str(tiny_model), "-i", str(photos), "-o", str(out), "--size", "32",
+           "--workers", "0", "--quiet"]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    shards = {p.name.split("-")[1] for p in (out / "shards").glob("*.safetensors")}
+    assert shards == {"r0of2", "r1of2"}  # both ranks wrote their own part
+    index = load_index(out / "index.json")
+    assert index["count"] == 40 and len({e["source"] for e in index["entries"]}) == 40

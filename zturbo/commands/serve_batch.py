@@ -6,22 +6,22 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, settings_from
 
-SizeOpt = Annotated[Optional[int], typer.Option("--size", help="Target side in pixels (default: the model's).")]
+SizeOpt = Annotated[int | None, typer.Option("--size", help="Target side in pixels (default: the model's).")]
 BatchOpt = Annotated[
-    Optional[str], typer.Option("--batch-size", "-b", help="'auto' (largest that fits) or a number.")
+    str | None, typer.Option("--batch-size", "-b", help="'auto' (largest that fits) or a number.")
 ]
-BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="torch, compile, onnx or trt.")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 or fp16.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Reader processes (0: read in the main one).")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch, compile, onnx or trt.")]
+PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read in the main one).")]
 ShardOpt = Annotated[
-    Optional[str], typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
+    str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]
 
 
@@ -138,13 +138,13 @@ def register(app: typer.Typer) -> None:
         precision: PrecisionOpt = None,
         device: DeviceOpt = None,
         mean: Annotated[
-            Optional[bool], typer.Option("--mean/--sample", help="Store the posterior mean, or a sample of it.")
+            bool | None, typer.Option("--mean/--sample", help="Store the posterior mean, or a sample of it.")
         ] = None,
         resize: Annotated[
-            Optional[str], typer.Option("--resize", help="aspect (size buckets) or square (center-crop).")
+            str | None, typer.Option("--resize", help="aspect (size buckets) or square (center-crop).")
         ] = None,
         shard: ShardOpt = None,
-        shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Latents per shard file.")] = None,
+        shard_size: Annotated[int | None, typer.Option("--shard-size", help="Latents per shard file.")] = None,
         workers: WorkersOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
@@ -178,8 +178,8 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option("--input", "-i", help="Encode output, shards, or .safetensors / .npy files.")
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images.")],
-        image_format: Annotated[Optional[str], typer.Option("--format", help="png, jpeg or webp.")] = None,
-        quality: Annotated[Optional[int], typer.Option("--quality", help="jpeg / webp quality.")] = None,
+        image_format: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp.")] = None,
+        quality: Annotated[int | None, typer.Option("--quality", help="jpeg / webp quality.")] = None,
         batch_size: BatchOpt = None,
         backend: BackendOpt = None,
         precision: PrecisionOpt = None,
@@ -213,7 +213,7 @@ def register(app: typer.Typer) -> None:
     def merge(
         outputs: Annotated[list[Path], typer.Argument(help="Encode output folders (e.g. one per --shard).")],
         index_dir: Annotated[
-            Optional[Path], typer.Option("--index-dir", help="Where to write index.json (default: the first).")
+            Path | None, typer.Option("--index-dir", help="Where to write index.json (default: the first).")
         ] = None,
         json_out: JsonOpt = False,
     ) -> None:

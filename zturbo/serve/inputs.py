@@ -222,9 +222,9 @@ def resize_to_bucket(im, bucket: tuple[int, int]):
     w, h = im.size
     scale = max(bw / w, bh / h)
     # The crop box in source pixels, so only the kept region is resampled.
-    cw, ch = bw / scale, bh / scale
-    left, top = (w - cw) / 2, (h - ch) / 2
-    box = (left, top, left + cw, top + ch)
+    cw, ch = min(w, bw / scale), min(h, bh / scale)
+    left, top = max(0.0, (w - cw) / 2), max(0.0, (h - ch) / 2)
+    box = (left, top, min(w, left + cw), min(h, top + ch))
     if im.size == (bw, bh):
         return im, box
     return im.resize((bw, bh), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0), box

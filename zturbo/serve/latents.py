@@ -94,7 +94,7 @@ def _from_safetensors(path: Path, prefix: str) -> list[LatentItem]:
         return items
     except InputError:
         raise
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on bad headers
+    except Exception as exc:
         raise InputError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
 
 

@@ -26,10 +26,11 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from zturbo.serve.inputs import (
     Probed,
     bucket_sizes,
     discover_sources,
+    probe,
     probe_all,
     resize_to_bucket,
 )
@@ -125,7 +127,7 @@ def auto_batch_size(run: Callable[[int], None], device: torch.device, limit: int
         try:
             run(batch)
             torch.cuda.synchronize(device)
-        except Exception as exc:  # noqa: BLE001 - OOM from torch or another runtime
+        except Exception as exc:
             if not _is_oom(exc):
                 raise
             break
@@ -164,12 +166,17 @@ class _ImageSet(torch.utils.data.Dataset):
         t0 = time.perf_counter()
         item = self.items[i]
         try:
+            if not item.width:  # not probed up front (one bucket): read the header here, in parallel
+                item = probe(item.source, [item.bucket], self.max_pixels)
+                if isinstance(item, Failure):
+                    return i, None, item, _seconds(t0), None
             im = open_image(item.source.path, self.max_pixels, draft_size=max(item.bucket))
+            original = (item.width, item.height)  # the JPEG draft may have shrunk ``im`` already
             im, _ = resize_to_bucket(im, item.bucket)
             arr = torch.from_numpy(np.array(im, dtype=np.uint8))
-            return i, arr, None, _seconds(t0)
+            return i, arr, None, _seconds(t0), original
         except ImageReadError as exc:
-            return i, None, Failure(item.source.key, exc.reason, exc.message), _seconds(t0)
+            return i, None, Failure(item.source.key, exc.reason, exc.message), _seconds(t0), None
 
 
 class _LatentSet(torch.utils.data.Dataset):
@@ -182,13 +189,14 @@ class _LatentSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         t0 = time.perf_counter()
-        return i, self.reader.load(self.items[i]), None, _seconds(t0)
+        return i, self.reader.load(self.items[i]), None, _seconds(t0), None
 
 
 def _collate(samples):
     ok = [s for s in samples if s[1] is not None]
     return {
         "indices": [s[0] for s in ok],
+        "sizes": [s[4] for s in ok],
         "data": torch.stack([s[1] for s in ok]) if ok else None,
         "failures": [s[2] for s in samples if s[2] is not None],
         "read_seconds": sum(s[3] for s in samples),
@@ -372,21 +380,21 @@ class _ShardWriter(_Writer):
         # after the queue hands over the next job, so ordering is preserved by put().
         self.put((None, None, 0.0, failures))
 
-    def handle(self, host, probed: list[Probed] | list[Failure] | None = None) -> None:
+    def handle(self, host, items: list[tuple[Probed, tuple[int, int]]] | list[Failure]) -> None:
         if host is None:
-            for f in probed:
+            for f in items:
                 self.failures[f.key] = f.to_json()
             self.failures_dirty = True
             return
-        for i, item in enumerate(probed):
+        for i, (item, (width, height)) in enumerate(items):
             name = f"{len(self.entries):06d}"
             self.tensors[name] = host[i].clone()
             self.entries.append({
                 "tensor": name,
                 "source": item.source.key,
                 "shape": list(host.shape[1:]),
-                "width": item.width,
-                "height": item.height,
+                "width": width,
+                "height": height,
                 "bucket": list(item.bucket),
             })
             if len(self.entries) >= self.shard_size:
@@ -474,7 +482,7 @@ def _drive(loader, step: _DeviceStep, writer: _Writer, report: RunReport, job_ar
                     writer.add_failures(failures)
             n = 0
             if batch["data"] is not None:
-                args = job_args(batch["indices"])
+                args = job_args(batch)
                 host, done, timer = step.run(batch["data"], args[1])
                 writer.put((host, done, timer, args[0]))
                 n = len(batch["indices"])
@@ -548,7 +556,10 @@ def encode_collection(
     report = RunReport("encode", str(out_dir), total=len(mine), already_done=len(mine) - len(todo),
                        workers=workers, backend=backend.describe(), partition=partition.name)
 
-    probed = probe_all(todo, buckets, cfg.max_pixels, workers)
+    if len(buckets) == 1:  # one size for all: no need to read headers first; workers report failures
+        probed = [Probed(s, 0, 0, buckets[0]) for s in todo]
+    else:
+        probed = probe_all(todo, buckets, cfg.max_pixels, workers)
     items = [p for p in probed if isinstance(p, Probed)]
     header_failures = [p for p in probed if isinstance(p, Failure)]
     previous = {f["source"]: f for f in _read_part_failures(out_dir, partition.name)}
@@ -569,8 +580,11 @@ def encode_collection(
         batches = _batches([p.bucket for p in items], report.batch_size)
         loader = _loader(_ImageSet(items, cfg.max_pixels), batches, workers, backend.device)
         advance = progress(len(mine), report.already_done + len(header_failures)) if progress else None
-        _drive(loader, step, writer, report,
-               lambda idx: ([items[i] for i in idx], [items[i].source.key for i in idx]), advance)
+        def job(batch):
+            idx = batch["indices"]
+            return list(zip([items[i] for i in idx], batch["sizes"])), [items[i].source.key for i in idx]
+
+        _drive(loader, step, writer, report, job, advance)
     else:
         writer.start()
         writer.finish()
@@ -651,7 +665,7 @@ def decode_collection(
         batches = _batches([it.shape[1:] for it in todo], report.batch_size)
         loader = _loader(_LatentSet(todo), batches, workers, backend.device)
         advance = progress(len(items), report.already_done) if progress else None
-        _drive(loader, step, writer, report, lambda idx: ([todo[i].name for i in idx], None), advance)
+        _drive(loader, step, writer, report, lambda batch: ([todo[i].name for i in batch["indices"]], None), advance)
     else:
         writer.start()
         writer.finish()

@@ -1,0 +1,191 @@
+"""serve-batch throughput: end-to-end pipeline vs the backend's compute alone vs a naive loop.
+
+    python benchmarks/bench_serve.py                 # CPU: tiny model, 96 small images, ~1-3 minutes
+    python benchmarks/bench_serve.py --gpu           # GPU: fast-profile model at 512 px, 512 images, ~1 minute
+    python benchmarks/bench_serve.py --json out.json
+
+All three run in one process on the same images, model and batch size, interleaved,
+and the median of the repeats is reported:
+
+* compute only: the backend's ``encode`` on batches already decoded, resized and on
+  the device (the ceiling for any pipeline);
+* end to end: ``encode_collection`` from image files to shards on disk (reading in
+  worker processes, compute, writing on a background thread), into a fresh folder;
+* naive: load, encode and save one image at a time (``zturbo.serve.naive``).
+
+Targets: end to end >= 90% of compute only, and >= 1.5x the naive loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zturbo.backends import create_backend
+from zturbo.config import ServeConfig
+from zturbo.data.images import open_image
+from zturbo.model import VAE
+from zturbo.model.flops import vae_flops
+from zturbo.serve import encode_collection
+from zturbo.serve.inputs import resize_to_bucket
+from zturbo.serve.naive import naive_encode
+
+CPU = dict(
+    model=dict(block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, mid_block_add_attention=False),
+    size=64, images=96, source=(80, 120), batch=16, repeats=3, naive_images=48,
+)
+GPU = dict(
+    model=dict(block_out_channels=[96, 192, 384, 384], layers_per_block=2, latent_channels=8),
+    size=512, images=512, source=(560, 720), batch=32, repeats=3, naive_images=48,
+)
+
+
+def _make_image(job) -> Path:
+    folder, i, sides = job
+    rng = np.random.default_rng(i)
+    w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h) + i % 128], -1)
+    arr = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    path = folder / f"img{i:05d}.{'jpg' if i % 2 else 'png'}"
+    Image.fromarray(arr).save(path, quality=92) if path.suffix == ".jpg" else Image.fromarray(arr).save(path)
+    return path
+
+
+def make_images(folder: Path, count: int, sides: tuple[int, int]) -> list[Path]:
+    """Photo-like test images (smooth gradients plus noise), half JPEG, half PNG, sides in ``sides``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return _parallel_map(_make_image, [(folder, i, sides) for i in range(count)])
+
+
+def _crop(job) -> np.ndarray:
+    path, size = job
+    return np.array(resize_to_bucket(open_image(path), (size, size))[0])
+
+
+def _parallel_map(fn, jobs: list) -> list:
+    if len(jobs) < 200:
+        return [fn(j) for j in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool() as pool:
+        return pool.map(fn, jobs, chunksize=16)
+
+
+def compute_only(backend, batches: list[torch.Tensor]) -> float:
+    """Seconds for the backend to encode batches already on the device."""
+    backend.synchronize()
+    t0 = time.perf_counter()
+    for x in batches:
+        backend.encode(x)
+    backend.synchronize()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true", help="the GPU configuration (needs CUDA)")
+    ap.add_argument("--images", type=int)
+    ap.add_argument("--size", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    preset = dict(GPU if args.gpu else CPU)
+    for key in ("images", "size", "repeats"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    batch = args.batch_size or preset["batch"]
+    size = preset["size"]
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA GPU")
+    device = "cuda" if args.gpu else "cpu"
+
+    torch.manual_seed(0)
+    vae = VAE(**preset["model"], sample_size=size)
+    backend = create_backend("torch", vae, device=device, precision=args.precision)
+    flops = vae_flops(vae.config, size)["encode"]
+
+    with tempfile.TemporaryDirectory(prefix="zturbo-bench-serve-") as tmp:
+        tmp = Path(tmp)
+        paths = make_images(tmp / "images", preset["images"], preset["source"])
+        n = len(paths)
+        # The exact tensors the pipeline computes on: same crop, resize and normalisation.
+        crops = torch.from_numpy(np.stack(_parallel_map(_crop, [(p, size) for p in paths])))
+        dev_batches = [
+            crops[i : i + batch].to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
+            for i in range(0, n, batch)
+        ]
+        cfg = ServeConfig(size=size, batch_size=batch, resize="square", precision=args.precision,
+                          workers=args.workers, shard_size=1000)
+        naive_paths = paths[: preset["naive_images"]]
+
+        compute_only(backend, dev_batches[:2])  # warm-up: kernels, allocator, worker start paths
+        naive_encode(backend, naive_paths[:2], tmp / "warm-naive", size)
+        warm = tmp / "warm.txt"  # the pipeline's code paths and kernels, on two batches
+        warm.write_text("\n".join(str(p) for p in paths[: 2 * batch]) + "\n")
+        encode_collection(None, warm, tmp / "warm", cfg, backend=backend)
+
+        runs = {"compute": [], "end_to_end": [], "naive": []}
+        reports = []
+        for r in range(preset["repeats"]):
+            runs["compute"].append(n / compute_only(backend, dev_batches))
+            report = encode_collection(None, tmp / "images", tmp / f"e2e-{r}", cfg, backend=backend)
+            assert report.processed == n and report.failed == 0
+            runs["end_to_end"].append(n / report.wall_seconds)
+            reports.append(report)
+            t0 = time.perf_counter()
+            naive_encode(backend, naive_paths, tmp / f"naive-{r}", size)
+            runs["naive"].append(len(naive_paths) / (time.perf_counter() - t0))
+
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    last = reports[len(reports) // 2]
+    result = {
+        "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "model": preset["model"],
+        "size": size,
+        "images": n,
+        "batch_size": batch,
+        "precision": args.precision,
+        "workers": last.workers,
+        "encode_gflop_per_image": round(flops / 1e9, 3),
+        "images_per_second": {k: round(v, 2) for k, v in med.items()},
+        "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+        "end_to_end_vs_compute": round(med["end_to_end"] / med["compute"], 3),
+        "end_to_end_vs_naive": round(med["end_to_end"] / med["naive"], 3),
+        "pipeline_seconds": {
+            "wall": round(last.wall_seconds, 3), "read_workers_summed": round(last.read_seconds, 3),
+            "wait_for_input": round(last.wait_seconds, 3), "compute": round(last.compute_seconds, 3),
+            "write": round(last.write_seconds, 3),
+        },
+        "targets": {"end_to_end_vs_compute": 0.9, "end_to_end_vs_naive": 1.5},
+    }
+    print(f"serve-batch encode on {result['device']}: {n} images -> {size}x{size}, batch {batch}, "
+          f"{args.precision}, {result['encode_gflop_per_image']} GFLOP/image, {result['workers']} reader workers")
+    print(f"{'variant':<14}{'images/s':>10}  runs")
+    for k in ("compute", "end_to_end", "naive"):
+        print(f"{k:<14}{med[k]:>10.1f}  {runs[k]}")
+    print(f"end-to-end / compute-only = {result['end_to_end_vs_compute']:.3f}  (target >= 0.90)")
+    print(f"end-to-end / naive loop   = {result['end_to_end_vs_naive']:.2f}x  (target >= 1.5x)")
+    print("pipeline time split (median run): " + ", ".join(f"{k} {v}s" for k, v in result["pipeline_seconds"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
