@@ -506,3 +506,19 @@ def test_metric_flag_parsing():
 def test_empty_folder_error_from_python(tmp_path):
     with pytest.raises(InputError, match="no images"):
         evaluate(ShiftBackend(0), tmp_path, EvalConfig(metrics=["psnr"]))
+
+
+@pytest.mark.gpu
+def test_cuda_eval_matches_cpu(models, images):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = {"size": 32, "metrics": ["psnr", "ssim"], "sheet_images": 2}
+    cpu = evaluate(models["a"], images, EvalConfig(device="cpu", **cfg))
+    gpu = evaluate(models["a"], images, EvalConfig(device="cuda", **cfg), compare=models["b"])
+    assert gpu.models["model"]["device"].startswith("cuda")
+    for metric in ("psnr", "ssim"):
+        assert gpu.summary["model"][metric]["mean"] == pytest.approx(
+            cpu.summary["model"][metric]["mean"], rel=1e-3
+        )
+    bf16 = evaluate(models["a"], images, EvalConfig(device="cuda", precision="bf16", **cfg))
+    assert abs(bf16.summary["model"]["psnr"]["mean"] - cpu.summary["model"]["psnr"]["mean"]) < 1.0

@@ -72,15 +72,21 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included).")],
         size: Annotated[
             str | None,
-            typer.Option("--size", "-s", help="N: shorter side to N, center crop; 'native': as is."),
+            typer.Option(
+                "--size",
+                "-s",
+                help="N: shorter side to N, center crop (default 256); 'native': padded, cropped back.",
+            ),
         ] = None,
         metrics: Annotated[
             str | None,
             typer.Option(
-                help="Comma list: psnr, ssim (with MS-SSIM), lpips (or lpips-alex, lpips-vgg), rfid."
+                help="psnr, ssim (+MS-SSIM), lpips (or lpips-alex, lpips-vgg), rfid. Default psnr,ssim,lpips."
             ),
         ] = None,
-        backend: Annotated[str | None, typer.Option(help="torch, compile, onnx or trt.")] = None,
+        backend: Annotated[
+            str | None, typer.Option(help="torch (default), compile, onnx or trt; exports pick onnx.")
+        ] = None,
         compare: Annotated[
             Path | None, typer.Option("--compare", help="A second model evaluated on the same images.")
         ] = None,
@@ -89,7 +95,7 @@ def register(app: typer.Typer) -> None:
             typer.Option("--out", "-o", help="Folder for per_image.csv, summary.json, contact sheet."),
         ] = None,
         batch_size: Annotated[
-            int | None, typer.Option("--batch-size", "-b", help="Images per batch.")
+            int | None, typer.Option("--batch-size", "-b", help="Images per batch (default 8).")
         ] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
         precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
