@@ -180,13 +180,14 @@ def test_lpips_without_weights_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_lpips_plumbing_with_random_backbone_is_labelled():
     # Random backbone: tests that LPIPS is wired (0 for identical, > 0 otherwise), never a quality figure.
+    torch.manual_seed(0)
     suite = MetricSuite(["lpips"], torch.device("cpu"), lpips_nets=["alex"], lpips_random_backbone=True)
     ref = _chw(_photo(32, 32))
     other = _chw(_photo(32, 32, seed=9))
     values = suite.update("model", torch.cat([ref, other]), torch.cat([ref, ref]))
     assert list(values) == ["lpips_alex_random"]
     assert values["lpips_alex_random"][0].item() == pytest.approx(0.0, abs=1e-6)
-    assert values["lpips_alex_random"][1].item() > 0.01
+    assert values["lpips_alex_random"][1].item() > 1e-4
 
 
 def test_rfid_needs_torch_fidelity_or_says_so():
