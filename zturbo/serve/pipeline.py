@@ -8,8 +8,9 @@
 
 Stages and what overlaps with what:
 
-* worker processes (a torch DataLoader) open, decode and resize images into uint8
-  batches of one size bucket each; the loader pins them when the device is CUDA;
+* worker processes (a torch DataLoader) open, decode and resize single images; a
+  thread stacks them into uint8 batches of one size bucket each, in page-locked
+  memory when the device is CUDA;
 * the main thread copies a batch to the device, normalises it there and runs the
   backend, then starts an asynchronous copy of the result back;
 * a writer thread waits for that copy and writes shards (encode) or images
@@ -192,27 +193,83 @@ class _LatentSet(torch.utils.data.Dataset):
         return i, self.reader.load(self.items[i]), None, _seconds(t0), None
 
 
-def _collate(samples):
+def _collate(samples, pin: bool):
     ok = [s for s in samples if s[1] is not None]
+    data = None
+    if ok:
+        first = ok[0][1]
+        # Straight into page-locked memory on CUDA, so the copy to the device is asynchronous.
+        data = torch.empty((len(ok), *first.shape), dtype=first.dtype, pin_memory=pin)
+        torch.stack([s[1] for s in ok], out=data)
     return {
         "indices": [s[0] for s in ok],
         "sizes": [s[4] for s in ok],
-        "data": torch.stack([s[1] for s in ok]) if ok else None,
+        "data": data,
         "failures": [s[2] for s in samples if s[2] is not None],
         "read_seconds": sum(s[3] for s in samples),
     }
 
 
-def _loader(dataset, batches: list[list[int]], workers: int, device: torch.device):
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-        persistent_workers=False,
-    )
+def _as_is(sample):
+    return sample
+
+
+class _BatchStream:
+    """Batches in plan order, assembled on a background thread from per-image worker results.
+
+    Workers fetch single images (not whole batches), so the first batch is ready after
+    batch/workers reads rather than batch reads, and a slow image delays one slot only.
+    """
+
+    _END = object()
+
+    def __init__(self, dataset, batches: list[list[int]], workers: int, pin: bool, depth: int = PREFETCH_BATCHES):
+        order = [i for b in batches for i in b]
+        per_worker = max(2, -(-2 * max(len(b) for b in batches) // max(1, workers)))
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=order, num_workers=workers, collate_fn=_as_is,
+            prefetch_factor=per_worker if workers > 0 else None,
+        )
+        self.batches, self.pin = batches, pin
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="zturbo-batches")
+        self.thread.start()
+
+    def _run(self) -> None:
+        it = iter(self.loader)
+        try:
+            for plan in self.batches:
+                batch = _collate([next(it) for _ in plan], self.pin)
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            self._put(exc)
+        finally:
+            del it  # shuts the worker processes down
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def _batches(keys: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -461,16 +518,15 @@ def image_suffix(fmt: str) -> str:
 # The loop shared by encode and decode
 
 
-def _drive(loader, step: _DeviceStep, writer: _Writer, report: RunReport, job_args, progress_cb) -> None:
+def _drive(stream: _BatchStream, step: _DeviceStep, writer: _Writer, report: RunReport, job_args, progress_cb) -> None:
     """Pull batches, compute, hand results to the writer; the writer's first error stops everything."""
     writer.start()
-    it = iter(loader)
+    it = iter(stream)
     try:
         while True:
             t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
+            batch = next(it, None)
+            if batch is None:
                 break
             report.wait_seconds += _seconds(t0)
             report.read_seconds += batch["read_seconds"]
@@ -490,7 +546,7 @@ def _drive(loader, step: _DeviceStep, writer: _Writer, report: RunReport, job_ar
             if progress_cb is not None:
                 progress_cb(n + len(failures))
     finally:
-        del it  # shuts the worker processes down, also on error
+        stream.close()  # stops the workers, also on error
     writer.finish()
     report.compute_seconds = writer.compute_seconds
     report.write_seconds = writer.busy_seconds
@@ -548,8 +604,7 @@ def encode_collection(
         "precision": cfg.precision,
         "seed": cfg.seed,
     })
-    if partition.rank == 0:
-        store.remove_temp_files(out_dir)
+    store.remove_temp_files(out_dir, partition.name)
     done = store.scan_shards(out_dir, set_aside_unreadable=partition.rank == 0).sources
     todo = [s for s in mine if s.key not in done]
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -578,7 +633,7 @@ def encode_collection(
 
         report.batch_size = _resolve_batch(cfg, trial, backend.device, len(items))
         batches = _batches([p.bucket for p in items], report.batch_size)
-        loader = _loader(_ImageSet(items, cfg.max_pixels), batches, workers, backend.device)
+        loader = _BatchStream(_ImageSet(items, cfg.max_pixels), batches, workers, backend.device.type == "cuda")
         advance = progress(len(mine), report.already_done + len(header_failures)) if progress else None
         def job(batch):
             idx = batch["indices"]
@@ -663,7 +718,7 @@ def decode_collection(
 
         report.batch_size = _resolve_batch(cfg, trial, backend.device, len(todo))
         batches = _batches([it.shape[1:] for it in todo], report.batch_size)
-        loader = _loader(_LatentSet(todo), batches, workers, backend.device)
+        loader = _BatchStream(_LatentSet(todo), batches, workers, backend.device.type == "cuda")
         advance = progress(len(items), report.already_done) if progress else None
         _drive(loader, step, writer, report, lambda batch: ([todo[i].name for i in batch["indices"]], None), advance)
     else:

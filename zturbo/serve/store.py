@@ -123,15 +123,16 @@ def scan_shards(out_dir: Path, set_aside_unreadable: bool = False) -> ShardScan:
     return scan
 
 
-def remove_temp_files(out_dir: Path) -> int:
-    """Delete temp files a killed run left behind (they were never renamed into place)."""
+def remove_temp_files(out_dir: Path, part: str) -> int:
+    """Delete the temp files a killed run of this part left behind (never renamed into place).
+
+    Only this part's: under torchrun the other ranks may be writing theirs right now.
+    """
     removed = 0
-    for sub in (SHARD_DIR, FAILURE_DIR, ""):
-        folder = out_dir / sub if sub else out_dir
-        if folder.is_dir():
-            for path in folder.glob(".*.tmp"):
-                path.unlink(missing_ok=True)
-                removed += 1
+    for pattern in (f"{SHARD_DIR}/.{part}-*.tmp", f"{FAILURE_DIR}/.{part}.json.*.tmp"):
+        for path in out_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 
