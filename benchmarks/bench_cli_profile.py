@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-# Each family is the inclusive time of its top-level aten ops, which do not nest in one another,
-# so the shares add up; what no family claims (layout copies, allocation, launches) is "other".
+# A family's time is the inclusive time of the outermost op of that family in each call tree
+# (a bias add inside a convolution counts as convolution), so the shares add up to 100%;
+# kernels under no family op (layout copies, casts) are "other".
 FAMILY_ROOTS = {
     "conv": ("aten::convolution",),
     "groupnorm": ("aten::group_norm",),
@@ -28,6 +29,7 @@ FAMILY_ROOTS = {
     "add": ("aten::add_", "aten::add"),
     "pad": ("aten::pad", "aten::constant_pad_nd"),
 }
+_FAMILY_OF = {op: fam for fam, ops in FAMILY_ROOTS.items() for op in ops}
 
 
 def _time(event, field: str) -> float:
@@ -38,23 +40,33 @@ def _time(event, field: str) -> float:
     return 0.0
 
 
-def summarise(events, use_cuda: bool, steps: int, top: int) -> dict:
+def summarise(prof, use_cuda: bool, steps: int, top: int) -> dict:
+    averages = list(prof.key_averages())
     if use_cuda:
-        leaves = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        leaves = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
         total = sum(_time(e, "self_device_time_total") for e in leaves)
         inclusive = "device_time_total"
         ranked = sorted(leaves, key=lambda e: _time(e, "self_device_time_total"), reverse=True)
         self_of = lambda e: _time(e, "self_device_time_total")
     else:
-        total = sum(e.self_cpu_time_total for e in events)
+        total = sum(e.self_cpu_time_total for e in averages)
         inclusive = "cpu_time_total"
-        ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+        ranked = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
         self_of = lambda e: float(e.self_cpu_time_total)
     total = total or 1.0
-    families = {}
-    by_key = {e.key: e for e in events}
-    for fam, roots in FAMILY_ROOTS.items():
-        families[fam] = sum(_time(by_key[r], inclusive) for r in roots if r in by_key)
+    families = dict.fromkeys(FAMILY_ROOTS, 0.0)
+
+    def walk(event) -> None:
+        fam = _FAMILY_OF.get(event.name)
+        if fam is not None:
+            families[fam] += _time(event, inclusive)
+            return
+        for child in event.cpu_children:
+            walk(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None and not str(getattr(event, "device_type", "CPU")).endswith("CUDA"):
+            walk(event)
     families["other"] = max(total - sum(families.values()), 0.0)
     return {
         "ms_per_call": total / 1000 / steps,
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             if use_cuda:
                 torch.cuda.synchronize()
 
-    summary = summarise(list(prof.key_averages()), use_cuda, args.steps, args.top)
+    summary = summarise(prof, use_cuda, args.steps, args.top)
     clock = "CUDA" if use_cuda else "CPU"
     title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision}"
              f"{' channels_last' if args.channels_last else ''} on {device}: "

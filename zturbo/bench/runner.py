@@ -10,7 +10,9 @@ The returned report is a plain JSON-ready dict (see ``schema.json``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
+import functools
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,8 +110,6 @@ def run_bench(
     ``on_update`` receives the report after every case (for partial results on disk);
     ``log`` receives one line per case.
     """
-    from zturbo.environment import collect_environment
-
     plan = make_plan(settings)
     say = log or (lambda _msg: None)
     name = profile_name or settings.profile or "model"
@@ -124,7 +124,7 @@ def run_bench(
         "schema": SCHEMA_ID,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
-        "environment": collect_environment(),
+        "environment": copy.deepcopy(_environment()),
         "plan": plan.as_dict(),
         "subjects": [s.describe() for s in subjects],
         "peak": None,
@@ -157,6 +157,14 @@ def run_bench(
     if on_update is not None:
         on_update(report)
     return report
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict[str, Any]:
+    """Versions, devices and commit; probed once per process (importing every optional backend is slow)."""
+    from zturbo.environment import collect_environment
+
+    return collect_environment()
 
 
 @contextlib.contextmanager
