@@ -16,6 +16,7 @@ when installed); the best is reported as a ratio to torch bf16.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -71,7 +72,7 @@ def bench_cpu(
     export_model(_save(vae, work), work / "onnx", ExportConfig(parts=parts, size=(size, size, size)))
     print(f"exported {','.join(parts)} in {time.perf_counter() - t0:.1f} s", flush=True)
     backends = {
-        "torch": create_backend("torch", vae, device="cpu", precision="fp32"),
+        "torch": create_backend("torch", copy.deepcopy(vae), device="cpu", precision="fp32"),
         "onnx": create_backend("onnx", work / "onnx", device="cpu"),
     }
     rows = []
@@ -102,9 +103,12 @@ def gpu_candidates(vae: VAE, parts: list[str], size: int, work: Path) -> dict:
     """Every backend this machine can run, besides the torch bf16 baseline; skipped ones with their reason."""
     out: dict = {}
     skipped: dict[str, str] = {}
-    out["compile-bf16"] = lambda: create_backend("compile", vae, device="cuda", precision="bf16")
+    # Each torch backend gets its own copy: they move and re-layout the module in place.
+    out["compile-bf16"] = lambda: create_backend(
+        "compile", copy.deepcopy(vae), device="cuda", precision="bf16"
+    )
     out["torch-bf16-channels_last"] = lambda: create_backend(
-        "torch", vae, device="cuda", precision="bf16", channels_last=True
+        "torch", copy.deepcopy(vae), device="cuda", precision="bf16", channels_last=True
     )
     try:
         import onnxruntime as ort
@@ -140,7 +144,7 @@ def gpu_candidates(vae: VAE, parts: list[str], size: int, work: Path) -> dict:
 def bench_gpu(
     vae: VAE, parts: list[str], batch: int, size: int, repeats: int, warmup: int, work: Path
 ) -> dict:
-    baseline = create_backend("torch", vae, device="cuda", precision="bf16")
+    baseline = create_backend("torch", copy.deepcopy(vae), device="cuda", precision="bf16")
     found = gpu_candidates(vae, parts, size, work)
     rows, failed = [], dict(found["skipped"])
     for part in parts:
@@ -174,7 +178,7 @@ def main() -> None:
     ap.add_argument("--parts", default="decoder")
     ap.add_argument("--size", type=int, default=None, help="default 256 on CPU, 1024 with --gpu")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=None, help="default 7 on CPU, 20 with --gpu")
+    ap.add_argument("--repeats", type=int, default=None, help="default 5 on CPU, 20 with --gpu")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
@@ -182,7 +186,7 @@ def main() -> None:
 
     parts = [p for p in args.parts.split(",") if p]
     size = args.size or (1024 if args.gpu else 256)
-    repeats = args.repeats or (20 if args.gpu else 7)
+    repeats = args.repeats or (20 if args.gpu else 5)
     torch.manual_seed(0)
     vae = VAE(load_settings(args.profile).model).eval()
     device_info = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
