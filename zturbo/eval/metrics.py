@@ -28,7 +28,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from zturbo.errors import MissingDependencyError, ZTurboError, require
+from zturbo.errors import MissingDependencyError, ZTurboError
 from zturbo.perceptual import BACKBONE_URLS, MissingWeightsError, backbone_weights_path, load_lpips
 
 DATA_RANGE = 255.0
@@ -250,7 +250,12 @@ def _fid_factory(feature: nn.Module | None, weights: Path | None, allow_download
 
     if feature is not None:
         return lambda: FrechetInceptionDistance(feature=feature).to(device)
-    require("torch_fidelity", "rFID (the Inception network of the FID reference implementation)")
+    try:
+        import torch_fidelity  # noqa: F401 - torchmetrics takes its Inception network from there
+    except ImportError:
+        raise MissingDependencyError(
+            "torch-fidelity", "rFID (the Inception network of the FID reference implementation)"
+        ) from None
     path = Path(weights) if weights is not None else inception_weights_path()
     hint = (
         f"download {INCEPTION_URL} and put it at {inception_weights_path()} (or pass its path as "
