@@ -283,6 +283,23 @@ def test_trt_engine_builds_and_matches_torch(checkpoint, tmp_path):
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
+    reason="needs onnxruntime-gpu and a CUDA GPU",
+)
+def test_onnx_cuda_provider_with_io_binding(fp32_export, checkpoint):
+    backend = create_backend("onnx", fp32_export, device="cuda")
+    vae = load_vae(checkpoint)
+    x = torch.rand(2, 3, 64, 32) * 2 - 1
+    with torch.inference_mode():
+        ref = vae.decode(vae.encode(x).mean)
+    z = backend.encode(x.cuda())
+    out = backend.decode(z)
+    assert z.is_cuda and out.is_cuda
+    assert (out.cpu() - ref).abs().max() < 1e-2  # cuDNN may use TF32
+
+
 # -- bad input and atomicity --------------------------------------------------------------------------
 
 

@@ -165,6 +165,7 @@ def build_files(vae, source: Path, staging: Path, out: Path, cfg: ExportConfig, 
                     _profile_shapes(vae, part, cfg),
                     timing_cache=cfg.timing_cache or out / "timing.cache",
                     workspace_gb=cfg.workspace_gb,
+                    precision=cfg.precision,
                     log=log,
                 )
             )

@@ -68,6 +68,7 @@ def build_engine(
     shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
     timing_cache: str | Path | None = None,
     workspace_gb: float = 4.0,
+    precision: str = "fp16",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build and write one engine; ``shapes`` is the (min, opt, max) optimisation profile of the input."""
@@ -81,6 +82,9 @@ def build_engine(
         raise ZTurboError(f"TensorRT cannot parse {Path(onnx_path).name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp32":
+        # TF32 is on by default and would make an "fp32" engine ~1e-3 off torch's fp32.
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, *shapes)
     config.add_optimization_profile(profile)
