@@ -333,3 +333,32 @@ def test_percentile_matches_linear_interpolation():
     assert percentile(values, 50) == 3.0
     assert percentile(values, 90) == pytest.approx(4.6)
     assert percentile([7.0], 90) == 7.0
+
+
+def test_saved_model_is_benchmarked_under_its_folder_name(configs, tmp_path):
+    from zturbo.model import VAE
+
+    cfg = ModelConfig(block_out_channels=[32, 32], layers_per_block=1, latent_channels=4, sample_size=16,
+                      mid_block_add_attention=False)
+    VAE(cfg).save_pretrained(tmp_path / "my-vae")
+    settings = tiny_settings(configs, what=["decode"], batch_sizes=[1])
+    report = run_bench(settings, model_path=tmp_path / "my-vae")
+    (case,) = report["cases"]
+    assert case["key"] == "my-vae/decode/torch/fp32/16/b1" and case["status"] == "ok"
+    assert report["subjects"][0]["config"]["block_out_channels"] == [32, 32]
+    assert case["flops_per_image"] == vae_flops(cfg, 16)["decode"]
+
+
+@pytest.mark.gpu
+def test_gpu_bench_uses_cuda_memory_and_the_bf16_matmul_peak(configs):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    settings = tiny_settings(configs, device="cuda", precision="bf16", channels_last=True, batch_sizes=[2],
+                             peak_matmul_size=4096, against="diffusers")
+    report = run_bench(settings, profile_name="tiny")
+    assert report["peak"]["dtype"] == "bfloat16" and report["peak"]["tflops"] > 1
+    assert report["environment"]["gpus"]
+    for case in report["cases"]:
+        assert case["status"] == "ok", case["reason"]
+        assert case["memory_kind"] == "cuda_max_allocated" and case["peak_memory_mb"] > 0
+        assert 0 < case["mfu"] < 1

@@ -68,7 +68,6 @@ def make_plan(settings: Settings) -> BenchPlan:
     cfg = settings.bench
     device = resolve_device(cfg.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    resolve_dtype(cfg.precision)
     for name, values in (("resolutions", cfg.resolutions), ("batch sizes", cfg.batch_sizes)):
         if values is not None and (not values or any(v < 1 for v in values)):
             raise UsageError(f"bench {name} must be positive integers, got {values}")
@@ -112,8 +111,11 @@ def run_bench(
     """
     plan = make_plan(settings)
     say = log or (lambda _msg: None)
-    name = profile_name or settings.profile or "model"
-    name = Path(name).stem if Path(name).suffix else name
+    if model_path is not None:
+        name = Path(model_path).resolve().name or "model"
+    else:
+        name = profile_name or settings.profile or "model"
+        name = Path(name).stem if Path(name).suffix else name
     ours = our_subject(settings.model, name, model_path)
     subjects = [ours]
     if plan.against:
