@@ -15,7 +15,7 @@ from PIL import Image
 from zturbo.backends import Backend, available_backends
 from zturbo.cli import run
 from zturbo.config import EvalConfig
-from zturbo.errors import CheckpointError, InputError, MissingDependencyError
+from zturbo.errors import CheckpointError, InputError, MissingDependencyError, ZTurboError
 from zturbo.eval import evaluate, per_image_csv, report_json
 from zturbo.eval.metrics import MS_SSIM_MIN_SIDE, MetricSuite, ms_ssim_uint8, psnr_uint8, ssim_uint8
 from zturbo.model import VAE
@@ -523,3 +523,15 @@ def test_cuda_eval_matches_cpu(models, images):
         )
     bf16 = evaluate(models["a"], images, EvalConfig(device="cuda", precision="bf16", **cfg))
     assert abs(bf16.summary["model"]["psnr"]["mean"] - cpu.summary["model"]["psnr"]["mean"]) < 1.0
+
+
+def test_nothing_left_to_measure_is_an_error(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ZTurboError, match="none of the requested metrics can run"):
+        evaluate(
+            ShiftBackend(0),
+            images,
+            EvalConfig(metrics=["lpips"]),
+            missing_weights="skip",
+            allow_download=False,
+        )

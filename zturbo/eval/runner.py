@@ -346,6 +346,11 @@ def evaluate(
             missing_weights=missing_weights,
         )
     names = suite.per_image_names
+    if not names and not suite.dataset_names:
+        raise ZTurboError(
+            "none of the requested metrics can run here: " + "; ".join(suite.unavailable.values()),
+            "add psnr or ssim to --metrics, or provide the missing network weights",
+        )
     rank_metric = next((m for m in _RANK_PREFERENCE if m in names), None)
     sheet = SheetCollector(config.sheet_images, rank_metric, [m.key for m in models])
     if on_start is not None:
