@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,10 @@ class ExportedBackend(Backend):
 
 
 def resolve_export(model: Any, **export_options: Any) -> tuple[Path, Any]:
-    """An export folder for ``model``: itself, or a fp32 ONNX export made now into a temporary folder.
+    """An export folder for ``model``: itself, or an export made now into a temporary folder.
 
-    Returns the folder and the object keeping a temporary folder alive (or None).
+    ``export_options`` are ExportConfig fields (default: fp32 ONNX). Returns the
+    folder and the object keeping a temporary folder alive (or None).
     """
     from zturbo.export.layout import is_export_dir
 
@@ -84,13 +86,12 @@ def resolve_export(model: Any, **export_options: Any) -> tuple[Path, Any]:
     from zturbo.utils import atomic_write_json
 
     source = Path("<in-memory>") if isinstance(model, VAE) else resolve_model_dir(model)
-    vae = model if isinstance(model, VAE) else load_vae(source)
-    keep = tempfile.TemporaryDirectory(prefix="zturbo-onnx-")
+    # A copy on the CPU in fp32: the caller's model stays where and what it is.
+    vae = copy.deepcopy(model).float().cpu().eval() if isinstance(model, VAE) else load_vae(source)
+    keep = tempfile.TemporaryDirectory(prefix="zturbo-export-")
     root = Path(keep.name)
     cfg = ExportConfig(**export_options)
-    atomic_write_json(
-        root / META_NAME, build_files(vae.float().eval(), source, root, root, cfg, lambda _: None)
-    )
+    atomic_write_json(root / META_NAME, build_files(vae, source, root, root, cfg, lambda _: None))
     return root, keep
 
 
@@ -149,6 +150,10 @@ class OnnxBackend(ExportedBackend):
         threads: int | None = None,
         **_: Any,
     ) -> OnnxBackend:
+        ort = require("onnxruntime", "the ONNX Runtime backend", extra="onnx")
+        if device == "auto":  # the GPU only when this onnxruntime can use it
+            has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+            device = "cuda" if has_cuda and torch.cuda.is_available() else "cpu"
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         provider = provider or ("cuda" if dev.type == "cuda" else "cpu")
         if provider not in _PROVIDERS:

@@ -81,7 +81,10 @@ class TensorRTBackend(ExportedBackend):
         self.trt_version = str(trt.__version__)
 
     @classmethod
-    def load(cls, model, device: str | torch.device = "cuda", **_: Any) -> TensorRTBackend:
+    def load(
+        cls, model, device: str | torch.device = "cuda", precision: str | None = None, **_: Any
+    ) -> TensorRTBackend:
+        """``model``: an export folder with engines, or a model folder / VAE to build engines for now."""
         from zturbo.export.layout import is_export_dir, read_export_meta
         from zturbo.export.tensorrt import require_tensorrt
         from zturbo.utils import resolve_device
@@ -94,12 +97,16 @@ class TensorRTBackend(ExportedBackend):
         )
         if dev.type != "cuda":
             raise UsageError("the TensorRT backend runs on CUDA devices only", "use --device cuda")
-        if not (isinstance(model, (str, Path)) and is_export_dir(model)):
-            raise UsageError(
-                f"the TensorRT backend needs an export folder, got {model}",
-                "build one first: zturbo export CHECKPOINT --trt --out DIR",
-            )
-        return cls(Path(model), read_export_meta(model), dev)
+        if isinstance(model, (str, Path)) and is_export_dir(model):
+            return cls(Path(model), read_export_meta(model), dev)
+        # A model folder or an in-memory VAE: build fp16 (or fp32) engines into a temporary folder first.
+        from zturbo.backends.onnx_backend import resolve_export
+
+        chosen = precision if precision in ("fp32", "fp16") else "fp16"
+        root, keep = resolve_export(model, format="trt", precision=chosen)
+        backend = cls(root, read_export_meta(root), dev)
+        backend._keep = keep
+        return backend
 
     def _engine(self, part: str) -> _Engine:
         if part not in self.engines:
