@@ -344,7 +344,8 @@ class Trainer:
                             result.terms = terms
                             if self.dist.is_main:
                                 row = self._record(result, ips)
-                                status = _status(row, self.device)
+                                eta = (self.total_steps - self.step) * tcfg.batch_size / max(ips, 1e-9)
+                                status = f"{_status(row, self.device)}  ETA {_duration(eta)}"
                                 bar.update(task, completed=self.step, status=status)
                                 if plain_logs:
                                     self._log(f"step {self.step}/{self.total_steps} {status}")
@@ -405,6 +406,11 @@ def _status(row: dict[str, Any], device: torch.device) -> str:
     if row.get("skipped"):
         parts.append("[skipped: non-finite]")
     return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def train(settings: Settings, **kwargs: Any) -> TrainResult:
