@@ -66,6 +66,9 @@ def test_onnx_graphs_are_checked_named_and_dynamic(fp32_export):
         dims = [d.dim_param or d.dim_value for d in graph_in.type.tensor_type.shape.dim]
         assert isinstance(dims[0], str) and isinstance(dims[2], str) and isinstance(dims[3], str), dims
         assert dims[1] == (3 if part == "encoder" else 4)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["zturbo_part"] == part and props["zturbo_apply_scaling"] == "true"
+        assert float(props["zturbo_scaling_factor"]) == 0.5
 
 
 @pytest.mark.parametrize("batch,height,width", [(1, 32, 48), (3, 64, 32)])
@@ -191,6 +194,18 @@ def test_diffusers_export_loads_in_diffusers_with_matching_outputs(checkpoint, t
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
         assert torch.allclose(theirs.encode(x).latent_dist.mean, ours.encode(x).mean, atol=1e-5)
+
+
+def test_export_takes_the_ema_weights_of_a_run(tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step-10"
+    _tiny_vae(seed=1).save_pretrained(step / "model")
+    ema = _tiny_vae(seed=2)
+    ema.save_pretrained(step / "ema")
+    report = export_model(tmp_path / "run", tmp_path / "hf", ExportConfig(format="diffusers"))
+    assert report["source"].endswith("ema")
+    exported = load_vae(tmp_path / "hf")
+    for key, value in ema.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value), key
 
 
 def test_import_diffusers_vae_matches_diffusers(tmp_path, capsys):

@@ -135,8 +135,33 @@ def export_part(vae, part: str, path: str | Path, opset: int = 18, apply_scaling
             f"ONNX export of the {part} failed: {first}",
             "rerun with ZTURBO_DEBUG=1 for the exporter's traceback",
         ) from exc
+    _describe_graph(path, vae, part, apply_scaling)
     check_onnx(path)
     return path
+
+
+def _describe_graph(path: Path, vae, part: str, apply_scaling: bool) -> None:
+    """Record in the graph itself what it computes, for tools that see the .onnx file alone."""
+    import onnx
+
+    from zturbo import __version__
+
+    model = onnx.load(str(path))
+    c = vae.config
+    props = {
+        "zturbo_version": __version__,
+        "zturbo_part": part,
+        "zturbo_input": f"{INPUT_NAMES[part]}: " + ("image in [-1, 1]" if part == "encoder" else "latent"),
+        "zturbo_output": f"{OUTPUT_NAMES[part]}: "
+        + ("latent mean" if part == "encoder" else "image in [-1, 1]"),
+        "zturbo_apply_scaling": str(apply_scaling).lower(),
+        "zturbo_scaling_factor": repr(float(c.scaling_factor)),
+        "zturbo_shift_factor": repr(float(c.shift_factor)),
+        "zturbo_downsample_factor": str(c.downsample_factor),
+    }
+    onnx.helper.set_model_props(model, props)
+    model.producer_name = "zturbo"
+    onnx.save(model, str(path))
 
 
 def check_onnx(path: str | Path):
