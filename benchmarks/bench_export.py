@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--parts", default="decoder")
     ap.add_argument("--size", type=int, default=None, help="default 256 on CPU, 1024 with --gpu")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=None, help="default 5 on CPU, 20 with --gpu")
+    ap.add_argument("--repeats", type=int, default=None, help="default 5 on CPU, 10 with --gpu")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
@@ -186,7 +186,7 @@ def main() -> None:
 
     parts = [p for p in args.parts.split(",") if p]
     size = args.size or (1024 if args.gpu else 256)
-    repeats = args.repeats or (20 if args.gpu else 5)
+    repeats = args.repeats or (10 if args.gpu else 5)
     torch.manual_seed(0)
     vae = VAE(load_settings(args.profile).model).eval()
     device_info = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
