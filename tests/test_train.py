@@ -574,6 +574,10 @@ def test_demo_profile_defaults_to_bundled_photos(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["data_dir"] == str(demo_dir())
     assert plan["settings"]["loss"]["perceptual_weight"] == 0.0  # runs offline
+    # An explicit --epochs replaces the profile's step count.
+    assert run(["train", "--profile", "demo", "--epochs", "3", "--dry-run", "--json"]) == 0
+    train = json.loads(capsys.readouterr().out)["settings"]["train"]
+    assert train["epochs"] == 3 and train["max_steps"] is None
 
 
 def test_prepared_folder_layout_uses_its_val_split(tmp_path, small_data):

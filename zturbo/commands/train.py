@@ -194,6 +194,8 @@ def register(app: typer.Typer) -> None:
         if image_size is not None:  # the model's nominal size follows the training size unless set elsewhere
             overrides["model"]["sample_size"] = image_size
         settings = settings_from(profile, config, overrides)
+        if epochs is not None and max_steps is None:
+            settings.train.max_steps = None  # an explicit --epochs beats a step count from the profile
         if settings.data.data_dir is None and settings.profile == "demo":
             from zturbo.data import demo_dir
 

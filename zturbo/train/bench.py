@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -35,7 +36,7 @@ def benchmark_step(
     the discriminator on (True) or off (False); None follows ``loss.disc_start``
     (counted from step 0).
     Returns step_ms (median), step_ms_all, images_per_s, peak_memory_gib (CUDA max
-    allocated, or peak RSS growth on CPU), micro_batch and precision.
+    allocated; on CPU the process's peak resident set size), micro_batch and precision.
     """
     from zturbo.train.engine import TrainEngine
     from zturbo.utils import resolve_device
@@ -58,7 +59,6 @@ def benchmark_step(
     images = torch.rand(batch, settings.model.in_channels, size, size, generator=gen) * 2 - 1
     if device.type == "cuda":
         images = images.pin_memory()
-    rss0 = _rss()
     times = []
     for i in range(warmup + steps):
         _sync(device)
@@ -71,7 +71,7 @@ def benchmark_step(
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
-        peak = max(0, _rss() - rss0) / 2**30
+        peak = _peak_rss() / 2**30
     return {
         "step_ms": median * 1e3,
         "step_ms_all": [t * 1e3 for t in times],
@@ -85,10 +85,9 @@ def benchmark_step(
     }
 
 
-def _rss() -> int:
-    try:
-        import psutil
+def _peak_rss() -> int:
+    import resource
 
-        return psutil.Process().memory_info().rss
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return 0
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -139,6 +139,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.resumed_from: Path | None = None
+        self.resumed_step = 0
         self._prepare_run_dir(resume)
         self._writer = None
         self._history: list[float] = []
@@ -187,6 +188,7 @@ class Trainer:
             int(pos["batch_in_epoch"]),
         )
         self.resumed_from = path
+        self.resumed_step = self.step
         self._log(
             f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
         )
@@ -222,7 +224,9 @@ class Trainer:
                 self._writer = False
                 self._log("tensorboard is not importable: metrics go to metrics.jsonl only")
             else:
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
+                # On resume, drop events a killed run logged after the checkpoint.
+                purge = self.resumed_step + 1 if self.resumed_from is not None else None
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
         return self._writer or None
 
     def _record(self, result: StepResult, images_per_s: float) -> dict[str, Any]:
