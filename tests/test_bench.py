@@ -296,24 +296,36 @@ def test_train_case_is_skipped_with_a_reason_without_a_step_hook(configs, monkey
 def test_train_case_times_the_training_step(configs, monkeypatch):
     import zturbo.train
 
-    calls = []
+    seen = {}
 
-    def fake_factory(settings, device):
-        assert settings.data.image_size == 16 and settings.train.batch_size == 2
+    def fake_benchmark_step(settings, device, *, steps, warmup):
+        seen.update(size=settings.data.image_size, batch=settings.train.batch_size, steps=steps, warmup=warmup)
+        samples = [30.0 + i for i in range(steps)]
+        return {"step_ms": 30.5, "step_ms_all": samples, "images_per_s": 2 / 0.0305, "peak_memory_gib": 0.5,
+                "micro_batch": 1}
 
-        def step():
-            calls.append(1)
-            torch.ones(64, 64) @ torch.ones(64, 64)
-
-        step.micro_batch_size = 1
-        return step
-
-    monkeypatch.setattr(zturbo.train, "benchmark_step", fake_factory, raising=False)
+    monkeypatch.setattr(zturbo.train, "benchmark_step", fake_benchmark_step, raising=False)
     report = run_bench(tiny_settings(configs, what=["train"]), profile_name="tiny")
     (case,) = report["cases"]
+    assert seen == {"size": 16, "batch": 2, "steps": REPEATS, "warmup": 1}
     assert case["status"] == "ok" and case["batch"] == 2 and case["micro_batch"] == 1
-    assert len(calls) == 1 + REPEATS + 1  # warm-up, timed repeats, memory pass
+    assert case["median_ms"] == 30.5 and case["samples_ms"] == [30.0, 31.0]
+    assert case["images_per_s"] == pytest.approx(2 / 0.0305)
+    assert case["peak_memory_mb"] == pytest.approx(512) and case["memory_kind"] == "process_rss_growth"
     assert case["flops_per_image"] == flops_per_image(load_settings(None, configs["tiny"]).model, 16)["train"]
+    validate_report(report)
+
+
+def test_train_hook_offers_what_the_train_case_calls():
+    # The real step is covered by the training tests; here only the contract the train case relies on.
+    import inspect
+
+    from zturbo.train import benchmark_step
+
+    params = inspect.signature(benchmark_step).parameters
+    assert list(params)[:2] == ["settings", "device"]
+    assert {"steps", "warmup"} <= set(params)
+    assert "step_ms_all" in benchmark_step.__doc__ and "peak_memory_gib" in benchmark_step.__doc__
 
 
 def test_against_diffusers_uses_the_same_config_and_weights(configs):

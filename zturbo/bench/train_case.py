@@ -1,9 +1,10 @@
 """The train case: one full optimizer step of the training loop, timed like the inference cases.
 
 The step comes from the training package (``zturbo.train.benchmark_step``), so it is
-the real thing: losses, the micro-batching that fits the profile's batch on the
-device, mixed precision and the optimizer update. Where the installed training
-code offers no such hook the case is skipped with that reason.
+the real thing: losses (LPIPS with an untrained backbone: same FLOPs, no download),
+the micro-batching that fits the profile's batch on the device, mixed precision,
+the optimizer update and EMA. Where the installed training code offers no such
+hook the case is skipped with that reason.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from zturbo.bench.cases import SkipCase, Subject
-from zturbo.bench.timing import measure_peak_memory, time_interleaved
 from zturbo.config import Settings
 
 
@@ -42,24 +42,22 @@ def _benchmark_step_factory():
 def time_train_step(settings: Settings, ours: Subject, device: torch.device, resolution: int, precision: str,
                     warmup: int, repeats: int) -> TrainMeasurement:
     """Median time of one optimizer step at the profile's batch size and ``resolution``."""
+    from zturbo.bench.timing import percentile
+
     factory = _benchmark_step_factory()
     local = settings.model_copy(deep=True)
     local.model = ours.config
     local.data.image_size = resolution
     local.train.precision = precision
-    step = factory(local, device)
-    if not callable(step):
-        raise SkipCase(f"zturbo.train.benchmark_step returned {type(step).__name__}, not a step to call")
-    (timing,) = time_interleaved([step], device, warmup=max(warmup, 1), repeats=repeats)
-    # The step's model, optimizer state and EMA were allocated before it: count them all.
-    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    memory, kind = measure_peak_memory(step, device, resident)
+    result = factory(local, device, steps=repeats, warmup=max(warmup, 1))
+    samples = [float(t) for t in result["step_ms_all"]]
+    on_cuda = device.type == "cuda"
     return TrainMeasurement(
-        samples_ms=timing.samples_ms,
-        median_ms=timing.median_ms,
-        p90_ms=timing.p90_ms,
-        min_ms=timing.min_ms,
-        peak_memory=memory,
-        memory_kind=kind,
-        micro_batch=getattr(step, "micro_batch_size", None),
+        samples_ms=samples,
+        median_ms=float(result["step_ms"]),
+        p90_ms=percentile(samples, 90.0),
+        min_ms=min(samples),
+        peak_memory=int(result["peak_memory_gib"] * 2**30),
+        memory_kind="cuda_max_allocated" if on_cuda else "process_rss_growth",
+        micro_batch=result.get("micro_batch"),
     )
