@@ -35,7 +35,7 @@ def export_diffusers(
 ) -> dict[str, Any]:
     """Write ``vae`` as a diffusers AutoencoderKL folder; with ``verify``, load it with diffusers and compare."""
     (log or _nolog)(f"writing diffusers AutoencoderKL folder {out}")
-    vae.save_pretrained(out)
+    save_model_folder(vae, out)
     report: dict[str, Any] = {
         "format": "diffusers",
         "out": str(out),
@@ -47,6 +47,30 @@ def export_diffusers(
     if verify:
         report["verify"] = compare_with_diffusers(vae, out)
     return report
+
+
+def save_model_folder(vae, out: Path) -> None:
+    """``save_pretrained`` into ``out`` without ever pairing new weights with an old config.
+
+    Written in a staging folder inside ``out``; the old config.json goes first,
+    the new weights move in, the new config.json last.
+    """
+    import contextlib
+    import os
+    import shutil
+    import tempfile
+
+    from zturbo.model.io import CONFIG_NAME
+
+    staging = Path(tempfile.mkdtemp(prefix=".zturbo-save-", dir=out))
+    try:
+        vae.save_pretrained(staging)
+        with contextlib.suppress(FileNotFoundError):
+            (out / CONFIG_NAME).unlink()
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def find_vae_folder(path: str | Path) -> Path:
@@ -124,7 +148,7 @@ def import_diffusers(
     vae.eval()
     out = prepare_out_dir(out)
     log(f"importing {folder} ({vae.num_parameters / 1e6:.1f} M parameters) to {out}")
-    vae.save_pretrained(out)
+    save_model_folder(vae, out)
     report: dict[str, Any] = {
         "format": "zturbo",
         "source": str(folder),
