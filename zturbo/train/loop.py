@@ -189,6 +189,12 @@ class Trainer:
         )
         self.resumed_from = path
         self.resumed_step = self.step
+        if int(pos.get("world_size", 1)) != self.dist.world_size:
+            self._log(
+                f"the checkpoint was written by {pos['world_size']} process(es), this run has {self.dist.world_size}: "
+                "training continues from its weights and optimizer state, but the data order differs from an "
+                "uninterrupted run"
+            )
         self._log(
             f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
         )
