@@ -21,7 +21,7 @@ from zturbo.config import ServeConfig
 from zturbo.data import demo_images
 from zturbo.data.images import open_image, pil_to_tensor
 from zturbo.model import VAE
-from zturbo.serve import Partition, encode_collection, load_index, merge_outputs, store
+from zturbo.serve import Partition, decode_collection, encode_collection, load_index, merge_outputs, store
 from zturbo.serve.inputs import bucket_sizes, nearest_bucket, resize_to_bucket
 
 TINY = dict(block_out_channels=[32, 32], layers_per_block=1, latent_channels=4, mid_block_add_attention=False)
@@ -156,7 +156,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_index(tiny_model, ph
     assert not list((killed / "shards").glob(".*"))  # leftover temp files cleaned
 
 
-def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path):
+def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path, capsys):
     outs = [tmp_path / f"part{i}" for i in range(3)]
     for i, out in enumerate(outs):
         assert _encode(tiny_model, photos, out, "--size", "32", "--shard", f"{i}/3", "-b", "4") == 0
@@ -164,8 +164,12 @@ def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path
     assert all(parts)  # each machine got work
     assert sum(len(p) for p in parts) == 40 and len(set.union(*parts)) == 40  # disjoint and complete
 
-    index = merge_outputs(outs, tmp_path / "merged")
+    capsys.readouterr()
+    assert run(["serve-batch", "merge", *map(str, outs), "--index-dir", str(tmp_path / "merged"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 40
+    index = load_index(tmp_path / "merged" / "index.json")
     assert index["count"] == 40 and index["duplicates_dropped"] == 0
+    assert merge_outputs([outs[0], outs[0]], tmp_path / "twice")["duplicates_dropped"] == len(parts[0])
     assert (tmp_path / "merged" / index["entries"][0]["shard"]).is_file()  # paths relative to the index
 
     # Rank x shard partitions (torchrun inside each machine) tile the inputs too.
@@ -231,6 +235,9 @@ def test_decode_npy_and_safetensors_files(tiny_model, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["batch_00000.jpg", "batch_00001.jpg", "batch_00002.jpg", "one.jpg"]
     assert Image.open(out / "batch_00000.jpg").size == (24, 16) and Image.open(out / "one.jpg").size == (32, 32)
+    (out / "one.jpg").unlink()  # a rerun writes only what is missing
+    report = decode_collection(tiny_model, src, out, ServeConfig(image_format="jpeg", workers=0))
+    assert report.already_done == 3 and report.processed == 1 and (out / "one.jpg").is_file()
 
 
 def test_full_disk_stops_cleanly_and_keeps_written_shards(tiny_model, photos, tmp_path, monkeypatch, capsys):

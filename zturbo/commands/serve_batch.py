@@ -19,7 +19,7 @@ BatchOpt = Annotated[
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch, compile, onnx or trt.")]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read in the main one).")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read on a thread of this one).")]
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]

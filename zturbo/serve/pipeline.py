@@ -670,6 +670,7 @@ def _read_part_failures(out_dir: Path, part: str) -> list[dict]:
 def _model_sample_size(backend) -> int:
     size = getattr(getattr(getattr(backend, "vae", None), "config", None), "sample_size", None)
     size = size or getattr(backend, "sample_size", None)
+    size = size or (getattr(backend, "meta", None) or {}).get("model", {}).get("sample_size")  # export folders
     if not size:
         raise UsageError(f"the '{backend.name}' backend does not say its image size", "give --size")
     return int(size)
