@@ -162,7 +162,8 @@ def main() -> int:
         }
 
     print(
-        f"eval throughput: {args.profile} architecture, {n_images} photos at {args.size} px, batch {args.batch_size}, "
+        f"eval throughput: {args.profile} architecture ({'/'.join(map(str, model_cfg.block_out_channels))}, "
+        f"z={model_cfg.latent_channels}), {n_images} photos at {args.size} px, batch {args.batch_size}, "
         f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds"
     )
     print(

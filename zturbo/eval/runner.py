@@ -155,19 +155,15 @@ def _to_model_input(pixels: torch.Tensor, factor: int, device: torch.device) -> 
     return x
 
 
-def _sync(backend: Backend) -> None:
-    backend.synchronize()
-
-
 def reconstruct(model: EvaluatedModel, pixels: torch.Tensor, *, timed: bool = True, first: bool = False):
     """uint8 (B, 3, H, W) -> reconstruction as uint8 on the backend's device (clamped, rounded, cropped back)."""
     backend = model.backend
     h, w = pixels.shape[-2:]
     x = _to_model_input(pixels, backend.downsample_factor, backend.device)
-    _sync(backend)
+    backend.synchronize()
     t0 = time.perf_counter()
     latents = backend.encode(x)
-    _sync(backend)
+    backend.synchronize()
     t1 = time.perf_counter()
     if latents.shape[1] != backend.latent_channels:
         raise CheckpointError(
@@ -188,7 +184,7 @@ def reconstruct(model: EvaluatedModel, pixels: torch.Tensor, *, timed: bool = Tr
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
             "check that the decoder's latent channels match the encoder's (export both from one checkpoint)",
         ) from exc
-    _sync(backend)
+    backend.synchronize()
     t2 = time.perf_counter()
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2] < h or images.shape[-1] < w:
         raise CheckpointError(
