@@ -201,6 +201,7 @@ def main() -> int:
             json.dumps(
                 {
                     "profile": args.profile,
+                    "block_out_channels": model_cfg.block_out_channels,
                     "size": args.size,
                     "images": n_images,
                     "device": args.device,
