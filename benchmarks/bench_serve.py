@@ -42,14 +42,15 @@ from zturbo.serve import encode_collection
 from zturbo.serve.inputs import resize_to_bucket
 from zturbo.serve.naive import naive_encode
 
-CPU = dict(
-    model=dict(block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, mid_block_add_attention=False),
-    size=64, images=128, source=(80, 120), batch=16, repeats=7, naive_images=16,
-)
-GPU = dict(
-    model=dict(block_out_channels=[96, 192, 384, 384], layers_per_block=2, latent_channels=8),
-    size=512, images=512, source=(560, 720), batch=32, repeats=3, naive_images=48,
-)
+CPU = {
+    "model": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "latent_channels": 4,
+              "mid_block_add_attention": False},
+    "size": 64, "images": 128, "source": (80, 120), "batch": 16, "repeats": 7, "naive_images": 16,
+}
+GPU = {
+    "model": {"block_out_channels": [96, 192, 384, 384], "layers_per_block": 2, "latent_channels": 8},
+    "size": 512, "images": 512, "source": (560, 720), "batch": 32, "repeats": 3, "naive_images": 48,
+}
 
 
 def _make_image(job) -> Path:

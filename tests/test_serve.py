@@ -24,7 +24,7 @@ from zturbo.model import VAE
 from zturbo.serve import Partition, decode_collection, encode_collection, load_index, merge_outputs, store
 from zturbo.serve.inputs import bucket_sizes, nearest_bucket, resize_to_bucket
 
-TINY = dict(block_out_channels=[32, 32], layers_per_block=1, latent_channels=4, mid_block_add_attention=False)
+TINY = {"block_out_channels": [32, 32], "layers_per_block": 1, "latent_channels": 4, "mid_block_add_attention": False}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -321,7 +321,7 @@ def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zturbo",
            "serve-batch", "encode", str(tiny_model), "-i", str(photos), "-o", str(out), "--size", "32",
            "--workers", "0", "--quiet"]
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300, check=False).returncode == 0
     shards = {p.name.split("-")[1] for p in (out / "shards").glob("*.safetensors")}
     assert shards == {"r0of2", "r1of2"}  # both ranks wrote their own part
     index = load_index(out / "index.json")

@@ -372,10 +372,14 @@ class _Writer(threading.Thread):
                 continue
 
     def finish(self) -> None:
-        self.queue.put(None)
-        self.join()
+        self.stop()
         if self.error is not None:
             raise self.error
+
+    def stop(self) -> None:
+        if self.is_alive():
+            self.queue.put(None)
+            self.join()
 
     def run(self) -> None:
         while True:
@@ -480,7 +484,8 @@ class _ImageWriter(_Writer):
     def __init__(self, out_dir: Path, fmt: str, quality: int, threads: int):
         super().__init__()
         self.out_dir, self.fmt, self.quality = out_dir, fmt, quality
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="zturbo-write")
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="zturbo-write")
         self.pending: list = []
         self.written = 0
 
@@ -488,7 +493,7 @@ class _ImageWriter(_Writer):
         arrays = host.numpy()
         self.pending += [self.pool.submit(self._save, arrays[i], name) for i, name in enumerate(names)]
         # Bound the in-flight work and surface the first error.
-        while len(self.pending) > 4 * self.pool._max_workers:
+        while len(self.pending) > 4 * self.threads:
             self.pending.pop(0).result()
             self.written += 1
 
@@ -545,8 +550,11 @@ def _drive(stream: _BatchStream, step: _DeviceStep, writer: _Writer, report: Run
                 report.processed += n
             if progress_cb is not None:
                 progress_cb(n + len(failures))
-    finally:
-        stream.close()  # stops the workers, also on error
+    except BaseException:
+        stream.close()  # stops the workers
+        writer.stop()  # keeps what is complete (unless the writer itself failed), then ends the thread
+        raise
+    stream.close()
     writer.finish()
     report.compute_seconds = writer.compute_seconds
     report.write_seconds = writer.busy_seconds
@@ -643,17 +651,19 @@ def encode_collection(
     else:
         writer.start()
         writer.finish()
-    report.wall_seconds = _seconds(t_start)
-
+    waited = 0.0
     if partition.world_size > 1 and barrier is not None:
+        t0 = time.perf_counter()
         barrier()
+        waited = _seconds(t0)
     if partition.rank == 0 or barrier is None:
         index = store.build_index([out_dir])
         report.index = str(out_dir / store.INDEX_NAME)
         report.index_count = index["count"]
         report.duplicates_dropped = index["duplicates_dropped"]
-        if partition.rank == 0:
-            atomic_write_json(out_dir / store.REPORT_NAME, report.to_json())
+    report.wall_seconds = _seconds(t_start) - waited  # this process's own time, not waiting for other ranks
+    if partition.rank == 0:
+        atomic_write_json(out_dir / store.REPORT_NAME, report.to_json())
     return report
 
 
