@@ -29,6 +29,7 @@ from zturbo.backends import create_backend
 from zturbo.config import ExportConfig, load_settings
 from zturbo.export.pipeline import export_model
 from zturbo.model import VAE
+from zturbo.model.flops import vae_flops
 
 
 def _inputs(vae: VAE, part: str, batch: int, size: int, device) -> torch.Tensor:
@@ -75,17 +76,22 @@ def bench_cpu(
         "torch": create_backend("torch", copy.deepcopy(vae), device="cpu", precision="fp32"),
         "onnx": create_backend("onnx", work / "onnx", device="cpu"),
     }
+    flops = vae_flops(vae.config, size, batch)
     rows = []
     for part in parts:
         x = _inputs(vae, part, batch, size, "cpu")
         times = interleaved({n: _timer(b, part, x) for n, b in backends.items()}, repeats, warmup)
+        gflop = flops["encode" if part == "encoder" else "decode"] / 1e9
         rows.append(
             {
                 "part": part,
                 "batch": batch,
                 "size": size,
+                "gflop": gflop,
                 "torch_ms": times["torch"] * 1e3,
                 "onnx_ms": times["onnx"] * 1e3,
+                "torch_gflops": gflop / times["torch"],
+                "onnx_gflops": gflop / times["onnx"],
                 "ratio": times["onnx"] / times["torch"],
             }
         )
@@ -214,11 +220,15 @@ def main() -> None:
             print(
                 f"\n{args.profile} profile, CPU, {torch.get_num_threads()} torch threads, median of {repeats}"
             )
-            print(f"{'part':8s} {'input':>10s} {'torch ms':>10s} {'onnx ms':>10s} {'onnx/torch':>10s}")
+            print(
+                f"{'part':8s} {'input':>8s} {'GFLOP':>7s} {'torch ms':>9s} {'onnx ms':>9s} "
+                f"{'torch GFLOP/s':>13s} {'onnx GFLOP/s':>12s} {'onnx/torch':>10s}"
+            )
             for r in rows:
                 inp = f"{r['batch']}x{r['size']}"
                 print(
-                    f"{r['part']:8s} {inp:>10s} {r['torch_ms']:10.1f} {r['onnx_ms']:10.1f} {r['ratio']:10.2f}x"
+                    f"{r['part']:8s} {inp:>8s} {r['gflop']:7.1f} {r['torch_ms']:9.1f} {r['onnx_ms']:9.1f} "
+                    f"{r['torch_gflops']:13.1f} {r['onnx_gflops']:12.1f} {r['ratio']:10.2f}x"
                 )
     result.update(profile=args.profile, repeats=repeats, **device_info)
     if args.json:
