@@ -99,7 +99,7 @@ class OnnxBackend(ExportedBackend):
     """Runs ``encoder.onnx`` / ``decoder.onnx`` of an export folder with onnxruntime.
 
     ``model`` is an export folder, or a checkpoint / VAE that is exported to a
-    temporary folder first (fp32). ``provider`` is 'cpu', 'cuda' or 'tensorrt'
+    temporary folder first (fp32; fp16 with ``precision="fp16"``). ``provider`` is 'cpu', 'cuda' or 'tensorrt'
     (default: from ``device``). On CUDA, inputs and outputs stay on the GPU
     through IO binding.
     """
@@ -138,7 +138,6 @@ class OnnxBackend(ExportedBackend):
         self.sessions = {}
         for part, info in meta["parts"].items():
             self.sessions[part] = ort.InferenceSession(str(root / info["onnx"]), options, providers=providers)
-        self._ort = ort
 
     @classmethod
     def load(
