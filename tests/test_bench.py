@@ -148,7 +148,8 @@ def test_markdown_summary_has_cases_speedups_and_skips(report):
     assert "| subject | what | backend |" in text
     assert "### Speedup vs FLOP ratio" in text
     assert "| tiny vs wider | encode+decode |" in text
-    assert "skipped:" in text
+    assert "Not run:" in text
+    assert "- skipped: tiny trt fp32 encode,decode at 16 px, batch 1,2: " in text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ CASE_COLUMNS = ("subject", "what", "backend", "prec", "res", "batch", "median ms
                 "GFLOP/img", "TFLOP/s", "MFU", "speedup", "FLOP ratio", "note")
 
 
+
 def write_json(report: dict[str, Any], path: str | Path) -> None:
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
@@ -32,30 +33,18 @@ def _joined(values) -> str:
 
 
 def case_rows(report: dict[str, Any]) -> list[list[str]]:
-    """One list of cell strings per case, in CASE_COLUMNS order."""
+    """One list of cell strings per measured case, in CASE_COLUMNS order."""
     speedups = _speedups(report)
     rows = []
-    # Cases that did not run for one reason share one row, listing what, resolutions and batches.
-    unrun: dict[tuple, list[dict[str, Any]]] = {}
     for c in report["cases"]:
         if c["status"] != "ok":
-            unrun.setdefault((c["subject"], c["backend"], c["precision"], c["channels_last"], c["status"],
-                              c["reason"]), []).append(c)
-    for c in report["cases"]:
+            continue
         comp = speedups.get((c["what"], c["backend"], c["precision"], c["channels_last"], c["resolution"], c["batch"]))
         mine = comp is not None and c["role"] == "ours"
-        prec = c["precision"] + ("/cl" if c["channels_last"] else "")
-        if c["status"] != "ok":
-            group = unrun.pop((c["subject"], c["backend"], c["precision"], c["channels_last"], c["status"],
-                               c["reason"]), None)
-            if group:
-                rows.append([c["subject"], _joined(g["what"] for g in group), c["backend"], prec,
-                             _joined(g["resolution"] for g in group), _joined(g["batch"] for g in group),
-                             *["-"] * 9, f"{c['status']}: {c['reason']}"])
-            continue
         gflop = c["flops_per_image"] / 1e9 if c["flops_per_image"] is not None else None
         rows.append([
-            c["subject"], c["what"], c["backend"], prec, str(c["resolution"]), str(c["batch"]),
+            c["subject"], c["what"], c["backend"], c["precision"] + ("/cl" if c["channels_last"] else ""),
+            str(c["resolution"]), str(c["batch"]),
             _num(c["median_ms"], ".2f"), _num(c["p90_ms"], ".2f"), _num(c["images_per_s"], ".2f"),
             _num(c["peak_memory_mb"], ".0f"), _num(gflop, ".1f"), _num(c["tflops"], ".3g"),
             "-" if c["mfu"] is None else f"{c['mfu'] * 100:.1f}%",
@@ -64,6 +53,21 @@ def case_rows(report: dict[str, Any]) -> list[list[str]]:
             f"micro-batch {c['micro_batch']}" if c.get("micro_batch") else "",
         ])
     return rows
+
+
+def unrun_lines(report: dict[str, Any]) -> list[str]:
+    """Cases that did not run, one line per (subject, backend, precision, reason)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for c in report["cases"]:
+        if c["status"] != "ok":
+            key = (c["subject"], c["backend"], c["precision"] + ("/cl" if c["channels_last"] else ""), c["status"],
+                   c["reason"])
+            groups.setdefault(key, []).append(c)
+    return [
+        f"{status}: {subject} {backend} {prec} {_joined(c['what'] for c in cases)} at "
+        f"{_joined(c['resolution'] for c in cases)} px, batch {_joined(c['batch'] for c in cases)}: {reason}"
+        for (subject, backend, prec, status, reason), cases in groups.items()
+    ]
 
 
 def comparison_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -121,6 +125,7 @@ def peak_line(report: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any], console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"zturbo bench ({environment_line(report)})", title_justify="left")
@@ -128,8 +133,10 @@ def print_report(report: dict[str, Any], console) -> None:
         table.add_column(col, justify="left" if col in ("subject", "what", "backend", "prec", "note") else "right",
                          no_wrap=col != "note")
     for row in case_rows(report):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
+    for line in unrun_lines(report):
+        console.print(f"  [yellow]{escape(line)}[/]", highlight=False, soft_wrap=True)
     console.print(peak_line(report), highlight=False)
     if report.get("comparisons"):
         comp = Table(title="speedup (their median / ours) next to the FLOP ratio the arithmetic predicts",
@@ -147,10 +154,10 @@ def print_report(report: dict[str, Any], console) -> None:
         for col in GATE_COLUMNS:
             gtable.add_column(col, justify="left" if col in ("case", "verdict") else "right")
         for row in gate_rows(gate):
-            gtable.add_row(*row)
+            gtable.add_row(*(escape(cell) for cell in row))
         console.print(gtable)
         for note in gate["notes"]:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 def _md_table(columns, rows) -> list[str]:
@@ -168,6 +175,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     if not report.get("complete", True):
         lines += ["**Partial results: the run did not finish.**", ""]
     lines += _md_table(CASE_COLUMNS, case_rows(report))
+    unrun = unrun_lines(report)
+    if unrun:
+        lines += ["", "Not run:", ""] + [f"- {line}" for line in unrun]
     if report.get("comparisons"):
         lines += ["", "### Speedup vs FLOP ratio", ""]
         lines += _md_table(COMPARISON_COLUMNS, comparison_rows(report))
