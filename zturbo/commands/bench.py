@@ -21,19 +21,19 @@ def register(app: typer.Typer) -> None:
             "--against", help="Also time 'standard' (or any profile / .toml) or 'diffusers' (same config), "
                               "interleaved, and print the speedup next to the FLOP ratio.")] = None,
         resolutions: Annotated[str | None, typer.Option(
-            "--resolutions", help="Comma-separated sizes [CPU: 256,512; GPU: 512,1024].")] = None,
+            "--resolutions", help="Comma-separated sizes (default: 256,512 on CPU, 512,1024 on GPU).")] = None,
         batch_sizes: Annotated[str | None, typer.Option(
-            "--batch-sizes", help="Comma-separated batch sizes [CPU: 1,4; GPU: 1,8,24].")] = None,
+            "--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU, 1,8,24 on GPU).")] = None,
         backend: Annotated[str | None, typer.Option(
-            "--backend", help="Comma-separated: torch, compile, onnx, trt [torch].")] = None,
-        precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16 [fp32].")] = None,
+            "--backend", help="Comma-separated: torch, compile, onnx, trt (default: torch).")] = None,
+        precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16 (default: fp32).")] = None,
         what: Annotated[str | None, typer.Option(
-            "--what", help="Comma-separated: encode, decode, train [encode,decode].")] = None,
-        repeats: Annotated[int | None, typer.Option("--repeats", help="Timed calls per case [CPU 3, GPU 10].")] = None,
-        warmup: Annotated[int | None, typer.Option("--warmup", help="Untimed calls first [2].")] = None,
+            "--what", help="Comma-separated: encode, decode, train (default: encode,decode).")] = None,
+        repeats: Annotated[int | None, typer.Option("--repeats", help="Timed calls per case (default: 3 on CPU, 10 on GPU).")] = None,
+        warmup: Annotated[int | None, typer.Option("--warmup", help="Untimed calls first (default: 2).")] = None,
         channels_last: Annotated[bool | None, typer.Option(
             "--channels-last/--no-channels-last", help="NHWC memory layout for weights and inputs.")] = None,
-        device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N [auto].")] = None,
+        device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N (default: auto).")] = None,
         json_file: Annotated[str | None, typer.Option(
             "--json", help="Write the report as JSON to FILE ('-': stdout); rewritten after every case.")] = None,
         markdown_file: Annotated[str | None, typer.Option(
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         baseline: Annotated[Path | None, typer.Option(
             "--baseline", help="Stored bench JSON to compare with; exit 1 if a case regressed.")] = None,
         max_regression: Annotated[str | None, typer.Option(
-            "--max-regression", help="Allowed slow-down per case for --baseline, e.g. 10% or 0.1 [10%].")] = None,
+            "--max-regression", help="Allowed slow-down per case for --baseline, e.g. 10% or 0.1 (default: 10%).")] = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Benchmark encode/decode (and train) per resolution, batch, backend and precision."""
