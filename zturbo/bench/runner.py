@@ -154,6 +154,15 @@ def run_bench(
         if "train" in plan.what:
             _run_train(plan, settings, ours, flops, peak.tflops, emit)
 
+        # Measured again at the end, the better of the two is the peak: on a shared machine one
+        # measurement can land in a busy spell and inflate every MFU.
+        again = measure_matmul_peak(plan.device, resolve_dtype(plan.peak_dtype), plan.peak_matmul_size)
+        best = max(peak, again, key=lambda p: p.tflops)
+        report["peak"] = {**best.as_dict(), "measured_tflops": [peak.tflops, again.tflops]}
+        for case in report["cases"]:
+            if case["tflops"] is not None:
+                case["mfu"] = case["tflops"] / best.tflops
+
     report["comparisons"] = compare(report["cases"])
     report["complete"] = True
     if on_update is not None:
