@@ -33,6 +33,15 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_compute_thread():
+    """Tiny models gain nothing from a second thread, and the reader worker needs the other core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
