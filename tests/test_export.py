@@ -366,6 +366,17 @@ def test_interrupted_export_leaves_previous_export_intact(checkpoint, fp32_expor
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before, "an interrupted export changed or left files in the output folder"
 
+    # A SIGKILLed export leaves its staging folder; the next export into OUT removes it once stale.
+    import os
+
+    stale = out / ".zturbo-export-killed"
+    stale.mkdir()
+    (stale / "encoder.onnx").write_bytes(b"half")
+    os.utime(stale, (0, 0))
+    with pytest.raises(KeyboardInterrupt):
+        export_model(checkpoint, out, ExportConfig())
+    assert not stale.exists()
+
 
 def test_incomplete_export_folder_is_refused(fp32_export, tmp_path):
     from zturbo.errors import CheckpointError

@@ -28,6 +28,7 @@ from zturbo.export.layout import INPUT_NAMES, META_NAME, OUTPUT_NAMES
 from zturbo.utils import atomic_write_json
 
 Log = Callable[[str], None]
+STAGING_PREFIX = ".zturbo-export-"
 
 
 def _nolog(_: str) -> None:
@@ -115,7 +116,8 @@ def export_model(
         return export_diffusers(vae, out, verify=cfg.verify, source=source, log=log)
 
     _check_sizes(cfg, vae.config.downsample_factor)
-    staging = Path(tempfile.mkdtemp(prefix=".zturbo-export-", dir=out))
+    _remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
         meta = build_files(vae, source, staging, out, cfg, log)
         atomic_write_json(staging / META_NAME, meta)
@@ -240,6 +242,15 @@ def _verify(vae, staging: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
             "for fp16 try a larger --fp16-headroom or more calibration photos; otherwise export fp32",
         )
     return result
+
+
+def _remove_stale_staging(out: Path, older_than_s: float = 6 * 3600) -> None:
+    """Staging folders of exports killed outright (SIGKILL, OOM killer) that no finally block removed."""
+    now = time.time()
+    for path in out.glob(f"{STAGING_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and now - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _publish(staging: Path, out: Path, meta: dict[str, Any]) -> None:
