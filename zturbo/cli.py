@@ -59,11 +59,14 @@ def _debug() -> bool:
 
 
 def _fail(message: str, hint: str | None, code: int) -> int:
+    from rich.markup import escape
+
     from zturbo.console import stderr
 
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Messages carry user paths and shell snippets like 'zturbo[gpu]': never read them as markup.
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
-        stderr.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+        stderr.print(f"[dim]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
     return code
 
 

@@ -25,7 +25,14 @@ class TorchBackend(Backend):
         self.downsample_factor = vae.config.downsample_factor
 
     @classmethod
-    def load(cls, model, device: str | torch.device = "auto", precision: str = "fp32", channels_last: bool = False, **_):
+    def load(
+        cls,
+        model,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        **_,
+    ):
         from zturbo.model import VAE, load_vae
 
         dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -56,7 +63,9 @@ class CompiledTorchBackend(TorchBackend):
         self._decode = torch.compile(self.vae.decode, mode=mode, dynamic=False)
 
     @classmethod
-    def load(cls, model, device="auto", precision="fp32", channels_last: bool = False, mode: str | None = None, **_):
+    def load(
+        cls, model, device="auto", precision="fp32", channels_last: bool = False, mode: str | None = None, **_
+    ):
         base = TorchBackend.load(model, device=device, precision=precision)
         return cls(base.vae, base.device, base.dtype, channels_last=channels_last, mode=mode)
 

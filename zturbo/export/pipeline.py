@@ -261,11 +261,3 @@ def _publish(staging: Path, out: Path, meta: dict[str, Any]) -> None:
         if path.name != META_NAME:
             os.replace(path, out / path.name)
     atomic_write_json(out / META_NAME, meta)
-    _make_readable(out / META_NAME)
-
-
-def _make_readable(path: Path) -> None:
-    """Temp files are created owner-only; an export is meant to be read by whoever serves it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
