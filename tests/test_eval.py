@@ -510,9 +510,12 @@ def test_empty_folder_error_from_python(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_eval_matches_cpu(models, images):
+def test_cuda_eval_matches_cpu(models, images, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    # cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa); compare true fp32 here.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = {"size": 32, "metrics": ["psnr", "ssim"], "sheet_images": 2}
     cpu = evaluate(models["a"], images, EvalConfig(device="cpu", **cfg))
     gpu = evaluate(models["a"], images, EvalConfig(device="cuda", **cfg), compare=models["b"])
