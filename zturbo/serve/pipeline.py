@@ -21,6 +21,7 @@ Bounded queues between the stages give back-pressure, so memory stays flat.
 
 from __future__ import annotations
 
+import abc
 import errno
 import hashlib
 import os
@@ -353,7 +354,7 @@ class _DeviceStep:
 # Writers
 
 
-class _Writer(threading.Thread):
+class _Writer(threading.Thread, abc.ABC):
     """Runs ``handle(job)`` for queued jobs; the first error stops it and is re-raised in the caller."""
 
     def __init__(self):
@@ -410,8 +411,9 @@ class _Writer(threading.Thread):
             except BaseException as exc:  # noqa: BLE001
                 self.error = _disk_full(exc)
 
+    @abc.abstractmethod
     def handle(self, host, *args) -> None:
-        raise NotImplementedError
+        """Write one batch (called on the writer thread)."""
 
     def close(self) -> None:
         pass
