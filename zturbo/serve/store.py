@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from zturbo.errors import InputError, UsageError, ZTurboError
-from zturbo.utils import atomic_path, atomic_write_json
+from zturbo.utils import atomic_path, atomic_write_json, fsync_dir
 
 FORMAT = "zturbo-latents"
 VERSION = 1
@@ -50,20 +50,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], entries: list[dict
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def read_shard_entries(path: Path) -> list[dict] | None:

@@ -24,7 +24,7 @@ import torch
 
 from zturbo.errors import CheckpointError
 from zturbo.model.io import STEP_DIR, latest_checkpoint
-from zturbo.utils import atomic_path, atomic_write_json
+from zturbo.utils import atomic_path, atomic_write_json, fsync_dir
 
 STATE_NAME = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -87,29 +87,16 @@ def save_checkpoint(
             torch.save({**engine_state, "rng": rng_state(), "position": position}, path)
         atomic_write_json(tmp / STATE_JSON, position)
         atomic_write_json(tmp / SETTINGS_NAME, settings_json)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (resumed exactly at it): replace as a whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     prune(checkpoints_dir, keep_last)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def step_folders(checkpoints_dir: Path) -> list[tuple[int, Path]]:
