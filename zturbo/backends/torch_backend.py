@@ -9,9 +9,22 @@ from zturbo.utils import resolve_device, resolve_dtype
 
 
 class TorchBackend(Backend):
+    """A torch module on one device and precision; ``compiled=True`` wraps both passes in torch.compile.
+
+    Subclasses wrapping another module layout override ``_encode_impl`` / ``_decode_impl``.
+    """
+
     name = "torch"
 
-    def __init__(self, vae, device: torch.device, dtype: torch.dtype, channels_last: bool = False):
+    def __init__(
+        self,
+        vae,
+        device: torch.device,
+        dtype: torch.dtype,
+        channels_last: bool = False,
+        compiled: bool = False,
+        mode: str | None = None,
+    ):
         self.device = device
         self.dtype = dtype
         self.channels_last = channels_last
@@ -22,7 +35,10 @@ class TorchBackend(Backend):
             p.requires_grad_(False)
         self.vae = vae
         self.latent_channels = vae.config.latent_channels
-        self.downsample_factor = vae.config.downsample_factor
+        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # dynamic=False: one graph per input shape, the fastest code for each.
+        self._encode = torch.compile(self._encode_impl, mode=mode, dynamic=False) if compiled else self._encode_impl
+        self._decode = torch.compile(self._decode_impl, mode=mode, dynamic=False) if compiled else self._decode_impl
 
     @classmethod
     def load(
@@ -31,43 +47,23 @@ class TorchBackend(Backend):
         device: str | torch.device = "auto",
         precision: str = "fp32",
         channels_last: bool = False,
-        **_,
+        **options,
     ):
         from zturbo.model import VAE, load_vae
 
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         vae = model if isinstance(model, VAE) else load_vae(model)
-        return cls(vae, dev, resolve_dtype(precision), channels_last=channels_last)
+        return cls(vae, dev, resolve_dtype(precision), channels_last=channels_last, **options)
+
+    def _encode_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).mean
+
+    def _decode_impl(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(self._prep(images)).mean
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self._prep(latents))
-
-
-class CompiledTorchBackend(TorchBackend):
-    """torch.compile'd encoder and decoder (dynamic shapes off: one graph per input shape)."""
-
-    name = "compile"
-
-    def __init__(self, vae, device, dtype, channels_last: bool = False, mode: str | None = None):
-        super().__init__(vae, device, dtype, channels_last)
-        self._encode = torch.compile(lambda x: self.vae.encode(x).mean, mode=mode, dynamic=False)
-        self._decode = torch.compile(self.vae.decode, mode=mode, dynamic=False)
-
-    @classmethod
-    def load(
-        cls, model, device="auto", precision="fp32", channels_last: bool = False, mode: str | None = None, **_
-    ):
-        base = TorchBackend.load(model, device=device, precision=precision)
-        return cls(base.vae, base.device, base.dtype, channels_last=channels_last, mode=mode)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,3 +72,14 @@ class CompiledTorchBackend(TorchBackend):
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._decode(self._prep(latents))
+
+
+class CompiledTorchBackend(TorchBackend):
+    """torch.compile'd encoder and decoder."""
+
+    name = "compile"
+
+    @classmethod
+    def load(cls, model, device="auto", precision="fp32", channels_last: bool = False, mode: str | None = None, **_):
+        return super().load(model, device=device, precision=precision, channels_last=channels_last, compiled=True,
+                            mode=mode)

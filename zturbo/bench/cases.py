@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from zturbo.backends.torch_backend import TorchBackend
 from zturbo.config import ModelConfig, load_settings
 from zturbo.errors import MissingDependencyError, UsageError, ZTurboError
 
@@ -119,39 +120,16 @@ def _import_diffusers():
 # Engines
 
 
-class DiffusersEngine:
+class DiffusersEngine(TorchBackend):
     """diffusers' AutoencoderKL on one device and precision, eager or compiled like our backends."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, channels_last: bool,
-                 compiled: bool):
-        model = model.to(device=device, dtype=dtype).eval()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model
-        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+    name = "diffusers"
 
-        def encode(x):
-            return model.encode(x).latent_dist.mean
+    def _encode_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latent_dist.mean
 
-        def decode(z):
-            return model.decode(z, return_dict=False)[0]
-
-        self._encode = torch.compile(encode, dynamic=False) if compiled else encode
-        self._decode = torch.compile(decode, dynamic=False) if compiled else decode
-
-    def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, self.dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(self._prep(images))
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(self._prep(latents))
+    def _decode_impl(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z, return_dict=False)[0]
 
 
 def build_engine(subject: Subject, backend: str, device: torch.device, precision: str, channels_last: bool):
