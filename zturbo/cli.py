@@ -13,7 +13,6 @@ import pkgutil
 import sys
 import traceback
 
-import click
 import typer
 
 from zturbo import __version__
@@ -21,6 +20,17 @@ from zturbo.errors import ZTurboError
 
 # Order in `zturbo --help`; modules not listed follow alphabetically.
 _ORDER = ["prepare", "train", "eval", "bench", "export", "serve_batch", "config_cmd", "info"]
+
+
+def _click_exceptions() -> tuple[type[BaseException], ...]:
+    """ClickException classes typer may raise: its vendored click (typer >= 0.29) or click itself."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def _version(value: bool) -> None:
@@ -76,11 +86,11 @@ def run(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="zturbo", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         return _fail("aborted", None, 130)
-    except click.ClickException as exc:
+    except _click_exceptions() as exc:
         if _debug():
             traceback.print_exc()
         exc.show()
