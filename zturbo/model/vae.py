@@ -107,8 +107,7 @@ class VAE(nn.Module):
         elif isinstance(config, dict):
             config = ModelConfig(**{**config, **overrides})
         elif overrides:
-            config = config.model_copy(update=overrides)
-            config = ModelConfig.model_validate(config.model_dump())
+            config = ModelConfig(**{**config.model_dump(), **overrides})
         self.config = config
         lat = config.latent_channels
         self.encoder = Encoder(config)
@@ -146,11 +145,6 @@ class VAE(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = enabled
         self.decoder.gradient_checkpointing = enabled
-
-    @property
-    def last_layer_weight(self) -> torch.Tensor:
-        """Weight of the decoder's final conv (for the GAN adaptive weight)."""
-        return self.decoder.conv_out.weight
 
     @property
     def num_parameters(self) -> int:
@@ -198,10 +192,3 @@ class VAE(nn.Module):
         from zturbo.model.io import load_pretrained
 
         return load_pretrained(directory, map_location=map_location)
-
-    @staticmethod
-    def config_from_diffusers(data: dict[str, Any]) -> ModelConfig:
-        from zturbo.model.io import model_config_from_dict
-
-        return model_config_from_dict(data)
-
