@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +33,16 @@ def backbone_weights_path(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(BACKBONE_URLS[net]).name
 
 
-def ensure_backbone_weights(net: str, allow_download: bool = True, timeout_s: float = 30.0) -> Path:
+def ensure_backbone_weights(
+    net: str,
+    allow_download: bool = True,
+    timeout_s: float = 30.0,
+    without: str = "set the perceptual weight to 0",
+) -> Path:
+    """Path of ``net``'s backbone weights, downloading them if allowed.
+
+    ``without`` completes the hint: how the caller's user can do without LPIPS.
+    """
     if net not in BACKBONE_URLS:
         raise ZTurboError(f"unknown LPIPS network '{net}'", f"choose one of: {', '.join(BACKBONE_URLS)}")
     path = backbone_weights_path(net)
@@ -40,7 +50,7 @@ def ensure_backbone_weights(net: str, allow_download: bool = True, timeout_s: fl
         return path
     hint = (
         f"download {BACKBONE_URLS[net]} and put it at {path} (set TORCH_HOME to use another cache folder), "
-        "or set the perceptual weight to 0"
+        f"or {without}"
     )
     if not allow_download:
         raise MissingWeightsError(f"LPIPS-{net} backbone weights not found: {path}", hint)
@@ -66,6 +76,7 @@ def load_lpips(
     *,
     random_backbone: bool = False,
     allow_download: bool = True,
+    without: str = "set the perceptual weight to 0",
 ):
     """An ``lpips.LPIPS`` module in eval mode with frozen parameters.
 
@@ -74,8 +85,10 @@ def load_lpips(
     """
     lpips = require("lpips", "LPIPS")
     if not random_backbone:
-        ensure_backbone_weights(net, allow_download=allow_download)
-    with contextlib.redirect_stdout(None):  # lpips prints a banner on construction
+        ensure_backbone_weights(net, allow_download=allow_download, without=without)
+    # lpips prints a banner and calls torchvision's deprecated 'pretrained' argument.
+    with contextlib.redirect_stdout(None), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
     model = model.eval().to(device)
     for p in model.parameters():

@@ -15,7 +15,6 @@ import contextlib
 import math
 import socket
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,7 @@ from torchmetrics.functional.image import (
 )
 
 from zturbo.errors import MissingDependencyError, ZTurboError
-from zturbo.perceptual import BACKBONE_URLS, MissingWeightsError, backbone_weights_path, load_lpips
+from zturbo.perceptual import MissingWeightsError, load_lpips
 
 DATA_RANGE = 255.0
 SSIM_KERNEL = 11
@@ -134,20 +133,15 @@ class MetricSuite:
         if "lpips" in metrics:
             for net in lpips_nets:
                 try:
-                    with (
-                        warnings.catch_warnings()
-                    ):  # torchvision's 'pretrained' deprecation, raised inside lpips
-                        warnings.simplefilter("ignore", UserWarning)
-                        self.lpips[net] = load_lpips(
-                            net, device, random_backbone=lpips_random_backbone, allow_download=allow_download
-                        )
+                    self.lpips[net] = load_lpips(
+                        net,
+                        device,
+                        random_backbone=lpips_random_backbone,
+                        allow_download=allow_download,
+                        without="leave LPIPS out with --metrics psnr,ssim",
+                    )
                 except (MissingWeightsError, MissingDependencyError) as exc:
                     if missing_weights == "error":
-                        if isinstance(exc, MissingWeightsError):
-                            exc.hint = (
-                                f"download {BACKBONE_URLS[net]} to {backbone_weights_path(net)} (TORCH_HOME "
-                                "moves that cache), or leave LPIPS out with --metrics psnr,ssim"
-                            )
                         raise
                     self.unavailable[f"lpips_{net}"] = exc.message
         if "rfid" in metrics:
