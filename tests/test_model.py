@@ -180,3 +180,24 @@ def test_inference_mode_and_grad_mode_agree():
         fast = vae(x)
     slow = vae(x).detach()
     torch.testing.assert_close(fast, slow)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_activations_keep_the_input_memory_layout(grad, layout):
+    """The mid-block attention must not flip the rest of the network to another layout.
+
+    Its output is a transposed (channels-last) view; a sum that takes that layout made every
+    later layer run channels-last, and on CPU GroupNorm's backward is several times slower so.
+    """
+    torch.manual_seed(0)
+    vae = VAE(ModelConfig(block_out_channels=[32, 64], latent_channels=4, layers_per_block=1))
+    seen = []
+    for module in vae.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=layout)))
+    z = torch.randn(2, 4, 12, 12).contiguous(memory_format=layout)
+    with torch.set_grad_enabled(grad):
+        out = vae.decode(z)
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} GroupNorm outputs changed layout"
+    assert out.is_contiguous(memory_format=layout)

@@ -589,3 +589,43 @@ def test_prepared_folder_layout_uses_its_val_split(tmp_path, small_data):
     shutil.move(str(next((prepared / "train").glob("*.png"))), prepared / "val" / "v.png")
     split = split_data(prepared, val_images=4)
     assert split.layout == "prepared" and [p.name for p in split.val] == ["v.png"] and len(split.train) == 5
+
+
+# -- precision and compile --------------------------------------------------------------------------------
+
+
+def test_fp16_grad_scaler_absorbs_overflow_and_keeps_training(tiny_config):
+    """fp16 autocast with a GradScaler: an overflowing step is the scaler's to skip, not the NaN guard's."""
+    settings = load_settings(None, tiny_config, {"train": {"precision": "fp16"}}, default_profile=None)
+    engine = TrainEngine(settings, torch.device("cpu"), total_steps=10)
+    assert engine.scaler.is_enabled() and engine.autocast_dtype is torch.float16
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    engine.step(x, 0)
+    # A scale this large overflows fp16 gradients: the scaler must skip the update and back off.
+    engine.scaler.update(2.0**40)
+    before = {k: v.clone() for k, v in engine.vae.state_dict().items()}
+    result = engine.step(x, 1)
+    assert engine.scaler.get_scale() < 2.0**40
+    assert engine.nonfinite_streak == 0 and not result.skipped
+    assert all(torch.equal(before[k], v) for k, v in engine.vae.state_dict().items()), "overflowed step applied"
+    losses = [engine.step(x, i).terms["loss"] for i in range(2, 6)]
+    assert all(torch.isfinite(p).all() for p in engine.vae.parameters())
+    assert losses[-1] < losses[0]
+
+
+def test_compiled_training_step_matches_eager(tiny_config):
+    pytest.importorskip("torch._inductor")
+    import shutil as _shutil
+
+    if _shutil.which("cc") is None and _shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    results = []
+    for compiled in (False, True):
+        settings = load_settings(None, tiny_config, {"train": {"compile": compiled}}, default_profile=None)
+        engine = TrainEngine(settings, torch.device("cpu"), total_steps=10)
+        results.append([engine.step(x, i).terms["rec"] for i in range(3)])
+        if compiled:
+            assert engine.forward is not engine.vae and hasattr(engine.forward, "_orig_mod")
+    eager, compiled = results
+    assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-5)

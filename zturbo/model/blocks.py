@@ -88,9 +88,13 @@ class Attention(nn.Module):
         k = self.to_k(tokens).unsqueeze(1)
         v = self.to_v(tokens).unsqueeze(1)
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        out = self.to_out[0](out)
-        out = out.transpose(1, 2).reshape(b, c, h, w)
-        return _add(out, x)
+        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)  # a channels-last view
+        # The residual goes first so the sum keeps the input's memory layout. With ``out``
+        # first, everything after the mid block silently ran channels-last, which on CPU
+        # made GroupNorm's backward ~7x slower and a training step ~15% slower.
+        if not torch.is_grad_enabled():
+            return x.add_(out)  # x is the mid block's own intermediate, never the caller's tensor
+        return x + out
 
 
 class MidBlock(nn.Module):
