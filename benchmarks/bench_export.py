@@ -74,6 +74,7 @@ def bench_cpu(
     print(f"exported {','.join(parts)} in {time.perf_counter() - t0:.1f} s", flush=True)
     backends = {
         "torch": create_backend("torch", copy.deepcopy(vae), device="cpu", precision="fp32"),
+        "torch-cl": create_backend("torch", copy.deepcopy(vae), device="cpu", precision="fp32", channels_last=True),
         "onnx": create_backend("onnx", work / "onnx", device="cpu"),
     }
     flops = vae_flops(vae.config, size, batch)
@@ -89,10 +90,12 @@ def bench_cpu(
                 "size": size,
                 "gflop": gflop,
                 "torch_ms": times["torch"] * 1e3,
+                "torch_cl_ms": times["torch-cl"] * 1e3,
                 "onnx_ms": times["onnx"] * 1e3,
                 "torch_gflops": gflop / times["torch"],
                 "onnx_gflops": gflop / times["onnx"],
                 "ratio": times["onnx"] / times["torch"],
+                "ratio_vs_channels_last": times["onnx"] / times["torch-cl"],
             }
         )
     return rows
@@ -222,13 +225,15 @@ def main() -> None:
             )
             print(
                 f"{'part':8s} {'input':>8s} {'GFLOP':>7s} {'torch ms':>9s} {'onnx ms':>9s} "
-                f"{'torch GFLOP/s':>13s} {'onnx GFLOP/s':>12s} {'onnx/torch':>10s}"
+                f"{'torch GFLOP/s':>13s} {'onnx GFLOP/s':>12s} {'onnx/torch':>10s} "
+                f"{'torch-cl ms':>11s} {'onnx/torch-cl':>13s}"
             )
             for r in rows:
                 inp = f"{r['batch']}x{r['size']}"
                 print(
                     f"{r['part']:8s} {inp:>8s} {r['gflop']:7.1f} {r['torch_ms']:9.1f} {r['onnx_ms']:9.1f} "
-                    f"{r['torch_gflops']:13.1f} {r['onnx_gflops']:12.1f} {r['ratio']:10.2f}x"
+                    f"{r['torch_gflops']:13.1f} {r['onnx_gflops']:12.1f} {r['ratio']:10.2f}x "
+                    f"{r['torch_cl_ms']:11.1f} {r['ratio_vs_channels_last']:12.2f}x"
                 )
     result.update(profile=args.profile, repeats=repeats, **device_info)
     if args.json:

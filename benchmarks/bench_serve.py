@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--source", help="MIN,MAX side of the generated source images")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("images", "size", "repeats"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
+    if args.source:
+        preset["source"] = tuple(int(v) for v in args.source.split(","))
     batch = args.batch_size or preset["batch"]
     size = preset["size"]
     if args.gpu and not torch.cuda.is_available():
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             for i in range(0, n, batch)
         ]
         cfg = ServeConfig(size=size, batch_size=batch, resize="square", precision=args.precision,
-                          workers=args.workers, shard_size=1000)
+                          workers=args.workers, overlap=args.overlap, shard_size=1000)
         naive_paths = paths[: preset["naive_images"]]
 
         compute_only(backend, dev_batches[:2])  # warm-up: kernels, allocator, worker start paths
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": batch,
         "precision": args.precision,
         "workers": last.workers,
+        "reading": last.reading,
         "encode_gflop_per_image": round(flops / 1e9, 3),
         "images_per_second": {k: round(v, 2) for k, v in med.items()},
         "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": {"end_to_end_vs_compute": 0.9, "end_to_end_vs_naive": 1.5},
     }
     print(f"serve-batch encode on {result['device']}: {n} images -> {size}x{size}, batch {batch}, "
-          f"{args.precision}, {result['encode_gflop_per_image']} GFLOP/image, {result['workers']} reader workers")
+          f"{args.precision}, {result['encode_gflop_per_image']} GFLOP/image, {result['workers']} reader workers, reading {result['reading']}")
     print(f"{'variant':<14}{'images/s':>10}  runs")
     for k in ("compute", "end_to_end", "naive"):
         print(f"{k:<14}{med[k]:>10.1f}  {runs[k]}")

@@ -196,7 +196,8 @@ def test_ranks_share_one_output_and_the_last_merges(tiny_model, photos, tmp_path
     assert r0.index_count == 40
 
 
-def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, capsys):
+@pytest.mark.parametrize("overlap", ["on", "off"])
+def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, capsys, overlap):
     src = tmp_path / "src"
     src.mkdir()
     for p in sorted((photos / "a").iterdir())[:5]:
@@ -206,7 +207,7 @@ def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, c
     (src / "text.jpg").write_text("not an image")
     (src / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
-    assert _encode(tiny_model, src, out, "--size", "32") == 0
+    assert _encode(tiny_model, src, out, "--size", "32", "--overlap", overlap) == 0
     captured = capsys.readouterr().out
     index = load_index(out / "index.json")
     reasons = {f["source"]: f["reason"] for f in index["failures"]}
@@ -218,7 +219,7 @@ def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, c
 
     # Fixed on disk: a rerun picks it up and it leaves the failure list.
     (src / "truncated.png").write_bytes(good)
-    assert _encode(tiny_model, src, out, "--size", "32") == 0
+    assert _encode(tiny_model, src, out, "--size", "32", "--overlap", overlap) == 0
     index = load_index(out / "index.json")
     assert index["count"] == 6 and {f["source"] for f in index["failures"]} == {"text.jpg", "empty.png"}
 
@@ -335,3 +336,42 @@ def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_
     assert shards == {"r0of2", "r1of2"}  # both ranks wrote their own part
     index = load_index(out / "index.json")
     assert index["count"] == 40 and len({e["source"] for e in index["entries"]}) == 40
+
+
+def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, tmp_path, monkeypatch):
+    """Reading between batches (CPU compute on every core) or beside compute: same latents, same index."""
+    from zturbo.serve import pipeline
+
+    results = {}
+    for overlap in ("on", "off"):
+        cfg = ServeConfig(size=32, batch_size=4, workers=1, overlap=overlap)
+        report = encode_collection(tiny_model, photos, tmp_path / overlap, cfg)
+        assert report.reading == {"on": "overlapped", "off": "phased"}[overlap]
+        assert report.processed == 40 and report.failed == 0
+        results[overlap] = (_entries(load_index(tmp_path / overlap / "index.json")), _latents(tmp_path / overlap))
+    assert results["on"][0] == results["off"][0]
+    for key, latent in results["on"][1].items():
+        torch.testing.assert_close(results["off"][1][key], latent)
+    # auto: phased exactly when the model computes on the CPU with a thread on every core.
+    monkeypatch.setattr(pipeline, "_cores", lambda: 1)
+    report = encode_collection(tiny_model, photos / "a", tmp_path / "auto1", ServeConfig(size=32, workers=1))
+    assert report.reading == "phased"
+    monkeypatch.setattr(pipeline, "_cores", lambda: 64)
+    report = encode_collection(tiny_model, photos / "a", tmp_path / "auto64", ServeConfig(size=32, workers=1))
+    assert report.reading == "overlapped"
+
+
+@pytest.mark.parametrize("overlap", ["on", "off"])
+def test_index_records_displayed_size_of_exif_rotated_images(tiny_model, tmp_path, overlap):
+    """One size bucket (square): sizes come from the single decode, after EXIF rotation, before JPEG draft."""
+    src = tmp_path / "src"
+    src.mkdir()
+    arr = np.random.default_rng(0).integers(0, 255, (60, 180, 3), dtype=np.uint8)  # stored 180 x 60
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: displayed 60 x 180
+    Image.fromarray(arr).save(src / "rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(arr).save(src / "plain.jpg")
+    cfg = ServeConfig(size=16, batch_size=2, workers=1, overlap=overlap, resize="square")
+    encode_collection(tiny_model, src, tmp_path / "out", cfg)
+    sizes = {e["source"]: (e["width"], e["height"]) for e in load_index(tmp_path / "out" / "index.json")["entries"]}
+    assert sizes == {"rotated.jpg": (60, 180), "plain.jpg": (180, 60)}

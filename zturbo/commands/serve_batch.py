@@ -20,6 +20,9 @@ BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch, compil
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read on a thread of this one).")]
+OverlapOpt = Annotated[str | None, typer.Option(
+    "--overlap", help="auto | on | off: read beside compute in worker processes (on), or between batches on "
+    "all cores (off; auto picks off when the model computes on the CPU with every core).")]
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]
@@ -102,6 +105,7 @@ def _print_report(report, json_out: bool) -> None:
         ("failed", f"{r.failed}"),
         ("already done before", f"{r.already_done}"),
         ("batch size / workers", f"{r.batch_size} / {r.workers}"),
+        ("reading", r.reading or "-"),
         ("backend", ", ".join(f"{k}={v}" for k, v in r.backend.items())),
         ("wall time", f"{r.wall_seconds:.2f} s"),
         ("throughput", f"{r.images_per_second:.1f} images/s"),
@@ -146,6 +150,7 @@ def register(app: typer.Typer) -> None:
         shard: ShardOpt = None,
         shard_size: Annotated[int | None, typer.Option("--shard-size", help="Latents per shard file.")] = None,
         workers: WorkersOpt = None,
+        overlap: OverlapOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -158,6 +163,7 @@ def register(app: typer.Typer) -> None:
             "size": size, "batch_size": _batch_size(batch_size), "backend": backend, "precision": precision,
             "device": device, "latent_mode": None if mean is None else ("mean" if mean else "sample"),
             "resize": resize, "shard_size": shard_size, "workers": workers,
+            "overlap": overlap,
         }}
         cfg = settings_from(profile, config, overrides).serve
         index, count = parse_shard(shard)
@@ -186,6 +192,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         shard: ShardOpt = None,
         workers: WorkersOpt = None,
+        overlap: OverlapOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -197,6 +204,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"serve": {
             "image_format": image_format, "quality": quality, "batch_size": _batch_size(batch_size),
             "backend": backend, "precision": precision, "device": device, "workers": workers,
+            "overlap": overlap,
         }}
         cfg = settings_from(profile, config, overrides).serve
         index, count = parse_shard(shard)

@@ -97,6 +97,13 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
     ``draft_size`` lets JPEG decoding happen at a reduced scale when the image is much
     larger than needed (the final resize still antialiases).
     """
+    return open_image_sized(path, max_pixels, draft_size)[0]
+
+
+def open_image_sized(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """``open_image`` plus the image's displayed size (after EXIF rotation) before any JPEG draft scaling."""
     path = Path(path)
     with image_read_errors(path), Image.open(path) as im:
         check_pixels(path, im, max_pixels)
@@ -108,8 +115,11 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
             if scale >= 2:
                 im.draft("RGB", (max(1, round(w / scale)), max(1, round(h / scale))))
         im.load()
+        stored = im.size
         im = ImageOps.exif_transpose(im)
-        return to_srgb_rgb(im)
+        if im.size != stored:  # rotated by 90 or 270 degrees
+            w, h = h, w
+        return to_srgb_rgb(im), (w, h)
 
 
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:

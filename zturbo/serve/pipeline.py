@@ -46,7 +46,6 @@ from zturbo.serve.inputs import (
     Probed,
     bucket_sizes,
     discover_sources,
-    probe,
     probe_all,
     resize_to_bucket,
 )
@@ -71,6 +70,7 @@ class RunReport:
     failures: list[dict] = field(default_factory=list)
     batch_size: int = 0
     workers: int = 0
+    reading: str = ""  # 'overlapped' (worker processes beside compute) or 'phased' (between batches)
     backend: dict = field(default_factory=dict)
     partition: str = ""
     wall_seconds: float = 0.0
@@ -163,17 +163,15 @@ class _ImageSet(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from zturbo.data.images import ImageReadError, open_image
+        from zturbo.data.images import ImageReadError, open_image_sized
 
         t0 = time.thread_time()  # CPU time, not time spent waiting for a core
         item = self.items[i]
         try:
-            if not item.width:  # not probed up front (one bucket): read the header here, in parallel
-                item = probe(item.source, [item.bucket], self.max_pixels)
-                if isinstance(item, Failure):
-                    return i, None, item, time.thread_time() - t0, None
-            im = open_image(item.source.path, self.max_pixels, draft_size=max(item.bucket))
-            original = (item.width, item.height)  # the JPEG draft may have shrunk ``im`` already
+            # Not probed up front (one bucket for all): the size comes from this one open.
+            im, original = open_image_sized(item.source.path, self.max_pixels, draft_size=max(item.bucket))
+            if item.width:
+                original = (item.width, item.height)
             im, _ = resize_to_bucket(im, item.bucket)
             # A numpy array travels to the main process as plain bytes, cheaper than a
             # shared-memory tensor for the small and mid-sized images that dominate.
@@ -202,7 +200,7 @@ def _collate(samples, pin: bool):
     if ok:
         first = ok[0][1]
         # Straight into page-locked memory on CUDA, so the copy to the device is asynchronous.
-        data = torch.empty((len(ok), *first.shape), dtype=torch.from_numpy(first[:0]).dtype, pin_memory=pin)
+        data = torch.empty((len(ok), *first.shape), dtype=torch.from_numpy(np.empty(0, first.dtype)).dtype, pin_memory=pin)
         np.stack([s[1] for s in ok], out=data.numpy())
     return {
         "indices": [s[0] for s in ok],
@@ -225,6 +223,7 @@ class _BatchStream:
     """
 
     _END = object()
+    mode = "overlapped"
 
     def __init__(self, dataset, batches: list[list[int]], workers: int, pin: bool, depth: int = PREFETCH_BATCHES):
         order = [i for b in batches for i in b]
@@ -273,6 +272,48 @@ class _BatchStream:
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
+
+
+class _PhasedBatchStream:
+    """Batches read just before they are computed, by a thread pool using every core.
+
+    For compute on the CPU when torch's threads already occupy every core. Reading
+    beside compute there means sharing cores: a compute thread the scheduler preempts
+    for a reader stalls the whole op at its barrier, so reads cost more than their own
+    CPU time. Reading in a burst between batches, on all cores at once (PIL releases
+    the GIL while decoding and resizing), costs just that time. Writing stays on its
+    background thread: it is a small share of the work.
+    """
+
+    mode = "phased"
+
+    def __init__(self, dataset, batches: list[list[int]], threads: int):
+        self.dataset, self.batches = dataset, batches
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="zturbo-read")
+
+    def __iter__(self):
+        for plan in self.batches:
+            yield _collate(list(self.pool.map(self.dataset.__getitem__, plan)), False)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _stream(dataset, batches: list[list[int]], workers: int, device: torch.device, cfg: ServeConfig):
+    """Overlapped reading in worker processes, or phased reading when compute fills the CPU (see above)."""
+    phased = cfg.overlap == "off" or (
+        cfg.overlap == "auto" and device.type == "cpu" and torch.get_num_threads() >= _cores()
+    )
+    if phased:
+        return _PhasedBatchStream(dataset, batches, _cores())
+    return _BatchStream(dataset, batches, workers, device.type == "cuda")
 
 
 def _batches(keys: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -527,8 +568,9 @@ def image_suffix(fmt: str) -> str:
 # The loop shared by encode and decode
 
 
-def _drive(stream: _BatchStream, step: _DeviceStep, writer: _Writer, report: RunReport, job_args, progress_cb) -> None:
+def _drive(stream: _BatchStream | _PhasedBatchStream, step: _DeviceStep, writer: _Writer, report: RunReport, job_args, progress_cb) -> None:
     """Pull batches, compute, hand results to the writer; the writer's first error stops everything."""
+    report.reading = stream.mode
     writer.start()
     it = iter(stream)
     try:
@@ -645,7 +687,7 @@ def encode_collection(
 
         report.batch_size = _resolve_batch(cfg, trial, backend.device, len(items))
         batches = _batches([p.bucket for p in items], report.batch_size)
-        loader = _BatchStream(_ImageSet(items, cfg.max_pixels), batches, workers, backend.device.type == "cuda")
+        loader = _stream(_ImageSet(items, cfg.max_pixels), batches, workers, backend.device, cfg)
         advance = progress(len(mine), report.already_done + len(header_failures)) if progress else None
         def job(batch):
             idx = batch["indices"]
@@ -733,7 +775,7 @@ def decode_collection(
 
         report.batch_size = _resolve_batch(cfg, trial, backend.device, len(todo))
         batches = _batches([it.shape[1:] for it in todo], report.batch_size)
-        loader = _BatchStream(_LatentSet(todo), batches, workers, backend.device.type == "cuda")
+        loader = _stream(_LatentSet(todo), batches, workers, backend.device, cfg)
         advance = progress(len(items), report.already_done) if progress else None
         _drive(loader, step, writer, report, lambda batch: ([todo[i].name for i in batch["indices"]], None), advance)
     else:
