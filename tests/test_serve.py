@@ -375,3 +375,30 @@ def test_index_records_displayed_size_of_exif_rotated_images(tiny_model, tmp_pat
     encode_collection(tiny_model, src, tmp_path / "out", cfg)
     sizes = {e["source"]: (e["width"], e["height"]) for e in load_index(tmp_path / "out" / "index.json")["entries"]}
     assert sizes == {"rotated.jpg": (60, 180), "plain.jpg": (180, 60)}
+
+
+def test_decode_restores_the_source_resolution_on_request(tiny_model, photos, tmp_path, capsys):
+    lat = tmp_path / "lat"
+    assert _encode(tiny_model, photos / "a", lat, "--size", "32") == 0
+    index = load_index(lat / "index.json")
+    by_name = {Path(e["source"]).stem: e for e in index["entries"]}
+    assert run(["serve-batch", "decode", str(tiny_model), "-i", str(lat), "-o", str(tmp_path / "dec"), "--quiet"]) == 0
+    assert run(["serve-batch", "decode", str(tiny_model), "-i", str(lat), "-o", str(tmp_path / "src"), "--quiet",
+                "--restore-size"]) == 0
+    checked = 0
+    for name, e in by_name.items():
+        with Image.open(tmp_path / "dec" / f"{name}.png") as im:
+            assert im.size == tuple(e["bucket"])  # default: the decoded (bucket) size
+        with Image.open(tmp_path / "src" / f"{name}.png") as im:
+            w, h, (bw, bh) = e["width"], e["height"], e["bucket"]
+            scale = max(bw / w, bh / h)
+            assert im.size == (round(min(w, bw / scale)), round(min(h, bh / scale)))
+            checked += im.size != (bw, bh)
+    assert checked > 0, "no image in the set needed resizing: the test would prove nothing"
+    # Square buckets crop: a 48 x 32 source comes back as its 32 x 32 center region, at source scale.
+    sq = tmp_path / "sq"
+    assert _encode(tiny_model, photos / "a", sq, "--size", "16", "--resize", "square") == 0
+    assert run(["serve-batch", "decode", str(tiny_model), "-i", str(sq), "-o", str(tmp_path / "sqd"), "--quiet",
+                "--restore-size"]) == 0
+    sizes = {Image.open(p).size for p in (tmp_path / "sqd").iterdir()}
+    assert sizes == {(32, 32), (24, 24)}

@@ -217,6 +217,11 @@ class ServeConfig(Section):
     )
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="jpeg / webp quality when decoding to images")
+    restore_size: bool = Field(
+        False,
+        description="decode: write each image at the source resolution of the region it was encoded from "
+        "(latents from an encode run; others keep the decoded size)",
+    )
     resize: Literal["aspect", "square"] = Field(
         "aspect", description="aspect: nearest aspect-ratio bucket of about size^2 pixels; square: center-crop to size"
     )

@@ -186,6 +186,10 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images.")],
         image_format: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp.")] = None,
         quality: Annotated[int | None, typer.Option("--quality", help="jpeg / webp quality.")] = None,
+        restore_size: Annotated[bool | None, typer.Option(
+            "--restore-size/--decoded-size",
+            help="Write each image at the source resolution of the region it was encoded from "
+            "(latents from an encode run), or at the decoded size (default).")] = None,
         batch_size: BatchOpt = None,
         backend: BackendOpt = None,
         precision: PrecisionOpt = None,
@@ -202,7 +206,8 @@ def register(app: typer.Typer) -> None:
         from zturbo.serve import Partition, decode_collection, parse_shard
 
         overrides = {"serve": {
-            "image_format": image_format, "quality": quality, "batch_size": _batch_size(batch_size),
+            "image_format": image_format, "quality": quality, "restore_size": restore_size,
+            "batch_size": _batch_size(batch_size),
             "backend": backend, "precision": precision, "device": device, "workers": workers,
             "overlap": overlap,
         }}

@@ -21,6 +21,24 @@ class LatentItem:
     tensor: str | None  # safetensors tensor name; None for .npy
     row: int | None  # index into a batched (B, C, h, w) array; None for a single (C, h, w)
     shape: tuple[int, int, int]
+    # For latents from an encode run: the source image's displayed (width, height) and the
+    # size bucket it was resized to, so decode can restore the source resolution.
+    source_size: tuple[int, int] | None = None
+    bucket: tuple[int, int] | None = None
+
+    def source_region(self) -> tuple[int, int] | None:
+        """(width, height) in source pixels of the region this latent covers (the bucket's crop of the source)."""
+        if not self.source_size or not self.bucket or not all(self.source_size):
+            return None
+        (w, h), (bw, bh) = self.source_size, self.bucket
+        scale = max(bw / w, bh / h)  # as in inputs.resize_to_bucket: cover the bucket, crop the overflow
+        return max(1, round(min(w, bw / scale))), max(1, round(min(h, bh / scale)))
+
+
+def _entry_item(e: dict, file: Path) -> LatentItem:
+    size = (int(e["width"]), int(e["height"])) if e.get("width") and e.get("height") else None
+    bucket = tuple(int(v) for v in e["bucket"]) if e.get("bucket") else None
+    return LatentItem(_stem(e["source"]), file, e["tensor"], None, tuple(e["shape"]), size, bucket)
 
 
 def enumerate_latents(path: str | Path) -> list[LatentItem]:
@@ -50,10 +68,7 @@ def enumerate_latents(path: str | Path) -> list[LatentItem]:
 
 def _from_index(index_path: Path) -> list[LatentItem]:
     index = store.load_index(index_path)
-    return [
-        LatentItem(_stem(e["source"]), index_path.parent / e["shard"], e["tensor"], None, tuple(e["shape"]))
-        for e in index["entries"]
-    ]
+    return [_entry_item(e, index_path.parent / e["shard"]) for e in index["entries"]]
 
 
 def _stem(source: str) -> str:
@@ -83,7 +98,7 @@ def _from_safetensors(path: Path, prefix: str) -> list[LatentItem]:
     try:
         entries = store.read_shard_entries(path)
         if entries is not None:
-            return [LatentItem(_stem(e["source"]), path, e["tensor"], None, tuple(e["shape"])) for e in entries]
+            return [_entry_item(e, path) for e in entries]
         items = []
         with safe_open(str(path), framework="pt") as fh:
             keys = sorted(fh.keys())

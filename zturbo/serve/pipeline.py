@@ -534,21 +534,24 @@ class _ImageWriter(_Writer):
         self.pending: list = []
         self.written = 0
 
-    def handle(self, host, names: list[str]) -> None:
+    def handle(self, host, names: list[tuple[str, tuple[int, int] | None]]) -> None:
         arrays = host.numpy()
-        self.pending += [self.pool.submit(self._save, arrays[i], name) for i, name in enumerate(names)]
+        self.pending += [self.pool.submit(self._save, arrays[i], *job) for i, job in enumerate(names)]
         # Bound the in-flight work and surface the first error.
         while len(self.pending) > 4 * self.threads:
             self.pending.pop(0).result()
             self.written += 1
 
-    def _save(self, arr: np.ndarray, name: str) -> None:
+    def _save(self, arr: np.ndarray, name: str, size: tuple[int, int] | None = None) -> None:
         from PIL import Image
 
         path = self.out_dir / f"{name}.{image_suffix(self.fmt)}"
         options = {"compress_level": 1} if self.fmt == "png" else {"quality": self.quality}
+        im = Image.fromarray(arr)
+        if size is not None and im.size != size:
+            im = im.resize(size, Image.Resampling.LANCZOS)
         with atomic_path(path, suffix=".tmp") as tmp:
-            Image.fromarray(arr).save(tmp, format=self.fmt.upper(), **options)
+            im.save(tmp, format=self.fmt.upper(), **options)
 
     def close(self) -> None:
         try:
@@ -777,7 +780,11 @@ def decode_collection(
         batches = _batches([it.shape[1:] for it in todo], report.batch_size)
         loader = _stream(_LatentSet(todo), batches, workers, backend.device, cfg)
         advance = progress(len(items), report.already_done) if progress else None
-        _drive(loader, step, writer, report, lambda batch: ([todo[i].name for i in batch["indices"]], None), advance)
+        def job(batch):
+            picked = [todo[i] for i in batch["indices"]]
+            return [(it.name, it.source_region() if cfg.restore_size else None) for it in picked], None
+
+        _drive(loader, step, writer, report, job, advance)
     else:
         writer.start()
         writer.finish()
