@@ -30,9 +30,10 @@ class LatentItem:
         """(width, height) in source pixels of the region this latent covers (the bucket's crop of the source)."""
         if not self.source_size or not self.bucket or not all(self.source_size):
             return None
-        (w, h), (bw, bh) = self.source_size, self.bucket
-        scale = max(bw / w, bh / h)  # as in inputs.resize_to_bucket: cover the bucket, crop the overflow
-        return max(1, round(min(w, bw / scale))), max(1, round(min(h, bh / scale)))
+        from zturbo.serve.inputs import bucket_crop_box
+
+        left, top, right, bottom = bucket_crop_box(*self.source_size, self.bucket)
+        return max(1, round(right - left)), max(1, round(bottom - top))
 
 
 def _entry_item(e: dict, file: Path) -> LatentItem:
