@@ -353,10 +353,10 @@ def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, 
     for key, latent in results["on"][1].items():
         torch.testing.assert_close(results["off"][1][key], latent)
     # auto: phased exactly when the model computes on the CPU with a thread on every core.
-    monkeypatch.setattr(pipeline, "_cores", lambda: 1)
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)
     report = encode_collection(tiny_model, photos / "a", tmp_path / "auto1", ServeConfig(size=32, workers=1))
     assert report.reading == "phased"
-    monkeypatch.setattr(pipeline, "_cores", lambda: 64)
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 64)
     report = encode_collection(tiny_model, photos / "a", tmp_path / "auto64", ServeConfig(size=32, workers=1))
     assert report.reading == "overlapped"
 

@@ -74,6 +74,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """Map 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' to a device, failing clearly."""
     if name == "auto":

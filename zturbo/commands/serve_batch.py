@@ -157,7 +157,7 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Encode every image to a latent; writes safetensors shards plus index.json. Reruns do only what is missing."""
-        from zturbo.serve import Partition, encode_collection, parse_shard
+        from zturbo.serve import encode_collection
 
         overrides = {"serve": {
             "size": size, "batch_size": _batch_size(batch_size), "backend": backend, "precision": precision,
@@ -166,15 +166,10 @@ def register(app: typer.Typer) -> None:
             "overlap": overlap,
         }}
         cfg = settings_from(profile, config, overrides).serve
-        index, count = parse_shard(shard)
-        rank, world, local_rank = _distributed()
-        dev = _rank_device(cfg.device, local_rank, world)
-        with _process_group(world) as barrier, _progress("encode", quiet or rank != 0) as progress:
-            report = encode_collection(
-                model, input, output, cfg, Partition(index, count, rank, world),
-                device=dev, barrier=barrier, progress=progress,
-            )
-        if rank == 0:
+        part, dev = _placement(shard, cfg.device)
+        with _process_group(part.world_size) as barrier, _progress("encode", quiet or part.rank != 0) as progress:
+            report = encode_collection(model, input, output, cfg, part, device=dev, barrier=barrier, progress=progress)
+        if part.rank == 0:
             _print_report(report, json_out)
 
     @group.command("decode")
@@ -203,7 +198,7 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Decode latents to images (written atomically; reruns skip images that exist)."""
-        from zturbo.serve import Partition, decode_collection, parse_shard
+        from zturbo.serve import decode_collection
 
         overrides = {"serve": {
             "image_format": image_format, "quality": quality, "restore_size": restore_size,
@@ -212,14 +207,10 @@ def register(app: typer.Typer) -> None:
             "overlap": overlap,
         }}
         cfg = settings_from(profile, config, overrides).serve
-        index, count = parse_shard(shard)
-        rank, world, local_rank = _distributed()
-        dev = _rank_device(cfg.device, local_rank, world)
-        with _progress("decode", quiet or rank != 0) as progress:
-            report = decode_collection(
-                model, input, output, cfg, Partition(index, count, rank, world), device=dev, progress=progress
-            )
-        if rank == 0:
+        part, dev = _placement(shard, cfg.device)
+        with _progress("decode", quiet or part.rank != 0) as progress:
+            report = decode_collection(model, input, output, cfg, part, device=dev, progress=progress)
+        if part.rank == 0:
             _print_report(report, json_out)
 
     @group.command("merge")
@@ -247,6 +238,15 @@ def register(app: typer.Typer) -> None:
             )
 
     app.add_typer(group, name="serve-batch")
+
+
+def _placement(shard: str | None, device: str):
+    """This process's part of the work (``--shard`` and torchrun's rank) and its device."""
+    from zturbo.serve import Partition, parse_shard
+
+    index, count = parse_shard(shard)
+    rank, world, local_rank = _distributed()
+    return Partition(index, count, rank, world), _rank_device(device, local_rank, world)
 
 
 def _rank_device(device: str, local_rank: int, world: int) -> str:

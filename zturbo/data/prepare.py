@@ -52,6 +52,7 @@ from zturbo.data.prepare_state import (
     write_jsonl,
 )
 from zturbo.errors import InputError, UsageError
+from zturbo.utils import usable_cores
 
 PIPELINE_VERSION = 2  # bump when the same settings would render different pixels
 MANIFEST_NAME = "manifest.jsonl"
@@ -108,10 +109,7 @@ class PrepareReport:
 def resolve_workers(workers: int | None) -> int:
     if workers is not None:
         return workers
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def render_options(config: PrepareConfig) -> RenderOptions:

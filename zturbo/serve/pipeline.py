@@ -50,7 +50,7 @@ from zturbo.serve.inputs import (
     resize_to_bucket,
 )
 from zturbo.serve.latents import LatentItem, LatentReader, check_channels, enumerate_latents
-from zturbo.utils import atomic_path, atomic_write_json
+from zturbo.utils import atomic_path, atomic_write_json, usable_cores
 
 # How many batches may wait between stages (loader -> compute, compute -> writer).
 PREFETCH_BATCHES = 4
@@ -168,10 +168,8 @@ class _ImageSet(torch.utils.data.Dataset):
         t0 = time.thread_time()  # CPU time, not time spent waiting for a core
         item = self.items[i]
         try:
-            # Not probed up front (one bucket for all): the size comes from this one open.
+            # The displayed size comes from this one open (also when the header was probed up front).
             im, original = open_image_sized(item.source.path, self.max_pixels, draft_size=max(item.bucket))
-            if item.width:
-                original = (item.width, item.height)
             im, _ = resize_to_bucket(im, item.bucket)
             # A numpy array travels to the main process as plain bytes, cheaper than a
             # shared-memory tensor for the small and mid-sized images that dominate.
@@ -299,20 +297,13 @@ class _PhasedBatchStream:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _stream(dataset, batches: list[list[int]], workers: int, device: torch.device, cfg: ServeConfig):
     """Overlapped reading in worker processes, or phased reading when compute fills the CPU (see above)."""
     phased = cfg.overlap == "off" or (
-        cfg.overlap == "auto" and device.type == "cpu" and torch.get_num_threads() >= _cores()
+        cfg.overlap == "auto" and device.type == "cpu" and torch.get_num_threads() >= usable_cores()
     )
     if phased:
-        return _PhasedBatchStream(dataset, batches, _cores())
+        return _PhasedBatchStream(dataset, batches, usable_cores())
     return _BatchStream(dataset, batches, workers, device.type == "cuda")
 
 
