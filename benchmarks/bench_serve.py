@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "threads", "off"])
     ap.add_argument("--source", help="MIN,MAX side of the generated source images")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--json", type=Path, help="also write the results here")

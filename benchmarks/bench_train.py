@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                 # CPU: ours vs diffusers' AutoencoderKL, same step
     python benchmarks/bench_train.py --what demo     # wall time of `zturbo train --profile demo`
     python benchmarks/bench_train.py --what gpu      # CUDA: `fast` at 1024 px, batch 24; MFU; memory per profile
+    python benchmarks/bench_train.py --what gpu-memory  # CUDA: only the micro-batch-1 memory per profile
 
 The comparison runs the very same training step (our losses, AdamW, EMA,
 clipping) with the model swapped: zturbo's VAE or diffusers' AutoencoderKL built
@@ -175,22 +176,31 @@ def gpu(profile: str, repeats: int, compile_model: bool) -> dict:
         r["mfu"] = r["tflops"] / peak
         out["gan_on" if disc else "gan_off"] = r
         print(json.dumps({k: v for k, v in r.items() if k != "step_ms_all"}), flush=True)
-    # Peak memory of one step at micro-batch 1 for each menu profile (what the menu shows).
-    out["micro1_peak_gib"] = {}
+    out["micro1_peak_gib"] = gpu_memory()["micro1_peak_gib"]
+    return out
+
+
+def gpu_memory() -> dict:
+    """Peak memory of one bf16 step at micro-batch 1 for each menu profile (what the menu shows)."""
+    from zturbo.train import benchmark_step
+
+    device = torch.device("cuda")
+    out: dict = {"device": torch.cuda.get_device_name(device), "micro1_peak_gib": {}}
     for name in ("ultrafast", "fast", "highres", "ultra"):
         s = load_settings(
             name, None, {"train": {"precision": "bf16", "batch_size": 1, "micro_batch_size": 1}}
         )
         torch.cuda.empty_cache()
         r = benchmark_step(s, device, steps=1, warmup=1, disc_active=True)
-        out["micro1_peak_gib"][name] = {"peak_gib": r["peak_memory_gib"], "step_ms": r["step_ms"]}
+        out["micro1_peak_gib"][name] = {"peak_gib": r["peak_memory_gib"], "step_ms": r["step_ms"],
+                                        "image_size": s.data.image_size}
         print(name, out["micro1_peak_gib"][name], flush=True)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", default="step", help="comma list of: step, demo, gpu")
+    parser.add_argument("--what", default="step", help="comma list of: step, demo, gpu, gpu-memory")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
@@ -208,6 +218,8 @@ def main() -> None:
         results["demo"] = demo_wall_time(Path("/tmp/zturbo-bench-demo"))
     if "gpu" in what:
         results["gpu"] = gpu(args.profile, args.repeats, args.compile)
+    elif "gpu-memory" in what:
+        results["gpu"] = gpu_memory()
 
     print("\n| benchmark | result |\n| --- | --- |")
     for r in results.get("step_vs_diffusers", []):
@@ -224,7 +236,7 @@ def main() -> None:
         )
     if "gpu" in results:
         g = results["gpu"]
-        for key in ("gan_off", "gan_on"):
+        for key in [k for k in ("gan_off", "gan_on") if k in g]:
             r = g[key]
             print(
                 f"| {args.profile} {r['image_size']}px batch {r['batch_size']} ({key}, {r['precision']}, micro {r['micro_batch']}) "

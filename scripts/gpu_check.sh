@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check: GPU tests, then `zturbo bench` for fast and standard at 512, 1024 and 2048 with
-# eager fp32, bf16 channels_last and torch.compile, diffusers at 1024 bf16, a profiler summary of
-# the fast decoder, the other parts' GPU benchmarks where present, and a short table last.
+# GPU check: the decoder kernel variants at the MFU target case (with a compiled-kernel profile),
+# GPU tests, `zturbo bench` for fast and standard at 512, 1024 and 2048 with eager fp32, bf16
+# (NCHW and channels_last) and torch.compile, diffusers at 1024 bf16, serve-batch and training
+# memory benchmarks, an eager profiler summary of the fast decoder, and a short table last.
 #
 #   bash scripts/gpu_check.sh                  # on a GPU machine; needs no network (at most ~7.5 min)
 #   bash scripts/gpu_check.sh --cpu-dry-run    # same steps on the CPU at toy sizes, to test the script
@@ -63,43 +64,57 @@ bench() {
 }
 
 step environment 60 bash -c "nvidia-smi 2>&1 | head -15; $ZT info"
-step gpu-tests 120 $PY -m pytest -q -m "gpu or tensorrt" tests/ --continue-on-collection-errors -p no:cacheprovider
 
 # Steps run in priority order; what the time budget leaves out is recorded as skipped.
+# The MFU target case first: how the upsampling and attention kernels change fast decode at
+# 1024 px b8 bf16, eager in both layouts and compiled, plus the compiled decoder's kernel profile.
+if [ "$DRY" = 1 ]; then
+  step decoder-variants $T $PY benchmarks/bench_decoder_variants.py --device cpu --resolution 32 --batch 1 \
+    --precision fp32 --repeats 1 --warmup 1 --compile none --json "$OUT/json/decoder-variants.json"
+else
+  step decoder-variants 170 $PY benchmarks/bench_decoder_variants.py --device cuda --resolution $R_MFU \
+    --batch $B_MFU --precision bf16 --repeats 5 --warmup 2 --compile baseline,both \
+    --json "$OUT/json/decoder-variants.json"
+fi
+step gpu-tests 120 $PY -m pytest -q -m "gpu or tensorrt" tests/ --continue-on-collection-errors -p no:cacheprovider
+
+# torch.compile with the default kernels: the decoder at the target case, against standard.
+if [ "$DRY" = 1 ]; then
+  printf 'bench-compile\tskipped (dry run: inductor on a small CPU takes minutes)\t0\n' >>"$STEPS"
+else
+  bench compile 150 --backend compile --against standard --what decode --precision bf16 --channels-last \
+    --resolutions $R_MFU --batch-sizes $B_MFU
+fi
+# bf16 in the default NCHW layout at the MFU target case, encode and decode, against standard.
+bench bf16 $T --against standard --precision bf16 --resolutions $R_MFU --batch-sizes $B_MFU
+
+# serve-batch end to end against compute only, reading in processes and in threads.
+if [ "$DRY" = 1 ]; then
+  printf 'bench_serve.py\tskipped (dry run)\t0\n' >>"$STEPS"
+else
+  for mode in on threads; do
+    step "bench_serve-$mode" 75 $PY benchmarks/bench_serve.py --gpu --images 768 --repeats 2 --overlap $mode \
+      --json "$OUT/json/serve-$mode.json"
+  done
+fi
+# The peer users would otherwise pick: diffusers' AutoencoderKL, same config, weights, inputs, precision.
+bench diffusers $T --against diffusers --precision bf16 --resolutions $R_MFU --batch-sizes 1,$B_MFU
+# Training memory per profile at micro-batch 1 (the profile menu's figures).
+if [ "$DRY" = 0 ]; then
+  step train-memory 90 $PY benchmarks/bench_train.py --what gpu-memory --json "$OUT/json/train-memory.json"
+fi
+
 # Eager fp32 (cuDNN uses TF32) and bf16 channels_last: fast against standard, interleaved.
 bench fp32 $T --against standard --precision fp32 --resolutions $R_MAIN --batch-sizes $B_MAIN
 bench bf16-cl $T --against standard --precision bf16 --channels-last --resolutions $R_MAIN --batch-sizes $B_MAIN
-# bf16 in the default NCHW layout at the MFU target case (eager GroupNorm has no NHWC kernel).
-bench bf16 $T --against standard --precision bf16 --resolutions $R_MFU --batch-sizes $B_MFU
-# The peer users would otherwise pick: diffusers' AutoencoderKL, same config, weights, inputs, precision.
-bench diffusers $T --against diffusers --precision bf16 --resolutions $R_MFU --batch-sizes 1,$B_MFU
 
-# Where the fast decoder's time goes, in both layouts.
+# Where the fast decoder's time goes in eager mode, in both layouts.
 step profile-decoder 90 bash -c "for layout in '' --channels-last; do $PY benchmarks/bench_cli_profile.py \
   --device $DEV --profile fast --resolution $R_MFU --batch $B_MFU --precision bf16 \$layout --top 12; done \
   | tee $OUT/profile.txt"
 
-# torch.compile: one graph per shape and part, so only the case that matters most here.
-if [ "$DRY" = 1 ]; then
-  printf 'bench-compile\tskipped (dry run: inductor on a small CPU takes minutes)\t0\n' >>"$STEPS"
-else
-  bench compile 180 --backend compile --against standard --precision bf16 --channels-last \
-    --resolutions $R_MFU --batch-sizes $B_MFU
-fi
-
-# Other parts' GPU benchmarks, where this checkout has them.
-for part in train export serve; do
-  if [ -f "benchmarks/bench_$part.py" ]; then
-    if [ "$DRY" = 1 ]; then
-      printf 'bench_%s.py\tskipped (dry run)\t0\n' "$part" >>"$STEPS"
-    else
-      step "bench_$part.py" 75 $PY "benchmarks/bench_$part.py" --gpu
-    fi
-  fi
-done
-
 # 2048 px, batch 1, as far as the budget goes.
-bench bf16-cl-2048 $T --against standard --precision bf16 --channels-last --resolutions $R_BIG --batch-sizes 1
+bench bf16-2048 $T --against standard --precision bf16 --resolutions $R_BIG --batch-sizes 1
 bench fp32-2048 $T --against standard --precision fp32 --resolutions $R_BIG --batch-sizes 1
 if [ "$DRY" = 0 ]; then
   bench compile-2048 100 --backend compile --precision bf16 --channels-last --resolutions $R_BIG --batch-sizes 1
@@ -120,6 +135,31 @@ try:
 except (OSError, tarfile.TarError) as exc:
     print(f"no bench JSON: {exc}")
 print("## gpu_check summary\n")
+other = {k: reports.pop(k) for k in list(reports) if "cases" not in reports[k]}
+variants = other.pop("decoder-variants", None)
+if variants:
+    print(f"### decoder kernel variants: {variants['title']}\n")
+    print("| variant | layout | backend | median ms | img/s | GFLOP/img | TFLOP/s | MFU | baseline-FLOP MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v in variants["rows"]:
+        pct = lambda key: f"{v[key] * 100:.1f}%" if key in v else "-"
+        print(f"| {v['variant']} | {v['layout']} | {v['backend']} | {v['median_ms']:.2f} | {v['images_per_s']:.1f} | "
+              f"{v['gflop_per_image']:.0f} | {v['tflops']:.1f} | {pct('mfu')} | {pct('baseline_flop_mfu')} |")
+    prof = variants.get("compiled_profile")
+    if prof:
+        print(f"\ncompiled kernels, {prof['ms_per_call']:.1f} ms per call: " + ", ".join(
+            f"{k} {v['ms']:.1f} ms ({v['share'] * 100:.0f}%)" for k, v in prof["kinds"].items()))
+    print()
+for name, r in other.items():
+    if "end_to_end_vs_compute" in r:
+        print(f"- {name}: {r['images']} images at {r['size']} px, batch {r['batch_size']}, {r['precision']}, reading "
+              f"{r.get('reading')}: end to end / compute = {r['end_to_end_vs_compute']:.3f}, / naive = "
+              f"{r['end_to_end_vs_naive']:.2f}x, img/s {r['images_per_second']}")
+    elif "gpu" in r:
+        for prof_name, m in r["gpu"].get("micro1_peak_gib", {}).items():
+            print(f"- train {prof_name} micro-batch 1 at {m.get('image_size')} px: peak {m['peak_gib']:.1f} GiB, "
+                  f"{m['step_ms']:.0f} ms")
+print()
 for name, r in reports.items():
     peak = r.get("peak") or {}
     env = r.get("environment", {})

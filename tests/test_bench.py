@@ -156,7 +156,10 @@ def test_markdown_summary_has_cases_speedups_and_skips(report):
 # FLOPs
 
 
-def test_flop_count_of_a_tiny_config_equals_a_hand_count():
+@pytest.mark.parametrize("upsample", ["nearest", "subpixel"])
+def test_flop_count_of_a_tiny_config_equals_a_hand_count(upsample):
+    from zturbo.model.blocks import set_kernels
+
     cfg = ModelConfig(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32,
                       mid_block_add_attention=True, sample_size=16)
     R, r = 16, 8  # image and latent side
@@ -172,10 +175,18 @@ def test_flop_count_of_a_tiny_config_equals_a_hand_count():
     mid = 2 * resnet(64, 64, r) + attention
     encode = (conv(3, 32, 3, R) + resnet(32, 32, R) + conv(32, 32, 3, r)  # stride-2 conv: output is r x r
               + resnet(32, 64, r) + mid + conv(64, 8, 3, r) + conv(8, 8, 1, r))
+    if upsample == "nearest":  # a 3x3 conv over the upsampled R x R map
+        upsample_conv = conv(64, 64, 3, R)
+    else:  # one 2x2 kernel per output phase (4 x Cout outputs) over the padded r x r map: (r + 1)^2 positions
+        upsample_conv = 2 * 64 * (4 * 64) * 2 * 2 * (r + 1) ** 2
     decode = (conv(4, 4, 1, r) + conv(4, 64, 3, r) + mid
-              + 2 * resnet(64, 64, r) + conv(64, 64, 3, R)  # up block 0: layers+1 resnets, then upsample conv
+              + 2 * resnet(64, 64, r) + upsample_conv  # up block 0: layers+1 resnets, then upsample conv
               + resnet(64, 32, R) + resnet(32, 32, R) + conv(32, 3, 3, R))
-    counted = flops_per_image(cfg, R)
+    previous = set_kernels(upsample=upsample)
+    try:
+        counted = flops_per_image(cfg, R)
+    finally:
+        set_kernels(**previous)
     assert counted["encode"] == encode
     assert counted["decode"] == decode
     # Backward costs about twice the forward; the train count must sit near 3x, and above 2x.
@@ -331,11 +342,19 @@ def test_train_hook_offers_what_the_train_case_calls():
 
 def test_against_diffusers_uses_the_same_config_and_weights(configs):
     pytest.importorskip("diffusers", reason="--against diffusers needs diffusers")
+    from zturbo.model.blocks import set_kernels
+
     settings = tiny_settings(configs, what=["decode"], batch_sizes=[1], backends=["torch", "trt"], against="diffusers")
+    previous = set_kernels(upsample="nearest")
+    try:
+        (textbook,) = run_bench(settings, profile_name="tiny")["comparisons"]
+    finally:
+        set_kernels(**previous)
+    assert textbook["flop_ratio"] == pytest.approx(1.0)  # same architecture and ops, counted independently
     report = run_bench(settings, profile_name="tiny")
     (row,) = report["comparisons"]
     assert row["against"] == "diffusers"
-    assert row["flop_ratio"] == pytest.approx(1.0)  # same architecture, counted independently
+    assert row["flop_ratio"] > 1.0  # the same function; the per-phase upsample conv does fewer multiply-adds
     assert row["speedup"] > 0
     skipped = next(c for c in report["cases"] if c["subject"] == "diffusers" and c["backend"] == "trt")
     assert skipped["status"] == "skipped" and "torch and compile" in skipped["reason"]

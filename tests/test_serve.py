@@ -196,7 +196,7 @@ def test_ranks_share_one_output_and_the_last_merges(tiny_model, photos, tmp_path
     assert r0.index_count == 40
 
 
-@pytest.mark.parametrize("overlap", ["on", "off"])
+@pytest.mark.parametrize("overlap", ["on", "threads", "off"])
 def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, capsys, overlap):
     src = tmp_path / "src"
     src.mkdir()
@@ -343,15 +343,16 @@ def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, 
     from zturbo.serve import pipeline
 
     results = {}
-    for overlap in ("on", "off"):
-        cfg = ServeConfig(size=32, batch_size=4, workers=1, overlap=overlap)
+    for overlap in ("on", "threads", "off"):
+        cfg = ServeConfig(size=32, batch_size=4, workers=2, overlap=overlap)
         report = encode_collection(tiny_model, photos, tmp_path / overlap, cfg)
-        assert report.reading == {"on": "overlapped", "off": "phased"}[overlap]
+        assert report.reading == {"on": "overlapped", "threads": "threads", "off": "phased"}[overlap]
         assert report.processed == 40 and report.failed == 0
         results[overlap] = (_entries(load_index(tmp_path / overlap / "index.json")), _latents(tmp_path / overlap))
-    assert results["on"][0] == results["off"][0]
-    for key, latent in results["on"][1].items():
-        torch.testing.assert_close(results["off"][1][key], latent)
+    for other in ("threads", "off"):
+        assert results["on"][0] == results[other][0]
+        for key, latent in results["on"][1].items():
+            torch.testing.assert_close(results[other][1][key], latent)
     # auto: phased exactly when the model computes on the CPU with a thread on every core.
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)
     report = encode_collection(tiny_model, photos / "a", tmp_path / "auto1", ServeConfig(size=32, workers=1))

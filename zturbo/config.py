@@ -210,10 +210,11 @@ class ServeConfig(Section):
     latent_mode: Literal["mean", "sample"] = "mean"
     shard_size: int = Field(1000, ge=1)
     workers: int | None = Field(None, ge=0, description="image decoding processes; None: cores - 1 (at most 8)")
-    overlap: Literal["auto", "on", "off"] = Field(
+    overlap: Literal["auto", "on", "threads", "off"] = Field(
         "auto",
-        description="read in worker processes while computing ('on'), or between batches on all cores "
-        "('off'); auto: off when the model computes on the CPU with every core, on otherwise",
+        description="read in worker processes while computing ('on'), in a thread pool while computing "
+        "('threads'), or between batches on all cores ('off'); auto: off when the model computes on the CPU "
+        "with every core, on otherwise",
     )
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="jpeg / webp quality when decoding to images")

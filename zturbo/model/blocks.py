@@ -15,6 +15,34 @@ from torch import nn
 
 NORM_EPS = 1e-6
 
+# How two layers are computed (the function is the same either way; tests check it):
+#   upsample  "subpixel": nearest x2 then 3x3 conv computed as one 2x2 conv on the low-resolution
+#             input with 4x the output channels, then the four phases interleaved. Each output
+#             pixel of a 3x3 conv over a nearest-upsampled map sees only a 2x2 window of the
+#             source, so this does 16/36 of the multiply-adds and never builds the upsampled
+#             input. "nearest": the textbook interpolate + conv.
+#   attention "auto": on CUDA, in half precision, without autograd, and for head sizes the
+#             fused kernels do not take (> 256, e.g. 384), plain matmuls + softmax in blocks
+#             (cuBLAS runs them near the matmul peak; the memory-efficient kernel, the only
+#             fused one for such heads, does not). Otherwise scaled_dot_product_attention.
+#             "sdpa" always uses it, "matmul" always the blocked matmuls.
+_KERNELS = {"upsample": "subpixel", "attention": "auto"}
+_CHOICES = {"upsample": ("subpixel", "nearest"), "attention": ("auto", "sdpa", "matmul")}
+
+
+def set_kernels(**choices: str) -> dict[str, str]:
+    """Choose how upsampling and attention are computed; returns the previous choices."""
+    previous = dict(_KERNELS)
+    for name, value in choices.items():
+        if name not in _CHOICES or value not in _CHOICES[name]:
+            raise ValueError(f"{name}={value!r}: choose {name} from {_CHOICES.get(name, ())}")
+        _KERNELS[name] = value
+    return previous
+
+
+def kernels() -> dict[str, str]:
+    return dict(_KERNELS)
+
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
     # In-place saves a full read+write of the activation when autograd is off.
@@ -59,15 +87,95 @@ class Downsample2D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a kernel's 3 taps along ``dim`` onto the 2 source pixels each output phase sees.
+
+    Phase 0 (even output rows) sees source rows i-1, i: taps 0 | 1+2. Phase 1 sees i, i+1: taps 0+1 | 2.
+    """
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) -> (4*Cout, Cin, 2, 2): one 2x2 kernel per output phase (a, b), a-major."""
+    rows = _phase_taps(weight.float(), 2)
+    return torch.cat([k for r in rows for k in _phase_taps(r, 3)]).to(weight.dtype)
+
+
+def upsample_conv_subpixel(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, folded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """conv3x3(nearest_x2(x)) without the upsampled input: a 2x2 conv per output phase.
+
+    ``folded`` is ``subpixel_weight(weight)`` when the caller has it already.
+    """
+    b, _, h, w = x.shape
+    cout = weight.shape[0]
+    folded = subpixel_weight(weight) if folded is None else folded
+    bias4 = None if bias is None else bias.repeat(4)
+    phases = F.conv2d(x, folded, bias4, padding=1)  # (B, 4*Cout, H+1, W+1)
+    phases = phases.view(b, 2, 2, cout, h + 1, w + 1)
+    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
+    out = torch.empty((b, cout, 2 * h, 2 * w), dtype=phases.dtype, device=x.device,
+                      memory_format=layout or torch.contiguous_format)
+    # Phase (a, c) of output pixel (i, j) is phases[a, c, :, i + a, j + c]: one strided copy each.
+    for a in (0, 1):
+        for c in (0, 1):
+            out[:, :, a::2, c::2] = phases[:, a, c, :, a : a + h, c : c + w]
+    return out
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 conv."""
+    """Nearest-neighbour x2 followed by a 3x3 conv (computed per output phase, see ``set_kernels``)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self._folded: tuple | None = None  # (weight identity, folded weight), for calls without autograd
+
+    def _folded_weight(self) -> torch.Tensor:
+        weight = self.conv.weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return subpixel_weight(weight)  # differentiable; compiled graphs fold it themselves
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, subpixel_weight(weight))
+        return self._folded[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _KERNELS["upsample"] == "subpixel":
+            return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias, self._folded_weight())
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: int = 1 << 30) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for (B, L, D) inputs with score blocks of at most ``budget_bytes``."""
+    b, length, d = q.shape
+    q = q * d**-0.5
+    out = torch.empty_like(q)
+    rows = max(1, budget_bytes // (length * q.element_size()))  # query rows per block
+    per_batch = max(1, rows // length)
+    if per_batch >= 2 or rows >= length:
+        for i in range(0, b, per_batch):
+            s = slice(i, i + per_batch)
+            torch.bmm(torch.bmm(q[s], k[s].transpose(1, 2)).softmax(-1), v[s], out=out[s])
+    else:
+        for i in range(b):
+            for j in range(0, length, rows):
+                r = slice(j, j + rows)
+                torch.mm(torch.mm(q[i, r], k[i].t()).softmax(-1), v[i], out=out[i, r])
+    return out
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-head attention on (B, L, D) tensors."""
+    choice = _KERNELS["attention"]
+    if choice == "auto":
+        fused_unavailable = q.shape[-1] > 256 and q.dtype in (torch.float16, torch.bfloat16)
+        choice = "matmul" if q.is_cuda and fused_unavailable and not torch.is_grad_enabled() else "sdpa"
+    if choice == "matmul":
+        return _blocked_attention(q, k, v)
+    return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
 
 
 class Attention(nn.Module):
@@ -84,10 +192,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q = self.to_q(tokens).unsqueeze(1)
-        k = self.to_k(tokens).unsqueeze(1)
-        v = self.to_v(tokens).unsqueeze(1)
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        out = _attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)  # a channels-last view
         # The residual goes first so the sum keeps the input's memory layout. With ``out``
         # first, everything after the mid block silently ran channels-last, which on CPU
