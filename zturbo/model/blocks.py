@@ -152,19 +152,16 @@ def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget
     """softmax(q k^T / sqrt(d)) v for (B, L, D) inputs with score blocks of at most ``budget_bytes``."""
     b, length, d = q.shape
     q = q * d**-0.5
-    out = torch.empty_like(q)
     rows = max(1, budget_bytes // (length * q.element_size()))  # query rows per block
-    per_batch = max(1, rows // length)
-    if per_batch >= 2 or rows >= length:
-        for i in range(0, b, per_batch):
-            s = slice(i, i + per_batch)
-            torch.bmm(torch.bmm(q[s], k[s].transpose(1, 2)).softmax(-1), v[s], out=out[s])
-    else:
-        for i in range(b):
-            for j in range(0, length, rows):
-                r = slice(j, j + rows)
-                torch.mm(torch.mm(q[i, r], k[i].t()).softmax(-1), v[i], out=out[i, r])
-    return out
+    if rows >= length:  # whole images per block
+        per = rows // length
+        blocks = [torch.bmm(torch.bmm(q[i : i + per], k[i : i + per].transpose(1, 2)).softmax(-1), v[i : i + per])
+                  for i in range(0, b, per)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    return torch.stack([
+        torch.cat([torch.mm(torch.mm(q[i, j : j + rows], k[i].t()).softmax(-1), v[i]) for j in range(0, length, rows)])
+        for i in range(b)
+    ])
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
