@@ -5,10 +5,11 @@
 
 Variants (see ``zturbo.model.blocks.set_kernels``; the function computed is the same):
 
-    baseline     nearest x2 + 3x3 conv, scaled_dot_product_attention
+    baseline     nearest x2 + 3x3 conv, scaled_dot_product_attention, F.group_norm
     subpixel     the upsample conv as a 2x2 conv per output phase (16/36 of the multiply-adds)
     matmul-attn  attention as blocked cuBLAS matmuls + softmax
-    both         subpixel + the default attention choice (matmuls on CUDA for heads > 256)
+    triton-gn    GroupNorm (+ SiLU) by the Triton kernels (channels-last CUDA half precision only)
+    all          the defaults: all three where they apply
 
 Eager variants are timed interleaved, in NCHW and channels-last. The ``--compile`` variants
 are compiled (channels-last) and timed one after another, and the last one compiled is then
@@ -31,20 +32,21 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
-    "baseline": {"upsample": "nearest", "attention": "sdpa"},
-    "subpixel": {"upsample": "subpixel", "attention": "sdpa"},
-    "matmul-attn": {"upsample": "nearest", "attention": "matmul"},
-    "both": {"upsample": "subpixel", "attention": "auto"},
+    "baseline": {"upsample": "nearest", "attention": "sdpa", "group_norm": "torch"},
+    "subpixel": {"upsample": "subpixel", "attention": "sdpa", "group_norm": "torch"},
+    "matmul-attn": {"upsample": "nearest", "attention": "matmul", "group_norm": "torch"},
+    "triton-gn": {"upsample": "nearest", "attention": "sdpa", "group_norm": "auto"},
+    "all": {"upsample": "subpixel", "attention": "auto", "group_norm": "auto"},
 }
 
 # Kernel kinds by name (cuDNN/cuBLAS/CUTLASS/inductor naming); the first match wins.
 KINDS = [
     ("attention (fused kernel)", r"fmha|flash|attention|cudnn_.*sdpa"),
-    ("convolution", r"fprop|dgrad|wgrad|implicit_gemm|conv|nhwc|nchw|xmma_(?!gemm)"),
+    ("groupnorm (+fused)", r"group_norm|RowwiseMoments|groupnorm|native_group|_gn_"),
+    ("convolution", r"fprop|dgrad|wgrad|implicit_gemm|xmma_(?!gemm)|cudnn|nhwcAddPadding"),
     ("matmul", r"gemm|nvjet|cutlass|sm90_xmma"),
-    ("groupnorm (+fused)", r"group_norm|RowwiseMoments|groupnorm|native_group"),
     ("softmax (+fused)", r"softmax"),
-    ("silu/add/copy (fused)", r"triton_"),
+    ("silu/add/copy (fused)", r"triton_|silu"),
     ("upsample", r"upsample"),
     ("elementwise (eager)", r"elementwise|vectorized|copy|CatArray|fill"),
 ]
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--layouts", default="nchw,cl")
-    ap.add_argument("--compile", default="baseline,both", help="comma list of variants to compile, or 'none'")
+    ap.add_argument("--compile", default="baseline,all", help="comma list of variants to compile, or 'none'")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     outs[name] = call(x)
                 fns.append(fn)
             timings = time_interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
-            set_kernels(**VARIANTS["both"])
+            set_kernels(**VARIANTS["all"])
             ref = outs["baseline"].float()
             scale = ref.abs().max().item() or 1.0
             for (name, _), t in zip(VARIANTS.items(), timings):
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
             if cuda and name == names[-1]:
                 compiled_profile = kernel_profile(lambda: fn(x))
-        set_kernels(**VARIANTS["both"])
+        set_kernels(**VARIANTS["all"])
 
     title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision} on "
              f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}"

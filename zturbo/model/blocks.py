@@ -13,42 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zturbo.model.kernels import KERNELS as _KERNELS
+from zturbo.model.kernels import group_norm_silu, kernels, set_kernels  # noqa: F401 - re-exported
+
 NORM_EPS = 1e-6
-
-# How two layers are computed (the function is the same either way; tests check it):
-#   upsample  "subpixel": nearest x2 then 3x3 conv computed as one 2x2 conv on the low-resolution
-#             input with 4x the output channels, then the four phases interleaved. Each output
-#             pixel of a 3x3 conv over a nearest-upsampled map sees only a 2x2 window of the
-#             source, so this does 16/36 of the multiply-adds and never builds the upsampled
-#             input. "nearest": the textbook interpolate + conv.
-#   attention "auto": on CUDA, in half precision, without autograd, and for head sizes the
-#             fused kernels do not take (> 256, e.g. 384), plain matmuls + softmax in blocks
-#             (cuBLAS runs them near the matmul peak; the memory-efficient kernel, the only
-#             fused one for such heads, does not). Otherwise scaled_dot_product_attention.
-#             "sdpa" always uses it, "matmul" always the blocked matmuls.
-_KERNELS = {"upsample": "subpixel", "attention": "auto"}
-_CHOICES = {"upsample": ("subpixel", "nearest"), "attention": ("auto", "sdpa", "matmul")}
-
-
-def set_kernels(**choices: str) -> dict[str, str]:
-    """Choose how upsampling and attention are computed; returns the previous choices."""
-    previous = dict(_KERNELS)
-    for name, value in choices.items():
-        if name not in _CHOICES or value not in _CHOICES[name]:
-            raise ValueError(f"{name}={value!r}: choose {name} from {_CHOICES.get(name, ())}")
-        _KERNELS[name] = value
-    return previous
-
-
-def kernels() -> dict[str, str]:
-    return dict(_KERNELS)
-
-
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    # In-place saves a full read+write of the activation when autograd is off.
-    if not torch.is_grad_enabled():
-        return F.silu(x, inplace=True)
-    return F.silu(x)
 
 
 def _add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -70,8 +38,8 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = self.conv1(group_norm_silu(self.norm1, x, silu=True))
+        h = self.conv2(group_norm_silu(self.norm2, h, silu=True))
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return _add(h, shortcut)
 
@@ -148,8 +116,12 @@ class Upsample2D(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+@torch.library.custom_op("zturbo::blocked_attention", mutates_args=())
 def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: int = 1 << 30) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (B, L, D) inputs with score blocks of at most ``budget_bytes``."""
+    """softmax(q k^T / sqrt(d)) v for (B, L, D) inputs with score blocks of at most ``budget_bytes``.
+
+    A custom op, so torch.compile runs it as written rather than matching it back to SDPA.
+    """
     b, length, d = q.shape
     q = q * d**-0.5
     rows = max(1, budget_bytes // (length * q.element_size()))  # query rows per block
@@ -164,13 +136,18 @@ def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget
     ])
 
 
+@_blocked_attention.register_fake
+def _(q, k, v, budget_bytes=1 << 30):
+    return torch.empty_like(q)
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Single-head attention on (B, L, D) tensors."""
     choice = _KERNELS["attention"]
     if choice == "auto":
         fused_unavailable = q.shape[-1] > 256 and q.dtype in (torch.float16, torch.bfloat16)
-        choice = "matmul" if q.is_cuda and fused_unavailable and not torch.is_grad_enabled() else "sdpa"
-    if choice == "matmul":
+        choice = "matmul" if q.is_cuda and fused_unavailable else "sdpa"
+    if choice == "matmul" and not torch.is_grad_enabled():  # inference only: no backward is registered
         return _blocked_attention(q, k, v)
     return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
 
@@ -188,7 +165,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = group_norm_silu(self.group_norm, x, silu=False).flatten(2).transpose(1, 2)  # (B, HW, C)
         out = _attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)  # a channels-last view
         # The residual goes first so the sum keeps the input's memory layout. With ``out``

@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zturbo.config import ModelConfig
-from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, UpDecoderBlock, _silu
+from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, UpDecoderBlock
+from zturbo.model.kernels import group_norm_silu
 
 class DiagonalGaussian:
     """Posterior q(z|x) = N(mean, exp(logvar)), logvar clamped to [-30, 20]."""
@@ -70,7 +71,7 @@ class Encoder(_CheckpointedSequence):
         for block in self.down_blocks:
             x = self._run(block, x)
         x = self._run(self.mid_block, x)
-        return self.conv_out(_silu(self.conv_norm_out(x)))
+        return self.conv_out(group_norm_silu(self.conv_norm_out, x, silu=True))
 
 
 class Decoder(_CheckpointedSequence):
@@ -94,7 +95,7 @@ class Decoder(_CheckpointedSequence):
         x = self._run(self.mid_block, x)
         for block in self.up_blocks:
             x = self._run(block, x)
-        return self.conv_out(_silu(self.conv_norm_out(x)))
+        return self.conv_out(group_norm_silu(self.conv_norm_out, x, silu=True))
 
 
 class VAE(nn.Module):

@@ -1,0 +1,146 @@
+"""The decoder's alternative kernels compute the same function as the textbook layers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zturbo.model import VAE
+from zturbo.model.blocks import Upsample2D, _attention, _blocked_attention, set_kernels
+from zturbo.model.kernels import kernels, triton_available
+
+
+@pytest.fixture
+def restore_kernels():
+    previous = kernels()
+    yield
+    set_kernels(**previous)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_subpixel_upsample_equals_nearest_then_conv_with_gradients(layout):
+    torch.manual_seed(0)
+    up = Upsample2D(16)
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=layout).requires_grad_(True)
+    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = up(x)  # the default kernel: per-phase 2x2 convs
+    assert out.shape == (2, 16, 10, 14)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, up.conv.weight, up.conv.bias), g)
+    grads = torch.autograd.grad(out, (x, up.conv.weight, up.conv.bias), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_subpixel_weight_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    up = Upsample2D(8)
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        first = up(x)
+        up.conv.weight.mul_(-2.0)  # an in-place update bumps the version the cache is keyed on
+        second = up(x)
+        ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(second, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 50 * 4 * 7])  # whole images per block; 7 query rows per block
+def test_blocked_attention_equals_sdpa(budget):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 50, 40) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(_blocked_attention(q, k, v, budget), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forced_matmul_attention_falls_back_to_sdpa_under_autograd(restore_kernels):
+    set_kernels(attention="matmul")
+    q, k, v = (torch.randn(1, 10, 8, requires_grad=True) for _ in range(3))
+    _attention(q, k, v).sum().backward()  # the custom op has no backward: SDPA must have run
+    assert q.grad is not None
+
+
+def test_every_kernel_choice_gives_the_same_decoder(restore_kernels):
+    torch.manual_seed(0)
+    vae = VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4).eval()
+    z = torch.randn(2, 4, 8, 8)
+    outs = {}
+    with torch.inference_mode():
+        for up in ("nearest", "subpixel"):
+            for attn in ("sdpa", "matmul"):
+                set_kernels(upsample=up, attention=attn)
+                outs[(up, attn)] = vae.decode(z)
+    ref = outs[("nearest", "sdpa")]
+    for key, out in outs.items():
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"{key}")
+
+
+def test_unknown_kernel_choice_is_refused():
+    with pytest.raises(ValueError, match="upsample"):
+        set_kernels(upsample="bilinear")
+
+
+_INTERPRETED = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from zturbo.model import kernels
+    kernels.ROWS_PER_PROGRAM = 128  # several partial sums per image
+    torch.manual_seed(0)
+    worst = 0.0
+    for b, c, h, w, g, offset, dtype in [(2, 96, 19, 13, 32, 0.0, torch.float32), (1, 12, 5, 3, 4, 40.0, torch.float32),
+                                         (1, 64, 24, 20, 32, 0.0, torch.float16)]:
+        x = (torch.randn(b, c, h, w) * 2 + offset + torch.linspace(-3, 3, c).view(1, c, 1, 1)).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c), torch.randn(c)
+        for silu in (False, True):
+            y = torch.ops.zturbo.group_norm_silu(x, weight, bias, g, 1e-6, silu)
+            ref = F.group_norm(x.double(), g, weight.double(), bias.double(), 1e-6)
+            ref = F.silu(ref) if silu else ref
+            assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+            tol = 1e-4 if dtype == torch.float32 else 5e-3
+            err = (y.double() - ref).abs().max().item()
+            assert err < tol * max(1.0, ref.abs().max().item()), (b, c, h, w, str(dtype), silu, err)
+            worst = max(worst, err)
+    print("ok", worst)
+""")
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (ships with CUDA builds of torch)")
+def test_triton_group_norm_matches_float64_reference_in_the_interpreter():
+    """The Triton GroupNorm kernels, run by Triton's CPU interpreter, against a float64 reference."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_match_the_textbook_decoder(restore_kernels):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from zturbo.model import kernels as k
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 96, 256, 256, device="cuda") * 3 + 5).bfloat16().contiguous(memory_format=torch.channels_last)
+    norm = torch.nn.GroupNorm(32, 96).cuda().bfloat16()
+    with torch.inference_mode():
+        assert k.use_triton_group_norm(x)
+        y = k.group_norm_silu(norm, x, silu=True)
+        ref = F.silu(F.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps))
+    assert (y.float() - ref).abs().max().item() < 0.05
+    vae = VAE(block_out_channels=[64, 128, 256, 256], layers_per_block=1, latent_channels=8)
+    vae = vae.cuda().bfloat16().eval().to(memory_format=torch.channels_last)
+    z = torch.randn(2, 8, 64, 64, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        set_kernels(upsample="nearest", attention="sdpa", group_norm="torch")
+        ref = vae.decode(z).float()
+        set_kernels(upsample="subpixel", attention="matmul", group_norm="auto")
+        out = vae.decode(z).float()
+    assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
