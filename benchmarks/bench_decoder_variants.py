@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         call = vae.decode
     else:
         x0 = (torch.rand(args.batch, cfg.in_channels, args.resolution, args.resolution, device=device) * 2 - 1).to(dtype)
-        call = lambda t: vae.encode(t).mean  # noqa: E731
+        call = lambda t: vae.encode(t).mean
 
     peak = measure_matmul_peak(device, torch.bfloat16, 8192) if cuda else None
     flops = {}
@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     rows: list[dict] = []
-    reference = None
     with torch.inference_mode():
         for layout in [lay for lay in args.layouts.split(",") if lay]:
             fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             x = x0.contiguous(memory_format=fmt)
             fns, outs = [], {}
             for name, kernels in VARIANTS.items():
-                def fn(name=name, kernels=kernels):
+                def fn(name=name, kernels=kernels, x=x, outs=outs):
                     set_kernels(**kernels)
                     outs[name] = call(x)
                 fns.append(fn)
@@ -163,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                 r["max_abs_diff_vs_baseline_rel"] = round((outs[name].float() - ref).abs().max().item() / scale, 5)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-            reference = reference if reference is not None else ref
-            del outs
 
         compiled_profile = None
         names = [] if args.compile == "none" else [n for n in args.compile.split(",") if n]
@@ -180,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
-            samples = sorted(time_once(lambda: fn(x), device) for _ in range(args.repeats))
+            samples = sorted(time_once(lambda fn=fn: fn(x), device) for _ in range(args.repeats))
             r = row(name, "cl", "compile", samples[len(samples) // 2])
             r["compile_and_warmup_s"] = round(compile_s, 1)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if cuda and name == names[-1]:
-                compiled_profile = kernel_profile(lambda: fn(x))
+                compiled_profile = kernel_profile(lambda fn=fn: fn(x))
         set_kernels(**VARIANTS["all"])
 
     title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision} on "

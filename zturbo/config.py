@@ -214,7 +214,7 @@ class ServeConfig(Section):
         "auto",
         description="read in worker processes while computing ('on'), in a thread pool while computing "
         "('threads'), or between batches on all cores ('off'); auto: off when the model computes on the CPU "
-        "with every core, on otherwise",
+        "with every core, threads on a GPU, on otherwise",
     )
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="jpeg / webp quality when decoding to images")

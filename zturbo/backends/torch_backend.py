@@ -8,8 +8,17 @@ from zturbo.backends.base import Backend
 from zturbo.utils import resolve_device, resolve_dtype
 
 
+def default_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    """Channels-last where it measured faster: CUDA in half precision, where the Triton GroupNorm
+    kernels apply (fast decode 1024 px b8 bf16 on an H100, eager: 156 ms against 258 ms NCHW).
+    Elsewhere NCHW: PyTorch's own GroupNorm has no fast channels-last kernel."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
 class TorchBackend(Backend):
     """A torch module on one device and precision; ``compiled=True`` wraps both passes in torch.compile.
+
+    ``channels_last=None`` picks the layout by ``default_channels_last``.
 
     Subclasses wrapping another module layout override ``_encode_impl`` / ``_decode_impl``.
     """
@@ -21,12 +30,14 @@ class TorchBackend(Backend):
         vae,
         device: torch.device,
         dtype: torch.dtype,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         compiled: bool = False,
         mode: str | None = None,
     ):
         self.device = device
         self.dtype = dtype
+        if channels_last is None:
+            channels_last = default_channels_last(device, dtype)
         self.channels_last = channels_last
         vae = vae.to(device=device, dtype=dtype).eval()
         if channels_last:
@@ -46,7 +57,7 @@ class TorchBackend(Backend):
         model,
         device: str | torch.device = "auto",
         precision: str = "fp32",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         **options,
     ):
         from zturbo.model import VAE, load_vae
@@ -80,6 +91,7 @@ class CompiledTorchBackend(TorchBackend):
     name = "compile"
 
     @classmethod
-    def load(cls, model, device="auto", precision="fp32", channels_last: bool = False, mode: str | None = None, **_):
+    def load(cls, model, device="auto", precision="fp32", channels_last: bool | None = None, mode: str | None = None,
+             **_):
         return super().load(model, device=device, precision=precision, channels_last=channels_last, compiled=True,
                             mode=mode)

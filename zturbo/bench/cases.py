@@ -148,7 +148,9 @@ def build_engine(subject: Subject, backend: str, device: torch.device, precision
             f"backend '{backend}' is not available in this installation (have: {', '.join(available_backends())})"
         )
     options: dict[str, Any] = {"device": device, "precision": precision}
-    if channels_last:
+    if backend in ("torch", "compile"):
+        options["channels_last"] = channels_last  # what the case says, not the backend's own default
+    elif channels_last:
         options["channels_last"] = True
     try:
         return create_backend(backend, copy.deepcopy(subject.model), **options)

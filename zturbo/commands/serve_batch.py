@@ -23,7 +23,7 @@ WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader proces
 OverlapOpt = Annotated[str | None, typer.Option(
     "--overlap", help="auto | on | threads | off: read beside compute in worker processes (on) or in threads "
     "(threads; --workers of them), or between batches on all cores (off; auto picks off when the model computes "
-    "on the CPU with every core, else on).")]
+    "on the CPU with every core, threads on a GPU, else on).")]
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]

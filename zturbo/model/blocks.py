@@ -184,6 +184,10 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups), ResnetBlock2D(channels, channels, groups)])
         self.attentions = nn.ModuleList([Attention(channels, groups)]) if add_attention else None
 
+    def layers(self) -> list[nn.Module]:
+        """The layers in call order (for per-layer gradient checkpointing)."""
+        return [self.resnets[0], *(self.attentions or []), self.resnets[1]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
         if self.attentions is not None:
@@ -198,6 +202,9 @@ class DownEncoderBlock(nn.Module):
             [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *(self.downsamplers or [])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -214,6 +221,9 @@ class UpDecoderBlock(nn.Module):
             [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *(self.upsamplers or [])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:

@@ -171,7 +171,7 @@ def group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool) -> to
     """``silu(norm(x))`` (or ``norm(x)``), by the Triton kernels where they apply."""
     if norm.affine and use_triton_group_norm(x):
         return torch.ops.zturbo.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
-    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    y = norm(x)  # the module call, so its hooks still run
     if not silu:
         return y
     return F.silu(y, inplace=True) if not torch.is_grad_enabled() else F.silu(y)

@@ -8,9 +8,12 @@
 
 Stages and what overlaps with what:
 
-* worker processes (a torch DataLoader) open, decode and resize single images; a
-  thread stacks them into uint8 batches of one size bucket each, in page-locked
-  memory when the device is CUDA;
+* readers open, decode and resize single images and stack them into uint8 batches
+  of one size bucket each, in page-locked memory when the device is CUDA. Three kinds
+  (``ServeConfig.overlap``): a thread pool beside compute (the default on a GPU),
+  worker processes beside compute (a torch DataLoader), or a thread pool on every
+  core between batches (the default when the model computes on the CPU with every
+  core, where reading beside compute would preempt its threads);
 * the main thread copies a batch to the device, normalises it there and runs the
   backend, then starts an asynchronous copy of the result back;
 * a writer thread waits for that copy and writes shards (encode) or images
@@ -333,13 +336,14 @@ class _ThreadedBatchStream:
 
 
 def _stream(dataset, batches: list[list[int]], workers: int, device: torch.device, cfg: ServeConfig):
-    """Overlapped reading in worker processes or threads, or phased reading when compute fills the CPU."""
+    """Phased reading when compute fills the CPU; beside compute in threads for a GPU (on an H100 at
+    512 px: end to end / compute-only 0.945 against 0.924 with processes); else worker processes."""
     phased = cfg.overlap == "off" or (
         cfg.overlap == "auto" and device.type == "cpu" and torch.get_num_threads() >= usable_cores()
     )
     if phased:
         return _PhasedBatchStream(dataset, batches, usable_cores())
-    if cfg.overlap == "threads":
+    if cfg.overlap == "threads" or (cfg.overlap == "auto" and device.type == "cuda"):
         return _ThreadedBatchStream(dataset, batches, max(1, workers), device.type == "cuda")
     return _BatchStream(dataset, batches, workers, device.type == "cuda")
 

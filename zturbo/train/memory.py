@@ -6,20 +6,22 @@ accumulate gradients over micro-batches, so the peak does not grow with the
 batch; the trainer raises the micro-batch while it fits (see
 ``TrainEngine.fit_micro_batch``).
 
-``fast`` comes from a measurement on an H100 (benchmarks/bench_train.py --what gpu:
-51.2 GiB peak at micro-batch 2 for 1024 px, i.e. about 25 GiB per image in flight
-plus 1.5 GiB of weights, gradients, optimizer state, EMA and LPIPS). The others are
-estimates: the VAE's saved activations counted on the meta device, plus LPIPS,
-scaled by the ratio between that count and the ``fast`` measurement.
+The figures are measured: one bf16 step at micro-batch 1 on an H100 with
+``python benchmarks/bench_train.py --what gpu-memory`` (torch 2.11, the per-phase
+upsample convolution, LPIPS-VGG, discriminator on), rounded up to the next GiB.
+highres and ultra were measured with gradient checkpointing per block; it is per
+layer now, which on the CPU lowers the VAE's own peak by ~11% at 768 px (fp32), so
+their figures are upper bounds until remeasured. ultra (2048 px) measured 34.9 GiB:
+above a 32 GB card's memory at micro-batch 1.
 """
 
 from __future__ import annotations
 
-PEAK_GIB_AT_MICRO_BATCH_1 = {
-    "ultrafast": (10.0, "estimated"),
-    "fast": (26.0, "from H100 measurement"),
-    "highres": (9.0, "estimated"),
-    "ultra": (15.0, "estimated"),
+PEAK_GIB_AT_MICRO_BATCH_1 = {  # measured peaks: 10.49, 25.59, 19.99 and 34.86 GiB
+    "ultrafast": (11.0, "measured on an H100"),
+    "fast": (26.0, "measured on an H100"),
+    "highres": (20.0, "measured on an H100, per-block checkpointing"),
+    "ultra": (35.0, "measured on an H100, per-block checkpointing"),
 }
 
 
