@@ -13,7 +13,8 @@ from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, pa
 
 # The seed's profile menu: (name, resolution, batch, what it needs). Memory is the
 # peak of one training step at micro-batch 1 measured on an H100 (bf16, LPIPS-VGG
-# on); larger batches accumulate gradients, so each runs on a 32 GB card.
+# on); larger batches accumulate gradients, so the peak does not grow with the batch
+# (see zturbo.train.memory for which figures predate the current checkpointing).
 MENU = [
     ("ultrafast", "fastest to train and run; slim channels"),
     ("fast", "the default turbo VAE"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from zturbo.model.kernels import KERNELS as _KERNELS
 from zturbo.model.kernels import group_norm_silu, kernels, set_kernels  # noqa: F401 - re-exported
@@ -37,9 +38,19 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
+    # Set by VAE.enable_gradient_checkpointing: GroupNorm+SiLU then keep only their input for the
+    # backward and recompute themselves there. Under CUDA autocast GroupNorm runs in fp32, so its
+    # output (kept for SiLU's backward) is twice the size of the bf16 tensors around it.
+    checkpoint_norms = False
+
+    def _norm_act(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_norms and self.training and torch.is_grad_enabled():
+            return checkpoint(group_norm_silu, norm, x, True, use_reentrant=False)
+        return group_norm_silu(norm, x, silu=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(group_norm_silu(self.norm1, x, silu=True))
-        h = self.conv2(group_norm_silu(self.norm2, h, silu=True))
+        h = self.conv1(self._norm_act(self.norm1, x))
+        h = self.conv2(self._norm_act(self.norm2, h))
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return _add(h, shortcut)
 

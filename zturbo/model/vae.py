@@ -59,6 +59,12 @@ class _CheckpointedSequence(nn.Module):
             return x
         return block(x)
 
+    def _norm_out(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(conv_norm_out(x)), recomputed in the backward under gradient checkpointing."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(group_norm_silu, self.conv_norm_out, x, True, use_reentrant=False)
+        return group_norm_silu(self.conv_norm_out, x, silu=True)
+
 
 class Encoder(_CheckpointedSequence):
     def __init__(self, cfg: ModelConfig):
@@ -81,7 +87,7 @@ class Encoder(_CheckpointedSequence):
         for block in self.down_blocks:
             x = self._run(block, x)
         x = self._run(self.mid_block, x)
-        return self.conv_out(group_norm_silu(self.conv_norm_out, x, silu=True))
+        return self.conv_out(self._norm_out(x))
 
 
 class Decoder(_CheckpointedSequence):
@@ -105,7 +111,7 @@ class Decoder(_CheckpointedSequence):
         x = self._run(self.mid_block, x)
         for block in self.up_blocks:
             x = self._run(block, x)
-        return self.conv_out(group_norm_silu(self.conv_norm_out, x, silu=True))
+        return self.conv_out(self._norm_out(x))
 
 
 class VAE(nn.Module):
@@ -154,8 +160,15 @@ class VAE(nn.Module):
 
     # -- training helpers ------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in the backward instead of keeping them: each block layer's
+        (per layer, see ``_CheckpointedSequence._run``) and each GroupNorm+SiLU's output."""
+        from zturbo.model.blocks import ResnetBlock2D
+
         self.encoder.gradient_checkpointing = enabled
         self.decoder.gradient_checkpointing = enabled
+        for module in self.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.checkpoint_norms = enabled
 
     @property
     def num_parameters(self) -> int:

@@ -9,10 +9,11 @@ batch; the trainer raises the micro-batch while it fits (see
 The figures are measured: one bf16 step at micro-batch 1 on an H100 with
 ``python benchmarks/bench_train.py --what gpu-memory`` (torch 2.11, the per-phase
 upsample convolution, LPIPS-VGG, discriminator on), rounded up to the next GiB.
-highres and ultra were measured with gradient checkpointing per block; it is per
-layer now, which on the CPU lowers the VAE's own peak by ~11% at 768 px (fp32), so
-their figures are upper bounds until remeasured. ultra (2048 px) measured 34.9 GiB:
-above a 32 GB card's memory at micro-batch 1.
+highres and ultra were measured with gradient checkpointing per block. It is now per
+layer, and recomputes each GroupNorm+SiLU in the backward (under CUDA autocast their
+fp32 outputs are the largest saved tensors); on the CPU (fp32, VAE alone, ultra at
+512 px) that cut the step's memory growth from 3.13 to 2.35 GiB. Their figures are
+upper bounds until remeasured: ultra (2048 px) measured 34.9 GiB, above a 32 GB card.
 """
 
 from __future__ import annotations
