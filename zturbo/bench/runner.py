@@ -459,5 +459,5 @@ def _case_line(case: dict[str, Any]) -> str:
             f"{' channels_last' if case['channels_last'] else ''} {case['resolution']}px b{case['batch']}")
     if case["status"] != "ok":
         return f"{head}: {case['status']} ({case['reason']})"
-    mfu = f", MFU {case['mfu'] * 100:.1f}%" if case.get("mfu") is not None else ""
+    mfu = f", MFU {case['mfu'] * 100:.1f}% (provisional)" if case.get("mfu") is not None else ""
     return f"{head}: {case['median_ms']:.2f} ms median, {case['images_per_s']:.2f} img/s{mfu}"

@@ -94,6 +94,11 @@ def upsample_conv_subpixel(
     bias4 = None if bias is None else bias.repeat(4)
     phases = F.conv2d(x, folded, bias4, padding=1)  # (B, 4*Cout, H+1, W+1)
     phases = phases.view(b, 2, 2, cout, h + 1, w + 1)
+    if torch.onnx.is_in_onnx_export():
+        # Stack + reshape exports as Concat/Reshape (cheap everywhere); strided writes would
+        # export as ScatterND.
+        rows = [torch.stack([phases[:, a, c, :, a : a + h, c : c + w] for c in (0, 1)], dim=-1) for a in (0, 1)]
+        return torch.stack(rows, dim=-3).reshape(b, cout, 2 * h, 2 * w)  # (B, Cout, H, 2, W, 2) -> interleaved
     layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
     out = torch.empty((b, cout, 2 * h, 2 * w), dtype=phases.dtype, device=x.device,
                       memory_format=layout or torch.contiguous_format)
