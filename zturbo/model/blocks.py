@@ -20,6 +20,15 @@ from zturbo.model.kernels import group_norm_silu, kernels, set_kernels  # noqa: 
 NORM_EPS = 1e-6
 
 
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    """silu(norm(x)). With ``recompute`` (under autograd) only ``x`` is kept for the backward and
+    the pair is recomputed there: under CUDA autocast GroupNorm runs in fp32, so its output, kept
+    for SiLU's backward, is twice the size of the bf16 tensors around it."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(group_norm_silu, norm, x, True, use_reentrant=False)
+    return group_norm_silu(norm, x, silu=True)
+
+
 def _add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return x.add_(residual)
@@ -38,19 +47,13 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    # Set by VAE.enable_gradient_checkpointing: GroupNorm+SiLU then keep only their input for the
-    # backward and recompute themselves there. Under CUDA autocast GroupNorm runs in fp32, so its
-    # output (kept for SiLU's backward) is twice the size of the bf16 tensors around it.
+    # Set by VAE.enable_gradient_checkpointing: GroupNorm+SiLU then recompute in the backward.
     checkpoint_norms = False
 
-    def _norm_act(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_norms and self.training and torch.is_grad_enabled():
-            return checkpoint(group_norm_silu, norm, x, True, use_reentrant=False)
-        return group_norm_silu(norm, x, silu=True)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self._norm_act(self.norm1, x))
-        h = self.conv2(self._norm_act(self.norm2, h))
+        recompute = self.checkpoint_norms and self.training
+        h = self.conv1(norm_silu(self.norm1, x, recompute))
+        h = self.conv2(norm_silu(self.norm2, h, recompute))
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return _add(h, shortcut)
 

@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zturbo.config import ModelConfig
-from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, UpDecoderBlock
-from zturbo.model.kernels import group_norm_silu
+from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, ResnetBlock2D, UpDecoderBlock, norm_silu
 
 
 class DiagonalGaussian:
@@ -60,10 +59,7 @@ class _CheckpointedSequence(nn.Module):
         return block(x)
 
     def _norm_out(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(conv_norm_out(x)), recomputed in the backward under gradient checkpointing."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(group_norm_silu, self.conv_norm_out, x, True, use_reentrant=False)
-        return group_norm_silu(self.conv_norm_out, x, silu=True)
+        return norm_silu(self.conv_norm_out, x, recompute=self.gradient_checkpointing and self.training)
 
 
 class Encoder(_CheckpointedSequence):
@@ -162,8 +158,6 @@ class VAE(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in the backward instead of keeping them: each block layer's
         (per layer, see ``_CheckpointedSequence._run``) and each GroupNorm+SiLU's output."""
-        from zturbo.model.blocks import ResnetBlock2D
-
         self.encoder.gradient_checkpointing = enabled
         self.decoder.gradient_checkpointing = enabled
         for module in self.modules():
