@@ -157,3 +157,18 @@ def test_torch_backend_picks_channels_last_only_where_it_measured_faster():
     vae = VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4)
     assert TorchBackend(vae, torch.device("cpu"), torch.float32).channels_last is False
     assert TorchBackend(vae, torch.device("cpu"), torch.float32, channels_last=True).channels_last is True
+
+
+def test_blocked_attention_counts_the_flops_sdpa_counts():
+    """The custom op is opaque to torch's FLOP counter unless it carries a formula; MFU relies on it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        q, k, v = (torch.empty(2, 64, 48) for _ in range(3))
+    counts = []
+    for fn in (lambda: _blocked_attention(q, k, v),
+               lambda: F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * (2 * 2 * 64 * 64 * 48)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import register_flop_formula
 
 from zturbo.model.kernels import KERNELS as _KERNELS
 from zturbo.model.kernels import group_norm_silu, kernels, set_kernels  # noqa: F401 - re-exported
@@ -158,6 +159,13 @@ def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget
 @_blocked_attention.register_fake
 def _(q, k, v, budget_bytes=1 << 30):
     return torch.empty_like(q)
+
+
+@register_flop_formula(torch.ops.zturbo.blocked_attention)
+def _blocked_attention_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    """What torch's FLOP counter counts for it: the two matmuls, as for SDPA."""
+    b, length, d = q_shape
+    return 2 * (2 * b * length * k_shape[1] * d)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
