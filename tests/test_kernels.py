@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 from zturbo.model import VAE
 from zturbo.model.blocks import Upsample2D, _attention, _blocked_attention, set_kernels
-from zturbo.model.kernels import kernels, triton_available
+from zturbo.model.kernels import kernel_choices, triton_available
 
 
 @pytest.fixture
 def restore_kernels():
-    previous = kernels()
+    previous = kernel_choices()
     yield
     set_kernels(**previous)
 
@@ -89,9 +89,10 @@ def test_unknown_kernel_choice_is_refused():
 
 
 _INTERPRETED = textwrap.dedent("""
+    import importlib
     import torch, torch.nn.functional as F
-    from zturbo.model import kernels
-    kernels.ROWS_PER_PROGRAM = 128  # several partial sums per image
+    kernels = importlib.import_module("zturbo.model.kernels")
+    kernels.ROWS_PER_PROGRAM = 128  # several partial sums per image (19 x 13 = 247 pixels: two)
     torch.manual_seed(0)
     worst = 0.0
     for b, c, h, w, g, offset, dtype in [(2, 96, 19, 13, 32, 0.0, torch.float32), (1, 12, 5, 3, 4, 40.0, torch.float32),
@@ -172,3 +173,28 @@ def test_blocked_attention_counts_the_flops_sdpa_counts():
             fn()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] == 2 * (2 * 2 * 64 * 64 * 48)
+
+
+def test_group_norm_falls_back_once_when_the_triton_kernels_fail(monkeypatch):
+    """A GPU Triton cannot build for must not break inference: warn once, then PyTorch's GroupNorm."""
+    from zturbo.model import kernels as k
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this architecture")
+
+    monkeypatch.setattr(k, "use_triton_group_norm", lambda x: not k._TRITON_FAILED)
+    monkeypatch.setattr(k, "_TRITON_FAILED", [])
+    monkeypatch.setattr(torch.ops.zturbo, "group_norm_silu", broken)
+    norm = torch.nn.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match="no kernel image"):
+            first = k.group_norm_silu(norm, x, silu=True)
+        second = k.group_norm_silu(norm, x, silu=True)
+    ref = F.silu(F.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+    torch.testing.assert_close(first, ref)
+    torch.testing.assert_close(second, ref)
+    assert len(calls) == 1 and k._TRITON_FAILED

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import register_flop_formula
 
 from zturbo.model.kernels import KERNELS as _KERNELS
-from zturbo.model.kernels import group_norm_silu, kernels, set_kernels  # noqa: F401 - re-exported
+from zturbo.model.kernels import group_norm_silu, kernel_choices, set_kernels  # noqa: F401 - re-exported
 
 NORM_EPS = 1e-6
 

@@ -22,6 +22,8 @@ would otherwise pattern-match its matmuls back into the fused kernel it avoids.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +60,7 @@ def set_kernels(**choices: str) -> dict[str, str]:
     return previous
 
 
-def kernels() -> dict[str, str]:
+def kernel_choices() -> dict[str, str]:
     return dict(KERNELS)
 
 
@@ -154,9 +156,13 @@ def _(x, weight, bias, groups, eps, silu):
     return torch.empty_like(x)
 
 
+_TRITON_FAILED: list[str] = []  # the first error, once the kernels failed to build or launch here
+
+
 def use_triton_group_norm(x: torch.Tensor) -> bool:
     return (
         triton is not None
+        and not _TRITON_FAILED
         and KERNELS["group_norm"] == "auto"
         and x.is_cuda
         and x.dim() == 4
@@ -168,9 +174,20 @@ def use_triton_group_norm(x: torch.Tensor) -> bool:
 
 
 def group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
-    """``silu(norm(x))`` (or ``norm(x)``), by the Triton kernels where they apply."""
+    """``silu(norm(x))`` (or ``norm(x)``), by the Triton kernels where they apply.
+
+    If they cannot build or launch on this GPU (an architecture Triton does not support,
+    say), eager calls warn once and use PyTorch's GroupNorm from then on.
+    """
     if norm.affine and use_triton_group_norm(x):
-        return torch.ops.zturbo.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+        try:
+            return torch.ops.zturbo.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+        except Exception as exc:  # Triton's compile and launch errors have no common type
+            if torch.compiler.is_compiling():
+                raise
+            _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
+            warnings.warn(f"Triton GroupNorm kernels unavailable here, using PyTorch's: {_TRITON_FAILED[0]}",
+                          RuntimeWarning, stacklevel=2)
     y = norm(x)  # the module call, so its hooks still run
     if not silu:
         return y
