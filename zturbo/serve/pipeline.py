@@ -74,7 +74,7 @@ class RunReport:
     failures: list[dict] = field(default_factory=list)
     batch_size: int = 0
     workers: int = 0
-    reading: str = ""  # 'overlapped' (worker processes beside compute), 'threads' (a thread pool beside it) or 'phased' (between batches)
+    reading: str = ""  # 'overlapped' (processes beside compute), 'threads' (beside it) or 'phased' (between batches)
     backend: dict = field(default_factory=dict)
     partition: str = ""
     wall_seconds: float = 0.0
@@ -276,43 +276,25 @@ class _BatchStream:
         self.thread.join()
 
 
-class _PhasedBatchStream:
-    """Batches read just before they are computed, by a thread pool using every core.
-
-    For compute on the CPU when torch's threads already occupy every core. Reading
-    beside compute there means sharing cores: a compute thread the scheduler preempts
-    for a reader stalls the whole op at its barrier, so reads cost more than their own
-    CPU time. Reading in a burst between batches, on all cores at once (PIL releases
-    the GIL while decoding and resizing), costs just that time. Writing stays on its
-    background thread: it is a small share of the work.
-    """
-
-    mode = "phased"
-
-    def __init__(self, dataset, batches: list[list[int]], threads: int):
-        self.dataset, self.batches = dataset, batches
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="zturbo-read")
-
-    def __iter__(self):
-        for plan in self.batches:
-            yield _collate(list(self.pool.map(self.dataset.__getitem__, plan)), False)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _ThreadedBatchStream:
-    """Batches read beside compute by a thread pool in this process, ``depth`` batches ahead.
+class _ThreadPoolBatchStream:
+    """Batches read by a thread pool in this process, ``ahead`` batches ahead of the one computed.
 
     No inter-process copies: each image is decoded straight into this process (PIL
-    releases the GIL while decoding and resizing). For GPUs, whose compute leaves the
-    CPU cores free, when per-image work is large enough for threads to scale.
+    releases the GIL while decoding and resizing).
+
+    * ``ahead > 0`` ("threads"): reading beside compute, for GPUs, whose compute leaves
+      the CPU cores free.
+    * ``ahead == 0`` ("phased"): each batch is read just before it is computed, on every
+      core. For compute on the CPU when torch's threads already occupy every core:
+      reading beside compute there means sharing cores, and a compute thread the
+      scheduler preempts for a reader stalls the whole op at its barrier, so reads cost
+      more than their own CPU time. A burst between batches costs just that time.
+      Writing stays on its background thread: it is a small share of the work.
     """
 
-    mode = "threads"
-
-    def __init__(self, dataset, batches: list[list[int]], threads: int, pin: bool, depth: int = PREFETCH_BATCHES):
-        self.dataset, self.batches, self.pin, self.depth = dataset, batches, pin, max(1, depth)
+    def __init__(self, dataset, batches: list[list[int]], threads: int, pin: bool, ahead: int):
+        self.dataset, self.batches, self.pin, self.ahead = dataset, batches, pin, max(0, ahead)
+        self.mode = "threads" if self.ahead else "phased"
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="zturbo-read")
 
     def __iter__(self):
@@ -324,12 +306,13 @@ class _ThreadedBatchStream:
             if plan is not None:
                 pending.append([self.pool.submit(self.dataset.__getitem__, i) for i in plan])
 
-        for _ in range(self.depth):
+        for _ in range(self.ahead):
             submit()
-        while pending:
-            futures = pending.popleft()
-            submit()
-            yield _collate([f.result() for f in futures], self.pin)
+        while True:
+            submit()  # keeps `ahead` batches in flight beyond the one about to be computed
+            if not pending:
+                return
+            yield _collate([f.result() for f in pending.popleft()], self.pin)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -342,9 +325,9 @@ def _stream(dataset, batches: list[list[int]], workers: int, device: torch.devic
         cfg.overlap == "auto" and device.type == "cpu" and torch.get_num_threads() >= usable_cores()
     )
     if phased:
-        return _PhasedBatchStream(dataset, batches, usable_cores())
+        return _ThreadPoolBatchStream(dataset, batches, usable_cores(), pin=False, ahead=0)
     if cfg.overlap == "threads" or (cfg.overlap == "auto" and device.type == "cuda"):
-        return _ThreadedBatchStream(dataset, batches, max(1, workers), device.type == "cuda")
+        return _ThreadPoolBatchStream(dataset, batches, max(1, workers), device.type == "cuda", ahead=PREFETCH_BATCHES)
     return _BatchStream(dataset, batches, workers, device.type == "cuda")
 
 
@@ -603,7 +586,7 @@ def image_suffix(fmt: str) -> str:
 # The loop shared by encode and decode
 
 
-def _drive(stream: _BatchStream | _PhasedBatchStream, step: _DeviceStep, writer: _Writer, report: RunReport, job_args, progress_cb) -> None:
+def _drive(stream: _BatchStream | _ThreadPoolBatchStream, step: _DeviceStep, writer: _Writer, report: RunReport, job_args, progress_cb) -> None:
     """Pull batches, compute, hand results to the writer; the writer's first error stops everything."""
     report.reading = stream.mode
     writer.start()
