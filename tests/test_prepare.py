@@ -207,6 +207,41 @@ def test_exif_rotated_image_comes_out_upright(tmp_path, capsys):
     assert bottom_left[2] > 200 and bottom_left[0] < 60, bottom_left
 
 
+@pytest.mark.parametrize("kind", ["jpeg-exif", "png-exif", "png-xmp", "tiff-tag", "webp-exif", "plain-jpeg", "plain-png"])
+def test_orientation_is_applied_wherever_pillow_finds_it(tmp_path, kind):
+    """open_image skips EXIF parsing only for images with nowhere to hold an orientation; every
+    place Pillow reads one from (EXIF in JPEG/PNG/WebP, PNG XMP, TIFF tags) must still rotate."""
+    from PIL import ImageOps
+
+    from zturbo.data.images import open_image_sized
+
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[:, :15] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / {"jpeg": "a.jpg", "png": "a.png", "tiff": "a.tif", "webp": "a.webp"}[kind.split("-")[-1] if kind.startswith("plain") else kind.split("-")[0]]
+    im = Image.fromarray(stored)
+    if kind in ("jpeg-exif", "png-exif", "webp-exif"):
+        im.save(path, exif=exif.tobytes(), **({"lossless": True} if kind == "webp-exif" else {}))
+    elif kind == "png-xmp":
+        from PIL import PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+        im.save(path, pnginfo=info)
+    elif kind == "tiff-tag":
+        im.save(path, tiffinfo={0x0112: 6})
+    else:
+        im.save(path)
+    got, size = open_image_sized(path)
+    with Image.open(path) as ref:
+        ref.load()
+        expected = ImageOps.exif_transpose(ref).convert("RGB")
+    assert got.size == expected.size == size
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert got.size == ((30, 20) if kind.startswith("plain") else (20, 30))
+
+
 def test_large_jpeg_fast_path_matches_full_decode_reference(tmp_path):
     """Draft (reduced DCT) decode + Image.reduce must not alias: compare with full decode + LANCZOS."""
     src = tmp_path / "in"

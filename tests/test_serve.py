@@ -251,7 +251,7 @@ def test_decode_npy_and_safetensors_files(tiny_model, tmp_path):
 
 
 def test_full_disk_stops_cleanly_and_keeps_written_shards(tiny_model, photos, tmp_path, monkeypatch, capsys):
-    from safetensors.torch import save_file as real_save
+    from safetensors.numpy import save_file as real_save  # fp32 shards are written through it
 
     calls = {"n": 0}
 
@@ -262,7 +262,7 @@ def test_full_disk_stops_cleanly_and_keeps_written_shards(tiny_model, photos, tm
             raise OSError(errno.ENOSPC, "No space left on device", path)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr("safetensors.torch.save_file", save_then_fill_disk)
+    monkeypatch.setattr("safetensors.numpy.save_file", save_then_fill_disk)
     out = tmp_path / "out"
     assert _encode(tiny_model, photos, out, "--size", "32", "-b", "4", "--shard-size", "8") == 1
     assert "no space left" in capsys.readouterr().err
@@ -270,7 +270,7 @@ def test_full_disk_stops_cleanly_and_keeps_written_shards(tiny_model, photos, tm
     assert len(shards) == 2 and all(not p.name.startswith(".") for p in shards)  # no half-written file left
     assert sum(len(store.read_shard_entries(p)) for p in shards) == 16
 
-    monkeypatch.setattr("safetensors.torch.save_file", real_save)
+    monkeypatch.setattr("safetensors.numpy.save_file", real_save)
     assert _encode(tiny_model, photos, out, "--size", "32", "-b", "4", "--shard-size", "8") == 0
     assert load_index(out / "index.json")["count"] == 40
 
@@ -403,3 +403,60 @@ def test_decode_restores_the_source_resolution_on_request(tiny_model, photos, tm
                 "--restore-size"]) == 0
     sizes = {Image.open(p).size for p in (tmp_path / "sqd").iterdir()}
     assert sizes == {(32, 32), (24, 24)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_shards_hold_latents_bit_exact_in_every_dtype(tmp_path, dtype):
+    """fp32/fp16 shards go through safetensors' numpy writer, bf16 through its torch one: same file format."""
+    from safetensors import safe_open
+
+    tensors = {f"{i:06d}": torch.randn(8, 4, 6).to(dtype) for i in range(5)}
+    entries = [{"tensor": k, "source": f"img{k}.png"} for k in tensors]
+    path = tmp_path / "shards" / "part-000000.safetensors"
+    store.write_shard(path, tensors, entries)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    assert store.read_shard_entries(path) == entries
+    with safe_open(str(path), framework="pt") as fh:
+        for k, t in tensors.items():
+            got = fh.get_tensor(k)
+            assert got.dtype == dtype and torch.equal(got, t)
+
+
+def test_read_tuner_keeps_the_faster_way_and_retries_the_other():
+    from zturbo.serve.pipeline import _ReadTuner
+
+    tuner = _ReadTuner(can_share=True, retry=4)
+    cost = {"alone": 1.0, "shared": 2.0}
+    seen = []
+    for _ in range(12):
+        way = tuner.choose()
+        seen.append(way)
+        tuner.record(way, cost[way])
+    assert seen[:2] == ["alone", "shared"]  # each tried once
+    assert seen[2:] == ["alone", "shared", "alone", "alone", "alone", "shared", "alone", "alone", "alone", "shared"]
+    cost = {"alone": 3.0, "shared": 0.5}  # the images got larger: sharing wins from its next retry on
+    ways = []
+    for _ in range(6):
+        way = tuner.choose()
+        ways.append(way)
+        tuner.record(way, cost[way])
+    assert ways[-1] == "shared"
+    assert _ReadTuner(can_share=False).choose() == "alone"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_phased_stream_gives_every_batch_in_plan_order_either_way(threads):
+    from zturbo.serve.pipeline import _ThreadPoolBatchStream
+
+    class Items:  # __getitem__ like _ImageSet's: (index, pixels, failure, seconds, size)
+        def __getitem__(self, i):
+            return i, np.full((2, 2, 3), i, np.uint8), None, 0.0, (2, 2)
+
+    plans = [[4, 0, 7], [1, 2], [3, 5, 6, 8, 9]] * 3
+    stream = _ThreadPoolBatchStream(Items(), plans, threads, pin=False, ahead=0)
+    stream.tuner.retry = 2  # both ways many times over
+    got = list(stream)
+    stream.close()
+    assert [b["indices"] for b in got] == plans
+    assert all(b["data"][:, 0, 0, 0].tolist() == p for b, p in zip(got, plans))
+    assert set(stream.tuner.seconds) == ({"alone"} if threads == 1 else {"alone", "shared"})

@@ -42,12 +42,22 @@ class DiskFullError(ZTurboError):
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], entries: list[dict]) -> None:
-    """Write one shard atomically: temp file in the same folder, fsync, rename."""
-    from safetensors.torch import save_file
+    """Write one shard atomically: temp file in the same folder, fsync, rename.
 
+    Through safetensors' numpy writer where every dtype has a numpy twin: the same file,
+    about 5x faster than the torch writer for a shard of small latents (its per-tensor
+    shared-storage checks dominate there). bfloat16 has no numpy twin and takes the torch one.
+    """
     meta = {META_KEY: json.dumps({"format": FORMAT, "version": VERSION, "entries": entries}, separators=(",", ":"))}
     with atomic_path(path, suffix=".tmp") as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        if any(t.dtype == torch.bfloat16 for t in tensors.values()):
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata=meta)
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({k: t.numpy() for k, t in tensors.items()}, str(tmp), metadata=meta)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
     fsync_dir(path.parent)
