@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py                 # CPU: ultrafast channels at 32 px, 200 small images, ~1 minute
     python benchmarks/bench_serve.py --gpu           # GPU: fast-profile model at 512 px, 512 images, ~1 minute
+    python benchmarks/bench_serve.py --op decode     # decoding: latent shards to PNG images, same sizes
     python benchmarks/bench_serve.py --json out.json
 
 All three run in one process on the same images, model and batch size, interleaved
@@ -11,10 +12,12 @@ run with the end-to-end run before it, and the ratios reported are the medians o
 repeats, so a machine that gets busier or quieter during the run cancels out:
 
 * compute only: the backend's ``encode`` on batches already decoded, resized and on
-  the device (the ceiling for any pipeline);
-* end to end: ``encode_collection`` from image files to shards on disk (reading in
-  worker processes, compute, writing on a background thread), into a fresh folder;
-* naive: load, encode and save one image at a time (``zturbo.serve.naive``).
+  the device (the ceiling for any pipeline); for ``--op decode``, its ``decode`` on
+  latent batches already on the device;
+* end to end: ``encode_collection`` from image files to shards on disk (reading,
+  compute and writing overlapped as the pipeline chooses), into a fresh folder; for
+  decode, ``decode_collection`` from those shards to PNG files;
+* naive: load, compute and save one item at a time (``zturbo.serve.naive``).
 
 Targets: end to end >= 90% of compute only, and >= 1.5x the naive loop.
 """
@@ -40,9 +43,10 @@ from zturbo.config import ServeConfig
 from zturbo.data.images import open_image
 from zturbo.model import VAE
 from zturbo.model.flops import vae_flops
-from zturbo.serve import encode_collection
+from zturbo.serve import decode_collection, encode_collection
 from zturbo.serve.inputs import resize_to_bucket
-from zturbo.serve.naive import naive_encode
+from zturbo.serve.latents import LatentReader, enumerate_latents
+from zturbo.serve.naive import naive_decode, naive_encode
 
 CPU = {
     # Ultrafast-profile channels at 32 px: small enough for 2 cores, and a size where batching pays on a CPU.
@@ -87,12 +91,12 @@ def _parallel_map(fn, jobs: list) -> list:
         return pool.map(fn, jobs, chunksize=16)
 
 
-def compute_only(backend, batches: list[torch.Tensor]) -> float:
-    """Seconds for the backend to encode batches already on the device."""
+def compute_only(compute, backend, batches: list[torch.Tensor]) -> float:
+    """Seconds for the backend to encode (or decode) batches already on the device."""
     backend.synchronize()
     t0 = time.perf_counter()
     for x in batches:
-        backend.encode(x)
+        compute(x)
     backend.synchronize()
     return time.perf_counter() - t0
 
@@ -109,6 +113,8 @@ def _bracketing_mean(runs: list[float]) -> list[float]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="the GPU configuration (needs CUDA)")
+    ap.add_argument("--op", default="encode", choices=["encode", "decode"],
+                    help="decode: latents (shards from an encode run) to PNG images")
     ap.add_argument("--images", type=int)
     ap.add_argument("--size", type=int)
     ap.add_argument("--batch-size", type=int)
@@ -134,45 +140,71 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     vae = VAE(**preset["model"], sample_size=size)
     backend = create_backend("torch", vae, device=device, precision=args.precision)
-    flops = vae_flops(vae.config, size)["encode"]
+    flops = vae_flops(vae.config, size)[args.op]
 
     with tempfile.TemporaryDirectory(prefix="zturbo-bench-serve-") as tmp:
         tmp = Path(tmp)
         paths = make_images(tmp / "images", preset["images"], preset["source"])
         n = len(paths)
-        # The exact tensors the pipeline computes on: same crop, resize and normalisation.
-        crops = torch.from_numpy(np.stack(_parallel_map(_crop, [(p, size) for p in paths])))
-        dev_batches = [
-            crops[i : i + batch].to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
-            for i in range(0, n, batch)
-        ]
         cfg = ServeConfig(size=size, batch_size=batch, resize="square", precision=args.precision,
-                          workers=args.workers, overlap=args.overlap, shard_size=1000)
+                          workers=args.workers, overlap=args.overlap, shard_size=1000, image_format="png")
         naive_paths = paths[: preset["naive_images"]]
+        if args.op == "encode":
+            # The exact tensors the pipeline computes on: same crop, resize and normalisation.
+            crops = torch.from_numpy(np.stack(_parallel_map(_crop, [(p, size) for p in paths])))
+            dev_batches = [
+                crops[i : i + batch].to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
+                for i in range(0, n, batch)
+            ]
+            compute = backend.encode
 
-        compute_only(backend, dev_batches[:2])  # warm-up: kernels, allocator, worker start paths
-        naive_encode(backend, naive_paths[:2], tmp / "warm-naive", size)
-        warm = tmp / "warm.txt"  # the pipeline's code paths and kernels, on two batches
-        warm.write_text("\n".join(str(p) for p in paths[: 2 * batch]) + "\n")
-        encode_collection(None, warm, tmp / "warm", cfg, backend=backend)
+            def end_to_end(out: Path):
+                return encode_collection(None, tmp / "images", out, cfg, backend=backend)
+
+            def naive(out: Path):
+                naive_encode(backend, naive_paths, out, size)
+        else:
+            # Decode what an encode run wrote: its shards for the pipeline, one file per latent for the naive loop.
+            encode_collection(None, tmp / "images", tmp / "latents", cfg, backend=backend)
+            naive_files = naive_encode(backend, naive_paths, tmp / "naive-latents", size)
+            reader = LatentReader()
+            latents = torch.stack([reader.load(it) for it in enumerate_latents(tmp / "latents")])
+            dev_batches = [latents[i : i + batch].to(device) for i in range(0, n, batch)]
+            compute = backend.decode
+
+            def end_to_end(out: Path):
+                return decode_collection(None, tmp / "latents", out, cfg, backend=backend)
+
+            def naive(out: Path):
+                naive_decode(backend, naive_files, out)
+
+        compute_only(compute, backend, dev_batches[:2])  # warm-up: kernels, allocator, worker start paths
+        naive(tmp / "warm-naive")
+        if args.op == "encode":  # the pipeline's code paths and kernels, on two batches
+            warm = tmp / "warm.txt"
+            warm.write_text("\n".join(str(p) for p in paths[: 2 * batch]) + "\n")
+            encode_collection(None, warm, tmp / "warm", cfg, backend=backend)
+        else:
+            end_to_end(tmp / "warm")
 
         runs = {"compute": [], "end_to_end": [], "naive": []}
         reports = []
         for r in range(preset["repeats"]):
-            runs["compute"].append(n / compute_only(backend, dev_batches))
-            report = encode_collection(None, tmp / "images", tmp / f"e2e-{r}", cfg, backend=backend)
+            runs["compute"].append(n / compute_only(compute, backend, dev_batches))
+            report = end_to_end(tmp / f"e2e-{r}")
             assert report.processed == n and report.failed == 0
             runs["end_to_end"].append(n / report.wall_seconds)
             reports.append(report)
             t0 = time.perf_counter()
-            naive_encode(backend, naive_paths, tmp / f"naive-{r}", size)
+            naive(tmp / f"naive-{r}")
             runs["naive"].append(len(naive_paths) / (time.perf_counter() - t0))
-        runs["compute"].append(n / compute_only(backend, dev_batches))
+        runs["compute"].append(n / compute_only(compute, backend, dev_batches))
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     last = reports[len(reports) // 2]
     result = {
         "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+        "op": args.op,
         "torch_threads": torch.get_num_threads(),
         "model": preset["model"],
         "size": size,
@@ -181,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": args.precision,
         "workers": last.workers,
         "reading": last.reading,
-        "encode_gflop_per_image": round(flops / 1e9, 3),
+        "gflop_per_image": round(flops / 1e9, 3),
         "images_per_second": {k: round(v, 2) for k, v in med.items()},
         "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "end_to_end_vs_compute": round(_median_ratio(runs["end_to_end"], _bracketing_mean(runs["compute"])), 3),
@@ -196,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "targets": {"end_to_end_vs_compute": 0.9, "end_to_end_vs_naive": 1.5},
     }
-    print(f"serve-batch encode on {result['device']}: {n} images -> {size}x{size}, batch {batch}, "
-          f"{args.precision}, {result['encode_gflop_per_image']} GFLOP/image, {result['workers']} reader workers, reading {result['reading']}")
+    print(f"serve-batch {args.op} on {result['device']}: {n} images at {size}x{size}, batch {batch}, "
+          f"{args.precision}, {result['gflop_per_image']} GFLOP/image, {result['workers']} reader workers, reading {result['reading']}")
     print(f"{'variant':<14}{'images/s':>10}  runs")
     for k in ("compute", "end_to_end", "naive"):
         print(f"{k:<14}{med[k]:>10.1f}  {runs[k]}")

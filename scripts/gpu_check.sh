@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU check: the decoder kernel variants at the MFU target case (with a compiled-kernel profile),
 # GPU tests, `zturbo bench` for fast and standard at 512, 1024 and 2048 with eager fp32, bf16
-# (NCHW and channels_last) and torch.compile, diffusers at 1024 bf16, serve-batch and training
-# memory benchmarks, an eager profiler summary of the fast decoder, and a short table last.
+# (NCHW and channels_last) and torch.compile, diffusers at 1024 bf16, serve-batch (encode and
+# decode) and training memory benchmarks, an eager profiler summary of the fast decoder, and a short
+# table last.
 #
 #   bash scripts/gpu_check.sh                  # on a GPU machine; needs no network (at most ~7.5 min)
+#   ONLY=bench_serve,train-memory bash scripts/gpu_check.sh   # only the steps whose names start so
 #   bash scripts/gpu_check.sh --cpu-dry-run    # same steps on the CPU at toy sizes, to test the script
 #
 # Everything lands in $OUT (default ./gpu-out): log.txt, steps.tsv, bench-json.tar.gz (one JSON per
@@ -27,6 +29,7 @@ DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
 
 BUDGET=${BUDGET:-450}
+ONLY=${ONLY:-}
 if [ "$DRY" = 1 ]; then
   DEV=cpu; R_MAIN=32; B_MAIN=1; R_BIG=32; R_MFU=32; B_MFU=2; REP=1; WARM=1; T=240; BUDGET=${BUDGET_DRY:-1800}
 else
@@ -39,6 +42,14 @@ ZT="$PY -m zturbo"
 step() {
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS rc left=$((BUDGET - SECONDS - 15))
+  if [ -n "$ONLY" ] && [ "$name" != environment ]; then
+    local want=0 prefix
+    for prefix in ${ONLY//,/ }; do case $name in "$prefix"*) want=1 ;; esac; done
+    if [ "$want" = 0 ]; then
+      printf '%s\tskipped (not in ONLY)\t0\n' "$name" >>"$STEPS"
+      return
+    fi
+  fi
   if [ "$left" -lt 20 ]; then
     printf '%s\tskipped (time budget spent)\t0\n' "$name" >>"$STEPS"
     echo "=== $name: skipped, time budget spent" | tee -a "$LOG"
@@ -90,12 +101,17 @@ bench bf16 $T --against standard --precision bf16 --resolutions $R_MFU --batch-s
 
 # serve-batch end to end against compute only, reading in processes and in threads.
 if [ "$DRY" = 1 ]; then
-  printf 'bench_serve.py\tskipped (dry run)\t0\n' >>"$STEPS"
+  for op in encode decode; do
+    step "bench_serve-$op" $T $PY benchmarks/bench_serve.py --op $op --images 20 --repeats 1 --size 16 \
+      --json "$OUT/json/serve-$op.json"
+  done
 else
   for mode in on threads; do
     step "bench_serve-$mode" 75 $PY benchmarks/bench_serve.py --gpu --images 768 --repeats 2 --overlap $mode \
       --json "$OUT/json/serve-$mode.json"
   done
+  step bench_serve-decode 90 $PY benchmarks/bench_serve.py --gpu --op decode --images 512 --repeats 2 \
+    --json "$OUT/json/serve-decode.json"
 fi
 # The peer users would otherwise pick: diffusers' AutoencoderKL, same config, weights, inputs, precision.
 bench diffusers $T --against diffusers --precision bf16 --resolutions $R_MFU --batch-sizes 1,$B_MFU
@@ -152,7 +168,7 @@ if variants:
     print()
 for name, r in other.items():
     if "end_to_end_vs_compute" in r:
-        print(f"- {name}: {r['images']} images at {r['size']} px, batch {r['batch_size']}, {r['precision']}, reading "
+        print(f"- {name} ({r.get('op', 'encode')}): {r['images']} images at {r['size']} px, batch {r['batch_size']}, {r['precision']}, reading "
               f"{r.get('reading')}: end to end / compute = {r['end_to_end_vs_compute']:.3f}, / naive = "
               f"{r['end_to_end_vs_naive']:.2f}x, img/s {r['images_per_second']}")
     elif "gpu" in r:

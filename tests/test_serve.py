@@ -460,3 +460,22 @@ def test_phased_stream_gives_every_batch_in_plan_order_either_way(threads):
     assert [b["indices"] for b in got] == plans
     assert all(b["data"][:, 0, 0, 0].tolist() == p for b, p in zip(got, plans))
     assert set(stream.tuner.seconds) == ({"alone"} if threads == 1 else {"alone", "shared"})
+
+
+@pytest.mark.parametrize("op", ["encode", "decode"])
+def test_serve_benchmark_runs_and_reports_its_ratios(op, tmp_path):
+    """benchmarks/bench_serve.py at toy size: every variant runs on the same items and the JSON holds the ratios."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "r.json"
+    result = bench_serve.main(["--op", op, "--images", "20", "--repeats", "1", "--size", "16", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["op"] == op and saved["images"] == 20
+    assert len(saved["runs"]["compute"]) == 2 and len(saved["runs"]["end_to_end"]) == 1
+    ratio = saved["end_to_end_vs_compute"]
+    assert ratio == pytest.approx(saved["runs"]["end_to_end"][0] * 2 / sum(saved["runs"]["compute"]), rel=2e-3)
+    assert 0 < ratio < 5 and saved["end_to_end_vs_naive"] > 0
+    assert result["pipeline_seconds"]["compute"] > 0
