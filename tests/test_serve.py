@@ -343,17 +343,23 @@ def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, 
     from zturbo.serve import pipeline
 
     results = {}
-    for overlap in ("on", "threads", "off"):
+    threads = torch.get_num_threads()
+    for overlap in ("on", "threads", "streams", "off"):
         cfg = ServeConfig(size=32, batch_size=4, workers=2, overlap=overlap)
         report = encode_collection(tiny_model, photos, tmp_path / overlap, cfg)
-        assert report.reading == {"on": "overlapped", "threads": "threads", "off": "phased"}[overlap]
+        assert report.reading == {"on": "overlapped", "threads": "threads", "off": "phased"}.get(overlap, overlap)
         assert report.processed == 40 and report.failed == 0
+        assert torch.get_num_threads() == threads  # compute streams restore torch's thread count
         results[overlap] = (_entries(load_index(tmp_path / overlap / "index.json")), _latents(tmp_path / overlap))
-    for other in ("threads", "off"):
-        assert results["on"][0] == results[other][0]
+    for other in ("threads", "streams", "off"):
+        assert results["on"][0] == results[other][0]  # same shards, same order in them
         for key, latent in results["on"][1].items():
             torch.testing.assert_close(results[other][1][key], latent)
-    # auto: phased exactly when the model computes on the CPU with a thread on every core.
+    # auto: compute streams when the model computes on a multi-core CPU with a thread on every core,
+    # phased reading on one core, processes when torch leaves cores free.
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: threads)
+    report = encode_collection(tiny_model, photos / "a", tmp_path / "auto", ServeConfig(size=32, workers=1))
+    assert report.reading == ("streams" if threads > 1 else "phased")
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)
     report = encode_collection(tiny_model, photos / "a", tmp_path / "auto1", ServeConfig(size=32, workers=1))
     assert report.reading == "phased"
@@ -479,3 +485,48 @@ def test_serve_benchmark_runs_and_reports_its_ratios(op, tmp_path):
     assert ratio == pytest.approx(saved["runs"]["end_to_end"][0] * 2 / sum(saved["runs"]["compute"]), rel=2e-3)
     assert 0 < ratio < 5 and saved["end_to_end_vs_naive"] > 0
     assert result["pipeline_seconds"]["compute"] > 0
+
+
+def test_compute_streams_split_the_cores():
+    from zturbo.serve.pipeline import compute_streams
+
+    assert compute_streams(1) == (1, 1)
+    assert compute_streams(2) == (2, 1)
+    assert compute_streams(8) == (2, 4)
+    assert compute_streams(16) == (4, 4)
+    assert compute_streams(96) == (4, 24)
+
+
+def test_compute_streams_use_their_thread_share_and_stop_on_the_first_error():
+    """Each stream computes with cores/streams torch threads, batches come back in plan order, and
+    an error in one stream surfaces in the caller with torch's thread count restored."""
+    from zturbo.serve.pipeline import _ComputeStreams
+
+    class Items:
+        def __getitem__(self, i):
+            if i == 13:
+                raise RuntimeError("boom at 13")
+            return i, np.full((2, 2, 3), i, np.uint8), None, 0.0, (2, 2)
+
+    class Step:
+        seen: set = set()
+
+        def run(self, data, keys):
+            self.seen.add(torch.get_num_threads())
+            return data.clone(), None, 0.0
+
+    before = torch.get_num_threads()
+    plans = [[0, 1], [2, 3, 4], [5], [6, 7], [8, 9]]
+    stream = _ComputeStreams(Items(), plans, streams=2, threads_per_stream=1)
+    step = Step()
+    stream.start(step, lambda b: (b["indices"], None))
+    got = [b["job"] for b in stream]
+    stream.close()
+    assert got == plans and step.seen == {1} and torch.get_num_threads() == before
+
+    stream = _ComputeStreams(Items(), plans + [[12, 13]], streams=3, threads_per_stream=1)
+    stream.start(Step(), lambda b: (b["indices"], None))
+    with pytest.raises(RuntimeError, match="boom at 13"):
+        list(stream)
+    stream.close()
+    assert torch.get_num_threads() == before

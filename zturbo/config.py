@@ -210,11 +210,12 @@ class ServeConfig(Section):
     latent_mode: Literal["mean", "sample"] = "mean"
     shard_size: int = Field(1000, ge=1)
     workers: int | None = Field(None, ge=0, description="image decoding processes; None: cores - 1 (at most 8)")
-    overlap: Literal["auto", "on", "threads", "off"] = Field(
+    overlap: Literal["auto", "on", "threads", "streams", "off"] = Field(
         "auto",
         description="read in worker processes while computing ('on'), in a thread pool while computing "
-        "('threads'), or between batches on all cores ('off'); auto: off when the model computes on the CPU "
-        "with every core, threads on a GPU, on otherwise",
+        "('threads'), in several CPU compute streams that each read then compute their own batches "
+        "('streams'), or between batches on all cores ('off'); auto: streams when the model computes on a "
+        "multi-core CPU with every core, threads on a GPU, on otherwise",
     )
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="jpeg / webp quality when decoding to images")

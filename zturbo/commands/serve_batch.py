@@ -21,9 +21,10 @@ PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf1
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read on a thread of this one).")]
 OverlapOpt = Annotated[str | None, typer.Option(
-    "--overlap", help="auto | on | threads | off: read beside compute in worker processes (on) or in threads "
-    "(threads; --workers of them), or between batches on all cores (off; auto picks off when the model computes "
-    "on the CPU with every core, threads on a GPU, else on).")]
+    "--overlap", help="auto | on | threads | streams | off: read beside compute in worker processes (on) or in "
+    "threads (threads; --workers of them), in CPU compute streams that each read then compute their own batches "
+    "(streams), or between batches on all cores (off). auto picks streams when the model computes on a multi-core "
+    "CPU with every core, threads on a GPU, else on.")]
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]

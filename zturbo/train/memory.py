@@ -6,23 +6,23 @@ accumulate gradients over micro-batches, so the peak does not grow with the
 batch; the trainer raises the micro-batch while it fits (see
 ``TrainEngine.fit_micro_batch``).
 
-The figures are measured: one bf16 step at micro-batch 1 on an H100 with
+The figures are measured: one bf16 step at micro-batch 1 with
 ``python benchmarks/bench_train.py --what gpu-memory`` (torch 2.11, the per-phase
 upsample convolution, LPIPS-VGG, discriminator on), rounded up to the next GiB.
-highres and ultra were measured with gradient checkpointing per block. It is now per
-layer, and recomputes each GroupNorm+SiLU in the backward (under CUDA autocast their
-fp32 outputs are the largest saved tensors); on the CPU (fp32, VAE alone, ultra at
-512 px) that cut the step's memory growth from 3.13 to 2.35 GiB. Their figures are
-upper bounds until remeasured: ultra (2048 px) measured 34.9 GiB, above a 32 GB card.
+ultrafast and fast on an H100; highres and ultra on an H200 after gradient
+checkpointing went from per block to per layer with each GroupNorm+SiLU recomputed
+in the backward (under CUDA autocast their fp32 outputs are the largest saved
+tensors): highres 19.99 -> 15.88 GiB, ultra 34.86 -> 27.46 GiB, so ultra now fits
+a 32 GB card. (Peak allocated memory does not depend on which of the two cards.)
 """
 
 from __future__ import annotations
 
-PEAK_GIB_AT_MICRO_BATCH_1 = {  # measured peaks: 10.49, 25.59, 19.99 and 34.86 GiB
+PEAK_GIB_AT_MICRO_BATCH_1 = {  # measured peaks: 10.49, 25.59, 15.88 and 27.46 GiB
     "ultrafast": (11.0, "measured on an H100"),
     "fast": (26.0, "measured on an H100"),
-    "highres": (20.0, "measured on an H100, per-block checkpointing"),
-    "ultra": (35.0, "measured on an H100, per-block checkpointing"),
+    "highres": (16.0, "measured on an H200"),
+    "ultra": (28.0, "measured on an H200"),
 }
 
 
