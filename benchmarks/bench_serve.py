@@ -13,7 +13,9 @@ repeats, so a machine that gets busier or quieter during the run cancels out:
 
 * compute only: the backend's ``encode`` on batches already decoded, resized and on
   the device (the ceiling for any pipeline); for ``--op decode``, its ``decode`` on
-  latent batches already on the device;
+  latent batches already on the device. Run the way the pipeline runs it: where the
+  pipeline uses CPU compute streams, in the same streams with the same thread split
+  (and the backend's plain loop with every thread is reported beside it);
 * end to end: ``encode_collection`` from image files to shards on disk (reading,
   compute and writing overlapped as the pipeline chooses), into a fresh folder; for
   decode, ``decode_collection`` from those shards to PNG files;

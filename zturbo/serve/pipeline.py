@@ -9,13 +9,14 @@
 Stages and what overlaps with what:
 
 * readers open, decode and resize single images and stack them into uint8 batches
-  of one size bucket each, in page-locked memory when the device is CUDA. Three kinds
+  of one size bucket each, in page-locked memory when the device is CUDA. Four kinds
   (``ServeConfig.overlap``): a thread pool beside compute (the default on a GPU),
-  worker processes beside compute (a torch DataLoader), or a thread pool on every
-  core between batches (the default when the model computes on the CPU with every
-  core, where reading beside compute would preempt its threads);
-* the main thread copies a batch to the device, normalises it there and runs the
-  backend, then starts an asynchronous copy of the result back;
+  worker processes beside compute (a torch DataLoader), CPU compute streams that each
+  read and then compute their own batches on their share of the cores (the default
+  when the model computes on a multi-core CPU with every core, where readers beside
+  one compute loop would preempt its threads), or reading between batches (one core);
+* the main thread (or each compute stream) copies a batch to the device, normalises
+  it there and runs the backend, then starts an asynchronous copy of the result back;
 * a writer thread waits for that copy and writes shards (encode) or images
   (decode, on a small thread pool), atomically.
 
