@@ -530,3 +530,11 @@ def test_compute_streams_use_their_thread_share_and_stop_on_the_first_error():
         list(stream)
     stream.close()
     assert torch.get_num_threads() == before
+
+
+def test_compute_streams_are_refused_for_a_gpu_model():
+    from zturbo.errors import UsageError
+    from zturbo.serve.pipeline import _stream
+
+    with pytest.raises(UsageError, match="streams is for models computing on the CPU"):
+        _stream(None, [[0]], 1, torch.device("cuda"), ServeConfig(overlap="streams"))
