@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"serve-batch {args.op} on {result['device']}: {n} images at {size}x{size}, batch {batch}, "
           f"{args.precision}, {result['gflop_per_image']} GFLOP/image, {result['workers']} reader workers, reading {result['reading']}")
     print(f"{'variant':<19}{'images/s':>10}  runs")
-    for k in runs:
-        print(f"{k:<19}{med[k]:>10.1f}  {runs[k]}")
+    for k, values in runs.items():
+        print(f"{k:<19}{med[k]:>10.1f}  {values}")
     if streams > 1:
         one = _median_ratio(runs["end_to_end"], runs["compute_one_stream"][: len(runs["end_to_end"])])
         result["end_to_end_vs_compute_one_stream"] = round(one, 3)

@@ -136,3 +136,12 @@ def test_demo_images_are_packaged():
     assert len(paths) == 15 and (demo_dir() / "SOURCES.md").is_file()
     images = load_demo_images(64)
     assert all(im.mode == "RGB" and im.size == (64, 64) for im in images)
+
+
+def test_a_folder_named_like_a_profile_does_not_hide_it(tmp_path, monkeypatch):
+    """`zturbo train --profile demo` next to a folder called demo/ (say, the demo images) still means the profile."""
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "mine.toml").write_text("[train]\nbatch_size = 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings("demo").profile == "demo"
+    assert load_settings("mine.toml").train.batch_size == 3  # a file is still read as a config

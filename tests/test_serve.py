@@ -509,7 +509,8 @@ def test_compute_streams_use_their_thread_share_and_stop_on_the_first_error():
             return i, np.full((2, 2, 3), i, np.uint8), None, 0.0, (2, 2)
 
     class Step:
-        seen: set = set()
+        def __init__(self):
+            self.seen = set()
 
         def run(self, data, keys):
             self.seen.add(torch.get_num_threads())

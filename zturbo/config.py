@@ -362,7 +362,7 @@ def available_profiles() -> list[str]:
 
 def read_profile(name_or_path: str | Path) -> dict[str, Any]:
     candidate = Path(name_or_path)
-    if candidate.suffix in (".toml", ".json", ".yaml", ".yml") or candidate.exists():
+    if candidate.suffix in (".toml", ".json", ".yaml", ".yml") or candidate.is_file():  # a folder named "demo" is no profile
         data = read_config_file(candidate)
     else:
         path = profile_dir() / f"{name_or_path}.toml"

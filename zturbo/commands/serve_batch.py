@@ -112,8 +112,9 @@ def _print_report(report, json_out: bool) -> None:
         ("wall time", f"{r.wall_seconds:.2f} s"),
         ("throughput", f"{r.images_per_second:.1f} images/s"),
         ("reading (workers, summed)", f"{r.read_seconds:.2f} s"),
-        ("waiting for input", f"{r.wait_seconds:.2f} s"),
-        ("computing", f"{r.compute_seconds:.2f} s"),
+        # Compute streams read in turn with computing: their times are per stream.
+        ("reading, per stream" if r.reading == "streams" else "waiting for input", f"{r.wait_seconds:.2f} s"),
+        ("computing, per stream" if r.reading == "streams" else "computing", f"{r.compute_seconds:.2f} s"),
         ("writing (background)", f"{r.write_seconds:.2f} s"),
     ]
     if r.index is not None:

@@ -75,13 +75,13 @@ class RunReport:
     failures: list[dict] = field(default_factory=list)
     batch_size: int = 0
     workers: int = 0
-    reading: str = ""  # 'overlapped' (processes beside compute), 'threads' (beside it) or 'phased' (between batches)
+    reading: str = ""  # 'overlapped' (processes beside compute), 'threads' (beside it), 'streams' (CPU compute streams) or 'phased' (between batches)
     backend: dict = field(default_factory=dict)
     partition: str = ""
     wall_seconds: float = 0.0
     read_seconds: float = 0.0  # worker CPU time decoding and resizing (summed over workers)
-    wait_seconds: float = 0.0  # main thread waiting for the next batch (reading not hidden)
-    compute_seconds: float = 0.0
+    wait_seconds: float = 0.0  # main thread waiting for the next batch (reading not hidden); streams: reading per stream
+    compute_seconds: float = 0.0  # streams: per stream
     write_seconds: float = 0.0
     index: str | None = None
     index_count: int | None = None
