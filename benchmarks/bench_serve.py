@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "threads", "off"])
+    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "threads", "streams", "off"])
+    ap.add_argument("--streams", type=int, help="CPU compute streams (default: the pipeline's choice)")
     ap.add_argument("--source", help="MIN,MAX side of the generated source images")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         paths = make_images(tmp / "images", preset["images"], preset["source"])
         n = len(paths)
         cfg = ServeConfig(size=size, batch_size=batch, resize="square", precision=args.precision,
-                          workers=args.workers, overlap=args.overlap, shard_size=1000, image_format="png")
+                          workers=args.workers, overlap=args.overlap, streams=args.streams, shard_size=1000,
+                          image_format="png")
         naive_paths = paths[: preset["naive_images"]]
         if args.op == "encode":
             # The exact tensors the pipeline computes on: same crop, resize and normalisation.
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Compute only, run the way the pipeline runs it: in its CPU compute streams when it uses them
         # ("compute"); the backend's plain one-batch-at-a-time loop as well then ("compute_one_stream").
-        streams, threads = compute_streams() if warm_report.reading == "streams" else (1, 0)
+        streams, threads = compute_streams(streams=args.streams) if warm_report.reading == "streams" else (1, 0)
         compute_only(compute, backend, dev_batches[:2 * streams], streams, threads)
         runs = {"compute": [], "end_to_end": [], "naive": []}
         if streams > 1:

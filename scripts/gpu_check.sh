@@ -113,6 +113,15 @@ else
   step bench_serve-decode 90 $PY benchmarks/bench_serve.py --gpu --op decode --images 512 --repeats 2 \
     --json "$OUT/json/serve-decode.json"
 fi
+# serve-batch on this machine's CPU cores (the CPU preset): one compute loop with phased reading against
+# compute streams, the default count and others, to check the streams default on a many-core host.
+if [ "$DRY" = 0 ]; then
+  for s in off auto 2 8; do
+    if [ "$s" = off ] || [ "$s" = auto ]; then flags="--overlap $s"; else flags="--overlap streams --streams $s"; fi
+    step "cpu-serve-$s" 60 $PY benchmarks/bench_serve.py --images 400 --repeats 5 $flags \
+      --json "$OUT/json/cpu-serve-$s.json"
+  done
+fi
 # The peer users would otherwise pick: diffusers' AutoencoderKL, same config, weights, inputs, precision.
 bench diffusers $T --against diffusers --precision bf16 --resolutions $R_MFU --batch-sizes 1,$B_MFU
 # Training memory per profile at micro-batch 1 (the profile menu's figures).
@@ -168,7 +177,8 @@ if variants:
     print()
 for name, r in other.items():
     if "end_to_end_vs_compute" in r:
-        print(f"- {name} ({r.get('op', 'encode')}): {r['images']} images at {r['size']} px, batch {r['batch_size']}, {r['precision']}, reading "
+        extra = f", / one-stream loop = {r['end_to_end_vs_compute_one_stream']:.3f} ({r['compute_streams']})" if r.get("compute_streams") else ""
+        print(f"- {name} ({r.get('op', 'encode')}){extra}: {r['images']} images at {r['size']} px, batch {r['batch_size']}, {r['precision']}, reading "
               f"{r.get('reading')}: end to end / compute = {r['end_to_end_vs_compute']:.3f}, / naive = "
               f"{r['end_to_end_vs_naive']:.2f}x, img/s {r['images_per_second']}")
     elif "gpu" in r:

@@ -495,6 +495,8 @@ def test_compute_streams_split_the_cores():
     assert compute_streams(8) == (2, 4)
     assert compute_streams(16) == (4, 4)
     assert compute_streams(96) == (4, 24)
+    assert compute_streams(16, streams=2) == (2, 8)  # --streams
+    assert compute_streams(2, streams=8) == (2, 1)  # at most one per core
 
 
 def test_compute_streams_use_their_thread_share_and_stop_on_the_first_error():

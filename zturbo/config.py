@@ -217,6 +217,11 @@ class ServeConfig(Section):
         "('streams'), or between batches on all cores ('off'); auto: streams when the model computes on a "
         "multi-core CPU with every core, threads on a GPU, on otherwise",
     )
+    streams: int | None = Field(
+        None, ge=1, le=64,
+        description="CPU compute streams ('streams' overlap), each with cores/streams torch threads; "
+        "None: 2 up to 8 cores, then one per 4 cores, at most 4",
+    )
     image_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100, description="jpeg / webp quality when decoding to images")
     restore_size: bool = Field(

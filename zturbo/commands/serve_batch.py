@@ -25,6 +25,8 @@ OverlapOpt = Annotated[str | None, typer.Option(
     "threads (threads; --workers of them), in CPU compute streams that each read then compute their own batches "
     "(streams), or between batches on all cores (off). auto picks streams when the model computes on a multi-core "
     "CPU with every core, threads on a GPU, else on.")]
+StreamsOpt = Annotated[int | None, typer.Option(
+    "--streams", help="CPU compute streams for --overlap streams (default: 2 up to 8 cores, then one per 4, at most 4).")]
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]
@@ -154,6 +156,7 @@ def register(app: typer.Typer) -> None:
         shard_size: Annotated[int | None, typer.Option("--shard-size", help="Latents per shard file.")] = None,
         workers: WorkersOpt = None,
         overlap: OverlapOpt = None,
+        streams: StreamsOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -166,7 +169,7 @@ def register(app: typer.Typer) -> None:
             "size": size, "batch_size": _batch_size(batch_size), "backend": backend, "precision": precision,
             "device": device, "latent_mode": None if mean is None else ("mean" if mean else "sample"),
             "resize": resize, "shard_size": shard_size, "workers": workers,
-            "overlap": overlap,
+            "overlap": overlap, "streams": streams,
         }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
@@ -195,6 +198,7 @@ def register(app: typer.Typer) -> None:
         shard: ShardOpt = None,
         workers: WorkersOpt = None,
         overlap: OverlapOpt = None,
+        streams: StreamsOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -207,7 +211,7 @@ def register(app: typer.Typer) -> None:
             "image_format": image_format, "quality": quality, "restore_size": restore_size,
             "batch_size": _batch_size(batch_size),
             "backend": backend, "precision": precision, "device": device, "workers": workers,
-            "overlap": overlap,
+            "overlap": overlap, "streams": streams,
         }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
