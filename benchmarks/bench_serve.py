@@ -99,7 +99,7 @@ def compute_only(compute, backend, batches: list[torch.Tensor], streams: int = 1
     """Seconds for the backend to encode (or decode) batches already on the device.
 
     With ``streams`` > 1, as the pipeline's CPU compute streams run them: that many threads
-    take the batches in turn, each with ``threads`` of torch's threads.
+    each take the next batch not yet taken, each with ``threads`` of torch's threads.
     """
     backend.synchronize()
     if streams <= 1:
@@ -111,8 +111,18 @@ def compute_only(compute, backend, batches: list[torch.Tensor], streams: int = 1
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        workers = [threading.Thread(target=lambda part: [compute(x) for x in part], args=(batches[s::streams],))
-                   for s in range(streams)]
+        todo = iter(batches)
+        lock = threading.Lock()
+
+        def stream() -> None:
+            while True:
+                with lock:
+                    x = next(todo, None)
+                if x is None:
+                    return
+                compute(x)
+
+        workers = [threading.Thread(target=stream) for _ in range(streams)]
         t0 = time.perf_counter()
         for w in workers:
             w.start()

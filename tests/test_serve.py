@@ -344,14 +344,17 @@ def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, 
 
     results = {}
     threads = torch.get_num_threads()
-    for overlap in ("on", "threads", "streams", "off"):
-        cfg = ServeConfig(size=32, batch_size=4, workers=2, overlap=overlap)
-        report = encode_collection(tiny_model, photos, tmp_path / overlap, cfg)
-        assert report.reading == {"on": "overlapped", "threads": "threads", "off": "phased"}.get(overlap, overlap)
+    modes = {"on": "overlapped", "threads": "threads", "streams": "streams", "streams+processes": "streams+processes",
+             "off": "phased"}
+    for name, reading in modes.items():
+        overlap, workers = ("streams", 2) if name == "streams+processes" else (name, 0 if name == "streams" else 2)
+        cfg = ServeConfig(size=32, batch_size=4, workers=workers, overlap=overlap)
+        report = encode_collection(tiny_model, photos, tmp_path / name, cfg)
+        assert report.reading == reading
         assert report.processed == 40 and report.failed == 0
         assert torch.get_num_threads() == threads  # compute streams restore torch's thread count
-        results[overlap] = (_entries(load_index(tmp_path / overlap / "index.json")), _latents(tmp_path / overlap))
-    for other in ("threads", "streams", "off"):
+        results[name] = (_entries(load_index(tmp_path / name / "index.json")), _latents(tmp_path / name))
+    for other in ("threads", "streams", "streams+processes", "off"):
         assert results["on"][0] == results[other][0]  # same shards, same order in them
         for key, latent in results["on"][1].items():
             torch.testing.assert_close(results[other][1][key], latent)
@@ -526,6 +529,23 @@ def test_compute_streams_use_their_thread_share_and_stop_on_the_first_error():
     got = [b["job"] for b in stream]
     stream.close()
     assert got == plans and step.seen == {1} and torch.get_num_threads() == before
+
+    class Feeder:  # worker processes' stand-in: collated batches in plan order
+        closed = False
+
+        def __iter__(self):
+            for plan in plans:
+                yield {"indices": plan, "sizes": [], "data": torch.tensor(plan), "failures": [], "read_seconds": 0.0}
+
+        def close(self):
+            self.closed = True
+
+    feeder = Feeder()
+    stream = _ComputeStreams(None, plans, streams=3, threads_per_stream=1, feeder=feeder)
+    stream.start(Step(), lambda b: (b["indices"], None))
+    got = [b["job"] for b in stream]
+    stream.close()
+    assert got == plans and feeder.closed and stream.mode == "streams+processes"
 
     stream = _ComputeStreams(Items(), plans + [[12, 13]], streams=3, threads_per_stream=1)
     stream.start(Step(), lambda b: (b["indices"], None))

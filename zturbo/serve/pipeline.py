@@ -57,6 +57,8 @@ from zturbo.serve.inputs import (
 from zturbo.serve.latents import LatentItem, LatentReader, check_channels, enumerate_latents
 from zturbo.utils import atomic_path, atomic_write_json, usable_cores
 
+# From this many cores, CPU compute streams are fed by worker processes (--workers) rather than reading themselves.
+STREAM_FEEDER_CORES = 8
 # How many batches may wait between stages (loader -> compute, compute -> writer).
 PREFETCH_BATCHES = 4
 WRITE_QUEUE = 4
@@ -379,31 +381,40 @@ class _ReadTuner:
 
 
 class _ComputeStreams:
-    """Several batches in flight on a multi-core CPU: each of ``streams`` threads reads a batch and
-    computes it with ``cores / streams`` of torch's threads, in turn, so one stream's reading
-    overlaps the others' compute, and no core is shared between compute threads.
+    """Several batches in flight on a multi-core CPU: each of ``streams`` threads takes the next
+    batch, reads it and computes it with ``cores / streams`` of torch's threads, so one stream's
+    reading overlaps the others' compute, and no core is shared between compute threads.
 
     Against one stream computing on every core, this wins twice over: reading is hidden
     behind the other streams' compute instead of stopping it, and a conv on small inputs
     scales worse across threads than independent batches do (2 cores, ultrafast
     channels at 32 px, batch 16: two single-thread streams compute 10% more images/s
-    than one two-thread loop). Results are handed on in batch order, so outputs are the
-    same as with one stream. torch's thread count is process-wide: it is set for the run
-    and restored after.
+    than one two-thread loop). Batches are taken in plan order and handed on in that
+    order, so outputs are the same as with one stream. With ``feeder`` (worker processes
+    reading in plan order) the streams take decoded batches from it instead of reading
+    in this process, which keeps Pillow's Python off this process's GIL. torch's thread
+    count is process-wide: it is set for the run and restored after.
     """
 
     mode = "streams"
     computes = True
-    _END = object()
 
-    def __init__(self, dataset, batches: list[list[int]], streams: int, threads_per_stream: int):
-        self.dataset, self.batches = dataset, batches
+    def __init__(self, dataset, batches: list[list[int]], streams: int, threads_per_stream: int, feeder=None):
+        self.dataset, self.batches, self.feeder = dataset, batches, feeder
+        if feeder is not None:
+            self.mode = "streams+processes"
         self.streams = max(1, min(streams, len(batches)))
         self.threads_per_stream = max(1, threads_per_stream)
-        self.queues = [queue.Queue(maxsize=2) for _ in range(self.streams)]
+        self.take_lock = threading.Lock()
+        self.next_batch = 0
+        self.feed = iter(feeder) if feeder is not None else None
+        self.ready: dict[int, dict] = {}
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.slots = threading.Semaphore(2 * self.streams)  # batches taken but not yet handed on
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.read_wall = [0.0] * self.streams  # per stream: time spent reading rather than computing
+        self.read_wall = [0.0] * self.streams  # per stream: time spent reading (or waiting for the feeder)
         self.saved_threads: int | None = None
 
     def start(self, step: _DeviceStep, job_args) -> None:
@@ -414,46 +425,58 @@ class _ComputeStreams:
             t.start()
             self.threads.append(t)
 
+    def _take(self, s: int) -> tuple[int | None, dict | None]:
+        t0 = time.perf_counter()
+        with self.take_lock:
+            k = self.next_batch
+            if k >= len(self.batches):
+                return None, None
+            self.next_batch += 1
+            if self.feed is not None:  # the feeder yields in plan order: its next batch is batch k
+                batch = next(self.feed)
+                self.read_wall[s] += _seconds(t0)
+                return k, batch
+        batch = _collate([self.dataset[i] for i in self.batches[k]], False)
+        self.read_wall[s] += _seconds(t0)
+        return k, batch
+
     def _run(self, s: int, step: _DeviceStep, job_args) -> None:
         try:
-            for k in range(s, len(self.batches), self.streams):
-                if self.stop.is_set():
+            while not self.stop.is_set():
+                if not self.slots.acquire(timeout=0.1):
+                    continue
+                k, batch = self._take(s)
+                if k is None:
                     return
-                t0 = time.perf_counter()
-                batch = _collate([self.dataset[i] for i in self.batches[k]], False)
-                self.read_wall[s] += _seconds(t0)
                 if batch["data"] is not None:
                     args = job_args(batch)
                     batch["job"] = args[0]
                     batch["result"] = step.run(batch["data"], args[1])
-                if not self._put(s, batch):
-                    return
-            self._put(s, self._END)
+                with self.cond:
+                    self.ready[k] = batch
+                    self.cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            self._put(s, exc)
-
-    def _put(self, s: int, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queues[s].put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+            with self.cond:
+                self.error = self.error or exc
+                self.cond.notify_all()
 
     def __iter__(self):
         for k in range(len(self.batches)):
-            item = self.queues[k % self.streams].get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is self._END:  # cannot happen before every batch of that stream was handed on
-                raise RuntimeError("a compute stream ended early")
-            yield item
+            with self.cond:
+                while k not in self.ready and self.error is None:
+                    self.cond.wait(0.1)
+                if k not in self.ready:
+                    raise self.error
+                batch = self.ready.pop(k)
+            self.slots.release()
+            yield batch
 
     def close(self) -> None:
         self.stop.set()
         for t in self.threads:
             t.join()
+        if self.feeder is not None:
+            self.feeder.close()
         if self.saved_threads is not None:
             torch.set_num_threads(self.saved_threads)
             self.saved_threads = None
@@ -480,7 +503,13 @@ def _stream(dataset, batches: list[list[int]], workers: int, device: torch.devic
     if cfg.overlap == "streams" or (cfg.overlap == "auto" and fills_cpu and streams > 1):
         if device.type != "cpu":
             raise UsageError("--overlap streams is for models computing on the CPU", "use auto, threads or on")
-        return _ComputeStreams(dataset, batches, streams, threads)
+        # Readers: this process's stream threads (--workers 0, and the default below 8 cores), or
+        # worker processes feeding the streams (--workers N, and the default from 8 cores, where
+        # several streams reading through Pillow's Python contend for one GIL).
+        procs = (0 if usable_cores() < STREAM_FEEDER_CORES else min(8, max(1, usable_cores() // 8))) \
+            if cfg.workers is None else cfg.workers
+        feeder = _BatchStream(dataset, batches, procs, False) if procs > 0 else None
+        return _ComputeStreams(dataset, batches, streams, threads, feeder)
     if cfg.overlap == "off" or (cfg.overlap == "auto" and fills_cpu):
         return _ThreadPoolBatchStream(dataset, batches, usable_cores(), pin=False, ahead=0)
     if cfg.overlap == "threads" or (cfg.overlap == "auto" and device.type == "cuda"):
