@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Compute only, run the way the pipeline runs it: in its CPU compute streams when it uses them
         # ("compute"); the backend's plain one-batch-at-a-time loop as well then ("compute_one_stream").
-        streams, threads = compute_streams(streams=args.streams) if warm_report.reading == "streams" else (1, 0)
+        streams, threads = compute_streams(streams=args.streams) if warm_report.reading.startswith("streams") else (1, 0)
         compute_only(compute, backend, dev_batches[:2 * streams], streams, threads)
         runs = {"compute": [], "end_to_end": [], "naive": []}
         if streams > 1:

@@ -209,7 +209,11 @@ class ServeConfig(Section):
     device: str = "auto"
     latent_mode: Literal["mean", "sample"] = "mean"
     shard_size: int = Field(1000, ge=1)
-    workers: int | None = Field(None, ge=0, description="image decoding processes; None: cores - 1 (at most 8)")
+    workers: int | None = Field(
+        None, ge=0,
+        description="image decoding processes; None: cores - 1 (at most 8), but 0 with CPU compute streams, "
+        "which read themselves (measured faster than feeding them from processes)",
+    )
     overlap: Literal["auto", "on", "threads", "streams", "off"] = Field(
         "auto",
         description="read in worker processes while computing ('on'), in a thread pool while computing "

@@ -19,7 +19,8 @@ BatchOpt = Annotated[
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch, compile, onnx or trt.")]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read on a thread of this one).")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read on a thread of this one). "
+                                                "With CPU compute streams the default is 0: the streams read themselves.")]
 OverlapOpt = Annotated[str | None, typer.Option(
     "--overlap", help="auto | on | threads | streams | off: read beside compute in worker processes (on) or in "
     "threads (threads; --workers of them), in CPU compute streams that each read then compute their own batches "
