@@ -75,7 +75,7 @@ class RunReport:
     failures: list[dict] = field(default_factory=list)
     batch_size: int = 0
     workers: int = 0
-    reading: str = ""  # 'overlapped' (processes beside compute), 'threads' (beside it), 'streams' (CPU compute streams) or 'phased' (between batches)
+    reading: str = ""  # 'overlapped' (processes beside compute), 'threads' (beside it), 'streams' / 'streams+processes' (CPU compute streams reading themselves / fed by processes) or 'phased' (between batches)
     backend: dict = field(default_factory=dict)
     partition: str = ""
     wall_seconds: float = 0.0
