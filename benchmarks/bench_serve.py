@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, values in runs.items():
         print(f"{k:<19}{med[k]:>10.1f}  {values}")
     if streams > 1:
-        one = _median_ratio(runs["end_to_end"], runs["compute_one_stream"][: len(runs["end_to_end"])])
+        one = _median_ratio(runs["end_to_end"], runs["compute_one_stream"])
         result["end_to_end_vs_compute_one_stream"] = round(one, 3)
         print(f"compute streams: {streams} x {threads} torch threads; compute_one_stream is the backend's "
               f"plain loop with all {torch.get_num_threads()} threads (end to end / it = {one:.3f})")

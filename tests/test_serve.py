@@ -196,7 +196,7 @@ def test_ranks_share_one_output_and_the_last_merges(tiny_model, photos, tmp_path
     assert r0.index_count == 40
 
 
-@pytest.mark.parametrize("overlap", ["on", "threads", "off"])
+@pytest.mark.parametrize("overlap", ["on", "threads", "streams", "off"])
 def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, capsys, overlap):
     src = tmp_path / "src"
     src.mkdir()
@@ -353,9 +353,12 @@ def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, 
         assert report.reading == reading
         assert report.processed == 40 and report.failed == 0
         assert torch.get_num_threads() == threads  # compute streams restore torch's thread count
-        results[name] = (_entries(load_index(tmp_path / name / "index.json")), _latents(tmp_path / name))
+        index = load_index(tmp_path / name / "index.json")
+        placed = {e["source"]: (e["shard"], e["tensor"]) for e in index["entries"]}
+        results[name] = (_entries(index), _latents(tmp_path / name), placed)
     for other in ("threads", "streams", "streams+processes", "off"):
-        assert results["on"][0] == results[other][0]  # same shards, same order in them
+        assert results["on"][0] == results[other][0]
+        assert results["on"][2] == results[other][2]  # same shards, same order in them
         for key, latent in results["on"][1].items():
             torch.testing.assert_close(results[other][1][key], latent)
     # auto: compute streams when the model computes on a multi-core CPU with a thread on every core,
@@ -371,7 +374,7 @@ def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, 
     assert report.reading == "overlapped"
 
 
-@pytest.mark.parametrize("overlap", ["on", "off"])
+@pytest.mark.parametrize("overlap", ["on", "streams", "off"])
 def test_index_records_displayed_size_of_exif_rotated_images(tiny_model, tmp_path, overlap):
     """One size bucket (square): sizes come from the single decode, after EXIF rotation, before JPEG draft."""
     src = tmp_path / "src"

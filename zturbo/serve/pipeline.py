@@ -386,12 +386,13 @@ class _ComputeStreams:
     Against one stream computing on every core, this wins twice over: reading is hidden
     behind the other streams' compute instead of stopping it, and a conv on small inputs
     scales worse across threads than independent batches do (2 cores, ultrafast
-    channels at 32 px, batch 16: two single-thread streams compute 10% more images/s
-    than one two-thread loop). Batches are taken in plan order and handed on in that
+    channels at 32 px, batch 16: two single-thread streams compute 1.1-1.3x the images/s
+    of one two-thread loop). Batches are taken in plan order and handed on in that
     order, so outputs are the same as with one stream. With ``feeder`` (worker processes
-    reading in plan order) the streams take decoded batches from it instead of reading
-    in this process, which keeps Pillow's Python off this process's GIL. torch's thread
-    count is process-wide: it is set for the run and restored after.
+    reading in plan order, --workers N) the streams take decoded batches from it instead
+    of reading themselves; that keeps Pillow off this process's GIL but measured slower
+    for small images on 16 cores, so it is not the default. torch's thread count is
+    process-wide: it is set for the run and restored after.
     """
 
     mode = "streams"
