@@ -18,7 +18,7 @@ from zturbo.cli import run
 from zturbo.config import ExportConfig
 from zturbo.errors import UsageError
 from zturbo.export import META_NAME, export_model, read_export_meta
-from zturbo.model import VAE, load_vae
+from zturbo import VAE, load_vae
 
 TINY = {"block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 4, "sample_size": 64}
 

@@ -8,7 +8,7 @@ import torch
 from zturbo import VAE, ModelConfig
 from zturbo.config import available_profiles, load_settings
 from zturbo.errors import CheckpointError
-from zturbo.model.io import load_vae
+from zturbo import load_vae
 
 diffusers = pytest.importorskip("diffusers")
 

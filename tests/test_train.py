@@ -248,7 +248,7 @@ def test_loss_falls_on_demo_photos(tiny_config, tmp_path):
         "settings.json",
     ):
         assert (step / name).is_file(), name
-    from zturbo.model import load_vae
+    from zturbo import load_vae
 
     final = load_vae(run)  # resolves RUN_DIR/final (the EMA weights)
     ema = load_vae(step / "ema")
@@ -282,7 +282,7 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(
     assert trainer.engine.skipped_steps == 3
     step3 = tmp_path / "run" / "checkpoints" / "step-3"
     assert [p.name for p in step3.parent.iterdir()] == ["step-3"]
-    from zturbo.model import load_vae
+    from zturbo import load_vae
 
     saved = load_vae(step3 / "model").state_dict()
     # Skipped steps never touched the weights: what is in memory is what the checkpoint holds.
@@ -405,7 +405,7 @@ def _train_cmd(config: Path, data: Path, output: Path, *extra: str) -> list[str]
 
 
 def test_resume_after_sigkill_is_bit_identical(tiny_config, small_data, tmp_path):
-    from zturbo.model.io import read_weights
+    from zturbo.model.diffusers import read_weights
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = subprocess_env()
@@ -451,7 +451,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_config, small_data, tmp_path
 
 
 def test_two_process_gloo_ddp_writes_a_loadable_checkpoint(tiny_config, small_data, tmp_path):
-    from zturbo.model import load_vae
+    from zturbo import load_vae
 
     run_dir = tmp_path / "ddp"
     cmd = [

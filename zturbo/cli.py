@@ -1,15 +1,15 @@
-"""The `zturbo` command: a Typer app assembled from ``zturbo.commands``.
+"""The `zturbo` command: a Typer app assembled from the explicit list ``COMMANDS``.
 
-Each module in ``zturbo/commands`` defines ``register(app)``; modules are found
-at import time, so a command exists exactly when its module does. ``main()``
-turns known errors into one line on stderr plus a hint.
+Each listed module in ``zturbo/commands`` defines ``register(app)``. The list is
+written out rather than discovered from the folder, so an unreadable install or a
+module that fails to import is reported as such, never as "No such command".
+``main()`` turns known errors into one line on stderr plus a hint.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import pkgutil
 import sys
 import traceback
 
@@ -18,8 +18,19 @@ import typer
 from zturbo import __version__
 from zturbo.errors import ZTurboError
 
-# Order in `zturbo --help`; modules not listed follow alphabetically.
-_ORDER = ["prepare", "train", "eval", "bench", "export", "serve_batch", "config_cmd", "info"]
+# Every command module, in the order `zturbo --help` lists them.
+COMMANDS = ("prepare", "train", "eval", "bench", "export", "serve_batch", "config_cmd", "info")
+
+
+class CommandImportError(ZTurboError):
+    """A command module failed to import: a broken install or a missing dependency."""
+
+    def __init__(self, name: str, exc: BaseException):
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        super().__init__(
+            f"the '{name}' command module (zturbo.commands.{name}) failed to import: {type(exc).__name__}: {first}",
+            "reinstall zturbo (pip install -e .); ZTURBO_DEBUG=1 shows the traceback",
+        )
 
 
 def _click_exceptions() -> tuple[type[BaseException], ...]:
@@ -55,12 +66,12 @@ def build_app() -> typer.Typer:
     ) -> None:
         """zturbo: compact image VAEs, measured honestly."""
 
-    import zturbo.commands as pkg
-
-    names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
-    names.sort(key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
-    for name in names:
-        importlib.import_module(f"zturbo.commands.{name}").register(app)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"zturbo.commands.{name}")
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported with the module's name
+            raise CommandImportError(name, exc) from exc
+        module.register(app)
     return app
 
 
@@ -82,8 +93,8 @@ def _fail(message: str, hint: str | None, code: int) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (no sys.exit), for tests and embedding."""
-    app = build_app()
     try:
+        app = build_app()
         result = app(args=argv, prog_name="zturbo", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:

@@ -7,36 +7,20 @@ failures) and prints the traceback only with ``ZTURBO_DEBUG=1``.
 
 from __future__ import annotations
 
+import importlib
 
-class ZTurboError(Exception):
-    """A failure the user can act on. ``hint`` says what to do about it."""
+from zturbo.model.errors import CheckpointError, ConfigError, InputError, UsageError, ZTurboError
 
-    exit_code = 1
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-
-class UsageError(ZTurboError):
-    """Bad flags, bad arguments or a bad combination of them."""
-
-    exit_code = 2
-
-
-class ConfigError(UsageError):
-    """A configuration value is invalid or a config file cannot be read."""
-
-
-class InputError(ZTurboError):
-    """A path that must exist does not, or a file cannot be read or parsed."""
-
-    exit_code = 2
-
-
-class CheckpointError(InputError):
-    """A model folder or checkpoint is missing, incomplete or corrupt."""
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DeviceError",
+    "InputError",
+    "MissingDependencyError",
+    "UsageError",
+    "ZTurboError",
+    "require",
+]
 
 
 class MissingDependencyError(ZTurboError):
@@ -56,8 +40,6 @@ class DeviceError(ZTurboError):
 
 def require(module: str, purpose: str, extra: str | None = None):
     """Import an optional dependency or raise MissingDependencyError."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no branch - message depends on what is missing

@@ -2,76 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import tempfile
-from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 
-from zturbo.errors import DeviceError
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it into place.
-
-    The temp file lives in the same folder so ``os.replace`` is atomic; on error
-    it is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp creates 0600; give the final file the mode a plain open() would have.
-        if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Flush a folder's entries (a rename is durable only once its folder is synced); best effort."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+from zturbo.errors import DeviceError, UsageError
+from zturbo.model.files import (  # noqa: F401 - re-exported
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+)
 
 
 def usable_cores() -> int:
@@ -106,6 +48,4 @@ def resolve_dtype(precision: str) -> torch.dtype:
     try:
         return DTYPES[precision]
     except KeyError:
-        from zturbo.errors import UsageError
-
         raise UsageError(f"precision must be one of {', '.join(DTYPES)}, got '{precision}'") from None

@@ -82,7 +82,8 @@ def resolve_export(model: Any, **export_options: Any) -> tuple[Path, Any]:
     from zturbo.config import ExportConfig
     from zturbo.export.layout import META_NAME
     from zturbo.export.pipeline import build_files
-    from zturbo.model import VAE, load_vae, resolve_model_dir
+    from zturbo.model import VAE
+    from zturbo.train.layout import load_vae, resolve_model_dir
     from zturbo.utils import atomic_write_json
 
     source = Path("<in-memory>") if isinstance(model, VAE) else resolve_model_dir(model)

@@ -60,7 +60,8 @@ class TorchBackend(Backend):
         channels_last: bool | None = None,
         **options,
     ):
-        from zturbo.model import VAE, load_vae
+        from zturbo.model import VAE
+        from zturbo.train.layout import load_vae
 
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         vae = model if isinstance(model, VAE) else load_vae(model)

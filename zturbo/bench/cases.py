@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 
 from zturbo.backends.torch_backend import TorchBackend
-from zturbo.config import ModelConfig, load_settings
+from zturbo.config import load_settings
+from zturbo.model import ModelConfig
 from zturbo.errors import MissingDependencyError, UsageError, ZTurboError
 
 SubjectKind = Literal["zturbo", "diffusers"]
@@ -49,7 +50,8 @@ class SkipCase(Exception):
 
 def our_subject(config: ModelConfig, name: str, model_path: Path | None = None) -> Subject:
     """Our VAE: loaded from ``model_path`` when given, else randomly initialised (timing needs no training)."""
-    from zturbo.model import VAE, load_vae
+    from zturbo.model import VAE
+    from zturbo.train.layout import load_vae
 
     if model_path is not None:
         vae = load_vae(model_path)

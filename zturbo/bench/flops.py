@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from zturbo.config import ModelConfig
+from zturbo.model import ModelConfig
 from zturbo.model.flops import count_flops, vae_flops
 
 

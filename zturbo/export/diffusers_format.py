@@ -12,7 +12,6 @@ a turbo one with the same tools.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from typing import Any
 import torch
 
 from zturbo.errors import CheckpointError, require
+from zturbo.model import load_pretrained
+from zturbo.model.diffusers import CONFIG_NAME
 
-# Attention parameter names of diffusers checkpoints written before the Attention refactor.
-_LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 _COMPARE_SIZE = 64
 
 
@@ -60,8 +59,6 @@ def save_model_folder(vae, out: Path) -> None:
     import shutil
     import tempfile
 
-    from zturbo.model.io import CONFIG_NAME
-
     staging = Path(tempfile.mkdtemp(prefix=".zturbo-save-", dir=out))
     try:
         vae.save_pretrained(staging)
@@ -87,65 +84,16 @@ def find_vae_folder(path: str | Path) -> Path:
     )
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index} is corrupt: {exc}") from exc
-        return [folder / s for s in shards]
-    for pattern in (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.*.safetensors",
-        "*.safetensors",
-    ):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[:1]
-    found = sorted(folder.glob("diffusion_pytorch_model*.bin"))
-    if found:
-        return found[:1]
-    raise CheckpointError(f"no weights in {folder} (looked for diffusion_pytorch_model*.safetensors / .bin)")
-
-
-def read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers VAE folder, as fp32, with legacy attention names renamed."""
-    state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(folder):
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                part = load_file(str(path))
-            else:
-                part = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated / corrupt files raise various errors
-            raise CheckpointError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from exc
-        state.update(part)
-    out = {}
-    for key, value in state.items():
-        for old, new in _LEGACY_ATTENTION.items():
-            key = key.replace(old, new)
-        out[key] = value.float() if value.is_floating_point() else value
-    return out
-
-
 def import_diffusers(
     src: str | Path, out: str | Path, verify: bool = False, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Convert a diffusers AutoencoderKL folder into a zturbo model folder at ``out``."""
     from zturbo.export.pipeline import prepare_out_dir
-    from zturbo.model.io import load_state_dict_strict, model_config_from_dict, read_config
-    from zturbo.model.vae import VAE
 
     log = log or _nolog
     folder = find_vae_folder(src)
-    config = model_config_from_dict(read_config(folder))
-    state = read_diffusers_weights(folder)
-    vae = VAE(config)
-    load_state_dict_strict(vae, state, str(folder))
-    vae.eval()
+    vae = load_pretrained(folder).float()
+    config = vae.config
     out = prepare_out_dir(out)
     log(f"importing {folder} ({vae.num_parameters / 1e6:.1f} M parameters) to {out}")
     save_model_folder(vae, out)

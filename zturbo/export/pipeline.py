@@ -95,7 +95,8 @@ def export_model(
     Returns the metadata written to ``out_dir/zturbo_export.json`` (or, for the
     diffusers format, a summary of the folder written).
     """
-    from zturbo.model.io import load_pretrained, resolve_model_dir
+    from zturbo.model import load_pretrained
+    from zturbo.train.layout import resolve_model_dir
 
     cfg = cfg or ExportConfig()
     log = log or _nolog

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from zturbo.config import ModelConfig
+from zturbo.model.config import ModelConfig
+from zturbo.model.vae import VAE
 
 
 def count_flops(fn, *args) -> int:
@@ -20,8 +21,6 @@ def count_flops(fn, *args) -> int:
 
 def vae_flops(config: ModelConfig, resolution: int, batch: int = 1) -> dict[str, int]:
     """FLOPs of encode (to the posterior) and decode for one batch at ``resolution``."""
-    from zturbo.model.vae import VAE
-
     with torch.device("meta"):
         vae = VAE(config).eval()
         x = torch.empty(batch, config.in_channels, resolution, resolution)
@@ -34,8 +33,6 @@ def vae_flops(config: ModelConfig, resolution: int, batch: int = 1) -> dict[str,
 
 
 def parameter_count(config: ModelConfig) -> int:
-    from zturbo.model.vae import VAE
-
     with torch.device("meta"):
         vae = VAE(config)
     return sum(p.numel() for p in vae.parameters())

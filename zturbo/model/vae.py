@@ -7,16 +7,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zturbo.config import ModelConfig
 from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, ResnetBlock2D, UpDecoderBlock, norm_silu
+from zturbo.model.config import ModelConfig
+from zturbo.model.diffusers import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    config_from_diffusers,
+    config_to_diffusers,
+    read_config,
+    read_weights,
+)
+from zturbo.model.errors import CheckpointError
+from zturbo.model.files import atomic_path, atomic_write_text
 
 
 class DiagonalGaussian:
@@ -170,43 +182,56 @@ class VAE(nn.Module):
 
     # -- persistence -----------------------------------------------------------------------------------
     def diffusers_config(self) -> dict[str, Any]:
-        from zturbo import __version__
-
-        cfg = self.config
-        n = len(cfg.block_out_channels)
-        return {
-            "_class_name": "AutoencoderKL",
-            "_diffusers_version": "0.30.0",
-            "_zturbo_version": __version__,
-            "act_fn": "silu",
-            "block_out_channels": list(cfg.block_out_channels),
-            "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n,
-            "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels,
-            "latent_channels": cfg.latent_channels,
-            "layers_per_block": cfg.layers_per_block,
-            "norm_num_groups": cfg.norm_num_groups,
-            "sample_size": cfg.sample_size,
-            "scaling_factor": cfg.scaling_factor,
-            "shift_factor": cfg.shift_factor,
-            "latents_mean": None,
-            "latents_std": None,
-            "force_upcast": True,
-            "use_quant_conv": cfg.use_quant_conv,
-            "use_post_quant_conv": cfg.use_post_quant_conv,
-            "mid_block_add_attention": cfg.mid_block_add_attention,
-        }
+        return config_to_diffusers(self.config)
 
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers' layout), atomically."""
-        from zturbo.model.io import save_pretrained
+        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers' layout), atomically.
 
-        return save_pretrained(self, directory, state_dict=state_dict)
+        Weights first, config last: a folder with a config.json always has its weights.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = state_dict if state_dict is not None else self.state_dict()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.diffusers_config(), indent=2) + "\n")
+        return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> VAE:
-        """Load a folder written by ``save_pretrained`` here or by diffusers."""
-        from zturbo.model.io import load_pretrained
+        """Load a folder written by ``save_pretrained`` here or by diffusers (any of its weight-file forms)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"model folder not found: {directory}")
+        config = config_from_diffusers(read_config(directory))
+        state = read_weights(directory, map_location)
+        with torch.device("meta"):
+            vae = cls(config)
+        vae = vae.to_empty(device=map_location)
+        load_state_dict_strict(vae, state, str(directory))
+        return vae.eval()
 
-        return load_pretrained(directory, map_location=map_location)
+
+def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state)``, with one line naming what does not match."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise CheckpointError(f"weights in {source} do not match its config: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> VAE:
+    """A model folder (ours or diffusers') as a VAE in eval mode."""
+    return VAE.from_pretrained(directory, map_location=map_location)

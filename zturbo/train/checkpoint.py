@@ -1,7 +1,7 @@
 """Run-folder checkpoints: ``RUN_DIR/checkpoints/step-N/``, complete or absent.
 
 A step folder holds ``model/`` and ``ema/`` (``save_pretrained`` layout, readable by
-``zturbo.model.load_vae`` and diffusers), ``discriminator.safetensors``,
+``zturbo.load_vae`` and diffusers), ``discriminator.safetensors``,
 ``trainer_state.pt`` (optimizers, schedulers, scalers, RNG states, data position;
 tensors and plain values only, read back with ``weights_only=True``),
 ``trainer_state.json`` (the same position, human-readable) and ``settings.json``
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from zturbo.errors import CheckpointError
-from zturbo.model.io import STEP_DIR, latest_checkpoint
+from zturbo.model.diffusers import read_config, read_weights
+from zturbo.train.layout import latest_checkpoint, step_folders
 from zturbo.utils import atomic_path, atomic_write_json, fsync_dir
 
 STATE_NAME = "trainer_state.pt"
@@ -99,16 +100,6 @@ def save_checkpoint(
     return final
 
 
-def step_folders(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    if not checkpoints_dir.is_dir():
-        return []
-    return sorted(
-        (int(m.group(1)), p)
-        for p in checkpoints_dir.iterdir()
-        if p.is_dir() and (m := STEP_DIR.match(p.name))
-    )
-
-
 def prune(checkpoints_dir: Path, keep_last: int) -> None:
     for _, path in step_folders(checkpoints_dir)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
@@ -142,8 +133,6 @@ def find_resume(run_dir: Path, resume: str | os.PathLike) -> Path | None:
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """Weights and trainer state of a step folder, validated; raises CheckpointError when incomplete."""
-    from zturbo.model.io import read_config, read_weights
-
     for needed in ("model", "ema", STATE_NAME, SETTINGS_NAME):
         if not (path / needed).exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: {needed} is missing")

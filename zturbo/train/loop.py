@@ -25,7 +25,8 @@ import torch
 
 from zturbo.config import Settings
 from zturbo.errors import CheckpointError, InputError, UsageError
-from zturbo.model.io import load_state_dict_strict
+from zturbo.model import load_state_dict_strict
+from zturbo.model.diffusers import config_from_diffusers
 from zturbo.train import checkpoint as ckpt
 from zturbo.train import distributed
 from zturbo.train.distributed import DistContext
@@ -165,10 +166,8 @@ class Trainer:
         self._resume_from(source)
 
     def _resume_from(self, path: Path) -> None:
-        from zturbo.model.io import model_config_from_dict
-
         data = ckpt.load_checkpoint(path, self.device)
-        saved = model_config_from_dict(data["model_config"]).model_dump()
+        saved = config_from_diffusers(data["model_config"]).model_dump()
         if saved != self.settings.model.model_dump():
             raise CheckpointError(
                 f"checkpoint {path} was trained with a different model configuration",
