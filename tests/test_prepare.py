@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -93,19 +94,56 @@ def shared_tmp():
         shutil.rmtree(path, ignore_errors=True)
 
 
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2  # linux/capability.h
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _capabilities(libc, update=None):
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    if update is not None:
+        data[0].effective = update
+        if libc.capset(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), "capset failed")
+    return data[0].effective
+
+
 @contextlib.contextmanager
 def unprivileged():
-    """Run the body without root's power to ignore file permissions."""
+    """Run the body without root's power to ignore file permissions.
+
+    As root, this drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the thread's
+    effective capabilities (restored afterwards) rather than switching to another
+    user: the process stays the owner of the checkout, so a checkout in a folder no
+    one else may read (a mode-700 home) still imports, while files the test makes
+    unreadable or unwritable are refused as they would be to a normal user. Forked
+    workers inherit the reduced set.
+    """
     if os.geteuid() != 0:
         yield
         return
-    os.setegid(65534)
-    os.seteuid(65534)
+    if sys.platform != "linux":
+        pytest.skip("dropping root's file-permission override needs Linux capabilities")
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        saved = _capabilities(libc)
+        _capabilities(libc, saved & ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH)))
+    except (OSError, AttributeError) as exc:
+        pytest.skip(f"cannot drop root's file-permission override here ({exc})")
     try:
         yield
     finally:
-        os.seteuid(0)
-        os.setegid(0)
+        _capabilities(libc, saved)
 
 
 # ---------------------------------------------------------------------------------------------------------

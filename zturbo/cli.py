@@ -13,9 +13,12 @@ import os
 import sys
 import traceback
 
+import torch
 import typer
+from rich.markup import escape
 
 from zturbo import __version__
+from zturbo.console import stderr
 from zturbo.errors import ZTurboError
 
 # Every command module, in the order `zturbo --help` lists them.
@@ -80,10 +83,6 @@ def _debug() -> bool:
 
 
 def _fail(message: str, hint: str | None, code: int) -> int:
-    from rich.markup import escape
-
-    from zturbo.console import stderr
-
     # Messages carry user paths and shell snippets like 'zturbo[gpu]': never read them as markup.
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
@@ -115,8 +114,6 @@ def run(argv: list[str] | None = None) -> int:
     except MemoryError:
         return _fail("out of memory", "use a smaller batch or image size", 1)
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
-        import torch
-
         if isinstance(exc, torch.OutOfMemoryError):
             return _fail(f"out of GPU memory: {str(exc).splitlines()[0]}", "use a smaller batch or image size", 1)
         if _debug():

@@ -81,7 +81,8 @@ def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, Cin, 3, 3) -> (4*Cout, Cin, 2, 2): one 2x2 kernel per output phase (a, b), a-major."""
-    rows = _phase_taps(weight.float(), 2)
+    # Sum the taps in at least fp32 (bf16/fp16 sums would round), never below the weight's own precision.
+    rows = _phase_taps(weight.to(torch.promote_types(weight.dtype, torch.float32)), 2)
     return torch.cat([k for r in rows for k in _phase_taps(r, 3)]).to(weight.dtype)
 
 
