@@ -18,6 +18,7 @@ from zturbo.bench import (
     validate_report,
 )
 from zturbo.bench.flops import flops_per_image
+from zturbo.bench.runner import CPU_DEFAULTS
 from zturbo.bench.timing import percentile
 from zturbo.cli import run
 from zturbo.config import ModelConfig, load_settings
@@ -290,23 +291,18 @@ def test_cli_json_to_stdout_and_usage_errors(configs, capsys):
 # Plans, train case, diffusers
 
 
-def test_cpu_defaults_are_small(configs):
+def test_cpu_plan_fills_only_unset_fields_from_the_cpu_defaults(configs):
     plan = make_plan(load_settings(None, configs["tiny"], {"bench": {"device": "cpu"}}))
-    assert (plan.resolutions, plan.batch_sizes, plan.repeats) == ([256, 512], [1, 4], 3)
+    defaults = (CPU_DEFAULTS["resolutions"], CPU_DEFAULTS["batch_sizes"], CPU_DEFAULTS["repeats"])
+    assert (plan.resolutions, plan.batch_sizes, plan.repeats) == defaults
     assert plan.peak_dtype == "fp32"
-
-
-def test_train_case_is_skipped_with_a_reason_without_a_step_hook(configs, monkeypatch):
-    import zturbo.train
-
-    monkeypatch.delattr(zturbo.train, "benchmark_step", raising=False)
-    report = run_bench(tiny_settings(configs, what=["train"], batch_sizes=[1]), profile_name="tiny")
-    (case,) = report["cases"]
-    assert case["status"] == "skipped" and "benchmark_step" in case["reason"]
+    given = make_plan(load_settings(None, configs["tiny"], {"bench": {"device": "cpu", "resolutions": [64],
+                                                                      "repeats": 1}}))
+    assert (given.resolutions, given.batch_sizes, given.repeats) == ([64], CPU_DEFAULTS["batch_sizes"], 1)
 
 
 def test_train_case_times_the_training_step(configs, monkeypatch):
-    import zturbo.train
+    import zturbo.bench.train_case
 
     seen = {}
 
@@ -316,14 +312,14 @@ def test_train_case_times_the_training_step(configs, monkeypatch):
         return {"step_ms": 30.5, "step_ms_all": samples, "images_per_s": 2 / 0.0305, "peak_memory_gib": 0.5,
                 "micro_batch": 1}
 
-    monkeypatch.setattr(zturbo.train, "benchmark_step", fake_benchmark_step, raising=False)
+    monkeypatch.setattr(zturbo.bench.train_case, "benchmark_step", fake_benchmark_step)
     report = run_bench(tiny_settings(configs, what=["train"]), profile_name="tiny")
     (case,) = report["cases"]
     assert seen == {"size": 16, "batch": 2, "steps": REPEATS, "warmup": 1}
     assert case["status"] == "ok" and case["batch"] == 2 and case["micro_batch"] == 1
     assert case["median_ms"] == 30.5 and case["samples_ms"] == [30.0, 31.0]
     assert case["images_per_s"] == pytest.approx(2 / 0.0305)
-    assert case["peak_memory_mb"] == pytest.approx(512) and case["memory_kind"] == "process_rss_growth"
+    assert case["peak_memory_mb"] == pytest.approx(512) and case["memory_kind"] == "process_peak_rss"
     assert case["flops_per_image"] == flops_per_image(load_settings(None, configs["tiny"]).model, 16)["train"]
     validate_report(report)
 
@@ -337,7 +333,6 @@ def test_train_hook_offers_what_the_train_case_calls():
     params = inspect.signature(benchmark_step).parameters
     assert list(params)[:2] == ["settings", "device"]
     assert {"steps", "warmup"} <= set(params)
-    assert "step_ms_all" in benchmark_step.__doc__ and "peak_memory_gib" in benchmark_step.__doc__
 
 
 def test_against_diffusers_uses_the_same_config_and_weights(configs):
