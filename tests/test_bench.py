@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from zturbo.bench import (
 )
 from zturbo.bench.flops import flops_per_image
 from zturbo.bench.runner import CPU_DEFAULTS
-from zturbo.bench.timing import percentile
+from zturbo.bench.timing import percentile, time_interleaved, time_rounds
 from zturbo.cli import run
 from zturbo.config import ModelConfig, load_settings
 from zturbo.errors import UsageError
@@ -360,6 +362,33 @@ def test_percentile_matches_linear_interpolation():
     assert percentile(values, 50) == 3.0
     assert percentile(values, 90) == pytest.approx(4.6)
     assert percentile([7.0], 90) == 7.0
+
+
+def test_rounds_pass_their_index_and_alternate_the_order():
+    calls = []
+    fns = [lambda i: calls.append(("a", i)), lambda i: calls.append(("b", i))]
+    timings = time_rounds(fns, torch.device("cpu"), rounds=3, alternate=True)
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert [len(t.samples_ms) for t in timings] == [3, 3]
+
+
+def test_sync_is_waited_for_inside_the_timed_span():
+    """Work a call only queues (here a thread sleeping 50 ms) counts once ``sync`` waits for it."""
+    events, pending = [], []
+
+    def queue_work():
+        events.append("call")
+        pending.append(threading.Thread(target=time.sleep, args=(0.05,)))
+        pending[-1].start()
+
+    def sync():
+        events.append("sync")
+        while pending:
+            pending.pop().join()
+
+    (timing,) = time_interleaved([queue_work], torch.device("cpu"), warmup=1, repeats=2, sync=sync)
+    assert events == ["call", "sync", "sync", "call", "sync", "sync", "call", "sync"]
+    assert timing.min_ms >= 50.0  # sleep() sleeps at least as long as asked
 
 
 def test_saved_model_is_benchmarked_under_its_folder_name(configs, tmp_path):
