@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import model_input, profiler_us
 
 # A family's time is the inclusive time of the outermost op of that family in each call tree
 # (a bias add inside a convolution counts as convolution), so the shares add up to 100%;
@@ -32,22 +33,14 @@ FAMILY_ROOTS = {
 _FAMILY_OF = {op: fam for fam, ops in FAMILY_ROOTS.items() for op in ops}
 
 
-def _time(event, field: str) -> float:
-    """Microseconds; newer torch says 'device', older 'cuda'."""
-    for name in (field, field.replace("device", "cuda")):
-        if hasattr(event, name):
-            return float(getattr(event, name))
-    return 0.0
-
-
 def summarise(prof, use_cuda: bool, steps: int, top: int) -> dict:
     averages = list(prof.key_averages())
     if use_cuda:
         leaves = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
-        total = sum(_time(e, "self_device_time_total") for e in leaves)
+        total = sum(profiler_us(e, "self_device_time_total") for e in leaves)
         inclusive = "device_time_total"
-        ranked = sorted(leaves, key=lambda e: _time(e, "self_device_time_total"), reverse=True)
-        self_of = lambda e: _time(e, "self_device_time_total")
+        ranked = sorted(leaves, key=lambda e: profiler_us(e, "self_device_time_total"), reverse=True)
+        self_of = lambda e: profiler_us(e, "self_device_time_total")
     else:
         total = sum(e.self_cpu_time_total for e in averages)
         inclusive = "cpu_time_total"
@@ -59,7 +52,7 @@ def summarise(prof, use_cuda: bool, steps: int, top: int) -> dict:
     def walk(event) -> None:
         fam = _FAMILY_OF.get(event.name)
         if fam is not None:
-            families[fam] += _time(event, inclusive)
+            families[fam] += profiler_us(event, inclusive)
             return
         for child in event.cpu_children:
             walk(child)
@@ -106,15 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     vae = VAE(cfg).to(device=device, dtype=dtype).eval()
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     vae = vae.to(memory_format=layout)
-    if args.part == "decode":
-        lat = args.resolution // cfg.downsample_factor
-        x = torch.randn(args.batch, cfg.latent_channels, lat, lat, device=device, dtype=dtype)
-        fn = vae.decode
-    else:
-        x = torch.rand(args.batch, cfg.in_channels, args.resolution, args.resolution, device=device) * 2 - 1
-        x = x.to(dtype)
-        fn = lambda t: vae.encode(t).mean
-    x = x.contiguous(memory_format=layout)
+    x = model_input(cfg, args.part, args.resolution, args.batch, device, dtype).contiguous(memory_format=layout)
+    fn = vae.decode if args.part == "decode" else (lambda t: vae.encode(t).mean)
 
     use_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])

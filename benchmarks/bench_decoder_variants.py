@@ -26,10 +26,10 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _common import model_input, profiler_us
 
 VARIANTS = {
     "baseline": {"upsample": "nearest", "attention": "sdpa", "group_norm": "torch"},
@@ -70,7 +70,7 @@ def kernel_profile(fn, steps: int = 3, top: int = 12) -> dict:
     for e in prof.key_averages():
         if not str(getattr(e, "device_type", "")).endswith("CUDA"):
             continue
-        us = float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        us = profiler_us(e, "self_device_time_total")
         if us > 0:
             kernels.append((e.key, e.count // steps, us / 1000 / steps))
     total = sum(k[2] for k in kernels) or 1.0
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from zturbo.bench.flops import measure_matmul_peak
-    from zturbo.bench.timing import time_interleaved, time_once
+    from zturbo.bench.timing import synchronize, time_interleaved, time_once
     from zturbo.config import load_settings
     from zturbo.model import VAE
     from zturbo.model.blocks import set_kernels
@@ -115,13 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_settings(args.profile).model
     torch.manual_seed(0)
     vae = VAE(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if args.part == "decode":
-        lat = args.resolution // cfg.downsample_factor
-        x0 = torch.randn(args.batch, cfg.latent_channels, lat, lat, device=device, dtype=dtype)
-        call = vae.decode
-    else:
-        x0 = (torch.rand(args.batch, cfg.in_channels, args.resolution, args.resolution, device=device) * 2 - 1).to(dtype)
-        call = lambda t: vae.encode(t).mean
+    x0 = model_input(cfg, args.part, args.resolution, args.batch, device, dtype)
+    call = vae.decode if args.part == "decode" else (lambda t: vae.encode(t).mean)
 
     peak = measure_matmul_peak(device, torch.bfloat16, 8192) if cuda else None
     flops = {}
@@ -171,15 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             set_kernels(**VARIANTS[name])
             torch._dynamo.reset()
             fn = torch.compile(call, dynamic=False)
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                fn(x)
-            if cuda:
-                torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            samples = sorted(time_once(lambda fn=fn: fn(x), device) for _ in range(args.repeats))
-            r = row(name, "cl", "compile", samples[len(samples) // 2])
-            r["compile_and_warmup_s"] = round(compile_s, 1)
+            # Compiling is host work: timed by the host clock, up to the end of the warm-up calls.
+            compile_ms = time_once(lambda fn=fn: [fn(x) for _ in range(max(args.warmup, 1))], device,
+                                   sync=lambda: synchronize(device))
+            (timing,) = time_interleaved([lambda fn=fn: fn(x)], device, warmup=0, repeats=args.repeats)
+            r = row(name, "cl", "compile", timing.median_ms)
+            r["compile_and_warmup_s"] = round(compile_ms / 1e3, 1)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if cuda and name == names[-1]:

@@ -68,6 +68,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from zturbo.backends import create_backend
+    from zturbo.bench.timing import time_rounds
     from zturbo.config import EvalConfig, load_settings
     from zturbo.data import demo_images
     from zturbo.eval import MetricSuite, evaluate
@@ -106,22 +107,25 @@ def main() -> int:
         for v in variants
     }
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    total_start = time.perf_counter()
-    for round_index in range(args.rounds):
-        order = variants if round_index % 2 == 0 else variants[::-1]
-        for variant in order:
-            metrics, nets = VARIANTS[variant]
-            cfg = EvalConfig(
-                size=args.size,
-                metrics=metrics,
-                lpips_nets=nets,
-                batch_size=args.batch_size,
-                device=args.device,
-                sheet_images=0,
-            )
-            started = time.perf_counter()
-            report = evaluate(backend, data, cfg, metric_suite=suites[variant])
-            wall = time.perf_counter() - started
+    reports: dict[str, list] = {v: [] for v in variants}
+
+    def run_variant(variant: str):
+        metrics, nets = VARIANTS[variant]
+        cfg = EvalConfig(
+            size=args.size,
+            metrics=metrics,
+            lpips_nets=nets,
+            batch_size=args.batch_size,
+            device=args.device,
+            sheet_images=0,
+        )
+        return lambda _round: reports[variant].append(evaluate(backend, data, cfg, metric_suite=suites[variant]))
+
+    setup_s = time.perf_counter() - setup_start  # backend, inputs, FLOP counts, metric networks
+    # One run of every variant per round, the order reversed in odd rounds.
+    timings = time_rounds([run_variant(v) for v in variants], device, rounds=args.rounds, alternate=True)
+    for variant, timing in zip(variants, timings):
+        for wall_ms, report in zip(timing.samples_ms, reports[variant]):
             t = report.timing
             model = report.models["model"]
             steady = t["load_s"] + model["encode_s"] + model["decode_s"] + sum(t["metrics_s"].values())
@@ -129,14 +133,14 @@ def main() -> int:
                 {
                     "images": model["images_timed"],
                     "steady_s": steady,
-                    "setup_s": wall - steady,
+                    "setup_s": wall_ms / 1e3 - steady,
                     "load_s": t["load_s"],
                     "encode_s": model["encode_s"],
                     "decode_s": model["decode_s"],
                     "metrics_s": dict(t["metrics_s"]),
                 }
             )
-    bench_s = time.perf_counter() - total_start
+    bench_s = sum(sum(t.samples_ms) for t in timings) / 1e3
 
     results = {}
     for variant, rs in runs.items():
@@ -210,7 +214,7 @@ def main() -> int:
                     "flops": flops,
                     "lpips_flops": lp_flops,
                     "lpips_random_backbone": random_lpips,
-                    "setup_s_before_rounds": time.perf_counter() - setup_start,
+                    "setup_s_before_rounds": setup_s,
                     "results": results,
                 },
                 indent=2,

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _common import model_input
 
 from zturbo.backends import create_backend
+from zturbo.bench.timing import synchronize, time_interleaved, time_once
 from zturbo.config import ExportConfig, load_settings
 from zturbo.export.pipeline import export_model
 from zturbo.model import VAE
@@ -33,45 +33,33 @@ from zturbo.model.flops import vae_flops
 
 
 def _inputs(vae: VAE, part: str, batch: int, size: int, device) -> torch.Tensor:
-    torch.manual_seed(0)
-    c = vae.config
-    if part == "encoder":
-        return (torch.rand(batch, 3, size, size) * 2 - 1).to(device)
-    f = c.downsample_factor
-    return torch.randn(batch, c.latent_channels, size // f, size // f).to(device)
+    return model_input(vae.config, "encode" if part == "encoder" else "decode", size, batch, device)
 
 
-def _timer(backend, part: str, x: torch.Tensor):
+def _call(backend, part: str, x: torch.Tensor):
     fn = backend.encode if part == "encoder" else backend.decode
-
-    def once() -> float:
-        backend.synchronize()
-        start = time.perf_counter()
-        fn(x)
-        backend.synchronize()
-        return time.perf_counter() - start
-
-    return once
+    return lambda: fn(x)
 
 
-def interleaved(timers: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call; backends alternate within each repeat so load changes hit all alike."""
-    for _ in range(warmup):
-        for once in timers.values():
-            once()
-    samples: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(repeats):
-        for name, once in timers.items():
-            samples[name].append(once())
-    return {name: statistics.median(s) for name, s in samples.items()}
+def interleaved(calls: dict, device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call; backends alternate within each repeat so load changes hit all alike.
+
+    Timed by the host clock between device-wide synchronisations: ONNX Runtime and TensorRT
+    queue their work on their own CUDA streams, which torch's events would not bracket.
+    """
+    timings = time_interleaved(list(calls.values()), device, warmup=warmup, repeats=repeats,
+                               sync=lambda: synchronize(device))
+    return {name: t.median_ms / 1e3 for name, t in zip(calls, timings)}
 
 
 def bench_cpu(
     vae: VAE, parts: list[str], batch: int, size: int, repeats: int, warmup: int, work: Path
 ) -> list[dict]:
-    t0 = time.perf_counter()
-    export_model(_save(vae, work), work / "onnx", ExportConfig(parts=parts, size=(size, size, size)))
-    print(f"exported {','.join(parts)} in {time.perf_counter() - t0:.1f} s", flush=True)
+    export_ms = time_once(
+        lambda: export_model(_save(vae, work), work / "onnx", ExportConfig(parts=parts, size=(size, size, size))),
+        torch.device("cpu"),
+    )
+    print(f"exported {','.join(parts)} in {export_ms / 1e3:.1f} s", flush=True)
     backends = {
         "torch": create_backend("torch", copy.deepcopy(vae), device="cpu", precision="fp32"),
         "torch-cl": create_backend("torch", copy.deepcopy(vae), device="cpu", precision="fp32", channels_last=True),
@@ -81,7 +69,8 @@ def bench_cpu(
     rows = []
     for part in parts:
         x = _inputs(vae, part, batch, size, "cpu")
-        times = interleaved({n: _timer(b, part, x) for n, b in backends.items()}, repeats, warmup)
+        times = interleaved({n: _call(b, part, x) for n, b in backends.items()}, torch.device("cpu"), repeats,
+                            warmup)
         gflop = flops["encode" if part == "encoder" else "decode"] / 1e9
         rows.append(
             {
@@ -158,15 +147,15 @@ def bench_gpu(
     rows, failed = [], dict(found["skipped"])
     for part in parts:
         x = _inputs(vae, part, batch, size, "cuda")
-        timers = {"torch-bf16": _timer(baseline, part, x)}
+        calls = {"torch-bf16": _call(baseline, part, x)}
         for name, make in found["make"].items():
             try:
-                backend = make()
-                _timer(backend, part, x)()  # compile / first run outside the timing
-                timers[name] = _timer(backend, part, x)
+                call = _call(make(), part, x)
+                call()  # compile / first run outside the timing
+                calls[name] = call
             except Exception as exc:  # noqa: BLE001 - report and go on with the others
                 failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        times = interleaved(timers, repeats, warmup)
+        times = interleaved(calls, torch.device("cuda"), repeats, warmup)
         best = min((n for n in times if n != "torch-bf16"), key=times.get, default="torch-bf16")
         rows.append(
             {

@@ -11,80 +11,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from _common import model_input
 
-
-def build_pair(profile: str):
-    from diffusers import AutoencoderKL
-
-    from zturbo import VAE
-    from zturbo.config import load_settings
-
-    cfg = load_settings(profile).model
-    n = len(cfg.block_out_channels)
-    ours = VAE(cfg).eval()
-    ref = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-        mid_block_add_attention=cfg.mid_block_add_attention, use_quant_conv=cfg.use_quant_conv,
-        use_post_quant_conv=cfg.use_post_quant_conv,
-    ).eval()
-    ref.load_state_dict(ours.state_dict())
-    return cfg, ours, ref
+from zturbo.bench.cases import diffusers_subject, our_subject
+from zturbo.bench.timing import time_interleaved
+from zturbo.config import load_settings
+from zturbo.utils import resolve_device
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="fast")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    cfg, ours, ref = build_pair(args.profile)
-    dev = torch.device(args.device)
-    ours, ref = ours.to(dev), ref.to(dev)
-    x = torch.rand(args.batch, 3, args.size, args.size, device=dev) * 2 - 1
-    f = cfg.downsample_factor
-    z = torch.randn(args.batch, cfg.latent_channels, args.size // f, args.size // f, device=dev)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    dev = resolve_device(args.device)
+    ours = our_subject(load_settings(args.profile).model, args.profile)  # seeded random weights
+    ref = diffusers_subject(ours)  # the same weights, loaded strictly
+    cfg = ours.config
+    vae, dvae = ours.model.to(dev), ref.model.to(dev)
+    x = model_input(cfg, "encode", args.size, args.batch, dev)
+    z = model_input(cfg, "decode", args.size, args.batch, dev)
 
     cases = {
-        ("encode", "zturbo"): lambda: ours.encode(x).mean,
-        ("encode", "diffusers"): lambda: ref.encode(x).latent_dist.mean,
-        ("decode", "zturbo"): lambda: ours.decode(z),
-        ("decode", "diffusers"): lambda: ref.decode(z).sample,
+        ("encode", "zturbo"): lambda: vae.encode(x).mean,
+        ("encode", "diffusers"): lambda: dvae.encode(x).latent_dist.mean,
+        ("decode", "zturbo"): lambda: vae.decode(z),
+        ("decode", "diffusers"): lambda: dvae.decode(z).sample,
     }
-    times: dict = {k: [] for k in cases}
     with torch.inference_mode():
         torch.testing.assert_close(cases[("decode", "zturbo")](), cases[("decode", "diffusers")](), atol=1e-4, rtol=0)
-        for fn in cases.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):
-            for key, fn in cases.items():
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[key].append(time.perf_counter() - t0)
+        timings = time_interleaved(list(cases.values()), dev, warmup=args.warmup, repeats=args.repeats)
+    median_ms = {key: t.median_ms for key, t in zip(cases, timings)}
 
     result = {"profile": args.profile, "size": args.size, "batch": args.batch, "repeats": args.repeats,
               "device": str(dev), "threads": torch.get_num_threads(), "cases": {}}
     print(f"{args.profile} fp32 {dev} {args.size}x{args.size} batch {args.batch}, median of {args.repeats}, interleaved")
     print(f"{'pass':<8}{'zturbo ms':>12}{'diffusers ms':>14}{'ratio':>8}")
     for what in ("encode", "decode"):
-        a = statistics.median(times[(what, "zturbo")]) * 1e3
-        b = statistics.median(times[(what, "diffusers")]) * 1e3
+        a, b = median_ms[(what, "zturbo")], median_ms[(what, "diffusers")]
         result["cases"][what] = {"zturbo_ms": a, "diffusers_ms": b, "ratio": a / b}
         print(f"{what:<8}{a:>12.1f}{b:>14.1f}{a / b:>8.3f}")
     if args.json_path:

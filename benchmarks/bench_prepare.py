@@ -26,12 +26,15 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from zturbo.bench.timing import time_once, time_rounds
+from zturbo.utils import usable_cores
 
 _BASES: list[np.ndarray] = []  # filled before the generator pool forks, shared copy-on-write
 
@@ -82,11 +85,16 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def timed(fn, *args) -> tuple[float, float]:
-    """(wall seconds, CPU seconds): on a shared machine the CPU figure is the steadier measure of work."""
-    start, cpu = time.perf_counter(), cpu_seconds()
-    fn(*args)
-    return time.perf_counter() - start, cpu_seconds() - cpu
+def counting_cpu(fn, cpu_times: list[float]):
+    """``fn`` that also appends the CPU seconds each call took: on a shared machine the CPU
+    figure is the steadier measure of work than the wall clock."""
+
+    def call(*args) -> None:
+        cpu = cpu_seconds()
+        fn(*args)
+        cpu_times.append(cpu_seconds() - cpu)
+
+    return call
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -119,39 +127,38 @@ def main() -> int:
         for c in chunks:
             c.mkdir()
         jobs = [(chunks[i % args.chunks] / f"img{i:04d}.jpg", i) for i in range(args.count)]
-        t0 = time.perf_counter()
-        make_bases(min(8, args.count), args.width, args.height)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            list(pool.map(make_image, jobs, chunksize=4))
-        _BASES.clear()
+
+        def generate() -> None:
+            make_bases(min(8, args.count), args.width, args.height)
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                list(pool.map(make_image, jobs, chunksize=4))
+            _BASES.clear()
+
+        generate_ms = time_once(generate, torch.device("cpu"))
         src_bytes = sum(p.stat().st_size for p in tmp.rglob("*.jpg"))
         print(
             f"generated {args.count} {args.width}x{args.height} JPEGs ({src_bytes / 1e6:.0f} MB) "
-            f"in {time.perf_counter() - t0:.1f} s",
+            f"in {generate_ms / 1e3:.1f} s",
             file=sys.stderr,
         )
 
-        times: dict[str, list[float]] = {"naive": [], "ours": [], "ours1": []}
+        files = {c: sorted(src.glob("*.jpg")) for c, src in enumerate(chunks)}
         cpu_times: dict[str, list[float]] = {"naive": [], "ours": [], "ours1": []}
-        for c, src in enumerate(chunks):
-            files = sorted(src.glob("*.jpg"))
-            runs = [
-                ("naive", naive, (files, tmp / f"naive{c}", args.size)),
-                ("ours", ours, (src, tmp / f"ours{c}", args.size, workers)),
-            ]
-            if not args.no_single:
-                runs.append(("ours1", ours, (src, tmp / f"ours1_{c}", args.size, 1)))
-            if c % 2:
-                runs.reverse()
-            for name, fn, fn_args in runs:
-                wall, cpu = timed(fn, *fn_args)
-                times[name].append(wall)
-                cpu_times[name].append(cpu)
-            print(
-                f"chunk {c + 1}/{args.chunks}: "
-                + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v),
-                file=sys.stderr,
-            )
+        runners = {
+            "naive": lambda c: naive(files[c], tmp / f"naive{c}", args.size),
+            "ours": lambda c: ours(chunks[c], tmp / f"ours{c}", args.size, workers),
+        }
+        if not args.no_single:
+            runners["ours1"] = lambda c: ours(chunks[c], tmp / f"ours1_{c}", args.size, 1)
+        # Round c prepares chunk c by every method, the order reversed in odd rounds.
+        timings = time_rounds(
+            [counting_cpu(fn, cpu_times[name]) for name, fn in runners.items()],
+            torch.device("cpu"), rounds=args.chunks, alternate=True,
+        )
+        times = {name: [ms / 1e3 for ms in t.samples_ms] for name, t in zip(runners, timings)}
+        times.setdefault("ours1", [])
+        print("per chunk: " + "; ".join(f"{k} " + ", ".join(f"{v:.1f}" for v in vs) + " s"
+                                        for k, vs in times.items() if vs), file=sys.stderr)
 
         n = args.count
         naive_ips = n / sum(times["naive"])
@@ -207,7 +214,7 @@ def main() -> int:
     )
     print(
         f"CPU per image: naive {result['naive_cpu_ms_per_image']} ms, prepare {result['prepare_cpu_ms_per_image']} ms "
-        f"(all processes); 1-min load average {result['load_average_1min']} on {os.cpu_count()} cores"
+        f"(all processes); 1-min load average {result['load_average_1min']} on {usable_cores()} cores"
     )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from zturbo.bench import (
     validate_report,
 )
 from zturbo.bench.flops import flops_per_image
-from zturbo.bench.timing import percentile
+from zturbo.bench.runner import CPU_DEFAULTS
+from zturbo.bench.timing import percentile, time_interleaved, time_rounds
 from zturbo.cli import run
 from zturbo.config import ModelConfig, load_settings
 from zturbo.errors import UsageError
@@ -290,23 +293,18 @@ def test_cli_json_to_stdout_and_usage_errors(configs, capsys):
 # Plans, train case, diffusers
 
 
-def test_cpu_defaults_are_small(configs):
+def test_cpu_plan_fills_only_unset_fields_from_the_cpu_defaults(configs):
     plan = make_plan(load_settings(None, configs["tiny"], {"bench": {"device": "cpu"}}))
-    assert (plan.resolutions, plan.batch_sizes, plan.repeats) == ([256, 512], [1, 4], 3)
+    defaults = (CPU_DEFAULTS["resolutions"], CPU_DEFAULTS["batch_sizes"], CPU_DEFAULTS["repeats"])
+    assert (plan.resolutions, plan.batch_sizes, plan.repeats) == defaults
     assert plan.peak_dtype == "fp32"
-
-
-def test_train_case_is_skipped_with_a_reason_without_a_step_hook(configs, monkeypatch):
-    import zturbo.train
-
-    monkeypatch.delattr(zturbo.train, "benchmark_step", raising=False)
-    report = run_bench(tiny_settings(configs, what=["train"], batch_sizes=[1]), profile_name="tiny")
-    (case,) = report["cases"]
-    assert case["status"] == "skipped" and "benchmark_step" in case["reason"]
+    given = make_plan(load_settings(None, configs["tiny"], {"bench": {"device": "cpu", "resolutions": [64],
+                                                                      "repeats": 1}}))
+    assert (given.resolutions, given.batch_sizes, given.repeats) == ([64], CPU_DEFAULTS["batch_sizes"], 1)
 
 
 def test_train_case_times_the_training_step(configs, monkeypatch):
-    import zturbo.train
+    import zturbo.bench.train_case
 
     seen = {}
 
@@ -316,14 +314,14 @@ def test_train_case_times_the_training_step(configs, monkeypatch):
         return {"step_ms": 30.5, "step_ms_all": samples, "images_per_s": 2 / 0.0305, "peak_memory_gib": 0.5,
                 "micro_batch": 1}
 
-    monkeypatch.setattr(zturbo.train, "benchmark_step", fake_benchmark_step, raising=False)
+    monkeypatch.setattr(zturbo.bench.train_case, "benchmark_step", fake_benchmark_step)
     report = run_bench(tiny_settings(configs, what=["train"]), profile_name="tiny")
     (case,) = report["cases"]
     assert seen == {"size": 16, "batch": 2, "steps": REPEATS, "warmup": 1}
     assert case["status"] == "ok" and case["batch"] == 2 and case["micro_batch"] == 1
     assert case["median_ms"] == 30.5 and case["samples_ms"] == [30.0, 31.0]
     assert case["images_per_s"] == pytest.approx(2 / 0.0305)
-    assert case["peak_memory_mb"] == pytest.approx(512) and case["memory_kind"] == "process_rss_growth"
+    assert case["peak_memory_mb"] == pytest.approx(512) and case["memory_kind"] == "process_peak_rss"
     assert case["flops_per_image"] == flops_per_image(load_settings(None, configs["tiny"]).model, 16)["train"]
     validate_report(report)
 
@@ -337,7 +335,6 @@ def test_train_hook_offers_what_the_train_case_calls():
     params = inspect.signature(benchmark_step).parameters
     assert list(params)[:2] == ["settings", "device"]
     assert {"steps", "warmup"} <= set(params)
-    assert "step_ms_all" in benchmark_step.__doc__ and "peak_memory_gib" in benchmark_step.__doc__
 
 
 def test_against_diffusers_uses_the_same_config_and_weights(configs):
@@ -365,6 +362,33 @@ def test_percentile_matches_linear_interpolation():
     assert percentile(values, 50) == 3.0
     assert percentile(values, 90) == pytest.approx(4.6)
     assert percentile([7.0], 90) == 7.0
+
+
+def test_rounds_pass_their_index_and_alternate_the_order():
+    calls = []
+    fns = [lambda i: calls.append(("a", i)), lambda i: calls.append(("b", i))]
+    timings = time_rounds(fns, torch.device("cpu"), rounds=3, alternate=True)
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert [len(t.samples_ms) for t in timings] == [3, 3]
+
+
+def test_sync_is_waited_for_inside_the_timed_span():
+    """Work a call only queues (here a thread sleeping 50 ms) counts once ``sync`` waits for it."""
+    events, pending = [], []
+
+    def queue_work():
+        events.append("call")
+        pending.append(threading.Thread(target=time.sleep, args=(0.05,)))
+        pending[-1].start()
+
+    def sync():
+        events.append("sync")
+        while pending:
+            pending.pop().join()
+
+    (timing,) = time_interleaved([queue_work], torch.device("cpu"), warmup=1, repeats=2, sync=sync)
+    assert events == ["call", "sync", "sync", "call", "sync", "sync", "call", "sync"]
+    assert timing.min_ms >= 50.0  # sleep() sleeps at least as long as asked
 
 
 def test_saved_model_is_benchmarked_under_its_folder_name(configs, tmp_path):

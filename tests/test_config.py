@@ -5,18 +5,22 @@ import json
 import pytest
 
 from zturbo.cli import run
-from zturbo.config import load_settings
+from zturbo.config import DEFAULT_PROFILE, load_settings, profile_dir, read_config_file
 from zturbo.errors import ConfigError
 
 
 def test_defaults_then_profile():
-    fast = load_settings()  # the default profile is fast
-    assert fast.profile == "fast" and fast.model.block_out_channels == [96, 192, 384, 384]
-    assert fast.train.batch_size == 24 and fast.model.latent_channels == 8
-    ultra = load_settings("ultrafast")
-    assert ultra.data.image_size == 768 and ultra.train.batch_size == 32 and ultra.train.learning_rate == 3e-4
-    std = load_settings("standard")
-    assert std.model.latent_channels == 16 and std.loss.perceptual_weight == 1.0 and std.train.warmup_epochs == 5
+    assert load_settings().model_dump() == load_settings(DEFAULT_PROFILE).model_dump()
+    defaults = load_settings(default_profile=None)
+    for name in ("ultrafast", "standard"):
+        settings = load_settings(name)
+        sections = {k: v for k, v in read_config_file(profile_dir() / f"{name}.toml").items() if isinstance(v, dict)}
+        assert sections and settings.profile == name
+        for section, values in sections.items():
+            for field, value in values.items():
+                assert getattr(getattr(settings, section), field) == value, f"{section}.{field}"
+        # The profile changed something the built-in defaults say otherwise.
+        assert any(getattr(getattr(defaults, s), f) != v for s, vs in sections.items() for f, v in vs.items())
 
 
 def test_each_layer_overrides_the_one_below(tmp_path, monkeypatch):
@@ -86,7 +90,7 @@ def test_cli_debug_shows_traceback(monkeypatch, capsys):
 def test_config_show_json_is_valid(capsys):
     assert run(["config", "show", "--profile", "demo", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["profile"] == "demo" and data["data"]["image_size"] == 128
+    assert data == json.loads(load_settings("demo").model_dump_json())
 
 
 def test_help_lists_exactly_the_registered_commands(capsys):

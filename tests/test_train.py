@@ -504,7 +504,7 @@ def test_interactive_menu_picks_a_profile(monkeypatch, capsys, tmp_path):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert json.loads(captured.out)["profile"] == "ultrafast"
-    assert "highres" in captured.err and "2048px" in captured.err and "not one of" in captured.err
+    assert "highres" in captured.err and "not one of" in captured.err
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("3\n"))
     assert run(["train", "--dry-run", "--json", "--data", str(tmp_path)]) == 0
@@ -513,7 +513,9 @@ def test_interactive_menu_picks_a_profile(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(train_cmd, "_interactive", lambda: False)
     assert run(["train", "--dry-run", "--json", "--data", str(tmp_path)]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["profile"] == "fast" and plan["image_size"] == 1024 and plan["batch_size"] == 24
+    fast = load_settings("fast")
+    assert plan["profile"] == "fast"
+    assert (plan["image_size"], plan["batch_size"]) == (fast.data.image_size, fast.train.batch_size)
 
 
 def test_seed_flag_spellings(capsys, tmp_path):

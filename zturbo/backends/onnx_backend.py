@@ -12,24 +12,13 @@ import torch
 
 from zturbo.backends.base import Backend
 from zturbo.errors import MissingDependencyError, UsageError, require
-from zturbo.utils import resolve_device
+from zturbo.utils import resolve_device, usable_cores
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-
-
-def _physical_cores() -> int:
-    import os
-
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 class ExportedBackend(Backend):
@@ -127,7 +116,7 @@ class OnnxBackend(ExportedBackend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or _physical_cores()
+        options.intra_op_num_threads = threads or usable_cores()
         options.log_severity_level = 3
         providers: list[Any] = list(wanted)
         if provider == "tensorrt":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from zturbo.backends.base import Backend
+from zturbo.model import ModelConfig
 from zturbo.utils import resolve_device, resolve_dtype
 
 
@@ -20,7 +21,8 @@ class TorchBackend(Backend):
 
     ``channels_last=None`` picks the layout by ``default_channels_last``.
 
-    Subclasses wrapping another module layout override ``_encode_impl`` / ``_decode_impl``.
+    Subclasses wrapping another module layout override ``_encode_impl`` / ``_decode_impl`` and pass
+    ``config``, the module's architecture as a ``ModelConfig`` (default: ``vae.config``).
     """
 
     name = "torch"
@@ -33,6 +35,7 @@ class TorchBackend(Backend):
         channels_last: bool | None = None,
         compiled: bool = False,
         mode: str | None = None,
+        config: ModelConfig | None = None,
     ):
         self.device = device
         self.dtype = dtype
@@ -45,8 +48,9 @@ class TorchBackend(Backend):
         for p in vae.parameters():
             p.requires_grad_(False)
         self.vae = vae
-        self.latent_channels = vae.config.latent_channels
-        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        config = config or vae.config
+        self.latent_channels = config.latent_channels
+        self.downsample_factor = config.downsample_factor
         # dynamic=False: one graph per input shape, the fastest code for each.
         self._encode = torch.compile(self._encode_impl, mode=mode, dynamic=False) if compiled else self._encode_impl
         self._decode = torch.compile(self._decode_impl, mode=mode, dynamic=False) if compiled else self._decode_impl

@@ -144,7 +144,7 @@ def build_engine(subject: Subject, backend: str, device: torch.device, precision
             raise SkipCase(f"diffusers is timed on the torch and compile backends only, not '{backend}'")
         model = copy.deepcopy(subject.model)
         return DiffusersEngine(model, device, resolve_dtype(precision), channels_last=channels_last,
-                               compiled=backend == "compile")
+                               compiled=backend == "compile", config=subject.config)
     if backend not in available_backends():
         raise SkipCase(
             f"backend '{backend}' is not available in this installation (have: {', '.join(available_backends())})"

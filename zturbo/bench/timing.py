@@ -1,9 +1,12 @@
 """Timing and memory measurement: warm-up, repeats, median and p90, peaks.
 
 On CUDA each call is bracketed by CUDA events (the device's own clock, no host
-jitter); elsewhere by ``perf_counter`` after the call has returned. Several
-callables are timed *interleaved* (A B A B ...) so that a slow spell on a shared
-machine hits every variant alike and their ratio stays honest.
+jitter); elsewhere by ``perf_counter`` after the call has returned. Work that
+torch's stream does not see (ONNX Runtime's or TensorRT's own CUDA streams, worker
+processes) is timed by ``perf_counter`` between two calls of a ``sync`` callable
+that waits for it. Several callables are timed *interleaved* (A B A B ..., or
+A B B A with ``alternate``) so that a slow spell on a shared machine hits every
+variant alike and their ratio stays honest.
 """
 
 from __future__ import annotations
@@ -52,35 +55,67 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds one call takes, measured so that queued device work is counted."""
-    if device.type == "cuda":
+def time_once(fn: Callable[[], object], device: torch.device, *, sync: Callable[[], None] | None = None) -> float:
+    """Milliseconds one call takes, measured so that queued device work is counted.
+
+    ``sync``, when given, replaces the CUDA events: the call is timed by ``perf_counter``
+    from one return of ``sync()`` to the next (it must wait for all the work ``fn`` queued).
+    """
+    if sync is None and device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
         return float(start.elapsed_time(end))
-    synchronize(device)
+    wait = sync if sync is not None else (lambda: synchronize(device))
+    wait()
     t0 = time.perf_counter()
     fn()
-    synchronize(device)
+    wait()
     return (time.perf_counter() - t0) * 1000.0
 
 
+def time_rounds(
+    fns: Sequence[Callable[[int], object]],
+    device: torch.device,
+    *,
+    rounds: int,
+    alternate: bool = False,
+    sync: Callable[[], None] | None = None,
+) -> list[Timing]:
+    """Time callables side by side: each round calls every one once, with the round's index.
+
+    For variants whose calls consume something per round (a fresh output folder, the
+    next chunk of inputs). ``alternate`` reverses the order in odd rounds (A B, B A, ...),
+    so neither variant always runs first after the other's caches or files.
+    """
+    timings = [Timing() for _ in fns]
+    order = list(range(len(fns)))
+    for index in range(rounds):
+        for i in reversed(order) if alternate and index % 2 else order:
+            timings[i].samples_ms.append(time_once(lambda i=i, index=index: fns[i](index), device, sync=sync))
+    return timings
+
+
 def time_interleaved(
-    fns: Sequence[Callable[[], object]], device: torch.device, *, warmup: int, repeats: int
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    alternate: bool = False,
+    sync: Callable[[], None] | None = None,
 ) -> list[Timing]:
     """Warm every callable up, then time them round-robin ``repeats`` times."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     synchronize(device)
-    timings = [Timing() for _ in fns]
-    for _ in range(repeats):
-        for fn, timing in zip(fns, timings):
-            timing.samples_ms.append(time_once(fn, device))
-    return timings
+    if sync is not None:
+        sync()
+    return time_rounds([lambda _, fn=fn: fn() for fn in fns], device, rounds=repeats, alternate=alternate,
+                       sync=sync)
 
 
 # ---------------------------------------------------------------------------------------------------------
