@@ -36,9 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from _naive_serve import naive_decode, naive_encode
+from PIL import Image
 
 from zturbo.backends import create_backend
 from zturbo.bench.timing import time_once
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
             assert report.processed == n and report.failed == 0
             runs["end_to_end"].append(n / report.wall_seconds)
             reports.append(report)
-            seconds = time_once(lambda: naive(tmp / f"naive-{r}"), backend.device) / 1000.0
+            seconds = time_once(lambda out=tmp / f"naive-{r}": naive(out), backend.device) / 1000.0
             runs["naive"].append(len(naive_paths) / seconds)
         runs["compute"].append(n / compute_only(compute, backend, dev_batches, streams, threads))
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from zturbo.backends import create_backend
 from zturbo.cli import run
 from zturbo.config import ServeConfig
 from zturbo.data import demo_images
 from zturbo.data.images import open_image, pil_to_tensor
-from zturbo.model import VAE
-from zturbo.backends import create_backend
 from zturbo.errors import UsageError
+from zturbo.model import VAE
 from zturbo.serve import (
     Partition,
     compute_streams,
