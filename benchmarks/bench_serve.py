@@ -19,7 +19,7 @@ repeats, so a machine that gets busier or quieter during the run cancels out:
 * end to end: ``encode_collection`` from image files to shards on disk (reading,
   compute and writing overlapped as the pipeline chooses), into a fresh folder; for
   decode, ``decode_collection`` from those shards to PNG files;
-* naive: load, compute and save one item at a time (``zturbo.serve.naive``).
+* naive: load, compute and save one item at a time (``_naive_serve.py`` beside this script).
 
 Targets: end to end >= 90% of compute only, and >= 1.5x the naive loop.
 """
@@ -32,25 +32,22 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _naive_serve import naive_decode, naive_encode
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from zturbo.backends import create_backend
+from zturbo.bench.timing import time_once
 from zturbo.config import ServeConfig
 from zturbo.data.images import open_image
 from zturbo.model import VAE
 from zturbo.model.flops import vae_flops
-from zturbo.serve import decode_collection, encode_collection
+from zturbo.serve import compute_streams, decode_collection, encode_collection
 from zturbo.serve.inputs import resize_to_bucket
 from zturbo.serve.latents import LatentReader, enumerate_latents
-from zturbo.serve.naive import naive_decode, naive_encode
-from zturbo.serve.pipeline import compute_streams
 
 CPU = {
     # Ultrafast-profile channels at 32 px: small enough for 2 cores, and a size where batching pays on a CPU.
@@ -101,13 +98,12 @@ def compute_only(compute, backend, batches: list[torch.Tensor], streams: int = 1
     With ``streams`` > 1, as the pipeline's CPU compute streams run them: that many threads
     each take the next batch not yet taken, each with ``threads`` of torch's threads.
     """
-    backend.synchronize()
     if streams <= 1:
-        t0 = time.perf_counter()
-        for x in batches:
-            compute(x)
-        backend.synchronize()
-        return time.perf_counter() - t0
+        def run_loop() -> None:
+            for x in batches:
+                compute(x)
+
+        return time_once(run_loop, backend.device) / 1000.0
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -122,13 +118,14 @@ def compute_only(compute, backend, batches: list[torch.Tensor], streams: int = 1
                     return
                 compute(x)
 
-        workers = [threading.Thread(target=stream) for _ in range(streams)]
-        t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - t0
+        def run_streams() -> None:
+            workers = [threading.Thread(target=stream) for _ in range(streams)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+
+        return time_once(run_streams, backend.device) / 1000.0
     finally:
         torch.set_num_threads(saved)
 
@@ -151,8 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--repeats", type=int)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "threads", "streams", "off"])
+    ap.add_argument("--reading", default="auto", choices=["auto", "threads", "streams", "phased"])
     ap.add_argument("--streams", type=int, help="CPU compute streams (default: the pipeline's choice)")
     ap.add_argument("--source", help="MIN,MAX side of the generated source images")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -180,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         paths = make_images(tmp / "images", preset["images"], preset["source"])
         n = len(paths)
         cfg = ServeConfig(size=size, batch_size=batch, resize="square", precision=args.precision,
-                          workers=args.workers, overlap=args.overlap, streams=args.streams, shard_size=1000,
+                          reading=args.reading, streams=args.streams, shard_size=1000,
                           image_format="png")
         naive_paths = paths[: preset["naive_images"]]
         if args.op == "encode":
@@ -212,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             def naive(out: Path):
                 naive_decode(backend, naive_files, out)
 
-        compute_only(compute, backend, dev_batches[:2])  # warm-up: kernels, allocator, worker start paths
+        compute_only(compute, backend, dev_batches[:2])  # warm-up: kernels, allocator
         naive(tmp / "warm-naive")
         if args.op == "encode":  # the pipeline's code paths and kernels, on two batches
             warm = tmp / "warm.txt"
@@ -223,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Compute only, run the way the pipeline runs it: in its CPU compute streams when it uses them
         # ("compute"); the backend's plain one-batch-at-a-time loop as well then ("compute_one_stream").
-        streams, threads = compute_streams(streams=args.streams) if warm_report.reading.startswith("streams") else (1, 0)
+        streams, threads = compute_streams(streams=args.streams) if warm_report.reading == "streams" else (1, 0)
         compute_only(compute, backend, dev_batches[:2 * streams], streams, threads)
         runs = {"compute": [], "end_to_end": [], "naive": []}
         if streams > 1:
@@ -237,9 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
             assert report.processed == n and report.failed == 0
             runs["end_to_end"].append(n / report.wall_seconds)
             reports.append(report)
-            t0 = time.perf_counter()
-            naive(tmp / f"naive-{r}")
-            runs["naive"].append(len(naive_paths) / (time.perf_counter() - t0))
+            seconds = time_once(lambda out=tmp / f"naive-{r}": naive(out), backend.device) / 1000.0
+            runs["naive"].append(len(naive_paths) / seconds)
         runs["compute"].append(n / compute_only(compute, backend, dev_batches, streams, threads))
 
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -253,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images": n,
         "batch_size": batch,
         "precision": args.precision,
-        "workers": last.workers,
+        "reader_threads": last.reader_threads,
         "reading": last.reading,
         "gflop_per_image": round(flops / 1e9, 3),
         "images_per_second": {k: round(v, 2) for k, v in med.items()},
@@ -265,14 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
         # (1.0 = reading and writing fully hidden; below the compute-only ratio = CPU contention).
         "compute_share_of_end_to_end": round(last.compute_seconds / last.wall_seconds, 3),
         "pipeline_seconds": {
-            "wall": round(last.wall_seconds, 3), "read_workers_summed": round(last.read_seconds, 3),
+            "wall": round(last.wall_seconds, 3), "read_cpu_summed": round(last.read_seconds, 3),
             "wait_for_input": round(last.wait_seconds, 3), "compute": round(last.compute_seconds, 3),
             "write": round(last.write_seconds, 3),
         },
         "targets": {"end_to_end_vs_compute": 0.9, "end_to_end_vs_naive": 1.5},
     }
     print(f"serve-batch {args.op} on {result['device']}: {n} images at {size}x{size}, batch {batch}, "
-          f"{args.precision}, {result['gflop_per_image']} GFLOP/image, {result['workers']} reader workers, reading {result['reading']}")
+          f"{args.precision}, {result['gflop_per_image']} GFLOP/image, reading {result['reading']} ({result['reader_threads']} reader threads)")
     print(f"{'variant':<19}{'images/s':>10}  runs")
     for k, values in runs.items():
         print(f"{k:<19}{med[k]:>10.1f}  {values}")

@@ -99,25 +99,23 @@ fi
 # bf16 in the default NCHW layout at the MFU target case, encode and decode, against standard.
 bench bf16 $T --against standard --precision bf16 --resolutions $R_MFU --batch-sizes $B_MFU
 
-# serve-batch end to end against compute only, reading in processes and in threads.
+# serve-batch end to end against compute only (reading in threads, the GPU's auto mode).
 if [ "$DRY" = 1 ]; then
   for op in encode decode; do
     step "bench_serve-$op" $T $PY benchmarks/bench_serve.py --op $op --images 20 --repeats 1 --size 16 \
       --json "$OUT/json/serve-$op.json"
   done
 else
-  for mode in on threads; do
-    step "bench_serve-$mode" 75 $PY benchmarks/bench_serve.py --gpu --images 768 --repeats 2 --overlap $mode \
-      --json "$OUT/json/serve-$mode.json"
-  done
+  step bench_serve-encode 75 $PY benchmarks/bench_serve.py --gpu --images 768 --repeats 2 \
+    --json "$OUT/json/serve-encode.json"
   step bench_serve-decode 90 $PY benchmarks/bench_serve.py --gpu --op decode --images 512 --repeats 2 \
     --json "$OUT/json/serve-decode.json"
 fi
 # serve-batch on this machine's CPU cores (the CPU preset): one compute loop with phased reading against
 # compute streams, the default count and others, to check the streams default on a many-core host.
 if [ "$DRY" = 0 ]; then
-  for s in off auto 2 8; do
-    if [ "$s" = off ] || [ "$s" = auto ]; then flags="--overlap $s"; else flags="--overlap streams --streams $s"; fi
+  for s in phased auto 2 8; do
+    if [ "$s" = phased ] || [ "$s" = auto ]; then flags="--reading $s"; else flags="--reading streams --streams $s"; fi
     step "cpu-serve-$s" 60 $PY benchmarks/bench_serve.py --images 400 --repeats 5 $flags \
       --json "$OUT/json/cpu-serve-$s.json"
   done

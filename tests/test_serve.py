@@ -16,12 +16,23 @@ import pytest
 import torch
 from PIL import Image
 
+from zturbo.backends import create_backend
 from zturbo.cli import run
 from zturbo.config import ServeConfig
 from zturbo.data import demo_images
 from zturbo.data.images import open_image, pil_to_tensor
+from zturbo.errors import UsageError
 from zturbo.model import VAE
-from zturbo.serve import Partition, decode_collection, encode_collection, load_index, merge_outputs, store
+from zturbo.serve import (
+    Partition,
+    compute_streams,
+    decode_collection,
+    encode_collection,
+    load_index,
+    merge_outputs,
+    reading_mode,
+    store,
+)
 from zturbo.serve.inputs import bucket_sizes, nearest_bucket, resize_to_bucket
 
 TINY = {"block_out_channels": [32, 32], "layers_per_block": 1, "latent_channels": 4, "mid_block_add_attention": False}
@@ -35,7 +46,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_compute_thread():
-    """Tiny models gain nothing from a second thread, and the reader worker needs the other core."""
+    """Tiny models gain nothing from a second thread, and the reader thread needs the other core."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -100,7 +111,7 @@ def _latents(out: Path) -> dict[str, torch.Tensor]:
 
 def _encode(model, src, out, *extra) -> int:
     return run(["serve-batch", "encode", str(model), "--input", str(src), "--output", str(out),
-                "--workers", "1", "--quiet", *extra])
+                "--quiet", *extra])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,7 +151,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_index(tiny_model, ph
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "zturbo", "serve-batch", "encode", str(tiny_model), "-i", str(photos),
-           "-o", str(killed), "--workers", "1", "--quiet", *args]
+           "-o", str(killed), "--quiet", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -189,15 +200,15 @@ def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path
 
 def test_ranks_share_one_output_and_the_last_merges(tiny_model, photos, tmp_path):
     out = tmp_path / "out"
-    cfg = ServeConfig(size=32, batch_size=4, workers=0)
+    cfg = ServeConfig(size=32, batch_size=4)
     r1 = encode_collection(tiny_model, photos, out, cfg, Partition(0, 1, 1, 2))
     r0 = encode_collection(tiny_model, photos, out, cfg, Partition(0, 1, 0, 2))
     assert r0.processed + r1.processed == 40 and r0.processed and r1.processed
     assert r0.index_count == 40
 
 
-@pytest.mark.parametrize("overlap", ["on", "threads", "streams", "off"])
-def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, capsys, overlap):
+@pytest.mark.parametrize("reading", ["threads", "streams", "phased"])
+def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, capsys, reading):
     src = tmp_path / "src"
     src.mkdir()
     for p in sorted((photos / "a").iterdir())[:5]:
@@ -207,7 +218,7 @@ def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, c
     (src / "text.jpg").write_text("not an image")
     (src / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
-    assert _encode(tiny_model, src, out, "--size", "32", "--overlap", overlap) == 0
+    assert _encode(tiny_model, src, out, "--size", "32", "--reading", reading) == 0
     captured = capsys.readouterr().out
     index = load_index(out / "index.json")
     reasons = {f["source"]: f["reason"] for f in index["failures"]}
@@ -219,7 +230,7 @@ def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, c
 
     # Fixed on disk: a rerun picks it up and it leaves the failure list.
     (src / "truncated.png").write_bytes(good)
-    assert _encode(tiny_model, src, out, "--size", "32", "--overlap", overlap) == 0
+    assert _encode(tiny_model, src, out, "--size", "32", "--reading", reading) == 0
     index = load_index(out / "index.json")
     assert index["count"] == 6 and {f["source"] for f in index["failures"]} == {"text.jpg", "empty.png"}
 
@@ -246,7 +257,7 @@ def test_decode_npy_and_safetensors_files(tiny_model, tmp_path):
     assert names == ["batch_00000.jpg", "batch_00001.jpg", "batch_00002.jpg", "one.jpg"]
     assert Image.open(out / "batch_00000.jpg").size == (24, 16) and Image.open(out / "one.jpg").size == (32, 32)
     (out / "one.jpg").unlink()  # a rerun writes only what is missing
-    report = decode_collection(tiny_model, src, out, ServeConfig(image_format="jpeg", workers=0))
+    report = decode_collection(tiny_model, src, out, ServeConfig(image_format="jpeg"))
     assert report.already_done == 3 and report.processed == 1 and (out / "one.jpg").is_file()
 
 
@@ -306,7 +317,7 @@ def test_buckets_keep_aspect_and_divisibility():
 
 
 def test_auto_batch_size_on_cpu(tiny_model, photos, tmp_path):
-    report = encode_collection(tiny_model, photos / "a", tmp_path / "o", ServeConfig(size=32, workers=0))
+    report = encode_collection(tiny_model, photos / "a", tmp_path / "o", ServeConfig(size=32))
     assert report.batch_size == 8 and report.processed == 20
 
 
@@ -314,7 +325,7 @@ def test_auto_batch_size_on_cpu(tiny_model, photos, tmp_path):
 def test_gpu_encode_matches_cpu(tiny_model, photos, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    cfg = ServeConfig(size=32, workers=1)
+    cfg = ServeConfig(size=32)
     gpu = encode_collection(tiny_model, photos, tmp_path / "gpu", cfg, device="cuda")
     cpu = encode_collection(tiny_model, photos, tmp_path / "cpu", cfg, device="cpu")
     assert gpu.batch_size >= 8 and gpu.processed == cpu.processed == 40
@@ -330,7 +341,7 @@ def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zturbo",
            "serve-batch", "encode", str(tiny_model), "-i", str(photos), "-o", str(out), "--size", "32",
-           "--workers", "0", "--quiet"]
+           "--quiet"]
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=300, check=False).returncode == 0
     shards = {p.name.split("-")[1] for p in (out / "shards").glob("*.safetensors")}
     assert shards == {"r0of2", "r1of2"}  # both ranks wrote their own part
@@ -338,44 +349,44 @@ def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_
     assert index["count"] == 40 and len({e["source"] for e in index["entries"]}) == 40
 
 
-def test_phased_and_overlapped_reading_give_the_same_output(tiny_model, photos, tmp_path, monkeypatch):
-    """Reading between batches (CPU compute on every core) or beside compute: same latents, same index."""
-    from zturbo.serve import pipeline
-
+def test_every_reading_mode_gives_the_same_output(tiny_model, photos, tmp_path):
+    """Reading beside compute, in compute streams, or between batches: same latents, same shards, same order."""
     results = {}
     threads = torch.get_num_threads()
-    modes = {"on": "overlapped", "threads": "threads", "streams": "streams", "streams+processes": "streams+processes",
-             "off": "phased"}
-    for name, reading in modes.items():
-        overlap, workers = ("streams", 2) if name == "streams+processes" else (name, 0 if name == "streams" else 2)
-        cfg = ServeConfig(size=32, batch_size=4, workers=workers, overlap=overlap)
-        report = encode_collection(tiny_model, photos, tmp_path / name, cfg)
-        assert report.reading == reading
+    for mode in ("threads", "streams", "phased"):
+        cfg = ServeConfig(size=32, batch_size=4, reading=mode)
+        report = encode_collection(tiny_model, photos, tmp_path / mode, cfg)
+        assert report.reading == mode
         assert report.processed == 40 and report.failed == 0
         assert torch.get_num_threads() == threads  # compute streams restore torch's thread count
-        index = load_index(tmp_path / name / "index.json")
+        index = load_index(tmp_path / mode / "index.json")
         placed = {e["source"]: (e["shard"], e["tensor"]) for e in index["entries"]}
-        results[name] = (_entries(index), _latents(tmp_path / name), placed)
-    for other in ("threads", "streams", "streams+processes", "off"):
-        assert results["on"][0] == results[other][0]
-        assert results["on"][2] == results[other][2]  # same shards, same order in them
-        for key, latent in results["on"][1].items():
+        results[mode] = (_entries(index), _latents(tmp_path / mode), placed)
+    for other in ("streams", "phased"):
+        assert results["threads"][0] == results[other][0]
+        assert results["threads"][2] == results[other][2]  # same shards, same order in them
+        for key, latent in results["threads"][1].items():
             torch.testing.assert_close(results[other][1][key], latent)
-    # auto: compute streams when the model computes on a multi-core CPU with a thread on every core,
-    # phased reading on one core, processes when torch leaves cores free.
-    monkeypatch.setattr(pipeline, "usable_cores", lambda: threads)
-    report = encode_collection(tiny_model, photos / "a", tmp_path / "auto", ServeConfig(size=32, workers=1))
-    assert report.reading == ("streams" if threads > 1 else "phased")
-    monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)
-    report = encode_collection(tiny_model, photos / "a", tmp_path / "auto1", ServeConfig(size=32, workers=1))
-    assert report.reading == "phased"
-    monkeypatch.setattr(pipeline, "usable_cores", lambda: 64)
-    report = encode_collection(tiny_model, photos / "a", tmp_path / "auto64", ServeConfig(size=32, workers=1))
-    assert report.reading == "overlapped"
+    # auto resolves to the mode reading_mode picks for this machine.
+    report = encode_collection(tiny_model, photos / "a", tmp_path / "auto", ServeConfig(size=32))
+    assert report.reading == reading_mode(ServeConfig(), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("overlap", ["on", "streams", "off"])
-def test_index_records_displayed_size_of_exif_rotated_images(tiny_model, tmp_path, overlap):
+def test_auto_reading_follows_the_cores_torch_computes_on():
+    cpu, cuda, auto = torch.device("cpu"), torch.device("cuda"), ServeConfig()
+    assert reading_mode(auto, cpu, cores=2, torch_threads=2) == "streams"  # a thread on every core
+    assert reading_mode(auto, cpu, cores=1, torch_threads=1) == "phased"
+    assert reading_mode(ServeConfig(streams=1), cpu, cores=8, torch_threads=8) == "phased"
+    assert reading_mode(auto, cpu, cores=64, torch_threads=1) == "threads"  # torch leaves cores free
+    assert reading_mode(auto, cuda, cores=16, torch_threads=16) == "threads"
+    for mode in ("threads", "streams", "phased"):
+        assert reading_mode(ServeConfig(reading=mode), cpu, cores=4, torch_threads=4) == mode
+    with pytest.raises(UsageError, match="streams is for models computing on the CPU"):
+        reading_mode(ServeConfig(reading="streams"), cuda)
+
+
+@pytest.mark.parametrize("reading", ["threads", "streams", "phased"])
+def test_index_records_displayed_size_of_exif_rotated_images(tiny_model, tmp_path, reading):
     """One size bucket (square): sizes come from the single decode, after EXIF rotation, before JPEG draft."""
     src = tmp_path / "src"
     src.mkdir()
@@ -384,7 +395,7 @@ def test_index_records_displayed_size_of_exif_rotated_images(tiny_model, tmp_pat
     exif[0x0112] = 6  # rotate 90 degrees: displayed 60 x 180
     Image.fromarray(arr).save(src / "rotated.jpg", exif=exif.tobytes())
     Image.fromarray(arr).save(src / "plain.jpg")
-    cfg = ServeConfig(size=16, batch_size=2, workers=1, overlap=overlap, resize="square")
+    cfg = ServeConfig(size=16, batch_size=2, reading=reading, resize="square")
     encode_collection(tiny_model, src, tmp_path / "out", cfg)
     sizes = {e["source"]: (e["width"], e["height"]) for e in load_index(tmp_path / "out" / "index.json")["entries"]}
     assert sizes == {"rotated.jpg": (60, 180), "plain.jpg": (180, 60)}
@@ -434,133 +445,66 @@ def test_shards_hold_latents_bit_exact_in_every_dtype(tmp_path, dtype):
             assert got.dtype == dtype and torch.equal(got, t)
 
 
-def test_read_tuner_keeps_the_faster_way_and_retries_the_other():
-    from zturbo.serve.pipeline import _ReadTuner
-
-    tuner = _ReadTuner(can_share=True, retry=4)
-    cost = {"alone": 1.0, "shared": 2.0}
-    seen = []
-    for _ in range(12):
-        way = tuner.choose()
-        seen.append(way)
-        tuner.record(way, cost[way])
-    assert seen[:2] == ["alone", "shared"]  # each tried once
-    assert seen[2:] == ["alone", "shared", "alone", "alone", "alone", "shared", "alone", "alone", "alone", "shared"]
-    cost = {"alone": 3.0, "shared": 0.5}  # the images got larger: sharing wins from its next retry on
-    ways = []
-    for _ in range(6):
-        way = tuner.choose()
-        ways.append(way)
-        tuner.record(way, cost[way])
-    assert ways[-1] == "shared"
-    assert _ReadTuner(can_share=False).choose() == "alone"
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_phased_stream_gives_every_batch_in_plan_order_either_way(threads):
-    from zturbo.serve.pipeline import _ThreadPoolBatchStream
-
-    class Items:  # __getitem__ like _ImageSet's: (index, pixels, failure, seconds, size)
-        def __getitem__(self, i):
-            return i, np.full((2, 2, 3), i, np.uint8), None, 0.0, (2, 2)
-
-    plans = [[4, 0, 7], [1, 2], [3, 5, 6, 8, 9]] * 3
-    stream = _ThreadPoolBatchStream(Items(), plans, threads, pin=False, ahead=0)
-    stream.tuner.retry = 2  # both ways many times over
-    got = list(stream)
-    stream.close()
-    assert [b["indices"] for b in got] == plans
-    assert all(b["data"][:, 0, 0, 0].tolist() == p for b, p in zip(got, plans))
-    assert set(stream.tuner.seconds) == ({"alone"} if threads == 1 else {"alone", "shared"})
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["encode", "decode"])
 def test_serve_benchmark_runs_and_reports_its_ratios(op, tmp_path):
     """benchmarks/bench_serve.py at toy size: every variant runs on the same items and the JSON holds the ratios."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bench_serve
-    finally:
-        sys.path.pop(0)
     out = tmp_path / "r.json"
-    result = bench_serve.main(["--op", op, "--images", "20", "--repeats", "1", "--size", "16", "--json", str(out)])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--op", op, "--images", "20", "--repeats",
+           "1", "--size", "16", "--json", str(out)]  # run as documented: the script's folder on sys.path
+    subprocess.run(cmd, env=env, capture_output=True, timeout=300, check=True)
     saved = json.loads(out.read_text())
     assert saved["op"] == op and saved["images"] == 20
     assert len(saved["runs"]["compute"]) == 2 and len(saved["runs"]["end_to_end"]) == 1
     ratio = saved["end_to_end_vs_compute"]
     assert ratio == pytest.approx(saved["runs"]["end_to_end"][0] * 2 / sum(saved["runs"]["compute"]), rel=2e-3)
     assert 0 < ratio < 5 and saved["end_to_end_vs_naive"] > 0
-    assert result["pipeline_seconds"]["compute"] > 0
+    assert saved["pipeline_seconds"]["compute"] > 0
 
 
-def test_compute_streams_split_the_cores():
-    from zturbo.serve.pipeline import compute_streams
-
-    assert compute_streams(1) == (1, 1)
-    assert compute_streams(2) == (2, 1)
-    assert compute_streams(8) == (2, 4)
-    assert compute_streams(16) == (4, 4)
-    assert compute_streams(96) == (4, 24)
+def test_compute_streams_split_the_cores_without_sharing_one():
+    for cores in range(1, 97):
+        streams, threads = compute_streams(cores)
+        assert 1 <= streams <= 4 and streams * threads <= cores  # no core runs two compute threads
+        assert cores - streams * threads < streams  # and at most rounding leaves one idle
+        assert (streams > 1) == (cores > 1)  # one stream only where there is one core
     assert compute_streams(16, streams=2) == (2, 8)  # --streams
     assert compute_streams(2, streams=8) == (2, 1)  # at most one per core
 
 
-def test_compute_streams_use_their_thread_share_and_stop_on_the_first_error():
-    """Each stream computes with cores/streams torch threads, batches come back in plan order, and
-    an error in one stream surfaces in the caller with torch's thread count restored."""
-    from zturbo.serve.pipeline import _ComputeStreams
+def test_compute_streams_use_their_thread_share_and_stop_on_the_first_error(tiny_model, photos, tmp_path):
+    """Each stream computes with cores/streams torch threads; an error in one stream surfaces in the
+    caller with torch's thread count restored, and a rerun completes what it left."""
+    backend = create_backend("torch", tiny_model, device="cpu", precision="fp32")
+    encode = backend.encode
+    seen, calls = set(), []
 
-    class Items:
-        def __getitem__(self, i):
-            if i == 13:
-                raise RuntimeError("boom at 13")
-            return i, np.full((2, 2, 3), i, np.uint8), None, 0.0, (2, 2)
+    def spying(x):
+        seen.add(torch.get_num_threads())
+        return encode(x)
 
-    class Step:
-        def __init__(self):
-            self.seen = set()
+    def failing_on_the_fourth(x):
+        calls.append(len(x))
+        if len(calls) == 4:
+            raise RuntimeError("boom in batch 4")
+        return encode(x)
 
-        def run(self, data, keys):
-            self.seen.add(torch.get_num_threads())
-            return data.clone(), None, 0.0
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)  # what the run must restore, and not what a stream computes with
+    try:
+        cfg = ServeConfig(size=32, batch_size=4, reading="streams", streams=2, shard_size=4)
+        backend.encode = spying
+        report = encode_collection(tiny_model, photos, tmp_path / "ok", cfg, backend=backend)
+        assert report.reading == "streams" and report.processed == 40
+        assert seen == {compute_streams(streams=2)[1]} and torch.get_num_threads() == 2
 
-    before = torch.get_num_threads()
-    plans = [[0, 1], [2, 3, 4], [5], [6, 7], [8, 9]]
-    stream = _ComputeStreams(Items(), plans, streams=2, threads_per_stream=1)
-    step = Step()
-    stream.start(step, lambda b: (b["indices"], None))
-    got = [b["job"] for b in stream]
-    stream.close()
-    assert got == plans and step.seen == {1} and torch.get_num_threads() == before
-
-    class Feeder:  # worker processes' stand-in: collated batches in plan order
-        closed = False
-
-        def __iter__(self):
-            for plan in plans:
-                yield {"indices": plan, "sizes": [], "data": torch.tensor(plan), "failures": [], "read_seconds": 0.0}
-
-        def close(self):
-            self.closed = True
-
-    feeder = Feeder()
-    stream = _ComputeStreams(None, plans, streams=3, threads_per_stream=1, feeder=feeder)
-    stream.start(Step(), lambda b: (b["indices"], None))
-    got = [b["job"] for b in stream]
-    stream.close()
-    assert got == plans and feeder.closed and stream.mode == "streams+processes"
-
-    stream = _ComputeStreams(Items(), plans + [[12, 13]], streams=3, threads_per_stream=1)
-    stream.start(Step(), lambda b: (b["indices"], None))
-    with pytest.raises(RuntimeError, match="boom at 13"):
-        list(stream)
-    stream.close()
-    assert torch.get_num_threads() == before
-
-
-def test_compute_streams_are_refused_for_a_gpu_model():
-    from zturbo.errors import UsageError
-    from zturbo.serve.pipeline import _stream
-
-    with pytest.raises(UsageError, match="streams is for models computing on the CPU"):
-        _stream(None, [[0]], 1, torch.device("cuda"), ServeConfig(overlap="streams"))
+        backend.encode = failing_on_the_fourth
+        with pytest.raises(RuntimeError, match="boom in batch 4"):
+            encode_collection(tiny_model, photos, tmp_path / "err", cfg, backend=backend)
+        assert torch.get_num_threads() == 2
+        backend.encode = encode
+        report = encode_collection(tiny_model, photos, tmp_path / "err", cfg, backend=backend)
+        assert report.already_done + report.processed == 40 and report.index_count == 40
+    finally:
+        torch.set_num_threads(saved)

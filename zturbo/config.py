@@ -172,21 +172,16 @@ class ServeConfig(Section):
     device: str = "auto"
     latent_mode: Literal["mean", "sample"] = "mean"
     shard_size: int = Field(1000, ge=1)
-    workers: int | None = Field(
-        None, ge=0,
-        description="image decoding processes; None: cores - 1 (at most 8), but 0 with CPU compute streams, "
-        "which read themselves (measured faster than feeding them from processes)",
-    )
-    overlap: Literal["auto", "on", "threads", "streams", "off"] = Field(
+    reading: Literal["auto", "threads", "streams", "phased"] = Field(
         "auto",
-        description="read in worker processes while computing ('on'), in a thread pool while computing "
-        "('threads'), in several CPU compute streams that each read then compute their own batches "
-        "('streams'), or between batches on all cores ('off'); auto: streams when the model computes on a "
-        "multi-core CPU with every core, threads on a GPU, on otherwise",
+        description="how reading shares the machine with compute: 'threads' (a thread pool reads ahead, beside "
+        "compute), 'streams' (CPU compute streams each read then compute their own batches) or 'phased' (each "
+        "batch read just before it is computed, on every core); auto: streams when the model computes on a "
+        "multi-core CPU with a thread on every core, phased on one core, threads otherwise (a GPU)",
     )
     streams: int | None = Field(
         None, ge=1, le=64,
-        description="CPU compute streams ('streams' overlap), each with cores/streams torch threads; "
+        description="CPU compute streams (reading 'streams'), each with cores/streams torch threads; "
         "None: 2 up to 8 cores, then one per 4 cores, at most 4",
     )
     image_format: Literal["png", "jpeg", "webp"] = "png"

@@ -19,15 +19,13 @@ BatchOpt = Annotated[
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch, compile, onnx or trt.")]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read on a thread of this one). "
-                                                "With CPU compute streams the default is 0: the streams read themselves.")]
-OverlapOpt = Annotated[str | None, typer.Option(
-    "--overlap", help="auto | on | threads | streams | off: read beside compute in worker processes (on) or in "
-    "threads (threads; --workers of them), in CPU compute streams that each read then compute their own batches "
-    "(streams), or between batches on all cores (off). auto picks streams when the model computes on a multi-core "
-    "CPU with every core, threads on a GPU, else on.")]
+ReadingOpt = Annotated[str | None, typer.Option(
+    "--reading", help="auto | threads | streams | phased: read in a thread pool beside compute (threads), in CPU "
+    "compute streams that each read then compute their own batches (streams), or just before each batch is "
+    "computed, on every core (phased). auto picks streams when the model computes on a multi-core CPU with every "
+    "core, phased on one core, threads otherwise (a GPU).")]
 StreamsOpt = Annotated[int | None, typer.Option(
-    "--streams", help="CPU compute streams for --overlap streams (default: 2 up to 8 cores, then one per 4, at most 4).")]
+    "--streams", help="CPU compute streams for --reading streams (default: 2 up to 8 cores, then one per 4, at most 4).")]
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]
@@ -109,12 +107,12 @@ def _print_report(report, json_out: bool) -> None:
         ("images done", f"{r.processed}"),
         ("failed", f"{r.failed}"),
         ("already done before", f"{r.already_done}"),
-        ("batch size / workers", f"{r.batch_size} / {r.workers}"),
+        ("batch size / reader threads", f"{r.batch_size} / {r.reader_threads}"),
         ("reading", r.reading or "-"),
         ("backend", ", ".join(f"{k}={v}" for k, v in r.backend.items())),
         ("wall time", f"{r.wall_seconds:.2f} s"),
         ("throughput", f"{r.images_per_second:.1f} images/s"),
-        ("reading (workers, summed)", f"{r.read_seconds:.2f} s"),
+        ("reading (CPU time, summed)", f"{r.read_seconds:.2f} s"),
         # Compute streams read in turn with computing: their times are per stream.
         ("reading, per stream" if r.reading == "streams" else "waiting for input", f"{r.wait_seconds:.2f} s"),
         ("computing, per stream" if r.reading == "streams" else "computing", f"{r.compute_seconds:.2f} s"),
@@ -155,8 +153,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         shard: ShardOpt = None,
         shard_size: Annotated[int | None, typer.Option("--shard-size", help="Latents per shard file.")] = None,
-        workers: WorkersOpt = None,
-        overlap: OverlapOpt = None,
+        reading: ReadingOpt = None,
         streams: StreamsOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
@@ -169,8 +166,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"serve": {
             "size": size, "batch_size": _batch_size(batch_size), "backend": backend, "precision": precision,
             "device": device, "latent_mode": None if mean is None else ("mean" if mean else "sample"),
-            "resize": resize, "shard_size": shard_size, "workers": workers,
-            "overlap": overlap, "streams": streams,
+            "resize": resize, "shard_size": shard_size, "reading": reading, "streams": streams,
         }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
@@ -197,8 +193,7 @@ def register(app: typer.Typer) -> None:
         precision: PrecisionOpt = None,
         device: DeviceOpt = None,
         shard: ShardOpt = None,
-        workers: WorkersOpt = None,
-        overlap: OverlapOpt = None,
+        reading: ReadingOpt = None,
         streams: StreamsOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
@@ -211,8 +206,8 @@ def register(app: typer.Typer) -> None:
         overrides = {"serve": {
             "image_format": image_format, "quality": quality, "restore_size": restore_size,
             "batch_size": _batch_size(batch_size),
-            "backend": backend, "precision": precision, "device": device, "workers": workers,
-            "overlap": overlap, "streams": streams,
+            "backend": backend, "precision": precision, "device": device,
+            "reading": reading, "streams": streams,
         }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)

@@ -10,6 +10,7 @@ import torch
 
 from zturbo.errors import InputError
 from zturbo.serve import store
+from zturbo.serve.inputs import bucket_crop_box
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,6 @@ class LatentItem:
         """(width, height) in source pixels of the region this latent covers (the bucket's crop of the source)."""
         if not self.source_size or not self.bucket or not all(self.source_size):
             return None
-        from zturbo.serve.inputs import bucket_crop_box
-
         left, top, right, bottom = bucket_crop_box(*self.source_size, self.bucket)
         return max(1, round(right - left)), max(1, round(bottom - top))
 
@@ -149,7 +148,7 @@ class LatentReader:
         if item.tensor is None:
             arr = np.load(item.file, mmap_mode="r", allow_pickle=False)
             row = arr if item.row is None else arr[item.row]
-            return torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32))
+            return torch.from_numpy(np.array(row, dtype=np.float32))  # a copy: the memory map is read-only
         from safetensors import safe_open
 
         fh = self._open.get(item.file)
