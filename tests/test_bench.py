@@ -296,17 +296,8 @@ def test_cpu_defaults_are_small(configs):
     assert plan.peak_dtype == "fp32"
 
 
-def test_train_case_is_skipped_with_a_reason_without_a_step_hook(configs, monkeypatch):
-    import zturbo.train
-
-    monkeypatch.delattr(zturbo.train, "benchmark_step", raising=False)
-    report = run_bench(tiny_settings(configs, what=["train"], batch_sizes=[1]), profile_name="tiny")
-    (case,) = report["cases"]
-    assert case["status"] == "skipped" and "benchmark_step" in case["reason"]
-
-
 def test_train_case_times_the_training_step(configs, monkeypatch):
-    import zturbo.train
+    import zturbo.bench.train_case
 
     seen = {}
 
@@ -316,7 +307,7 @@ def test_train_case_times_the_training_step(configs, monkeypatch):
         return {"step_ms": 30.5, "step_ms_all": samples, "images_per_s": 2 / 0.0305, "peak_memory_gib": 0.5,
                 "micro_batch": 1}
 
-    monkeypatch.setattr(zturbo.train, "benchmark_step", fake_benchmark_step, raising=False)
+    monkeypatch.setattr(zturbo.bench.train_case, "benchmark_step", fake_benchmark_step)
     report = run_bench(tiny_settings(configs, what=["train"]), profile_name="tiny")
     (case,) = report["cases"]
     assert seen == {"size": 16, "batch": 2, "steps": REPEATS, "warmup": 1}

@@ -15,8 +15,8 @@ import traceback
 
 import typer
 
-from zturbo import __version__
 from zturbo.errors import ZTurboError
+from zturbo.version import __version__
 
 # Every command module, in the order `zturbo --help` lists them.
 COMMANDS = ("prepare", "train", "eval", "bench", "export", "serve_batch", "config_cmd", "info")

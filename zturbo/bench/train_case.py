@@ -3,8 +3,7 @@
 The step comes from the training package (``zturbo.train.benchmark_step``), so it is
 the real thing: losses (LPIPS with an untrained backbone: same FLOPs, no download),
 the micro-batching that fits the profile's batch on the device, mixed precision,
-the optimizer update and EMA. Where the installed training code offers no such
-hook the case is skipped with that reason.
+the optimizer update and EMA.
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from zturbo.bench.cases import SkipCase, Subject
+from zturbo.bench.cases import Subject
+from zturbo.bench.timing import percentile
 from zturbo.config import Settings
+from zturbo.train import benchmark_step
 
 
 @dataclass
@@ -28,28 +29,14 @@ class TrainMeasurement:
     micro_batch: int | None
 
 
-def _benchmark_step_factory():
-    try:
-        from zturbo import train
-    except ImportError as exc:
-        raise SkipCase(f"the training package cannot be imported: {exc}") from exc
-    factory = getattr(train, "benchmark_step", None)
-    if factory is None:
-        raise SkipCase("the installed training code offers no zturbo.train.benchmark_step to time")
-    return factory
-
-
 def time_train_step(settings: Settings, ours: Subject, device: torch.device, resolution: int, precision: str,
                     warmup: int, repeats: int) -> TrainMeasurement:
     """Median time of one optimizer step at the profile's batch size and ``resolution``."""
-    from zturbo.bench.timing import percentile
-
-    factory = _benchmark_step_factory()
     local = settings.model_copy(deep=True)
     local.model = ours.config
     local.data.image_size = resolution
     local.train.precision = precision
-    result = factory(local, device, steps=repeats, warmup=max(warmup, 1))
+    result = benchmark_step(local, device, steps=repeats, warmup=max(warmup, 1))
     samples = [float(t) for t in result["step_ms_all"]]
     on_cuda = device.type == "cuda"
     return TrainMeasurement(

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         model: Annotated[Path | None, typer.Option(
-            "--model", help="Time a saved model (folder, run or checkpoint) instead of the profile's random init.")] = None,
+            "--model", help="Time a saved model (model, run, step-N, diffusers folder or an export) "
+                            "instead of the profile's random init.")] = None,
         against: Annotated[str | None, typer.Option(
             "--against", help="Also time 'standard' (or any profile / .toml) or 'diffusers' (same config), "
                               "interleaved, and print the speedup next to the FLOP ratio.")] = None,
@@ -25,7 +26,7 @@ def register(app: typer.Typer) -> None:
         batch_sizes: Annotated[str | None, typer.Option(
             "--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU, 1,8,24 on GPU).")] = None,
         backend: Annotated[str | None, typer.Option(
-            "--backend", help="Comma-separated: torch, compile, onnx, trt (default: torch).")] = None,
+            "--backend", help="Comma-separated: auto, torch, compile, onnx, trt (default: auto, what --model is).")] = None,
         precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16 (default: fp32).")] = None,
         what: Annotated[str | None, typer.Option(
             "--what", help="Comma-separated: encode, decode, train (default: encode,decode).")] = None,

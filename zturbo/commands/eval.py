@@ -67,7 +67,8 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
         checkpoint: Annotated[
-            Path, typer.Argument(help="Run folder, model folder (save_pretrained / diffusers) or an export.")
+            Path,
+            typer.Argument(help="Model, run, step-N, diffusers or pipeline folder, or an ONNX / TensorRT export."),
         ],
         data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included).")],
         size: Annotated[
@@ -85,7 +86,8 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         backend: Annotated[
-            str | None, typer.Option(help="torch (default), compile, onnx or trt; exports pick onnx.")
+            str | None,
+            typer.Option(help="auto (default: what CHECKPOINT is; exports pick onnx / trt), torch, compile, onnx, trt."),
         ] = None,
         compare: Annotated[
             Path | None, typer.Option("--compare", help="A second model evaluated on the same images.")

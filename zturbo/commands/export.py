@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
         checkpoint: Annotated[
-            Path, typer.Argument(help="Model folder, run folder (its EMA weights) or step-N folder.")
+            Path,
+            typer.Argument(help="Model, run (its EMA weights), step-N, diffusers or diffusers pipeline folder."),
         ],
         out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
         fmt: Annotated[str | None, typer.Option("--format", "-f", help="onnx | trt | diffusers.")] = None,
@@ -57,9 +58,9 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Export a checkpoint's EMA weights as ONNX graphs, TensorRT FP16 engines or a diffusers folder."""
+        from zturbo.backends.verify import export_checkpoint
         from zturbo.console import info, print_json
         from zturbo.errors import UsageError
-        from zturbo.export import export_model
 
         if trt:
             if fmt not in (None, "trt"):
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
             }
         }
         settings = settings_from(profile, config, overrides)
-        meta = export_model(checkpoint, out, settings.export, log=lambda m: info(m, quiet))
+        meta = export_checkpoint(checkpoint, out, settings.export, log=lambda m: info(m, quiet))
         if json_out:
             print_json(meta)
         else:
@@ -89,7 +90,8 @@ def register(app: typer.Typer) -> None:
     @app.command("import-diffusers")
     def import_diffusers_cmd(
         source: Annotated[
-            Path, typer.Argument(help="diffusers AutoencoderKL folder (or a pipeline with vae/).")
+            Path,
+            typer.Argument(help="diffusers AutoencoderKL folder, a pipeline with vae/, or any model / run / step-N."),
         ],
         out: Annotated[Path, typer.Option("--out", "-o", help="zturbo model folder to write.")],
         verify: Annotated[bool, typer.Option("--verify", help="Compare outputs with diffusers.")] = False,
@@ -97,10 +99,12 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Import a diffusers VAE (e.g. FLUX.1's) as a zturbo model folder for eval and bench."""
+        from zturbo.artifacts import TORCH_KINDS, require
         from zturbo.console import info, print_json, stdout
         from zturbo.export import import_diffusers
 
-        report = import_diffusers(source, out, verify=verify, log=lambda m: info(m, quiet))
+        folder = require(source, TORCH_KINDS, "import-diffusers").model_dir
+        report = import_diffusers(folder, out, verify=verify, log=lambda m: info(m, quiet))
         if json_out:
             print_json(report)
             return

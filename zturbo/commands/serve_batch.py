@@ -16,7 +16,9 @@ SizeOpt = Annotated[int | None, typer.Option("--size", help="Target side in pixe
 BatchOpt = Annotated[
     str | None, typer.Option("--batch-size", "-b", help="'auto' (largest that fits) or a number.")
 ]
-BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch, compile, onnx or trt.")]
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="auto (default: what MODEL is), torch, compile, onnx or trt.")
+]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Reader processes (0: read on a thread of this one). "
