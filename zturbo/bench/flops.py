@@ -61,7 +61,7 @@ class MatmulPeak:
     size: int
     median_ms: float
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"tflops": self.tflops, "dtype": self.dtype, "size": self.size, "median_ms": self.median_ms}
 
 

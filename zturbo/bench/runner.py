@@ -66,7 +66,7 @@ class BenchPlan:
         # On GPU the denominator is the tensor cores' bf16 rate; a CPU has no such unit, fp32 is its peak.
         self.peak_dtype = "bf16" if self.device.type == "cuda" else "fp32"
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "device": str(self.device), "resolutions": self.resolutions, "batch_sizes": self.batch_sizes,
             "backends": self.backends, "precision": self.precision, "what": self.what, "repeats": self.repeats,
@@ -142,7 +142,7 @@ def run_bench(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "environment": copy.deepcopy(_environment()),
-        "plan": plan.as_dict(),
+        "plan": plan.to_dict(),
         "subjects": [s.describe() for s in subjects],
         "peak": None,
         "cases": [],
@@ -151,7 +151,7 @@ def run_bench(
     with _cudnn_autotuning():
         report["environment"]["torch_flags"] = _torch_flags()
         peak = measure_matmul_peak(plan.device, resolve_dtype(plan.peak_dtype), plan.peak_matmul_size)
-        report["peak"] = peak.as_dict()
+        report["peak"] = peak.to_dict()
         say(f"matmul peak on {plan.device}: {peak.tflops:.2f} TFLOP/s ({peak.dtype}, {peak.size}^3)")
         flops = _FlopCache()
 
@@ -173,7 +173,7 @@ def run_bench(
         # measurement can land in a busy spell and inflate every MFU.
         again = measure_matmul_peak(plan.device, resolve_dtype(plan.peak_dtype), plan.peak_matmul_size)
         best = max(peak, again, key=lambda p: p.tflops)
-        report["peak"] = {**best.as_dict(), "measured_tflops": [peak.tflops, again.tflops]}
+        report["peak"] = {**best.to_dict(), "measured_tflops": [peak.tflops, again.tflops]}
         for case in report["cases"]:
             if case["tflops"] is not None:
                 case["mfu"] = case["tflops"] / best.tflops

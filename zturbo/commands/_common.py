@@ -56,8 +56,9 @@ class Flag:
     """One command-line flag: its spellings (the older underscore ones too) and the setting(s) it sets.
 
     ``names`` like ``"--batch-size --batch_size"`` (a boolean pair as ``"--compile/--no-compile"``);
-    ``settings`` like ``"train.batch_size"``, several separated by spaces; ``parse`` turns the
-    flag's text into the setting's value.
+    ``settings`` like ``"train.batch_size"``, several separated by spaces (each gets the value);
+    ``parse`` turns the flag's text into the value, or into a mapping ``{setting: value}`` for a
+    flag that sets several settings to different values.
     """
 
     names: str
@@ -79,9 +80,10 @@ def overrides_from(table: Sequence[Flag], values: dict[str, Any]) -> dict[str, A
         if value is None:
             continue
         value = flag.parse(value) if flag.parse else value
-        for setting in flag.settings.split():
+        targets = value if isinstance(value, dict) else {s: value for s in flag.settings.split()}
+        for setting, target_value in targets.items():
             section, field = setting.split(".")
-            tree.setdefault(section, {})[field] = value
+            tree.setdefault(section, {})[field] = target_value
     return tree
 
 

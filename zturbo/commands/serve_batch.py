@@ -51,10 +51,10 @@ def _batch_size(text: str | None):
 
 def _distributed():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
+    from zturbo.train.distributed import DistContext
+
+    ctx = DistContext.from_env(os.environ)
+    return ctx.rank, ctx.world_size, ctx.local_rank
 
 
 @contextlib.contextmanager
