@@ -48,7 +48,7 @@ class TorchBackend(Backend):
             p.requires_grad_(False)
         self.vae = vae
         self.latent_channels = vae.config.latent_channels
-        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # diffusers configs too (bench)
         # dynamic=False: one graph per input shape, the fastest code for each.
         self._encode = torch.compile(self._encode_impl, mode=mode, dynamic=False) if compiled else self._encode_impl
         self._decode = torch.compile(self._decode_impl, mode=mode, dynamic=False) if compiled else self._decode_impl
