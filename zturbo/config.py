@@ -385,10 +385,17 @@ def load_settings(
         raise ConfigError(f"invalid configuration: {format_validation_error(exc)}") from exc
     finally:
         _LAYERS.reset(token)
-    if settings.data.data_dir is None and settings.profile == "demo":
-        # The demo profile trains on the bundled photos unless told otherwise.
-        return settings.model_copy(update={"data": settings.data.model_copy(update={"data_dir": demo_data_dir()})})
-    return settings
+    return _derived_defaults(settings)
+
+
+def _derived_defaults(settings: Settings) -> Settings:
+    """Defaults that follow other settings, filled in once here so no caller patches them later."""
+    data, prepare = settings.data, settings.prepare
+    if data.data_dir is None and settings.profile == "demo":
+        data = data.model_copy(update={"data_dir": demo_data_dir()})  # the demo trains on the bundled photos
+    if prepare.size is None:
+        prepare = prepare.model_copy(update={"size": data.image_size})  # prepare for the size training uses
+    return settings.model_copy(update={"data": data, "prepare": prepare})
 
 
 def demo_data_dir() -> Path:

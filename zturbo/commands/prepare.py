@@ -73,8 +73,6 @@ def register(app: typer.Typer) -> None:
         source, target = _paths(input_dir, output_dir, input_opt, output_opt, demo)
         settings = settings_from(profile if profile is not None or not demo else "demo", config, overrides)
         cfg = settings.prepare
-        if cfg.size is None:
-            cfg = cfg.model_copy(update={"size": settings.data.image_size})
 
         bar = _ProgressBar(quiet or json_out)
         try:
