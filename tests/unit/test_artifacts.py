@@ -1,9 +1,10 @@
 """Every artifact kind with every command: runs, or is refused in one line naming both kinds.
 
-The artifacts are tiny (a two-level VAE, 32 px images). A TensorRT export cannot be
-built here (no TensorRT, no GPU): its rows use a folder whose metadata says
-``format: trt`` beside placeholder engine files, which is enough for detection and
-refusal but never runs.
+The artifacts are tiny (a two-level VAE, 32 px images). The ONNX export is real and
+takes the torch exporter tens of seconds on two busy cores, so its rows are marked
+slow. A TensorRT export cannot be built here (no TensorRT, no GPU): its rows use a
+folder with the metadata of one (``format: trt``) beside placeholder graph and
+engine files, which is enough for detection and refusal but never runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 
 from zturbo.artifacts import Kind, NotAnArtifact, load_vae, resolve
 from zturbo.cli import run
+from zturbo.export.layout import FORMAT_VERSION, META_NAME
 from zturbo.model import VAE, ModelConfig
 
 pytest.importorskip("onnxruntime")
@@ -50,17 +52,17 @@ def arts(tmp_path_factory) -> dict[str, Path]:
     paths["pipeline"] = root / "pipeline"
     shutil.copytree(paths["diffusers"], paths["pipeline"] / "vae")
     (paths["pipeline"] / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    paths["onnx"] = root / "onnx"
-    assert run(["export", str(paths["model"]), "--out", str(paths["onnx"]), "--size", "32:32:64", "-q"]) == 0
-    # Metadata of a TensorRT export (placeholder engines: detection and refusal only, see the docstring).
+    # Metadata of a TensorRT export beside placeholder files (detection and refusal only, see the docstring).
     paths["trt"] = root / "trt"
-    shutil.copytree(paths["onnx"], paths["trt"])
-    meta = json.loads((paths["trt"] / "zturbo_export.json").read_text())
-    meta["format"] = "trt"
-    for part, info in meta["parts"].items():
-        info["plan"] = f"{part}.plan"
-        (paths["trt"] / info["plan"]).write_bytes(b"placeholder")
-    (paths["trt"] / "zturbo_export.json").write_text(json.dumps(meta))
+    paths["trt"].mkdir()
+    parts = {}
+    for part, (inp, out) in {"encoder": ("image", "latent"), "decoder": ("latent", "image")}.items():
+        for suffix in ("onnx", "plan"):
+            (paths["trt"] / f"{part}.{suffix}").write_bytes(b"placeholder")
+        parts[part] = {"onnx": f"{part}.onnx", "plan": f"{part}.plan", "input": inp, "output": out}
+    meta = {"format_version": FORMAT_VERSION, "format": "trt", "model": TINY.model_dump(mode="json"),
+            "parts": parts}
+    (paths["trt"] / META_NAME).write_text(json.dumps(meta))
     paths["empty"] = root / "empty"
     paths["empty"].mkdir()
     paths["file"] = root / "notes.txt"
@@ -71,6 +73,25 @@ def arts(tmp_path_factory) -> dict[str, Path]:
         Image.new("RGB", (40, 36), (60 * i, 100, 200)).save(paths["images"] / f"{i}.png")
     paths["missing"] = root / "missing"
     return paths
+
+
+@pytest.fixture(scope="module")
+def onnx_export(arts) -> Path:
+    out = arts["model"].parent / "onnx"
+    assert run(["export", str(arts["model"]), "--out", str(out), "--size", "32:32:64", "-q"]) == 0
+    return out
+
+
+@pytest.fixture
+def path_of(arts, request):
+    """The path of an artifact by name; the ONNX export is built on first use (slow)."""
+    return lambda name: request.getfixturevalue("onnx_export") if name == "onnx" else arts[name]
+
+
+def _rows(rows):
+    """Parameter rows, the ones needing the real ONNX export marked slow."""
+    rows = [row if isinstance(row, tuple) else (row,) for row in rows]
+    return [pytest.param(*row, marks=pytest.mark.slow) if "onnx" in row else pytest.param(*row) for row in rows]
 
 
 KINDS = {
@@ -85,9 +106,9 @@ FOUND = {
 }
 
 
-@pytest.mark.parametrize("name", list(KINDS))
-def test_resolve_names_each_kind(arts, name):
-    artifact = resolve(arts[name])
+@pytest.mark.parametrize("name", _rows(list(KINDS)))
+def test_resolve_names_each_kind(path_of, name):
+    artifact = resolve(path_of(name))
     assert artifact.kind is KINDS[name]
     if name in TORCH:
         assert (artifact.model_dir / "config.json").is_file() and artifact.backend == "torch"
@@ -99,7 +120,7 @@ def test_model_dirs_are_the_weights_to_load(arts):
     assert resolve(arts["run"]).model_dir == arts["run"] / "final"
     assert resolve(arts["step"]).model_dir == arts["step"] / "ema"
     assert resolve(arts["pipeline"]).model_dir == arts["pipeline"] / "vae"
-    assert resolve(arts["onnx"] / "decoder.onnx").root == arts["onnx"]  # one graph names its export
+    assert resolve(arts["trt"] / "decoder.onnx").root == arts["trt"]  # one graph names its export
     reference = load_vae(arts["model"]).state_dict()
     for name in TORCH:
         loaded = load_vae(arts[name]).state_dict()
@@ -168,20 +189,21 @@ REFUSED = [
 WORKS = [(command, kind) for command, (_, _, kinds) in COMMANDS.items() for kind in kinds]
 
 
-@pytest.mark.parametrize(("command", "kind"), WORKS)
-def test_command_runs_on_the_kinds_its_job_can_use(arts, capsys, command, kind):
+@pytest.mark.parametrize(("command", "kind"), _rows(WORKS))
+def test_command_runs_on_the_kinds_its_job_can_use(arts, path_of, capsys, monkeypatch, command, kind):
+    monkeypatch.setenv("ZTURBO_BENCH__PEAK_MATMUL_SIZE", "64")  # bench's matmul peak: a tiny one will do here
     argv, _, _ = COMMANDS[command]
-    rc = run(argv(arts[kind], arts))
+    rc = run(argv(path_of(kind), arts))
     err = capsys.readouterr().err
     assert rc == 0, err
 
 
-@pytest.mark.parametrize(("command", "kind"), REFUSED)
-def test_command_refuses_other_kinds_in_one_line(arts, capsys, command, kind):
+@pytest.mark.parametrize(("command", "kind"), _rows(REFUSED))
+def test_command_refuses_other_kinds_in_one_line(arts, path_of, capsys, command, kind):
     argv, job, _ = COMMANDS[command]
-    rc = run(argv(arts[kind], arts))
+    rc = run(argv(path_of(kind), arts))
     err = capsys.readouterr().err
-    expected = f"{arts[kind]} is {KINDS[kind].phrase}; {job} needs {ACCEPTS[command]}"
+    expected = f"{path_of(kind)} is {KINDS[kind].phrase}; {job} needs {ACCEPTS[command]}"
     assert rc == 2 and expected in " ".join(err.split()), err
 
 
@@ -197,9 +219,9 @@ def test_command_says_what_it_found_where_no_artifact_is(arts, capsys, command, 
 @pytest.mark.parametrize("command", ["eval", "bench"])
 def test_an_export_refuses_a_torch_backend_asked_for_by_name(arts, capsys, command):
     argv, job, _ = COMMANDS[command]
-    rc = run([*argv(arts["onnx"], arts), "--backend", "torch"])
+    rc = run([*argv(arts["trt"], arts), "--backend", "torch"])
     err = " ".join(capsys.readouterr().err.split())
-    assert rc == 2 and f"{arts['onnx']} is an ONNX export; {job.split()[0]} with the torch backend needs" in err, err
+    assert rc == 2 and f"{arts['trt']} is a TensorRT export; {job.split()[0]} with the torch backend needs" in err, err
 
 
 def test_a_tensorrt_export_picks_the_trt_backend(arts, capsys):
