@@ -1,7 +1,7 @@
 """What a path is: the one place that decides what a model path given to any command means.
 
     artifact = resolve("runs/demo")          # Artifact(kind=Kind.RUN, root=..., model_dir=runs/demo/final)
-    artifact = require("out/onnx", TORCH_KINDS, "export")   # one-line error: "out/onnx is an ONNX export; ..."
+    artifact = require("out/onnx", TORCH_KINDS, "export")   # "out/onnx is an ONNX export; export needs ..."
     vae = load_vae("runs/demo")
 
 The kinds, told apart by their contents (never by name alone):
@@ -91,7 +91,9 @@ class Artifact:
 
     def load_vae(self, map_location: str | torch.device = "cpu") -> VAE:
         if self.model_dir is None:
-            raise CheckpointError(f"{self.root} is {self.kind.phrase}; loading a torch model needs {phrase(TORCH_KINDS)}")
+            raise CheckpointError(
+                f"{self.root} is {self.kind.phrase}; loading a torch model needs {phrase(TORCH_KINDS)}"
+            )
         return load_pretrained(self.model_dir, map_location=map_location)
 
 
@@ -144,7 +146,7 @@ def resolve(path: str | os.PathLike) -> Artifact:
 
 
 def require(path: str | os.PathLike | Artifact, accepted: Iterable[Kind], job: str) -> Artifact:
-    """``resolve(path)`` (or the Artifact given) when its kind is one ``job`` accepts; else one line naming both."""
+    """``resolve(path)`` (or the Artifact given) when ``job`` accepts its kind; else one line naming both."""
     accepted = tuple(accepted)
     if isinstance(path, Artifact):
         artifact = path
@@ -172,11 +174,13 @@ def _resolve_file(path: Path) -> Artifact:
 
 
 def _model_kind(folder: Path) -> Kind:
-    """MODEL or DIFFUSERS for a folder with config.json, once it is seen to hold an AutoencoderKL with weights."""
+    """MODEL or DIFFUSERS for a folder with config.json, once seen to hold an AutoencoderKL with weights."""
     config = read_config(folder)
     cls_name = config.get("_class_name", "AutoencoderKL")
     if cls_name != "AutoencoderKL":
-        raise NotAnArtifact(folder, f"a folder whose {CONFIG_NAME} describes a '{cls_name}', not an AutoencoderKL")
+        raise NotAnArtifact(
+            folder, f"a folder whose {CONFIG_NAME} describes a '{cls_name}', not an AutoencoderKL"
+        )
     try:
         weight_files(folder)
     except CheckpointError:
@@ -209,4 +213,5 @@ def _describe_folder(path: Path) -> str:
         return f"a folder of {images} image{'s' if images != 1 else ''}, not a model"
     files = sum(1 for p in entries if p.is_file())
     folders = len(entries) - files
-    return f"a folder of {files} file(s) and {folders} folder(s) with no {CONFIG_NAME}, final/, checkpoints/ or {META_NAME}"
+    markers = f"{CONFIG_NAME}, final/, checkpoints/ or {META_NAME}"
+    return f"a folder of {files} file(s) and {folders} folder(s) with no {markers}"

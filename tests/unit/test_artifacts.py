@@ -26,7 +26,11 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 TINY = ModelConfig(
-    block_out_channels=[8, 16], norm_num_groups=4, layers_per_block=1, latent_channels=4, sample_size=32,
+    block_out_channels=[8, 16],
+    norm_num_groups=4,
+    layers_per_block=1,
+    latent_channels=4,
+    sample_size=32,
     mid_block_add_attention=False,
 )
 TORCH = ("model", "run", "step", "diffusers", "pipeline")
@@ -60,8 +64,12 @@ def arts(tmp_path_factory) -> dict[str, Path]:
         for suffix in ("onnx", "plan"):
             (paths["trt"] / f"{part}.{suffix}").write_bytes(b"placeholder")
         parts[part] = {"onnx": f"{part}.onnx", "plan": f"{part}.plan", "input": inp, "output": out}
-    meta = {"format_version": FORMAT_VERSION, "format": "trt", "model": TINY.model_dump(mode="json"),
-            "parts": parts}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "format": "trt",
+        "model": TINY.model_dump(mode="json"),
+        "parts": parts,
+    }
     (paths["trt"] / META_NAME).write_text(json.dumps(meta))
     paths["empty"] = root / "empty"
     paths["empty"].mkdir()
@@ -91,12 +99,19 @@ def path_of(arts, request):
 def _rows(rows):
     """Parameter rows, the ones needing the real ONNX export marked slow."""
     rows = [row if isinstance(row, tuple) else (row,) for row in rows]
-    return [pytest.param(*row, marks=pytest.mark.slow) if "onnx" in row else pytest.param(*row) for row in rows]
+    return [
+        pytest.param(*row, marks=pytest.mark.slow) if "onnx" in row else pytest.param(*row) for row in rows
+    ]
 
 
 KINDS = {
-    "model": Kind.MODEL, "run": Kind.RUN, "step": Kind.STEP, "diffusers": Kind.DIFFUSERS,
-    "pipeline": Kind.PIPELINE, "onnx": Kind.ONNX, "trt": Kind.TRT,
+    "model": Kind.MODEL,
+    "run": Kind.RUN,
+    "step": Kind.STEP,
+    "diffusers": Kind.DIFFUSERS,
+    "pipeline": Kind.PIPELINE,
+    "onnx": Kind.ONNX,
+    "trt": Kind.TRT,
 }
 FOUND = {
     "empty": "is an empty folder",
@@ -135,17 +150,52 @@ def test_what_is_no_artifact_is_described(arts, name):
 
 
 def _eval(path: Path, arts) -> list[str]:
-    return ["eval", str(path), "--data", str(arts["images"]), "--size", "32", "--metrics", "psnr", "--json", "-q"]
+    return [
+        "eval",
+        str(path),
+        "--data",
+        str(arts["images"]),
+        "--size",
+        "32",
+        "--metrics",
+        "psnr",
+        "--json",
+        "-q",
+    ]
 
 
 def _bench(path: Path, arts) -> list[str]:
-    return ["bench", "--model", str(path), "--resolutions", "32", "--batch-sizes", "1", "--repeats", "1",
-            "--warmup", "0", "--what", "decode", "--json", "-", "-q"]
+    return [
+        "bench",
+        "--model",
+        str(path),
+        "--resolutions",
+        "32",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--what",
+        "decode",
+        "--json",
+        "-",
+        "-q",
+    ]
 
 
 def _export(path: Path, arts) -> list[str]:
-    return ["export", str(path), "--format", "diffusers", "--out", str(arts["empty"].parent / "out" / path.name),
-            "--json", "-q"]
+    return [
+        "export",
+        str(path),
+        "--format",
+        "diffusers",
+        "--out",
+        str(arts["empty"].parent / "out" / path.name),
+        "--json",
+        "-q",
+    ]
 
 
 def _import(path: Path, arts) -> list[str]:
@@ -158,8 +208,23 @@ def _resume(path: Path, arts) -> list[str]:
 
 def _serve(path: Path, arts) -> list[str]:
     out = arts["empty"].parent / "served" / path.name
-    return ["serve-batch", "encode", str(path), "--input", str(arts["images"]), "--output", str(out),
-            "--size", "32", "--batch-size", "2", "--workers", "0", "--json", "-q"]
+    return [
+        "serve-batch",
+        "encode",
+        str(path),
+        "--input",
+        str(arts["images"]),
+        "--output",
+        str(out),
+        "--size",
+        "32",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--json",
+        "-q",
+    ]
 
 
 COMMANDS = {
@@ -172,17 +237,21 @@ COMMANDS = {
 }
 ACCEPTS = {
     "eval": "a model folder, a run folder, a step-N checkpoint, a diffusers folder, a diffusers pipeline folder, "
-            "an ONNX export or a TensorRT export",
+    "an ONNX export or a TensorRT export",
     "export": "a model folder, a run folder, a step-N checkpoint, a diffusers folder or a diffusers pipeline folder",
     "import-diffusers": "a model folder, a run folder, a step-N checkpoint, a diffusers folder or a diffusers "
-                        "pipeline folder",
+    "pipeline folder",
     "train --resume": "a run folder or a step-N checkpoint",
 }
 # Kinds each command refuses, by what the refusal names.
 REFUSED = [
-    ("export", "onnx"), ("export", "trt"),
-    ("import-diffusers", "onnx"), ("import-diffusers", "trt"),
-    ("train --resume", "model"), ("train --resume", "diffusers"), ("train --resume", "onnx"),
+    ("export", "onnx"),
+    ("export", "trt"),
+    ("import-diffusers", "onnx"),
+    ("import-diffusers", "trt"),
+    ("train --resume", "model"),
+    ("train --resume", "diffusers"),
+    ("train --resume", "onnx"),
     ("train --resume", "trt"),
 ]
 # A runnable kind per command: the full job runs (tiny sizes) and exits 0.
@@ -221,7 +290,10 @@ def test_an_export_refuses_a_torch_backend_asked_for_by_name(arts, capsys, comma
     argv, job, _ = COMMANDS[command]
     rc = run([*argv(arts["trt"], arts), "--backend", "torch"])
     err = " ".join(capsys.readouterr().err.split())
-    assert rc == 2 and f"{arts['trt']} is a TensorRT export; {job.split()[0]} with the torch backend needs" in err, err
+    assert (
+        rc == 2
+        and f"{arts['trt']} is a TensorRT export; {job.split()[0]} with the torch backend needs" in err
+    ), err
 
 
 def test_a_tensorrt_export_picks_the_trt_backend(arts, capsys):

@@ -68,7 +68,9 @@ def _target(node: ast.ImportFrom | ast.Import) -> list[str]:
         return [a.name for a in node.names if a.name.split(".")[0] == "zturbo"]
     if node.level or not node.module or node.module.split(".")[0] != "zturbo":
         return []
-    return [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names]
+    return [
+        f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names
+    ]
 
 
 def _imports() -> list[tuple[str, str, bool, int]]:
@@ -103,8 +105,11 @@ def test_imports_only_go_down_the_layers():
 
 
 def test_model_imports_nothing_else_of_the_project():
-    outside = [f"{a}:{line} imports {b}" for a, b, _, line in EDGES if a.startswith("zturbo.model") and not
-               b.startswith("zturbo.model")]
+    outside = [
+        f"{a}:{line} imports {b}"
+        for a, b, _, line in EDGES
+        if a.startswith("zturbo.model") and not b.startswith("zturbo.model")
+    ]
     assert not outside, "\n".join(outside)
 
 
@@ -120,7 +125,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -144,5 +149,9 @@ def test_the_checker_reads_the_imports_it_judges():
     # A checker that parsed nothing would pass every test above.
     known = {(a, b, inside) for a, b, inside, _ in EDGES}
     assert ("zturbo.backends.onnx_backend", "zturbo.export.pipeline", False) in known
-    assert ("zturbo.train.loop", "zturbo.train.checkpoint", False) in known  # `from zturbo.train import checkpoint`
+    assert (
+        "zturbo.train.loop",
+        "zturbo.train.checkpoint",
+        False,
+    ) in known  # `from zturbo.train import checkpoint`
     assert any(inside for a, _, inside, _ in EDGES if a.startswith("zturbo.commands"))

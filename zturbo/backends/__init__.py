@@ -79,7 +79,8 @@ def check_backend(artifact: Artifact, name: str, job: str) -> None:
         raise UsageError(f"unknown backend '{name}'", f"choose one of: {', '.join([AUTO, *_REGISTRY])}")
     if artifact.kind not in _RUNS[name]:
         raise CheckpointError(
-            f"{artifact.root} is {artifact.kind.phrase}; {job} with the {name} backend needs {phrase(_RUNS[name])}"
+            f"{artifact.root} is {artifact.kind.phrase}; "
+            f"{job} with the {name} backend needs {phrase(_RUNS[name])}"
         )
 
 

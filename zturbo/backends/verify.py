@@ -30,11 +30,13 @@ def export_checkpoint(
     log: Log | None = None,
     job: str = "export",
 ) -> dict[str, Any]:
-    """Export a model, run, step-N, diffusers or pipeline folder to ``out_dir`` (verified with ``cfg.verify``)."""
+    """Export a model, run, step-N, diffusers or pipeline folder to ``out_dir`` (verified with cfg.verify)."""
     cfg = cfg or ExportConfig()
     log = log or _nolog
     artifact = require(model, TORCH_KINDS, job)
-    return export_model(artifact.model_dir, out_dir, cfg, log, lambda vae, folder: verify_export(vae, folder, cfg, log))
+    return export_model(
+        artifact.model_dir, out_dir, cfg, log, lambda vae, folder: verify_export(vae, folder, cfg, log)
+    )
 
 
 def verify_export(vae: VAE, folder: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
