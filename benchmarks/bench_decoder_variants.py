@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in compiled_profile["top"]:
             print(f"  {k['ms']:>8.2f} ms x{k['calls']:<3} [{k['kind']}] {k['kernel'][:110]}")
     if args.json:
-        args.json.write_text(json.dumps({"title": title, "peak": peak.as_dict() if peak else None, "rows": rows,
+        args.json.write_text(json.dumps({"title": title, "peak": peak.to_dict() if peak else None, "rows": rows,
                                          "compiled_profile": compiled_profile}, indent=2) + "\n")
     return 0
 

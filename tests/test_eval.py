@@ -454,7 +454,7 @@ def test_unreadable_images_are_skipped_and_reported(models, images, tmp_path, ca
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing-checkpoint", "checkpoint not found"),
+        ("missing-checkpoint", "is not there (no such file or folder); eval needs"),
         ("empty-data", "no images in"),
         ("missing-data", "data folder not found"),
         ("bad-metric", "unknown metric"),

@@ -15,6 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from zturbo.backends import create_backend
+from zturbo.backends.verify import export_checkpoint
 from zturbo.cli import run
 from zturbo.config import ExportConfig
 from zturbo.errors import UsageError
@@ -129,6 +130,7 @@ def test_fp16_guard_keeps_overflowing_layers_fp32(tmp_path, monkeypatch):
     import shutil
 
     import zturbo.export.onnx as onnx_export
+    import zturbo.export.pipeline as export_pipeline
     from zturbo.export.fp16 import activation_ranges, convert_to_fp16
     from zturbo.export.pipeline import _calibration_feeds
 
@@ -149,9 +151,9 @@ def test_fp16_guard_keeps_overflowing_layers_fp32(tmp_path, monkeypatch):
     session = ort.InferenceSession(str(naive), providers=["CPUExecutionProvider"])
     assert not np.isfinite(session.run(None, {"latent": feeds[0]})[0]).all(), "unguarded fp16 should overflow"
 
-    monkeypatch.setattr(onnx_export, "export_part", lambda vae, part, path, **_: shutil.copy(fp32, path))
+    monkeypatch.setattr(export_pipeline, "export_part", lambda vae, part, path, **_: shutil.copy(fp32, path))
     out = tmp_path / "fp16"
-    meta = export_model(tmp_path / "hot", out, cfg)
+    meta = export_checkpoint(tmp_path / "hot", out, cfg)
     fp16 = meta["parts"]["decoder"]["fp16"]
     assert "decoder.up_blocks.0.resnets.0.conv2" in fp16["kept_fp32_layers"]
     assert fp16["max_activation"] > 65504
@@ -207,7 +209,7 @@ def test_export_takes_the_ema_weights_of_a_run(tmp_path):
     _tiny_vae(seed=1).save_pretrained(step / "model")
     ema = _tiny_vae(seed=2)
     ema.save_pretrained(step / "ema")
-    report = export_model(tmp_path / "run", tmp_path / "hf", ExportConfig(format="diffusers"))
+    report = export_checkpoint(tmp_path / "run", tmp_path / "hf", ExportConfig(format="diffusers"))
     assert report["source"].endswith("ema")
     exported = load_vae(tmp_path / "hf")
     for key, value in ema.state_dict().items():
@@ -288,7 +290,7 @@ def test_trt_without_tensorrt_or_gpu_says_what_is_needed(checkpoint, fp32_export
 @pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT and an NVIDIA GPU")
 def test_trt_engine_builds_and_matches_torch(checkpoint, tmp_path):
     out = tmp_path / "trt"
-    meta = export_model(
+    meta = export_checkpoint(
         checkpoint,
         out,
         ExportConfig(format="trt", precision="fp16", batch=(1, 2, 4), size=(32, 64, 256), verify=True),
@@ -306,7 +308,7 @@ def test_trt_engine_builds_and_matches_torch(checkpoint, tmp_path):
     got = backend.decode(backend.encode(x))
     assert torch.isfinite(got).all() and (got - ref).abs().mean() < 2e-2
     # a second build into the same folder reuses the timing cache
-    export_model(
+    export_checkpoint(
         checkpoint, out, ExportConfig(format="trt", parts=["decoder"], batch=(1, 2, 4), size=(32, 64, 256))
     )
 
@@ -362,7 +364,7 @@ def test_unwritable_output_is_a_clean_error(checkpoint, tmp_path, capsys):
 def test_interrupted_export_leaves_previous_export_intact(checkpoint, fp32_export, tmp_path, monkeypatch):
     import shutil
 
-    import zturbo.export.onnx as onnx_export
+    import zturbo.export.pipeline as export_pipeline
 
     out = tmp_path / "existing"
     shutil.copytree(fp32_export, out)
@@ -373,7 +375,7 @@ def test_interrupted_export_leaves_previous_export_intact(checkpoint, fp32_expor
             raise KeyboardInterrupt
         return shutil.copy(fp32_export / "encoder.onnx", path)
 
-    monkeypatch.setattr(onnx_export, "export_part", exploding_export)
+    monkeypatch.setattr(export_pipeline, "export_part", exploding_export)
     with pytest.raises(KeyboardInterrupt):
         export_model(checkpoint, out, ExportConfig())
     after = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -17,9 +17,9 @@ import torch
 import typer
 from rich.markup import escape
 
-from zturbo import __version__
 from zturbo.console import stderr
 from zturbo.errors import ZTurboError
+from zturbo.version import __version__
 
 # Every command module, in the order `zturbo --help` lists them.
 COMMANDS = ("prepare", "train", "eval", "bench", "export", "serve_batch", "config_cmd", "info")

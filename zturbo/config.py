@@ -107,7 +107,9 @@ class EvalConfig(Section):
         default_factory=lambda: ["psnr", "ssim", "lpips"], min_length=1
     )
     lpips_nets: list[Literal["alex", "vgg"]] = Field(default_factory=lambda: ["alex", "vgg"], min_length=1)
-    backend: Literal["torch", "compile", "onnx", "trt"] = "torch"
+    backend: Literal["auto", "torch", "compile", "onnx", "trt"] = Field(
+        "auto", description="auto: what the model path is (torch for weights, onnx / trt for exports)"
+    )
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -128,7 +130,10 @@ class EvalConfig(Section):
 class BenchConfig(Section):
     resolutions: list[int] | None = Field(None, description="None: 256,512 on CPU, 512,1024 on GPU")
     batch_sizes: list[int] | None = Field(None, description="None: 1,4 on CPU, 1,8,24 on GPU")
-    backends: list[Literal["torch", "compile", "onnx", "trt"]] = Field(default_factory=lambda: ["torch"])
+    backends: list[Literal["auto", "torch", "compile", "onnx", "trt"]] = Field(
+        default_factory=lambda: ["auto"],
+        description="auto: what --model is (torch for weights or a random init, onnx / trt for exports)",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     what: list[Literal["encode", "decode", "train"]] = Field(default_factory=lambda: ["encode", "decode"])
     repeats: int | None = Field(None, ge=1, description="None: 3 on CPU, 10 on GPU")
@@ -167,7 +172,9 @@ class ExportConfig(Section):
 class ServeConfig(Section):
     size: int | None = Field(None, ge=8, description="None: model sample_size")
     batch_size: int | Literal["auto"] = "auto"
-    backend: Literal["torch", "compile", "onnx", "trt"] = "torch"
+    backend: Literal["auto", "torch", "compile", "onnx", "trt"] = Field(
+        "auto", description="auto: what the model path is (torch for weights, onnx / trt for exports)"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
     latent_mode: Literal["mean", "sample"] = "mean"
@@ -361,13 +368,34 @@ def load_settings(
         layers = read_profile(chosen)
     if config_file is not None:
         layers = deep_merge(layers, read_config_file(config_file))
+    given = _drop_none(overrides or {})
+    train_given = given.get("train", {})
+    if "epochs" in train_given and "max_steps" not in train_given:
+        # An explicit epoch count beats a step count from a lower layer (profile, file, environment).
+        given["train"] = {**train_given, "max_steps": None}
     token = _LAYERS.set(layers)
     try:
-        return Settings(**_drop_none(overrides or {}))
+        settings = Settings(**given)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {format_validation_error(exc)}") from exc
     finally:
         _LAYERS.reset(token)
+    return _derived_defaults(settings)
+
+
+def _derived_defaults(settings: Settings) -> Settings:
+    """Defaults that follow other settings, filled in once here so no caller patches them later."""
+    data, prepare = settings.data, settings.prepare
+    if data.data_dir is None and settings.profile == "demo":
+        data = data.model_copy(update={"data_dir": demo_data_dir()})  # the demo trains on the bundled photos
+    if prepare.size is None:
+        prepare = prepare.model_copy(update={"size": data.image_size})  # prepare for the size training uses
+    return settings.model_copy(update={"data": data, "prepare": prepare})
+
+
+def demo_data_dir() -> Path:
+    """Folder of the bundled CC0 / public-domain sample photos (see SOURCES.md there)."""
+    return Path(str(resources.files("zturbo") / "data" / "demo"))
 
 
 def _drop_none(tree: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from zturbo import __version__
+from zturbo.version import __version__
 
 
 def _version_of(module: str) -> str | None:

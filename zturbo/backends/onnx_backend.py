@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from zturbo.artifacts import ALL_KINDS, Artifact
+from zturbo.artifacts import require as require_artifact
 from zturbo.backends.base import Backend
+from zturbo.config import ExportConfig
 from zturbo.errors import MissingDependencyError, UsageError, require
-from zturbo.utils import resolve_device, usable_cores
+from zturbo.export.layout import META_NAME
+from zturbo.export.pipeline import build_files
+from zturbo.model import VAE
+from zturbo.utils import atomic_write_json, resolve_device, usable_cores
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -58,31 +65,31 @@ class ExportedBackend(Backend):
         return {**super().describe(), "precision": self.precision, "export": str(self.root)}
 
 
-def resolve_export(model: Any, **export_options: Any) -> tuple[Path, Any]:
-    """An export folder for ``model``: itself, or an export made now into a temporary folder.
+def resolve_export(
+    model: str | os.PathLike | Artifact | VAE, job: str, **export_options: Any
+) -> tuple[Artifact, tempfile.TemporaryDirectory | None]:
+    """An export of ``model``: itself when it is one, or an export made now into a temporary folder.
 
     ``export_options`` are ExportConfig fields (default: fp32 ONNX). Returns the
-    folder and the object keeping a temporary folder alive (or None).
+    export and the object keeping a temporary folder alive (or None).
     """
-    from zturbo.export.layout import is_export_dir
+    if isinstance(model, VAE):
+        # A copy on the CPU in fp32: the caller's model stays where and what it is.
+        return _export_now(copy.deepcopy(model).float().cpu().eval(), Path("<in-memory>"), export_options)
+    artifact = require_artifact(model, ALL_KINDS, job)
+    if artifact.is_export:
+        return artifact, None
+    return _export_now(artifact.load_vae(), artifact.model_dir, export_options)
 
-    if isinstance(model, (str, Path)) and is_export_dir(model):
-        return Path(model), None
-    from zturbo.config import ExportConfig
-    from zturbo.export.layout import META_NAME
-    from zturbo.export.pipeline import build_files
-    from zturbo.model import VAE
-    from zturbo.train.layout import load_vae, resolve_model_dir
-    from zturbo.utils import atomic_write_json
 
-    source = Path("<in-memory>") if isinstance(model, VAE) else resolve_model_dir(model)
-    # A copy on the CPU in fp32: the caller's model stays where and what it is.
-    vae = copy.deepcopy(model).float().cpu().eval() if isinstance(model, VAE) else load_vae(source)
+def _export_now(
+    vae: VAE, source: Path, export_options: dict[str, Any]
+) -> tuple[Artifact, tempfile.TemporaryDirectory]:
     keep = tempfile.TemporaryDirectory(prefix="zturbo-export-")
     root = Path(keep.name)
-    cfg = ExportConfig(**export_options)
-    atomic_write_json(root / META_NAME, build_files(vae, source, root, root, cfg, lambda _: None))
-    return root, keep
+    meta = build_files(vae, source, root, root, ExportConfig(**export_options), lambda _: None)
+    atomic_write_json(root / META_NAME, meta)
+    return require_artifact(root, ALL_KINDS, "a temporary export"), keep
 
 
 class OnnxBackend(ExportedBackend):
@@ -151,11 +158,9 @@ class OnnxBackend(ExportedBackend):
             )
         if provider != "cpu" and dev.type != "cuda":
             dev = resolve_device("cuda")
-        from zturbo.export.layout import read_export_meta
-
         options = {"precision": precision} if precision in ("fp32", "fp16") else {}
-        root, keep = resolve_export(model, **options)
-        return cls(root, read_export_meta(root), dev, provider, threads, keep)
+        export, keep = resolve_export(model, "the onnx backend", **options)
+        return cls(export.root, export.export_meta, dev, provider, threads, keep)
 
     def _run(self, part: str, x: torch.Tensor) -> torch.Tensor:
         session = self.sessions.get(part) or self._part(part)

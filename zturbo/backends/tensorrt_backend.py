@@ -7,8 +7,11 @@ from typing import Any
 
 import torch
 
-from zturbo.backends.onnx_backend import ExportedBackend
+from zturbo.artifacts import Kind
+from zturbo.backends.onnx_backend import ExportedBackend, resolve_export
 from zturbo.errors import CheckpointError, UsageError
+from zturbo.export.tensorrt import require_tensorrt
+from zturbo.utils import resolve_device
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
@@ -61,11 +64,10 @@ class TensorRTBackend(ExportedBackend):
 
     name = "trt"
 
-    def __init__(self, root: Path, meta: dict, device: torch.device):
-        from zturbo.export.tensorrt import require_tensorrt
-
+    def __init__(self, root: Path, meta: dict, device: torch.device, keep=None):
         trt = require_tensorrt()
         self._init_from_meta(root, meta)
+        self._keep = keep
         self.device = device
         missing = [p for p, info in meta["parts"].items() if not info.get("plan")]
         if missing:
@@ -84,11 +86,7 @@ class TensorRTBackend(ExportedBackend):
     def load(
         cls, model, device: str | torch.device = "cuda", precision: str | None = None, **_: Any
     ) -> TensorRTBackend:
-        """``model``: an export folder with engines, or a model folder / VAE to build engines for now."""
-        from zturbo.export.layout import is_export_dir, read_export_meta
-        from zturbo.export.tensorrt import require_tensorrt
-        from zturbo.utils import resolve_device
-
+        """``model``: an export folder with engines, or a model path / Artifact / VAE to build engines for now."""
         require_tensorrt()
         dev = (
             device
@@ -97,16 +95,16 @@ class TensorRTBackend(ExportedBackend):
         )
         if dev.type != "cuda":
             raise UsageError("the TensorRT backend runs on CUDA devices only", "use --device cuda")
-        if isinstance(model, (str, Path)) and is_export_dir(model):
-            return cls(Path(model), read_export_meta(model), dev)
-        # A model folder or an in-memory VAE: build fp16 (or fp32) engines into a temporary folder first.
-        from zturbo.backends.onnx_backend import resolve_export
-
+        # A torch kind or an in-memory VAE: build fp16 (or fp32) engines into a temporary folder first.
         chosen = precision if precision in ("fp32", "fp16") else "fp16"
-        root, keep = resolve_export(model, format="trt", precision=chosen)
-        backend = cls(root, read_export_meta(root), dev)
-        backend._keep = keep
-        return backend
+        export, keep = resolve_export(model, "the trt backend", format="trt", precision=chosen)
+        if export.kind is not Kind.TRT:
+            raise CheckpointError(
+                f"{export.root} is {export.kind.phrase} without TensorRT engines; the trt backend needs a "
+                "TensorRT export or a model to build one from",
+                "export with --format trt on a machine with an NVIDIA GPU and TensorRT, or use --backend onnx",
+            )
+        return cls(export.root, export.export_meta, dev, keep)
 
     def _engine(self, part: str) -> _Engine:
         if part not in self.engines:

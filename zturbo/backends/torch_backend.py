@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.backends.base import Backend
-from zturbo.model import ModelConfig
+from zturbo.model import VAE, ModelConfig
 from zturbo.utils import resolve_device, resolve_dtype
 
 
@@ -64,11 +65,9 @@ class TorchBackend(Backend):
         channels_last: bool | None = None,
         **options,
     ):
-        from zturbo.model import VAE
-        from zturbo.train.layout import load_vae
-
+        """``model``: a VAE, or a path / Artifact of a torch kind (model, run, step-N, diffusers folder)."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        vae = model if isinstance(model, VAE) else load_vae(model)
+        vae = model if isinstance(model, VAE) else require(model, TORCH_KINDS, f"the {cls.name} backend").load_vae()
         return cls(vae, dev, resolve_dtype(precision), channels_last=channels_last, **options)
 
     def _encode_impl(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,23 +16,36 @@ from typing import Any, Literal
 
 import torch
 
+from zturbo.artifacts import ALL_KINDS, Artifact, require
+from zturbo.backends import available_backends, create_backend
 from zturbo.backends.torch_backend import TorchBackend
 from zturbo.config import load_settings
-from zturbo.model import ModelConfig
 from zturbo.errors import MissingDependencyError, UsageError, ZTurboError
+from zturbo.model import VAE, ModelConfig
+from zturbo.utils import resolve_dtype
 
 SubjectKind = Literal["zturbo", "diffusers"]
 
 
 @dataclass
 class Subject:
-    """A model to time. ``name`` is the stable key used in reports and by the baseline gate."""
+    """A model to time. ``name`` is the stable key used in reports and by the baseline gate.
+
+    ``artifact``: where an exported subject's graphs are; its ``model`` then only
+    describes the architecture (parameters on the meta device, no weights).
+    """
 
     name: str
     role: Literal["ours", "against"]
     kind: SubjectKind
     config: ModelConfig
     model: torch.nn.Module
+    artifact: Artifact | None = None
+
+    @property
+    def backend(self) -> str:
+        """The backend ``auto`` means for this subject: the one its artifact needs, else torch."""
+        return self.artifact.backend if self.artifact is not None else "torch"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -49,25 +62,24 @@ class SkipCase(Exception):
 
 
 def our_subject(config: ModelConfig, name: str, model_path: Path | None = None) -> Subject:
-    """Our VAE: loaded from ``model_path`` when given, else randomly initialised (timing needs no training)."""
-    from zturbo.model import VAE
-    from zturbo.train.layout import load_vae
-
-    if model_path is not None:
-        vae = load_vae(model_path)
-        config = vae.config
-    else:
+    """Our VAE: the artifact at ``model_path`` when given, else randomly initialised (timing needs no training)."""
+    if model_path is None:
         torch.manual_seed(0)
-        vae = VAE(config)
-    return Subject(name=name, role="ours", kind="zturbo", config=config, model=vae.eval())
+        return Subject(name=name, role="ours", kind="zturbo", config=config, model=VAE(config).eval())
+    artifact = require(model_path, ALL_KINDS, "bench --model")
+    if artifact.is_export:
+        config = ModelConfig(**artifact.export_meta["model"])
+        with torch.device("meta"):
+            shape_only = VAE(config)
+        return Subject(name=name, role="ours", kind="zturbo", config=config, model=shape_only, artifact=artifact)
+    vae = artifact.load_vae()
+    return Subject(name=name, role="ours", kind="zturbo", config=vae.config, model=vae.eval(), artifact=artifact)
 
 
 def against_subject(against: str, ours: Subject) -> Subject:
     """The comparison subject: 'diffusers' (same config), or a profile name / config file path."""
     if against == "diffusers":
         return diffusers_subject(ours)
-    from zturbo.model import VAE
-
     settings = load_settings(against, default_profile=None)
     name = Path(against).stem if Path(against).suffix else against
     if name == ours.name:
@@ -105,6 +117,11 @@ def build_diffusers_model(config: ModelConfig) -> torch.nn.Module:
 
 def diffusers_subject(ours: Subject) -> Subject:
     """diffusers' AutoencoderKL with our config and our weights (strict load: same keys, same shapes)."""
+    if ours.artifact is not None and ours.artifact.is_export:
+        raise UsageError(
+            f"{ours.artifact.root} is {ours.artifact.kind.phrase}; bench --against diffusers needs our torch weights",
+            "give --model the model or run folder the export was made from",
+        )
     model = build_diffusers_model(ours.config)
     model.load_state_dict(ours.model.state_dict(), strict=True)
     return Subject(name="diffusers", role="against", kind="diffusers", config=ours.config, model=model.eval())
@@ -136,9 +153,6 @@ class DiffusersEngine(TorchBackend):
 
 def build_engine(subject: Subject, backend: str, device: torch.device, precision: str, channels_last: bool):
     """An engine for ``subject`` on ``backend``; raises SkipCase with the reason when it cannot be built."""
-    from zturbo.backends import available_backends, create_backend
-    from zturbo.utils import resolve_dtype
-
     if subject.kind == "diffusers":
         if backend not in ("torch", "compile"):
             raise SkipCase(f"diffusers is timed on the torch and compile backends only, not '{backend}'")
@@ -154,7 +168,10 @@ def build_engine(subject: Subject, backend: str, device: torch.device, precision
         options["channels_last"] = channels_last  # what the case says, not the backend's own default
     elif channels_last:
         options["channels_last"] = True
+    exported = subject.artifact is not None and subject.artifact.is_export
     try:
+        if exported:
+            return create_backend(backend, subject.artifact, **options)
         return create_backend(backend, copy.deepcopy(subject.model), **options)
     except MissingDependencyError as exc:
         raise SkipCase(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from exc

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from zturbo.bench.timing import time_interleaved
 from zturbo.model import ModelConfig
 from zturbo.model.flops import count_flops, vae_flops
+from zturbo.model.vae import VAE
 
 
 def flops_per_image(config: ModelConfig, resolution: int) -> dict[str, int]:
@@ -30,8 +32,6 @@ def flops_per_image(config: ModelConfig, resolution: int) -> dict[str, int]:
 
 
 def vae_train_flops(config: ModelConfig, resolution: int) -> int:
-    from zturbo.model.vae import VAE
-
     with torch.device("meta"):
         vae = VAE(config).train()
         x = torch.empty(1, config.in_channels, resolution, resolution)
@@ -61,14 +61,12 @@ class MatmulPeak:
     size: int
     median_ms: float
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"tflops": self.tflops, "dtype": self.dtype, "size": self.size, "median_ms": self.median_ms}
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> MatmulPeak:
     """Median rate of ``size``^3 matmuls on random data (zeros would run faster than real inputs)."""
-    from zturbo.bench.timing import time_interleaved
-
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)

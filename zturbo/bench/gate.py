@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zturbo.bench.schema import SchemaError, validate_report
 from zturbo.errors import InputError, UsageError, ZTurboError
 
 
@@ -35,8 +36,6 @@ def parse_tolerance(text: str) -> float:
 
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read a stored bench JSON and check it against the schema."""
-    from zturbo.bench.schema import SchemaError, validate_report
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"baseline file not found: {path}", "write one with: zturbo bench --json FILE")

@@ -21,10 +21,21 @@ from typing import Any
 
 import torch
 
-from zturbo.bench.cases import SkipCase, Subject, against_subject, build_engine, our_subject, skip_reason
+from zturbo.backends import AUTO, check_backend
+from zturbo.bench.cases import (
+    SkipCase,
+    Subject,
+    against_subject,
+    build_diffusers_model,
+    build_engine,
+    our_subject,
+    skip_reason,
+)
 from zturbo.bench.flops import flops_per_image, measure_matmul_peak, module_flops
 from zturbo.bench.timing import free_device_memory, measure_peak_memory, time_interleaved
+from zturbo.bench.train_case import time_train_step
 from zturbo.config import Settings
+from zturbo.environment import collect_environment
 from zturbo.errors import UsageError
 from zturbo.utils import resolve_device, resolve_dtype
 
@@ -55,7 +66,7 @@ class BenchPlan:
         # On GPU the denominator is the tensor cores' bf16 rate; a CPU has no such unit, fp32 is its peak.
         self.peak_dtype = "bf16" if self.device.type == "cuda" else "fp32"
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "device": str(self.device), "resolutions": self.resolutions, "batch_sizes": self.batch_sizes,
             "backends": self.backends, "precision": self.precision, "what": self.what, "repeats": self.repeats,
@@ -64,7 +75,8 @@ class BenchPlan:
         }
 
 
-def make_plan(settings: Settings) -> BenchPlan:
+def make_plan(settings: Settings, auto_backend: str = "torch") -> BenchPlan:
+    """The cases to run; ``auto_backend`` is what the backend ``auto`` means for the subject timed."""
     cfg = settings.bench
     device = resolve_device(cfg.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
@@ -75,7 +87,7 @@ def make_plan(settings: Settings) -> BenchPlan:
         device=device,
         resolutions=list(cfg.resolutions or defaults["resolutions"]),
         batch_sizes=list(cfg.batch_sizes or defaults["batch_sizes"]),
-        backends=list(dict.fromkeys(cfg.backends)),
+        backends=list(dict.fromkeys(auto_backend if b == AUTO else b for b in cfg.backends)),
         precision=cfg.precision,
         what=list(dict.fromkeys(cfg.what)),
         repeats=cfg.repeats or defaults["repeats"],
@@ -109,7 +121,6 @@ def run_bench(
     ``on_update`` receives the report after every case (for partial results on disk);
     ``log`` receives one line per case.
     """
-    plan = make_plan(settings)
     say = log or (lambda _msg: None)
     if model_path is not None:
         name = Path(model_path).resolve().name or "model"
@@ -117,6 +128,10 @@ def run_bench(
         name = profile_name or settings.profile or "model"
         name = Path(name).stem if Path(name).suffix else name
     ours = our_subject(settings.model, name, model_path)
+    plan = make_plan(settings, ours.backend)
+    if ours.artifact is not None:
+        for backend in plan.backends:
+            check_backend(ours.artifact, backend, "bench")
     subjects = [ours]
     if plan.against:
         subjects.append(against_subject(plan.against, ours))
@@ -127,7 +142,7 @@ def run_bench(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "environment": copy.deepcopy(_environment()),
-        "plan": plan.as_dict(),
+        "plan": plan.to_dict(),
         "subjects": [s.describe() for s in subjects],
         "peak": None,
         "cases": [],
@@ -136,7 +151,7 @@ def run_bench(
     with _cudnn_autotuning():
         report["environment"]["torch_flags"] = _torch_flags()
         peak = measure_matmul_peak(plan.device, resolve_dtype(plan.peak_dtype), plan.peak_matmul_size)
-        report["peak"] = peak.as_dict()
+        report["peak"] = peak.to_dict()
         say(f"matmul peak on {plan.device}: {peak.tflops:.2f} TFLOP/s ({peak.dtype}, {peak.size}^3)")
         flops = _FlopCache()
 
@@ -158,7 +173,7 @@ def run_bench(
         # measurement can land in a busy spell and inflate every MFU.
         again = measure_matmul_peak(plan.device, resolve_dtype(plan.peak_dtype), plan.peak_matmul_size)
         best = max(peak, again, key=lambda p: p.tflops)
-        report["peak"] = {**best.as_dict(), "measured_tflops": [peak.tflops, again.tflops]}
+        report["peak"] = {**best.to_dict(), "measured_tflops": [peak.tflops, again.tflops]}
         for case in report["cases"]:
             if case["tflops"] is not None:
                 case["mfu"] = case["tflops"] / best.tflops
@@ -173,8 +188,6 @@ def run_bench(
 @functools.lru_cache(maxsize=1)
 def _environment() -> dict[str, Any]:
     """Versions, devices and commit; probed once per process (importing every optional backend is slow)."""
-    from zturbo.environment import collect_environment
-
     return collect_environment()
 
 
@@ -224,8 +237,6 @@ class _FlopCache:
 
 
 def _diffusers_flops(subject: Subject, resolution: int) -> dict[str, int]:
-    from zturbo.bench.cases import build_diffusers_model
-
     cfg = subject.config
     lat = resolution // cfg.downsample_factor
     build = lambda: build_diffusers_model(cfg)
@@ -381,8 +392,6 @@ def _fill(row, samples, median_ms, p90_ms, min_ms, batch, flops_img, peak_tflops
 
 
 def _run_train(plan, settings, ours: Subject, flops: _FlopCache, peak_tflops: float, emit) -> None:
-    from zturbo.bench.train_case import time_train_step
-
     batch = settings.train.batch_size
     for resolution in plan.resolutions:
         base = {"what": "train", "backend": "torch", "precision": plan.precision, "channels_last": False,

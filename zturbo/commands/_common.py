@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -45,3 +49,66 @@ def parse_list(text: str | None) -> list[str] | None:
     if text is None:
         return None
     return [v for v in text.replace(" ", "").split(",") if v]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag: its spellings (the older underscore ones too) and the setting(s) it sets.
+
+    ``names`` like ``"--batch-size --batch_size"`` (a boolean pair as ``"--compile/--no-compile"``);
+    ``settings`` like ``"train.batch_size"``, several separated by spaces (each gets the value);
+    ``parse`` turns the flag's text into the value, or into a mapping ``{setting: value}`` for a
+    flag that sets several settings to different values.
+    """
+
+    names: str
+    settings: str
+    type: Any
+    help: str | None = None
+    parse: Callable[[Any], Any] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.names.split()[0].split("/")[0].lstrip("-").replace("-", "_")
+
+
+def overrides_from(table: Sequence[Flag], values: dict[str, Any]) -> dict[str, Any]:
+    """The nested overrides for ``load_settings`` from the flags given (``None``: not given)."""
+    tree: dict[str, Any] = {}
+    for flag in table:
+        value = values.get(flag.dest)
+        if value is None:
+            continue
+        value = flag.parse(value) if flag.parse else value
+        targets = value if isinstance(value, dict) else {s: value for s in flag.settings.split()}
+        for setting, target_value in targets.items():
+            section, field = setting.split(".")
+            tree.setdefault(section, {})[field] = target_value
+    return tree
+
+
+def with_flags(table: Sequence[Flag]):
+    """Add ``table``'s flags to a command; the command receives them as ``overrides`` for ``load_settings``."""
+
+    def decorate(func):
+        signature = inspect.signature(func, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "overrides"]
+        for flag in table:
+            option = typer.Option(*flag.names.split(), help=flag.help)
+            params.append(
+                inspect.Parameter(
+                    flag.dest, inspect.Parameter.KEYWORD_ONLY, default=None,
+                    annotation=Annotated[Optional[flag.type], option],
+                )
+            )
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            values = {flag.dest: kwargs.pop(flag.dest) for flag in table}
+            return func(overrides=overrides_from(table, values), **kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

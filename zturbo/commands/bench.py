@@ -7,48 +7,67 @@ from typing import Annotated
 
 import typer
 
-from zturbo.commands._common import ConfigOpt, ProfileOpt, QuietOpt, parse_int_list, parse_list, settings_from
+from zturbo.commands._common import (
+    ConfigOpt,
+    Flag,
+    ProfileOpt,
+    QuietOpt,
+    parse_int_list,
+    parse_list,
+    settings_from,
+    with_flags,
+)
+
+
+def _tolerance(text: str) -> float:
+    from zturbo.bench import parse_tolerance
+
+    return parse_tolerance(text)
+
+
+FLAGS = [
+    Flag("--against", "bench.against", str, "Also time 'standard' (or any profile / .toml) or 'diffusers' (same "
+         "config), interleaved, and print the speedup next to the FLOP ratio."),
+    Flag("--resolutions", "bench.resolutions", str, "Comma-separated sizes (default: 256,512 on CPU, 512,1024 on GPU).",
+         parse=lambda text: parse_int_list(text, "--resolutions")),
+    Flag("--batch-sizes", "bench.batch_sizes", str, "Comma-separated batch sizes (default: 1,4 on CPU, 1,8,24 on GPU).",
+         parse=lambda text: parse_int_list(text, "--batch-sizes")),
+    Flag("--backend", "bench.backends", str,
+         "Comma-separated: auto, torch, compile, onnx, trt (default: auto, what --model is).", parse=parse_list),
+    Flag("--precision", "bench.precision", str, "fp32, bf16 or fp16 (default: fp32)."),
+    Flag("--what", "bench.what", str, "Comma-separated: encode, decode, train (default: encode,decode).",
+         parse=parse_list),
+    Flag("--repeats", "bench.repeats", int, "Timed calls per case (default: 3 on CPU, 10 on GPU)."),
+    Flag("--warmup", "bench.warmup", int, "Untimed calls first (default: 2)."),
+    Flag("--channels-last/--no-channels-last", "bench.channels_last", bool, "NHWC memory layout for weights and inputs."),
+    Flag("--device", "bench.device", str, "auto, cpu, cuda, cuda:N (default: auto)."),
+    Flag("--max-regression", "bench.max_regression", str,
+         "Allowed slow-down per case for --baseline, e.g. 10% or 0.1 (default: 10%).", parse=_tolerance),
+]
 
 
 def register(app: typer.Typer) -> None:
     @app.command("bench")
+    @with_flags(FLAGS)
     def bench(
+        overrides: dict,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         model: Annotated[Path | None, typer.Option(
-            "--model", help="Time a saved model (folder, run or checkpoint) instead of the profile's random init.")] = None,
-        against: Annotated[str | None, typer.Option(
-            "--against", help="Also time 'standard' (or any profile / .toml) or 'diffusers' (same config), "
-                              "interleaved, and print the speedup next to the FLOP ratio.")] = None,
-        resolutions: Annotated[str | None, typer.Option(
-            "--resolutions", help="Comma-separated sizes (default: 256,512 on CPU, 512,1024 on GPU).")] = None,
-        batch_sizes: Annotated[str | None, typer.Option(
-            "--batch-sizes", help="Comma-separated batch sizes (default: 1,4 on CPU, 1,8,24 on GPU).")] = None,
-        backend: Annotated[str | None, typer.Option(
-            "--backend", help="Comma-separated: torch, compile, onnx, trt (default: torch).")] = None,
-        precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16 (default: fp32).")] = None,
-        what: Annotated[str | None, typer.Option(
-            "--what", help="Comma-separated: encode, decode, train (default: encode,decode).")] = None,
-        repeats: Annotated[int | None, typer.Option("--repeats", help="Timed calls per case (default: 3 on CPU, 10 on GPU).")] = None,
-        warmup: Annotated[int | None, typer.Option("--warmup", help="Untimed calls first (default: 2).")] = None,
-        channels_last: Annotated[bool | None, typer.Option(
-            "--channels-last/--no-channels-last", help="NHWC memory layout for weights and inputs.")] = None,
-        device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N (default: auto).")] = None,
+            "--model", help="Time a saved model (model, run, step-N, diffusers folder or an export) "
+                            "instead of the profile's random init.")] = None,
         json_file: Annotated[str | None, typer.Option(
             "--json", help="Write the report as JSON to FILE ('-': stdout); rewritten after every case.")] = None,
         markdown_file: Annotated[str | None, typer.Option(
             "--markdown", help="Write a Markdown summary to FILE ('-': stdout), e.g. $GITHUB_STEP_SUMMARY.")] = None,
         baseline: Annotated[Path | None, typer.Option(
             "--baseline", help="Stored bench JSON to compare with; exit 1 if a case regressed.")] = None,
-        max_regression: Annotated[str | None, typer.Option(
-            "--max-regression", help="Allowed slow-down per case for --baseline, e.g. 10% or 0.1 (default: 10%).")] = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Benchmark encode/decode (and train) per resolution, batch, backend and precision."""
         from zturbo.bench import (
             compare_with_baseline,
             load_report,
-            parse_tolerance,
             print_report,
             run_bench,
             to_markdown,
@@ -61,20 +80,6 @@ def register(app: typer.Typer) -> None:
 
         if json_file == "-" and markdown_file == "-":
             raise UsageError("--json - and --markdown - both want stdout", "write one of them to a file")
-        tolerance = parse_tolerance(max_regression) if max_regression is not None else None
-        overrides = {"bench": {
-            "resolutions": parse_int_list(resolutions, "--resolutions"),
-            "batch_sizes": parse_int_list(batch_sizes, "--batch-sizes"),
-            "backends": parse_list(backend),
-            "precision": precision,
-            "what": parse_list(what),
-            "repeats": repeats,
-            "warmup": warmup,
-            "channels_last": channels_last,
-            "device": device,
-            "against": against,
-            "max_regression": tolerance,
-        }}
         settings = settings_from(profile, config, overrides)
         stored = load_report(baseline) if baseline is not None else None
         to_file = json_file not in (None, "-")

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, parse_list, settings_from
+from zturbo.commands._common import (
+    ConfigOpt,
+    Flag,
+    JsonOpt,
+    ProfileOpt,
+    QuietOpt,
+    parse_list,
+    settings_from,
+    with_flags,
+)
 
 _METRIC_ALIASES = {
     "psnr": ("psnr", None),
@@ -63,44 +72,41 @@ def parse_size(text: str | None) -> int | str | None:
         raise UsageError(f"--size must be an integer or 'native', got '{text}'") from None
 
 
+def _metrics(text: str) -> dict[str, list[str] | None]:
+    metrics, nets = parse_metrics(text)
+    return {"eval.metrics": metrics, "eval.lpips_nets": nets}
+
+
+FLAGS = [
+    Flag("--size -s", "eval.size", str, "N: shorter side to N, center crop (default 256); 'native': padded, "
+         "cropped back.", parse=parse_size),
+    Flag("--metrics", "eval.metrics eval.lpips_nets", str,
+         "psnr, ssim (+MS-SSIM), lpips (or lpips-alex, lpips-vgg), rfid. Default psnr,ssim,lpips.", parse=_metrics),
+    Flag("--backend", "eval.backend", str,
+         "auto (default: what CHECKPOINT is; exports pick onnx / trt), torch, compile, onnx, trt."),
+    Flag("--batch-size -b", "eval.batch_size", int, "Images per batch (default 8)."),
+    Flag("--device", "eval.device", str, "auto, cpu, cuda, cuda:N or mps."),
+    Flag("--precision", "eval.precision", str, "fp32, bf16 or fp16."),
+    Flag("--max-images -n", "eval.max_images", int, "Evaluate the first N."),
+]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
+    @with_flags(FLAGS)
     def eval_cmd(
+        overrides: dict,
         checkpoint: Annotated[
-            Path, typer.Argument(help="Run folder, model folder (save_pretrained / diffusers) or an export.")
+            Path,
+            typer.Argument(help="Model, run, step-N, diffusers or pipeline folder, or an ONNX / TensorRT export."),
         ],
         data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included).")],
-        size: Annotated[
-            str | None,
-            typer.Option(
-                "--size",
-                "-s",
-                help="N: shorter side to N, center crop (default 256); 'native': padded, cropped back.",
-            ),
-        ] = None,
-        metrics: Annotated[
-            str | None,
-            typer.Option(
-                help="psnr, ssim (+MS-SSIM), lpips (or lpips-alex, lpips-vgg), rfid. Default psnr,ssim,lpips."
-            ),
-        ] = None,
-        backend: Annotated[
-            str | None, typer.Option(help="torch (default), compile, onnx or trt; exports pick onnx.")
-        ] = None,
         compare: Annotated[
             Path | None, typer.Option("--compare", help="A second model evaluated on the same images.")
         ] = None,
         out: Annotated[
             Path | None,
             typer.Option("--out", "-o", help="Folder for per_image.csv, summary.json, contact sheet."),
-        ] = None,
-        batch_size: Annotated[
-            int | None, typer.Option("--batch-size", "-b", help="Images per batch (default 8).")
-        ] = None,
-        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-        precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
-        max_images: Annotated[
-            int | None, typer.Option("--max-images", "-n", help="Evaluate the first N.")
         ] = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
@@ -111,19 +117,6 @@ def register(app: typer.Typer) -> None:
         from zturbo.console import info, print_json, progress, stderr, stdout, warn
         from zturbo.eval import evaluate, render_tables, report_json, write_report
 
-        metric_list, nets = parse_metrics(metrics)
-        overrides = {
-            "eval": {
-                "size": parse_size(size),
-                "metrics": metric_list,
-                "lpips_nets": nets,
-                "backend": backend,
-                "batch_size": batch_size,
-                "device": device,
-                "precision": precision,
-                "max_images": max_images,
-            }
-        }
         settings = settings_from(profile, config, overrides)
         with progress(quiet or json_out) as bar:
             task = bar.add_task("eval", total=None)
@@ -133,7 +126,7 @@ def register(app: typer.Typer) -> None:
                 settings.eval,
                 compare=compare,
                 # Metrics asked for by name must run; the default set drops what has no weights here.
-                missing_weights="error" if metrics is not None else "skip",
+                missing_weights="error" if "metrics" in overrides.get("eval", {}) else "skip",
                 on_start=lambda total: bar.update(task, total=total),
                 on_batch=lambda done, total: bar.update(task, completed=done),
             )

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, parse_list, settings_from
+from zturbo.commands._common import (
+    ConfigOpt,
+    Flag,
+    JsonOpt,
+    ProfileOpt,
+    QuietOpt,
+    parse_list,
+    settings_from,
+    with_flags,
+)
 
 
 def _triple(text: str | None, name: str) -> tuple[int, int, int] | None:
@@ -26,61 +35,51 @@ def _triple(text: str | None, name: str) -> tuple[int, int, int] | None:
     return values  # type: ignore[return-value]
 
 
+FLAGS = [
+    Flag("--format -f", "export.format", str, "onnx | trt | diffusers."),
+    Flag("--part", "export.parts", str, "encoder,decoder (default both).", parse=parse_list),
+    Flag("--precision", "export.precision", str, "fp32 | fp16."),
+    Flag("--opset", "export.opset", int, "ONNX opset (18-23)."),
+    Flag("--batch", "export.batch", str, "MIN:OPT:MAX batch (TRT profile).", parse=lambda t: _triple(t, "--batch")),
+    Flag("--size", "export.size", str, "MIN:OPT:MAX image side in pixels.", parse=lambda t: _triple(t, "--size")),
+    Flag("--scaled/--unscaled", "export.apply_scaling", bool, "Graphs apply scaling/shift factors."),
+    Flag("--verify/--no-verify", "export.verify", bool, "Compare with torch."),
+    Flag("--fp16-headroom", "export.fp16_headroom", float, "Keep fp32 where |x| > 65504 / this."),
+]
+# --trt: shorthand for these, each unless given explicitly.
+TRT_SHORTHAND = {"format": "trt", "precision": "fp16"}
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
+    @with_flags(FLAGS)
     def export(
+        overrides: dict,
         checkpoint: Annotated[
-            Path, typer.Argument(help="Model folder, run folder (its EMA weights) or step-N folder.")
+            Path,
+            typer.Argument(help="Model, run (its EMA weights), step-N, diffusers or diffusers pipeline folder."),
         ],
         out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-        fmt: Annotated[str | None, typer.Option("--format", "-f", help="onnx | trt | diffusers.")] = None,
         trt: Annotated[
             bool, typer.Option("--trt", help="Shorthand for --format trt --precision fp16.")
         ] = False,
-        part: Annotated[str | None, typer.Option("--part", help="encoder,decoder (default both).")] = None,
-        precision: Annotated[str | None, typer.Option("--precision", help="fp32 | fp16.")] = None,
-        opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (18-23).")] = None,
-        batch: Annotated[str | None, typer.Option("--batch", help="MIN:OPT:MAX batch (TRT profile).")] = None,
-        size: Annotated[str | None, typer.Option("--size", help="MIN:OPT:MAX image side in pixels.")] = None,
-        scaled: Annotated[
-            bool | None, typer.Option("--scaled/--unscaled", help="Graphs apply scaling/shift factors.")
-        ] = None,
-        verify: Annotated[
-            bool | None, typer.Option("--verify/--no-verify", help="Compare with torch.")
-        ] = None,
-        fp16_headroom: Annotated[
-            float | None, typer.Option("--fp16-headroom", help="Keep fp32 where |x| > 65504 / this.")
-        ] = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
         """Export a checkpoint's EMA weights as ONNX graphs, TensorRT FP16 engines or a diffusers folder."""
+        from zturbo.backends.verify import export_checkpoint
         from zturbo.console import info, print_json
         from zturbo.errors import UsageError
-        from zturbo.export import export_model
 
         if trt:
-            if fmt not in (None, "trt"):
-                raise UsageError(f"--trt contradicts --format {fmt}")
-            fmt = "trt"
-            precision = precision or "fp16"
-        overrides = {
-            "export": {
-                "format": fmt,
-                "parts": parse_list(part),
-                "precision": precision,
-                "opset": opset,
-                "batch": _triple(batch, "--batch"),
-                "size": _triple(size, "--size"),
-                "apply_scaling": scaled,
-                "verify": verify,
-                "fp16_headroom": fp16_headroom,
-            }
-        }
+            given = overrides.get("export", {})
+            if given.get("format", "trt") != "trt":
+                raise UsageError(f"--trt contradicts --format {given['format']}")
+            overrides = {**overrides, "export": {**TRT_SHORTHAND, **given}}
         settings = settings_from(profile, config, overrides)
-        meta = export_model(checkpoint, out, settings.export, log=lambda m: info(m, quiet))
+        meta = export_checkpoint(checkpoint, out, settings.export, log=lambda m: info(m, quiet))
         if json_out:
             print_json(meta)
         else:
@@ -89,7 +88,8 @@ def register(app: typer.Typer) -> None:
     @app.command("import-diffusers")
     def import_diffusers_cmd(
         source: Annotated[
-            Path, typer.Argument(help="diffusers AutoencoderKL folder (or a pipeline with vae/).")
+            Path,
+            typer.Argument(help="diffusers AutoencoderKL folder, a pipeline with vae/, or any model / run / step-N."),
         ],
         out: Annotated[Path, typer.Option("--out", "-o", help="zturbo model folder to write.")],
         verify: Annotated[bool, typer.Option("--verify", help="Compare outputs with diffusers.")] = False,
@@ -97,10 +97,12 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Import a diffusers VAE (e.g. FLUX.1's) as a zturbo model folder for eval and bench."""
+        from zturbo.artifacts import TORCH_KINDS, require
         from zturbo.console import info, print_json, stdout
         from zturbo.export import import_diffusers
 
-        report = import_diffusers(source, out, verify=verify, log=lambda m: info(m, quiet))
+        folder = require(source, TORCH_KINDS, "import-diffusers").model_dir
+        report = import_diffusers(folder, out, verify=verify, log=lambda m: info(m, quiet))
         if json_out:
             print_json(report)
             return

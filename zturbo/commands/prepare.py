@@ -8,15 +8,34 @@ from typing import Annotated
 
 import typer
 
-from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, settings_from
+from zturbo.commands._common import ConfigOpt, Flag, JsonOpt, ProfileOpt, QuietOpt, settings_from, with_flags
 from zturbo.errors import UsageError
 
 _HIDDEN = {"hidden": True}
 
 
+# Every setting flag of `zturbo prepare`, with the seed script's spellings.
+FLAGS = [
+    Flag("--size --target-size --target_size", "prepare.size", int,
+         "Output side in pixels (default: data.image_size of the profile)."),
+    Flag("--val-fraction", "prepare.val_fraction", float,
+         "Share of images for val/, chosen by content hash (default: 0.02)."),
+    Flag("--format", "prepare.format", str, "png, jpeg or webp (default: png)."),
+    Flag("--quality", "prepare.quality", int, "JPEG / WebP quality (default: 95)."),
+    Flag("--resize", "prepare.resize", str, "center-crop or pad (black bars) (default: center-crop)."),
+    Flag("--min-size", "prepare.min_size", int,
+         "Skip (never upscale) images whose scaled side is smaller (default: size/2)."),
+    Flag("--workers -j", "prepare.workers", int, "Worker processes (default: all cores)."),
+    Flag("--dedupe/--no-dedupe", "prepare.dedupe", bool, "Drop exact duplicates (same bytes) (default: keep)."),
+    Flag("--max-pixels", "prepare.max_pixels", int, "Skip images with more pixels (decompression bombs)."),
+]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("prepare", no_args_is_help=True)
+    @with_flags(FLAGS)
     def prepare(
+        overrides: dict,
         input_dir: Annotated[
             Path | None, typer.Argument(metavar="INPUT", help="Folder of images (recursed).")
         ] = None,
@@ -24,47 +43,10 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Argument(metavar="OUTPUT", help="Folder for train/, val/, manifest and report."),
         ] = None,
-        size: Annotated[
-            int | None,
-            typer.Option("--size", help="Output side in pixels (default: data.image_size of the profile)."),
-        ] = None,
-        val_fraction: Annotated[
-            float | None,
-            typer.Option(
-                "--val-fraction", help="Share of images for val/, chosen by content hash (default: 0.02)."
-            ),
-        ] = None,
-        fmt: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp (default: png).")] = None,
-        quality: Annotated[
-            int | None, typer.Option("--quality", help="JPEG / WebP quality (default: 95).")
-        ] = None,
-        resize: Annotated[
-            str | None,
-            typer.Option("--resize", help="center-crop or pad (black bars) (default: center-crop)."),
-        ] = None,
-        min_size: Annotated[
-            int | None,
-            typer.Option(
-                "--min-size",
-                help="Skip (never upscale) images whose scaled side is smaller (default: size/2).",
-            ),
-        ] = None,
-        workers: Annotated[
-            int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores).")
-        ] = None,
-        dedupe: Annotated[
-            bool | None,
-            typer.Option("--dedupe/--no-dedupe", help="Drop exact duplicates (same bytes) (default: keep)."),
-        ] = None,
-        max_pixels: Annotated[
-            int | None,
-            typer.Option("--max-pixels", help="Skip images with more pixels (decompression bombs)."),
-        ] = None,
         demo: Annotated[
             bool,
             typer.Option("--demo", help="Prepare the bundled sample photos: zturbo prepare --demo OUTPUT."),
         ] = False,
-        target_size: Annotated[int | None, typer.Option("--target-size", "--target_size", **_HIDDEN)] = None,
         input_opt: Annotated[Path | None, typer.Option("--input-dir", "--input_dir", **_HIDDEN)] = None,
         output_opt: Annotated[Path | None, typer.Option("--output-dir", "--output_dir", **_HIDDEN)] = None,
         mode: Annotated[str | None, typer.Option("--mode", **_HIDDEN)] = None,
@@ -88,25 +70,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(
                 f"--mode {mode} is not supported", "zturbo prepare only preprocesses: drop --mode"
             )
-        size = size if size is not None else target_size
         source, target = _paths(input_dir, output_dir, input_opt, output_opt, demo)
-        overrides = {
-            "prepare": {
-                "size": size,
-                "val_fraction": val_fraction,
-                "format": fmt,
-                "quality": quality,
-                "resize": resize,
-                "min_size": min_size,
-                "workers": workers,
-                "dedupe": dedupe,
-                "max_pixels": max_pixels,
-            }
-        }
         settings = settings_from(profile if profile is not None or not demo else "demo", config, overrides)
         cfg = settings.prepare
-        if cfg.size is None:
-            cfg = cfg.model_copy(update={"size": settings.data.image_size})
 
         bar = _ProgressBar(quiet or json_out)
         try:

@@ -16,7 +16,9 @@ SizeOpt = Annotated[int | None, typer.Option("--size", help="Target side in pixe
 BatchOpt = Annotated[
     str | None, typer.Option("--batch-size", "-b", help="'auto' (largest that fits) or a number.")
 ]
-BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch, compile, onnx or trt.")]
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="auto (default: what MODEL is), torch, compile, onnx or trt.")
+]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 ReadingOpt = Annotated[str | None, typer.Option(
@@ -47,10 +49,10 @@ def _batch_size(text: str | None):
 
 def _distributed():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
+    from zturbo.train.distributed import DistContext
+
+    ctx = DistContext.from_env(os.environ)
+    return ctx.rank, ctx.world_size, ctx.local_rank
 
 
 @contextlib.contextmanager
@@ -97,7 +99,7 @@ def _print_report(report, json_out: bool) -> None:
     from zturbo.console import print_json, stdout
 
     if json_out:
-        print_json(report.to_json())
+        print_json(report.to_dict())
         return
     from rich.table import Table
 

@@ -9,12 +9,19 @@ from typing import Annotated
 
 import typer
 
-from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, parse_int_list, settings_from
+from zturbo.commands._common import (
+    ConfigOpt,
+    Flag,
+    JsonOpt,
+    ProfileOpt,
+    QuietOpt,
+    parse_int_list,
+    settings_from,
+    with_flags,
+)
 
-# The seed's profile menu: (name, resolution, batch, what it needs). Memory is the
-# peak of one training step at micro-batch 1 measured on an H100 (bf16, LPIPS-VGG
-# on); larger batches accumulate gradients, so the peak does not grow with the batch
-# (see zturbo.train.memory for which figures predate the current checkpointing).
+# The seed's profile menu: (profile name, one-line description). Resolution, batch and
+# expected GPU memory come from the profile and zturbo.train.memory when it is shown.
 MENU = [
     ("ultrafast", "fastest to train and run; slim channels"),
     ("fast", "the default turbo VAE"),
@@ -63,90 +70,60 @@ def choose_profile() -> str:
     raise UsageError("no profile chosen", "pass --profile NAME")
 
 
+def _int_list(text: str) -> list[int]:
+    return parse_int_list(text, "--block-out-channels")
+
+
+# Every setting flag of `zturbo train`, with the seed script's underscore spellings.
+FLAGS = [
+    Flag("--data --data_path --data-path", "data.data_dir", Path, "Image folder or `zturbo prepare` output."),
+    Flag("--output --output_dir --output-dir -o", "train.output_dir", Path, "Run folder."),
+    # The model's nominal size follows the training size unless set elsewhere.
+    Flag("--image-size --image_size", "data.image_size model.sample_size", int, "Training crop size."),
+    Flag("--batch-size --batch_size", "train.batch_size", int, "Effective batch (all processes, all micro-batches)."),
+    Flag("--micro-batch-size --micro_batch_size", "train.micro_batch_size", int, "Default: the largest that fits."),
+    Flag("--z-channels --z_channels --latent-channels", "model.latent_channels", int, "Latent channels."),
+    Flag("--block-out-channels --block_out_channels", "model.block_out_channels", str, "e.g. 96,192,384,384",
+         parse=_int_list),
+    Flag("--learning-rate --learning_rate --lr", "train.learning_rate", float),
+    Flag("--perceptual-weight --perceptual_weight", "loss.perceptual_weight", float),
+    Flag("--reconstruction-weight --reconstruction_weight", "loss.reconstruction_weight", float),
+    Flag("--kl-weight --kl_weight", "loss.kl_weight", float),
+    Flag("--disc-weight --disc_weight", "loss.disc_weight", float, "0 disables the GAN."),
+    Flag("--disc-start --disc_start", "loss.disc_start", int),
+    Flag("--mixed-precision/--no-mixed-precision --mixed_precision/--no_mixed_precision", "train.mixed_precision",
+         bool, "Best autocast the device supports (bf16, else fp16; fp32 on CPU)."),
+    Flag("--precision", "train.precision", str, "bf16 | fp16 | fp32 (overrides --mixed-precision)."),
+    Flag("--num-workers --num_workers", "data.num_workers", int),
+    Flag("--warmup-epochs --warmup_epochs", "train.warmup_epochs", float),
+    Flag("--warmup-steps --warmup_steps", "train.warmup_steps", int),
+    Flag("--epochs", "train.epochs", int, "Epochs; beats a step count from the profile unless --max-steps is given."),
+    Flag("--max-steps --max_steps", "train.max_steps", int),
+    Flag("--compile/--no-compile", "train.compile", bool, "torch.compile the model."),
+    Flag("--gradient-checkpointing/--no-gradient-checkpointing --gradient_checkpointing", "train.gradient_checkpointing",
+         bool),
+    Flag("--device", "train.device", str, "auto | cpu | cuda | cuda:N"),
+    Flag("--seed", "train.seed", int),
+    Flag("--checkpoint-every --save_steps", "train.checkpoint_every", int),
+    Flag("--keep-last", "train.keep_last", int),
+    Flag("--sample-every", "train.sample_every", int),
+    Flag("--log-every", "train.log_every", int),
+]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
+    @with_flags(FLAGS)
     def train(
+        overrides: dict,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
-        data: Annotated[
-            Path | None,
-            typer.Option(
-                "--data", "--data_path", "--data-path", help="Image folder or `zturbo prepare` output."
-            ),
-        ] = None,
-        output: Annotated[
-            Path | None, typer.Option("--output", "--output_dir", "--output-dir", "-o", help="Run folder.")
-        ] = None,
         resume: Annotated[
             str | None,
             typer.Option(
-                "--resume", help="'auto' (newest checkpoint in the run folder) or a checkpoint path."
+                "--resume", help="'auto' (newest checkpoint in the run folder), a run folder or a step-N checkpoint."
             ),
         ] = None,
-        image_size: Annotated[
-            int | None, typer.Option("--image-size", "--image_size", help="Training crop size.")
-        ] = None,
-        batch_size: Annotated[
-            int | None,
-            typer.Option(
-                "--batch-size", "--batch_size", help="Effective batch (all processes, all micro-batches)."
-            ),
-        ] = None,
-        micro_batch_size: Annotated[
-            int | None,
-            typer.Option("--micro-batch-size", "--micro_batch_size", help="Default: the largest that fits."),
-        ] = None,
-        z_channels: Annotated[
-            int | None,
-            typer.Option("--z-channels", "--z_channels", "--latent-channels", help="Latent channels."),
-        ] = None,
-        block_out_channels: Annotated[
-            str | None,
-            typer.Option("--block-out-channels", "--block_out_channels", help="e.g. 96,192,384,384"),
-        ] = None,
-        learning_rate: Annotated[
-            float | None, typer.Option("--learning-rate", "--learning_rate", "--lr")
-        ] = None,
-        perceptual_weight: Annotated[
-            float | None, typer.Option("--perceptual-weight", "--perceptual_weight")
-        ] = None,
-        reconstruction_weight: Annotated[
-            float | None, typer.Option("--reconstruction-weight", "--reconstruction_weight")
-        ] = None,
-        kl_weight: Annotated[float | None, typer.Option("--kl-weight", "--kl_weight")] = None,
-        disc_weight: Annotated[
-            float | None, typer.Option("--disc-weight", "--disc_weight", help="0 disables the GAN.")
-        ] = None,
-        disc_start: Annotated[int | None, typer.Option("--disc-start", "--disc_start")] = None,
-        mixed_precision: Annotated[
-            bool | None,
-            typer.Option(
-                "--mixed-precision/--no-mixed-precision",
-                "--mixed_precision/--no_mixed_precision",
-                help="Best autocast the device supports (bf16, else fp16; fp32 on CPU).",
-            ),
-        ] = None,
-        precision: Annotated[
-            str | None, typer.Option("--precision", help="bf16 | fp16 | fp32 (overrides --mixed-precision).")
-        ] = None,
-        num_workers: Annotated[int | None, typer.Option("--num-workers", "--num_workers")] = None,
-        warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", "--warmup_epochs")] = None,
-        warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", "--warmup_steps")] = None,
-        epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-        max_steps: Annotated[int | None, typer.Option("--max-steps", "--max_steps")] = None,
-        compile: Annotated[
-            bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
-        ] = None,
-        gradient_checkpointing: Annotated[
-            bool | None,
-            typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", "--gradient_checkpointing"),
-        ] = None,
-        device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N")] = None,
-        seed: Annotated[int | None, typer.Option("--seed")] = None,
-        checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", "--save_steps")] = None,
-        keep_last: Annotated[int | None, typer.Option("--keep-last")] = None,
-        sample_every: Annotated[int | None, typer.Option("--sample-every")] = None,
-        log_every: Annotated[int | None, typer.Option("--log-every")] = None,
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="Resolve and print the plan; do not train.")
         ] = False,
@@ -154,56 +131,15 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Train a VAE: `zturbo train --profile fast --data DIR --output RUN_DIR` (try `--profile demo`)."""
+        from zturbo.artifacts import RESUME_KINDS, require
         from zturbo.console import print_json
+        from zturbo.train.distributed import DistContext
 
         if profile is None and config is None:
             profile = choose_profile() if _interactive() else None  # None: the default profile (fast)
-        overrides = {
-            "model": {
-                "latent_channels": z_channels,
-                "block_out_channels": parse_int_list(block_out_channels, "--block-out-channels"),
-            },
-            "data": {"data_dir": data, "image_size": image_size, "num_workers": num_workers},
-            "train": {
-                "output_dir": output,
-                "batch_size": batch_size,
-                "micro_batch_size": micro_batch_size,
-                "learning_rate": learning_rate,
-                "mixed_precision": mixed_precision,
-                "precision": precision,
-                "warmup_epochs": warmup_epochs,
-                "warmup_steps": warmup_steps,
-                "epochs": epochs,
-                "max_steps": max_steps,
-                "compile": compile,
-                "gradient_checkpointing": gradient_checkpointing,
-                "device": device,
-                "seed": seed,
-                "checkpoint_every": checkpoint_every,
-                "keep_last": keep_last,
-                "sample_every": sample_every,
-                "log_every": log_every,
-            },
-            "loss": {
-                "perceptual_weight": perceptual_weight,
-                "reconstruction_weight": reconstruction_weight,
-                "kl_weight": kl_weight,
-                "disc_weight": disc_weight,
-                "disc_start": disc_start,
-            },
-        }
-        if image_size is not None:  # the model's nominal size follows the training size unless set elsewhere
-            overrides["model"]["sample_size"] = image_size
+        if resume not in (None, "auto"):
+            require(resume, RESUME_KINDS, "train --resume")
         settings = settings_from(profile, config, overrides)
-        if epochs is not None and max_steps is None:
-            settings.train.max_steps = None  # an explicit --epochs beats a step count from the profile
-        if settings.data.data_dir is None and settings.profile == "demo":
-            from zturbo.data import demo_dir
-
-            settings.data.data_dir = demo_dir()
-
-        from zturbo.train.distributed import DistContext
-
         dist_ctx = DistContext.from_env(os.environ)
         if dry_run:
             plan = {

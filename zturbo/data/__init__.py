@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
+
+from zturbo.config import demo_data_dir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def demo_dir() -> Path:
     """Folder of the bundled CC0 / public-domain sample photos (see SOURCES.md there)."""
-    return Path(str(resources.files("zturbo") / "data" / "demo"))
+    return demo_data_dir()
 
 
 def demo_images() -> list[Path]:

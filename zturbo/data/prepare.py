@@ -41,8 +41,9 @@ from typing import Any
 from PIL import Image
 
 from zturbo.config import PrepareConfig
+from zturbo.data import demo_dir
 from zturbo.data.prepare_image import RenderOptions, output_name, process_file, split_for
-from zturbo.data.prepare_scan import Candidate, is_inside, scan
+from zturbo.data.prepare_scan import Candidate, image_extensions, is_inside, scan
 from zturbo.data.prepare_state import (
     Journal,
     OutputLock,
@@ -52,7 +53,7 @@ from zturbo.data.prepare_state import (
     write_jsonl,
 )
 from zturbo.errors import InputError, UsageError
-from zturbo.utils import usable_cores
+from zturbo.utils import atomic_write_bytes, usable_cores
 
 PIPELINE_VERSION = 2  # bump when the same settings would render different pixels
 MANIFEST_NAME = "manifest.jsonl"
@@ -251,13 +252,9 @@ def prepare_demo(
     on_progress: Callable[[PrepareProgress], None] | None = None,
 ) -> PrepareReport:
     """Prepare the bundled sample photos (and copy their attribution next to them)."""
-    from zturbo.data import demo_dir
-
     report = prepare_dataset(demo_dir(), output_dir, config, on_progress=on_progress)
     sources = demo_dir() / "SOURCES.md"
     if sources.is_file():
-        from zturbo.utils import atomic_write_bytes
-
         atomic_write_bytes(Path(output_dir) / "SOURCES.md", sources.read_bytes())
     return report
 
@@ -279,8 +276,6 @@ def prepared_images(output_dir: str | os.PathLike, split: str = "train") -> list
 
 
 def _short_exts() -> set[str]:
-    from zturbo.data.prepare_scan import image_extensions
-
     return {e.lstrip(".") for e in image_extensions()}
 
 

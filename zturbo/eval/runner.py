@@ -23,7 +23,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from zturbo.backends import Backend, create_backend
+from zturbo.artifacts import ALL_KINDS, require
+from zturbo.backends import Backend, open_backend
 from zturbo.config import EvalConfig
 from zturbo.errors import CheckpointError, InputError, ZTurboError
 from zturbo.eval.data import ImageBatch, find_images, iter_batches
@@ -103,43 +104,16 @@ class EvalReport:
 # Models
 
 
-EXPORT_META = "zturbo_export.json"
-
-
-def detect_backend(path: Path) -> str | None:
-    """'onnx' when ``path`` is an export folder (ONNX graphs, maybe TensorRT plans) rather than a model folder."""
-    if (path / EXPORT_META).is_file() or (not (path / "config.json").is_file() and any(path.glob("*.onnx"))):
-        return "onnx"
-    return None
-
-
 def open_model(key: str, model: Any, config: EvalConfig, device: torch.device) -> EvaluatedModel:
-    """An EvaluatedModel from a path (run, model, diffusers or export folder), a VAE or a Backend."""
+    """An EvaluatedModel from a path (any artifact: its kind picks the backend), a VAE or a Backend."""
     if isinstance(model, Backend):
         return EvaluatedModel(key, type(model).__name__, "<backend>", model)
     if not isinstance(model, (str, Path)):
-        backend = create_backend("torch", model, device=device, precision=config.precision)
+        backend = open_backend(model, config.backend, job="eval", device=device, precision=config.precision)
         return EvaluatedModel(key, type(model).__name__, "<in-memory>", backend)
-    path = Path(model)
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint not found: {path}",
-            "give a run folder, a model folder, a diffusers folder or an export",
-        )
-    if path.is_file() and path.suffix.lower() in (".onnx", ".plan", ".engine"):
-        if not (path.parent / EXPORT_META).is_file():
-            raise CheckpointError(
-                f"{path} is a lone graph file", "give the export folder written by `zturbo export`"
-            )
-        path = path.parent  # one graph of an export: the backend needs the whole folder
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        path = path / "vae"  # a diffusers pipeline folder: its VAE lives in vae/
-    name = config.backend
-    detected = detect_backend(path)
-    if detected is not None and name in ("torch", "compile"):
-        name = detected
-    backend = create_backend(name, path, device=device, precision=config.precision)
-    label = Path(model).resolve().name or str(model)
+    artifact = require(model, ALL_KINDS, "eval")
+    backend = open_backend(artifact, config.backend, job="eval", device=device, precision=config.precision)
+    label = artifact.root.resolve().name or str(model)
     return EvaluatedModel(key, label, str(model), backend)
 
 

@@ -1,10 +1,12 @@
-"""Export: ONNX graphs, TensorRT engines and the diffusers folder format, each verifiable.
+"""Export writers: ONNX graphs, TensorRT engines and the diffusers folder format.
 
-    from zturbo.export import export_model, import_diffusers
-    meta = export_model("runs/demo", "out/onnx", ExportConfig(precision="fp16", verify=True))
-    backend = create_backend("onnx", "out/onnx")
+    from zturbo.backends.verify import export_checkpoint
+    meta = export_checkpoint("runs/demo", "out/onnx", ExportConfig(precision="fp16", verify=True))
+    backend = open_backend("out/onnx")
 
-See ``zturbo.export.layout`` for the folder an export writes.
+This package writes files from a model folder (``export_model``); verifying an
+ONNX or TensorRT export runs it on a backend, so that step lives above, in
+``zturbo.backends.verify``. See ``zturbo.export.layout`` for the folder an export writes.
 """
 
 from zturbo.export.diffusers_format import export_diffusers, import_diffusers

@@ -12,13 +12,19 @@ a turbo one with the same tools.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zturbo.errors import CheckpointError, require
+from zturbo.errors import require
+from zturbo.export.layout import prepare_out_dir
+from zturbo.export.verify import compare, sample_images
 from zturbo.model import load_pretrained
 from zturbo.model.diffusers import CONFIG_NAME
 
@@ -54,11 +60,6 @@ def save_model_folder(vae, out: Path) -> None:
     Written in a staging folder inside ``out``; the old config.json goes first,
     the new weights move in, the new config.json last.
     """
-    import contextlib
-    import os
-    import shutil
-    import tempfile
-
     staging = Path(tempfile.mkdtemp(prefix=".zturbo-save-", dir=out))
     try:
         vae.save_pretrained(staging)
@@ -70,28 +71,15 @@ def save_model_folder(vae, out: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def find_vae_folder(path: str | Path) -> Path:
-    """The folder holding the VAE's config.json: ``path`` itself or a pipeline's ``vae/`` sub-folder."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"diffusers folder not found: {path}")
-    for candidate in (path, path / "vae"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise CheckpointError(
-        f"{path} holds no diffusers VAE (no config.json here or in vae/)",
-        "give the folder of an AutoencoderKL (e.g. FLUX.1-dev/vae) or the pipeline folder above it",
-    )
-
-
 def import_diffusers(
-    src: str | Path, out: str | Path, verify: bool = False, log: Callable[[str], None] | None = None
+    folder: str | Path, out: str | Path, verify: bool = False, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """Convert a diffusers AutoencoderKL folder into a zturbo model folder at ``out``."""
-    from zturbo.export.pipeline import prepare_out_dir
+    """Convert the AutoencoderKL model folder ``folder`` (diffusers' or ours) into a zturbo model folder at ``out``.
 
+    ``zturbo.artifacts`` finds that folder in a pipeline (its ``vae/``), a run or a checkpoint.
+    """
     log = log or _nolog
-    folder = find_vae_folder(src)
+    folder = Path(folder)
     vae = load_pretrained(folder).float()
     config = vae.config
     out = prepare_out_dir(out)
@@ -112,8 +100,6 @@ def import_diffusers(
 def compare_with_diffusers(vae, folder: Path) -> dict[str, Any]:
     """Load ``folder`` with diffusers and compare its encode/decode with ``vae`` on sample photos."""
     diffusers = require("diffusers", "comparing with diffusers' AutoencoderKL")
-    from zturbo.export.verify import compare, sample_images
-
     theirs = diffusers.AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     f = vae.config.downsample_factor
     images = sample_images(max(f, _COMPARE_SIZE // f * f), 2)

@@ -17,10 +17,12 @@ TensorRT / GPU versions of the engines and the verification figures.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from zturbo.errors import CheckpointError
+from zturbo.errors import CheckpointError, InputError
 
 META_NAME = "zturbo_export.json"
 FORMAT_VERSION = 1
@@ -64,3 +66,19 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
                     f"export {path} lists {info[key]} for the {part}, but the file is missing"
                 )
     return meta
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create OUT and prove it is writable, or say why not."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".zturbo-write-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write to output folder {out}: {exc.strerror or exc}",
+            "choose another --out folder, or fix its permissions / free disk space",
+        ) from exc
+    return out

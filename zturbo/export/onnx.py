@@ -20,6 +20,7 @@ from torch import nn
 
 from zturbo.errors import ZTurboError, require
 from zturbo.export.layout import INPUT_NAMES, OUTPUT_NAMES
+from zturbo.version import __version__
 
 PARTS = ("encoder", "decoder")
 
@@ -143,8 +144,6 @@ def export_part(vae, part: str, path: str | Path, opset: int = 18, apply_scaling
 def _describe_graph(path: Path, vae, part: str, apply_scaling: bool) -> None:
     """Record in the graph itself what it computes, for tools that see the .onnx file alone."""
     import onnx
-
-    from zturbo import __version__
 
     model = onnx.load(str(path))
     c = vae.config

@@ -1,4 +1,4 @@
-"""`zturbo export`: one call from a checkpoint to a verified export folder.
+"""Writing an export folder from a model folder, crash-safe.
 
 Everything is written into a staging folder inside OUT first; only when every
 graph (and engine) is written, checked and, with ``verify``, verified, are the
@@ -20,12 +20,18 @@ from typing import Any
 
 import torch
 
-from zturbo import __version__
 from zturbo.config import ExportConfig
-from zturbo.errors import ConfigError, InputError, UsageError, ZTurboError
+from zturbo.errors import ConfigError, UsageError
 from zturbo.export import layout
-from zturbo.export.layout import INPUT_NAMES, META_NAME, OUTPUT_NAMES
+from zturbo.export.diffusers_format import export_diffusers
+from zturbo.export.fp16 import activation_ranges, convert_to_fp16, plan_fp16
+from zturbo.export.layout import INPUT_NAMES, META_NAME, OUTPUT_NAMES, prepare_out_dir
+from zturbo.export.onnx import check_onnx, export_part, io_shapes
+from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
+from zturbo.export.verify import sample_images
+from zturbo.model import VAE, load_pretrained
 from zturbo.utils import atomic_write_json
+from zturbo.version import __version__
 
 Log = Callable[[str], None]
 STAGING_PREFIX = ".zturbo-export-"
@@ -33,22 +39,6 @@ STAGING_PREFIX = ".zturbo-export-"
 
 def _nolog(_: str) -> None:
     pass
-
-
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create OUT and prove it is writable, or say why not."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".zturbo-write-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(
-            f"cannot write to output folder {out}: {exc.strerror or exc}",
-            "choose another --out folder, or fix its permissions / free disk space",
-        ) from exc
-    return out
 
 
 def _check_sizes(cfg: ExportConfig, factor: int) -> None:
@@ -73,8 +63,6 @@ def _profile_shapes(vae, part: str, cfg: ExportConfig) -> tuple[tuple[int, ...],
 
 
 def _calibration_feeds(vae, part: str, cfg: ExportConfig) -> list:
-    from zturbo.export.verify import sample_images
-
     f = vae.config.downsample_factor
     side = max(f, cfg.calibration_size // f * f)
     images = sample_images(side, cfg.calibration_images)
@@ -87,33 +75,42 @@ def _calibration_feeds(vae, part: str, cfg: ExportConfig) -> list:
     return [z[None].contiguous().numpy() for z in latents]
 
 
+Verifier = Callable[[VAE, Path], dict[str, Any]]
+
+
 def export_model(
-    checkpoint: str | Path, out_dir: str | Path, cfg: ExportConfig | None = None, log: Log | None = None
+    model_dir: str | Path,
+    out_dir: str | Path,
+    cfg: ExportConfig | None = None,
+    log: Log | None = None,
+    verifier: Verifier | None = None,
 ) -> dict[str, Any]:
-    """Export ``checkpoint`` (model folder, run folder: its EMA weights, or step-N folder) to ``out_dir``.
+    """Export the model folder ``model_dir`` to ``out_dir``.
 
-    Returns the metadata written to ``out_dir/zturbo_export.json`` (or, for the
-    diffusers format, a summary of the folder written).
+    ``verifier(vae, staging_dir)`` checks ONNX / TensorRT files before they are
+    published and raises when they fail; ``cfg.verify`` needs one, because running
+    the files takes a backend, which sits above this package
+    (``zturbo.backends.verify.export_checkpoint`` passes it). The diffusers format
+    verifies itself against diffusers. Returns the metadata written to
+    ``out_dir/zturbo_export.json`` (or, for the diffusers format, a summary of the folder written).
     """
-    from zturbo.model import load_pretrained
-    from zturbo.train.layout import resolve_model_dir
-
     cfg = cfg or ExportConfig()
     log = log or _nolog
     if not cfg.parts:
         raise UsageError("nothing to export: --part is empty", "use --part encoder,decoder")
+    if cfg.verify and cfg.format != "diffusers" and verifier is None:
+        raise UsageError(
+            "export.verify needs a verifier that runs the exported files",
+            "call zturbo.backends.verify.export_checkpoint, which passes one",
+        )
     if cfg.format == "trt":  # fail before minutes of export work if the engine cannot be built here
-        from zturbo.export.tensorrt import require_tensorrt
-
         require_tensorrt()
-    source = resolve_model_dir(checkpoint)
+    source = Path(model_dir)
     vae = load_pretrained(source).float().eval()
     out = prepare_out_dir(out_dir)
     log(f"model {source} ({vae.num_parameters / 1e6:.1f} M parameters)")
 
     if cfg.format == "diffusers":
-        from zturbo.export.diffusers_format import export_diffusers
-
         return export_diffusers(vae, out, verify=cfg.verify, source=source, log=log)
 
     _check_sizes(cfg, vae.config.downsample_factor)
@@ -123,7 +120,7 @@ def export_model(
         meta = build_files(vae, source, staging, out, cfg, log)
         atomic_write_json(staging / META_NAME, meta)
         if cfg.verify:
-            meta["verify"] = _verify(vae, staging, cfg, log)
+            meta["verify"] = verifier(vae, staging)
         _publish(staging, out, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -132,8 +129,6 @@ def export_model(
 
 def build_files(vae, source: Path, staging: Path, out: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
     """Write the graphs (and engines) of ``cfg.parts`` into ``staging``; return their metadata."""
-    from zturbo.export.onnx import export_part, io_shapes
-
     parts: dict[str, dict[str, Any]] = {}
     trt_env = None
     for part in cfg.parts:
@@ -156,8 +151,6 @@ def build_files(vae, source: Path, staging: Path, out: Path, cfg: ExportConfig, 
             bytes=final.stat().st_size,
         )
         if cfg.format == "trt":
-            from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
-
             trt = require_tensorrt()
             trt_env = environment(trt)
             info.update(
@@ -202,8 +195,6 @@ def build_files(vae, source: Path, staging: Path, out: Path, cfg: ExportConfig, 
 
 
 def _to_fp16(vae, part: str, fp32_path: Path, dst: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
-    from zturbo.export.fp16 import activation_ranges, convert_to_fp16, plan_fp16
-
     feeds = _calibration_feeds(vae, part, cfg)
     log(f"calibrating {part} fp16 ranges on {len(feeds)} photos at {feeds[0].shape[-1]} px")
     ranges = activation_ranges(fp32_path, feeds)
@@ -213,36 +204,8 @@ def _to_fp16(vae, part: str, fp32_path: Path, dst: Path, cfg: ExportConfig, log:
             f"{part}: keeping {len(plan.kept_layers)} layer(s) in fp32 (activations up to {plan.max_activation:.4g})"
         )
     convert_to_fp16(fp32_path, dst, plan)
-    from zturbo.export.onnx import check_onnx
-
     check_onnx(dst)
     return plan.summary()
-
-
-def _verify(vae, staging: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
-    from zturbo.backends import create_backend
-    from zturbo.export.verify import sample_images, verify_backend
-
-    f = vae.config.downsample_factor
-    side = min(max(256, cfg.size[0]), cfg.size[2]) // f * f
-    batch = min(max(2, cfg.batch[0]), cfg.batch[2])
-    images = sample_images(side, batch)
-    backend_name = "trt" if cfg.format == "trt" else "onnx"
-    device = "cuda" if cfg.format == "trt" else "cpu"
-    log(f"verifying the {backend_name} export against torch on {batch} photos at {side} px")
-    backend = create_backend(backend_name, staging, device=device)
-    result = verify_backend(vae, backend, list(cfg.parts), images, cfg.precision)
-    result["backend"] = backend.describe()
-    failed = [p for p in cfg.parts if not result[p]["passed"]]
-    if failed:
-        figures = "; ".join(
-            f"{p}: max abs {result[p]['max_abs']:.3g}, PSNR {result[p]['psnr_db']:.1f} dB" for p in failed
-        )
-        raise ZTurboError(
-            f"verification failed, nothing was written: {figures}",
-            "for fp16 try a larger --fp16-headroom or more calibration photos; otherwise export fp32",
-        )
-    return result
 
 
 def _remove_stale_staging(out: Path, older_than_s: float = 6 * 3600) -> None:

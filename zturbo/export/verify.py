@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from zturbo.data import load_demo_images
+from zturbo.data.images import pil_to_tensor
 from zturbo.errors import ZTurboError
 
 # fp32 graphs must match torch to this on [-1, 1] images; fp16 ones must stay finite and above this PSNR.
@@ -15,9 +17,6 @@ FP16_MIN_PSNR_DB = 30.0
 
 def sample_images(size: int, count: int = 4) -> torch.Tensor:
     """The bundled photos, centre-cropped to ``size`` x ``size``, as (N, 3, size, size) in [-1, 1]."""
-    from zturbo.data import load_demo_images
-    from zturbo.data.images import pil_to_tensor
-
     photos = load_demo_images(size)[:count]
     return torch.stack([pil_to_tensor(im) for im in photos])
 

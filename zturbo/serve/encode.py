@@ -76,10 +76,10 @@ def encode_collection(
     items = [p for p in probed if isinstance(p, Probed)]
     header_failures = [p for p in probed if isinstance(p, Failure)]
     failures = {f["source"]: f for f in _part_failures(out_dir, partition.name)}
-    failures.update({f.key: f.to_json() for f in header_failures})
+    failures.update({f.key: f.to_dict() for f in header_failures})
     writer = ShardWriter(out_dir, partition.name, cfg.shard_size, items, failures)
     report.failed = len(header_failures)
-    report.failures = [f.to_json() for f in header_failures]
+    report.failures = [f.to_dict() for f in header_failures]
 
     step = DeviceStep(backend, "encode", cfg.latent_mode, cfg.seed)
     if items:
@@ -108,7 +108,7 @@ def encode_collection(
         report.duplicates_dropped = index["duplicates_dropped"]
     report.wall_seconds = time.perf_counter() - t_start - waited  # this process's own time, not other ranks'
     if partition.rank == 0:
-        atomic_write_json(out_dir / store.REPORT_NAME, report.to_json())
+        atomic_write_json(out_dir / store.REPORT_NAME, report.to_dict())
     return report
 
 

@@ -39,7 +39,7 @@ class Failure:
     reason: str
     detail: str = ""
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"source": self.key, "reason": self.reason, "detail": self.detail}
 
 

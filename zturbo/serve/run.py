@@ -57,7 +57,7 @@ class RunReport:
     def images_per_second(self) -> float:
         return self.processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 3)}
 
 
@@ -109,7 +109,7 @@ def run_batches(reader: Reader, step: DeviceStep, writer: Writer, report: RunRep
             report.read_seconds += batch.read_seconds
             if batch.failures:
                 report.failed += len(batch.failures)
-                report.failures += [f.to_json() for f in batch.failures]
+                report.failures += [f.to_dict() for f in batch.failures]
             writer.put(computed)
             report.processed += len(batch.indices)
             if progress is not None:

@@ -14,14 +14,17 @@ from typing import Any
 
 import torch
 
-from zturbo.backends import create_backend
+from zturbo.backends import open_backend
 from zturbo.config import ServeConfig
 from zturbo.errors import UsageError
 
 
 def load_backend(model: Any, cfg: ServeConfig, device: str | torch.device | None = None):
-    """The backend serve computes with: ``model`` (a path or a VAE) on ``device`` (default ``cfg.device``)."""
-    return create_backend(cfg.backend, model, device=device or cfg.device, precision=cfg.precision)
+    """The backend serve computes with: ``model`` (any artifact a backend runs, or a VAE) on ``device``.
+
+    ``cfg.backend="auto"`` picks the backend the artifact's kind needs (an ONNX export runs on ONNX Runtime).
+    """
+    return open_backend(model, cfg.backend, job="serve-batch", device=device or cfg.device, precision=cfg.precision)
 
 
 def model_sample_size(backend) -> int:

@@ -122,7 +122,7 @@ class ShardWriter(Writer):
     def handle(self, computed: Computed) -> None:
         batch = computed.batch
         for f in batch.failures:
-            self.failures[f.key] = f.to_json()
+            self.failures[f.key] = f.to_dict()
             self.failures_dirty = True
         if computed.result is None:
             return

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from zturbo.config import Settings
+from zturbo.train.engine import TrainEngine
+from zturbo.utils import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -38,9 +40,6 @@ def benchmark_step(
     Returns step_ms (median), step_ms_all, images_per_s, peak_memory_gib (CUDA max
     allocated; on CPU the process's peak resident set size), micro_batch and precision.
     """
-    from zturbo.train.engine import TrainEngine
-    from zturbo.utils import resolve_device
-
     device = resolve_device(device) if isinstance(device, str) else device
     size = settings.data.image_size
     batch = settings.train.batch_size

@@ -1,7 +1,8 @@
 """Distributed glue: torchrun detection, process-group set-up, small collectives.
 
-The command reads RANK / LOCAL_RANK / WORLD_SIZE from the environment and hands a
-``DistContext`` to the trainer; without them it is a plain single process.
+``DistContext.from_env`` is the one reader of torchrun's RANK / LOCAL_RANK / WORLD_SIZE:
+the train and serve-batch commands call it with ``os.environ`` and hand the context
+down; without those variables it is a plain single process.
 """
 
 from __future__ import annotations

@@ -24,6 +24,16 @@ from typing import Any
 import torch
 
 from zturbo.config import Settings
+from zturbo.console import info, progress
+from zturbo.data.datasets import (
+    ImageFolderDataset,
+    ResumableSampler,
+    load_batch,
+    make_loader,
+    split_data,
+    steps_per_epoch,
+)
+from zturbo.data.images import tensor_to_uint8
 from zturbo.errors import CheckpointError, InputError, UsageError
 from zturbo.model import load_state_dict_strict
 from zturbo.model.diffusers import config_from_diffusers
@@ -71,15 +81,6 @@ class Trainer:
         lpips_random_backbone: bool = False,
         on_step: Callable[[int, StepResult], None] | None = None,
     ):
-        from zturbo.data.datasets import (
-            ImageFolderDataset,
-            ResumableSampler,
-            load_batch,
-            make_loader,
-            split_data,
-            steps_per_epoch,
-        )
-
         self.settings = settings
         self.dist = dist_ctx or DistContext()
         self.quiet = quiet or not self.dist.is_main
@@ -203,8 +204,6 @@ class Trainer:
     # -- logging --------------------------------------------------------------------------------------
     def _log(self, message: str) -> None:
         if not self.quiet:
-            from zturbo.console import info
-
             info(message)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -262,8 +261,6 @@ class Trainer:
             return None
         from PIL import Image
 
-        from zturbo.data.images import tensor_to_uint8
-
         model = self.engine.ema.model
         x = self.val_batch.to(self.device)
         recon = model(x).clamp(-1, 1)
@@ -320,8 +317,6 @@ class Trainer:
         last_result: StepResult | None = None
         first_loss = None
         from rich.progress import TextColumn
-
-        from zturbo.console import progress
 
         bar = progress(self.quiet, TextColumn("{task.fields[status]}"))
         plain_logs = not self.quiet and bar.disable
