@@ -221,8 +221,6 @@ def _serve(path: Path, arts) -> list[str]:
         "32",
         "--batch-size",
         "2",
-        "--workers",
-        "0",
         "--json",
         "-q",
     ]
@@ -234,7 +232,7 @@ COMMANDS = {
     "export": (_export, "export", TORCH),
     "import-diffusers": (_import, "import-diffusers", TORCH),
     "train --resume": (_resume, "train --resume", ("run", "step")),
-    "serve-batch": (_serve, "a backend", TORCH + ("onnx",)),
+    "serve-batch": (_serve, "serve-batch", TORCH + ("onnx",)),
 }
 ACCEPTS = {
     "eval": "a model folder, a run folder, a step-N checkpoint, a diffusers folder, a diffusers pipeline folder, "
