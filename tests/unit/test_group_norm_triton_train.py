@@ -21,7 +21,8 @@ import pytest
 
 from zturbo.model.group_norm_triton import triton_available
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton (ships with CUDA builds of torch)")
+pytestmark = [pytest.mark.skipif(not triton_available(), reason="needs triton (ships with CUDA builds of torch)"),
+              pytest.mark.slow]  # the interpreter runs every Triton program in Python: ~15 s each on 2 cores
 
 _PRELUDE = textwrap.dedent("""
     import torch, torch.nn.functional as F
