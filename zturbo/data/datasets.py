@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
+from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
 from zturbo.errors import InputError
 
 
@@ -81,6 +82,11 @@ class ImageFolderDataset(Dataset):
     The shorter side is resized to ``image_size`` (antialiased) when it differs,
     then a random (or centre) square is cropped and optionally flipped. An
     unreadable file is reported once and replaced by the next readable one.
+
+    With ``device_decode`` JPEGs that need no colour or geometry work come back
+    still encoded (``EncodedImage``: bytes plus the same crop and flip), for the
+    GPU to decode a whole batch at once (``zturbo.data.jpeg_device``); the loader
+    then collates ``EncodedBatch`` objects.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class ImageFolderDataset(Dataset):
         random_crop: bool = True,
         random_flip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        device_decode: bool = False,
     ):
         if not paths:
             raise InputError("the dataset is empty")
@@ -98,16 +105,22 @@ class ImageFolderDataset(Dataset):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.max_pixels = max_pixels
+        self.device_decode = device_decode
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor | EncodedImage:
         index, seed = key if isinstance(key, tuple) else (key, None)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
+            if self.device_decode and device_decodable(path, self.image_size, self.max_pixels):
+                try:
+                    return read_encoded(path, self.image_size, self.random_crop, self.random_flip, generator)
+                except OSError:
+                    pass  # vanished or unreadable since the check: the CPU path reports it
             try:
                 image = open_image(path, max_pixels=self.max_pixels, draft_size=self.image_size)
             except ImageReadError as exc:
@@ -179,6 +192,7 @@ def make_loader(
     pin_memory: bool,
 ) -> DataLoader:
     """Full batches only (drop_last), workers kept alive across epochs."""
+    device_decode = getattr(dataset, "device_decode", False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -189,6 +203,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),  # keeps the global RNG out of loader start-up
+        collate_fn=collate_encoded if device_decode else None,
     )
 
 

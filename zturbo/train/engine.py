@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from zturbo.config import Settings
+from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
 from zturbo.model.kernels import probe_triton_group_norm
 from zturbo.train.compile import CompileWatch, resolve_compile
@@ -232,8 +233,13 @@ class TrainEngine:
     def disc_active(self, step: int) -> bool:
         return self.disc is not None and step >= self.settings.loss.disc_start
 
-    def step(self, batch: torch.Tensor, step: int) -> StepResult:
-        """One optimizer step on ``batch`` (this rank's share of the effective batch), at global ``step``."""
+    def step(self, batch: torch.Tensor | EncodedBatch, step: int) -> StepResult:
+        """One optimizer step on ``batch`` (this rank's share of the effective batch), at global ``step``.
+
+        An ``EncodedBatch`` (a loader with ``device_decode``) is decoded on this device first.
+        """
+        if isinstance(batch, EncodedBatch):
+            batch = batch.decode(self.device)
         while True:
             try:
                 return self._step(batch, step)
