@@ -58,3 +58,16 @@ def test_loader_collates_encoded_batches(folder):
     assert any(isinstance(i, EncodedImage) for b in batches for i in b.items)
     x = batches[0].decode(torch.device("cpu"))
     assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_uint8_crops_scale_to_the_float_path_exactly(folder):
+    from zturbo.data.datasets import to_unit_range
+
+    as_float = ImageFolderDataset(folder, 32)
+    as_bytes = ImageFolderDataset(folder, 32, as_uint8=True)
+    for i in range(len(folder)):
+        raw = as_bytes[(i, 5)]
+        assert raw.dtype == torch.uint8 and raw.shape == (3, 32, 32)
+        assert torch.equal(to_unit_range(raw), as_float[(i, 5)])
+    batch = EncodedBatch([as_bytes[(i, 5)] for i in range(2)], 32)  # uint8 pixels inside an encoded batch too
+    assert torch.equal(batch.decode(torch.device("cpu")), torch.stack([as_float[(i, 5)] for i in range(2)]))

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -83,7 +84,9 @@ class ImageFolderDataset(Dataset):
     then a random (or centre) square is cropped and optionally flipped. An
     unreadable file is reported once and replaced by the next readable one.
 
-    With ``device_decode`` JPEGs that need no colour or geometry work come back
+    With ``as_uint8`` the crops come as uint8 (0..255), a quarter of the bytes through
+    the workers' shared memory and the copy to the GPU; ``to_unit_range`` makes the
+    same [-1, 1] values on the device. With ``device_decode`` JPEGs that need no colour or geometry work come back
     still encoded (``EncodedImage``: bytes plus the same crop and flip), for the
     GPU to decode a whole batch at once (``zturbo.data.jpeg_device``); the loader
     then collates ``EncodedBatch`` objects.
@@ -97,6 +100,7 @@ class ImageFolderDataset(Dataset):
         random_flip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         device_decode: bool = False,
+        as_uint8: bool = False,
     ):
         if not paths:
             raise InputError("the dataset is empty")
@@ -106,6 +110,7 @@ class ImageFolderDataset(Dataset):
         self.random_flip = random_flip
         self.max_pixels = max_pixels
         self.device_decode = device_decode
+        self.as_uint8 = as_uint8
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -150,7 +155,7 @@ class ImageFolderDataset(Dataset):
         else:
             left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
-        tensor = pil_to_tensor(image)
+        tensor = pil_to_uint8(image) if self.as_uint8 else pil_to_tensor(image)
         if self.random_flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
             tensor = tensor.flip(-1)
         return tensor
@@ -182,6 +187,16 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] (the same operations as ``pil_to_tensor``, so the same values)."""
+    return batch.float().div_(127.5).sub_(1.0) if batch.dtype == torch.uint8 else batch
 
 
 def make_loader(

@@ -95,7 +95,8 @@ class EncodedBatch:
         encoded = [(k, item) for k, item in enumerate(self.items) if isinstance(item, EncodedImage)]
         for k, item in enumerate(self.items):
             if not isinstance(item, EncodedImage):
-                out[k] = item.to(device, non_blocking=self._pinned)
+                item = item.to(device, non_blocking=self._pinned)
+                out[k] = item.float().div_(127.5).sub_(1.0) if item.dtype == torch.uint8 else item
         if not encoded:
             return out
         pixels = self._decode_on_device([item.data for _, item in encoded], device)

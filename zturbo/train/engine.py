@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from zturbo.config import Settings
+from zturbo.data.datasets import to_unit_range
 from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
 from zturbo.model.kernels import probe_triton_group_norm
@@ -236,10 +237,13 @@ class TrainEngine:
     def step(self, batch: torch.Tensor | EncodedBatch, step: int) -> StepResult:
         """One optimizer step on ``batch`` (this rank's share of the effective batch), at global ``step``.
 
-        An ``EncodedBatch`` (a loader with ``device_decode``) is decoded on this device first.
+        An ``EncodedBatch`` (a loader with ``device_decode``) is decoded on this device first;
+        uint8 images (``as_uint8``) are copied as they are and scaled to [-1, 1] there.
         """
         if isinstance(batch, EncodedBatch):
             batch = batch.decode(self.device)
+        elif batch.dtype == torch.uint8:
+            batch = to_unit_range(batch.to(self.device, non_blocking=True))
         while True:
             try:
                 return self._step(batch, step)
