@@ -50,7 +50,8 @@ def write_jpegs(folder: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
-def median_rate(fn, images: int, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+def median_rate(fn, images: int, repeats: int, device: torch.device | None = None) -> float:
+    device = device or torch.device("cpu")
     fn()  # warm-up (file cache, worker start-up, nvJPEG handles)
     times = sorted(time_once(fn, device) for _ in range(repeats))
     return images / (times[len(times) // 2] / 1e3)
@@ -79,9 +80,7 @@ def loader_rate(paths: list[Path], size: int, batch: int, workers: int, repeats:
             x = b.decode(device) if isinstance(b, EncodedBatch) else to_unit_range(b.to(device, non_blocking=True))
             del x
 
-    rate = median_rate(run, used, repeats, device)
-    del loader
-    return rate
+    return median_rate(run, used, repeats, device)
 
 
 def nvjpeg_only(paths: list[Path], batch: int, repeats: int) -> float:

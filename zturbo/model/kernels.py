@@ -94,7 +94,7 @@ def probe_triton_group_norm(device: torch.device, dtype: torch.dtype = torch.bfl
         y.float().sum().backward()
         torch.ops.zturbo.group_norm_silu(x.detach(), weight.detach(), bias.detach(), 8, 1e-6, True)
         torch.cuda.synchronize(device)
-    except Exception as exc:  # Triton's compile and launch errors have no common type
+    except Exception as exc:  # noqa: BLE001 - Triton's compile and launch errors have no common type
         _note_failure(exc)
         return False
     return True

@@ -38,6 +38,7 @@ from zturbo.train.compile import CompileWatch, resolve_compile
 from zturbo.train.distributed import DistContext, any_true
 from zturbo.train.ema import EMA
 from zturbo.train.losses import VAELoss, check_lpips_size, discriminator_loss, generator_loss
+from zturbo.train.memory import does_not_fit
 from zturbo.train.schedule import make_scheduler
 
 
@@ -187,8 +188,8 @@ class TrainEngine:
         recon_terms = self.loss.reconstruction_terms
         gen_term = disc_term = None
         if self.disc is not None:
-            gen_term = lambda recon: generator_loss(self.disc, recon)  # noqa: E731
-            disc_term = lambda real, recon: discriminator_loss(self.disc_train, real, recon)  # noqa: E731
+            gen_term = lambda recon: generator_loss(self.disc, recon)
+            disc_term = lambda real, recon: discriminator_loss(self.disc_train, real, recon)
         self._eager_forward = forward  # for fit_micro_batch: no extra compile for a one-image probe
         if self.compiled:
             if self.disc is not None:
@@ -248,8 +249,13 @@ class TrainEngine:
             try:
                 return self._step(batch, step)
             except torch.OutOfMemoryError:
-                if self.device.type != "cuda" or self.micro_batch == 1:
+                if self.device.type != "cuda":
                     raise
+                if self.micro_batch == 1:
+                    peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+                    raise does_not_fit(self.settings.profile, batch.shape[-1], peak, total,
+                                       self.settings.train.gradient_checkpointing) from None
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.disc_optimizer is not None:
                     self.disc_optimizer.zero_grad(set_to_none=True)
@@ -382,6 +388,9 @@ class TrainEngine:
         free, _ = torch.cuda.mem_get_info(self.device)
         param_bytes = sum(p.numel() * 4 for p in self.vae.parameters())
         budget = free * headroom - 3 * param_bytes  # gradients + AdamW's two moments still to come
+        if per_image > budget:
+            raise does_not_fit(self.settings.profile, image_size, per_image / 2**30, max(budget, 0) / 2**30,
+                               self.settings.train.gradient_checkpointing)
         fits = max(1, int(budget // max(per_image, 1)))
         self.micro_batch = max(
             d for d in range(1, self.per_rank_batch + 1) if self.per_rank_batch % d == 0 and d <= fits
