@@ -12,7 +12,8 @@ step (default fast, 1024 px, batch 24, bf16, GAN on, compiled by default) with s
 images/s, MFU against the bf16 matmul peak measured in the same run, peak memory, graph
 breaks and the 10 most expensive kernels of one step (torch.profiler); the same step with
 diffusers' AutoencoderKL of the same config and losses, and with the standard profile
-(speedup next to the FLOP ratio), both at a smaller batch of equal micro-batches; then
+(speedup next to the FLOP ratio), both at a smaller batch of equal micro-batches, both
+sides with the same compile setting (eager by default: compiling takes minutes); then
 each menu profile's peak memory per micro-batch at its guide batch, eager, up to a 32 GB
 card, with the fastest micro-batch that fits.
 
@@ -231,12 +232,13 @@ def print_tables(results: dict, profile: str) -> None:
             print(f"| kernel ({k['calls']} calls) | {k['ms']:.1f} ms = {k['share']:.1%}: `{k['name'][:90]}` |")
     if "vs_diffusers" in g:
         d = g["vs_diffusers"]
-        print(f"| same step, diffusers AutoencoderKL (batch {d['batch']}, micro {d['micro_batch']}) | zturbo "
-              f"{d['zturbo_ms']:.0f} ms vs diffusers {d['diffusers_ms']:.0f} ms = {d['ratio']:.2f}x its time; peak "
-              f"{d['zturbo_peak_gib']:.1f} vs {d['diffusers_peak_gib']:.1f} GiB |")
+        print(f"| same step, diffusers AutoencoderKL (batch {d['batch']}, micro {d['micro_batch']}, compile "
+              f"{d['compile']} both) | zturbo {d['zturbo_ms']:.0f} ms vs diffusers {d['diffusers_ms']:.0f} ms = "
+              f"{d['ratio']:.2f}x its time (the headline step per image: {d['headline_vs_diffusers_per_image']:.2f}x); "
+              f"peak {d['zturbo_peak_gib']:.1f} vs {d['diffusers_peak_gib']:.1f} GiB |")
     if "vs_standard" in g:
         d = g["vs_standard"]
-        print(f"| standard vs {profile} step (batch {d['batch']}) | {d['standard_ms']:.0f} vs {d['fast_ms']:.0f} ms = "
+        print(f"| standard vs {profile} step (batch {d['batch']}, compile {d['compile']}) | {d['standard_ms']:.0f} vs {d['fast_ms']:.0f} ms = "
               f"{d['speedup']:.2f}x (FLOP ratio {d['flop_ratio']:.2f}x; {d['speedup_over_flop_ratio']:.0%} of it) |")
     for name, m in g.get("memory", {}).items():
         best = m.get("fastest_fitting")
@@ -281,7 +283,7 @@ def timed_step(settings, device, repeats: int, *, model_factory=None, batch=None
 
 def train_report(profile: str, repeats: int, compile_mode: str, device: torch.device, size: int | None,
                  batch: int | None, compare_batch: int | None, budget_s: float, profile_size: int | None,
-                 max_micro: int | None = None) -> dict:
+                 max_micro: int | None = None, compare_compile: str = "off") -> dict:
     """Step time, images/s, MFU, peak memory, graph breaks, top kernels; against diffusers and standard;
     memory per profile at its guide batch. Sections run in that order while the budget lasts."""
     budget = Budget(budget_s)
@@ -307,25 +309,32 @@ def train_report(profile: str, repeats: int, compile_mode: str, device: torch.de
 
     cmp_batch = compare_batch or min(head["batch_size"], 2 * head["micro_batch"])
     micro = min(head["micro_batch"], cmp_batch)
+    # Like for like and without more compiles (minutes each at 1024 px): both sides of each comparison
+    # run with the same compile setting, eager unless --compare-compile.
+    cmp = settings.model_copy(deep=True)
+    cmp.train.compile = compare_compile
     if budget.left() > 60:
-        ours = timed_step(settings, device, repeats, batch=cmp_batch, micro=micro, fit=False)
-        theirs = timed_step(settings, device, repeats, batch=cmp_batch, micro=micro, fit=False,
+        ours = timed_step(cmp, device, repeats, batch=cmp_batch, micro=micro, fit=False)
+        theirs = timed_step(cmp, device, repeats, batch=cmp_batch, micro=micro, fit=False,
                             model_factory=_diffusers_model)
-        out["vs_diffusers"] = {"batch": cmp_batch, "micro_batch": micro, "zturbo_ms": ours["step_ms"],
-                               "diffusers_ms": theirs["step_ms"], "ratio": ours["step_ms"] / theirs["step_ms"],
-                               "diffusers_peak_gib": theirs["peak_memory_gib"], "zturbo_peak_gib": ours["peak_memory_gib"],
-                               "diffusers_compile": theirs["compile"]}
+        out["vs_diffusers"] = {"batch": cmp_batch, "micro_batch": micro, "compile": compare_compile,
+                               "zturbo_ms": ours["step_ms"], "diffusers_ms": theirs["step_ms"],
+                               "ratio": ours["step_ms"] / theirs["step_ms"],
+                               "headline_vs_diffusers_per_image": (head["step_ms"] / head["batch_size"])
+                               / (theirs["step_ms"] / cmp_batch),
+                               "diffusers_peak_gib": theirs["peak_memory_gib"], "zturbo_peak_gib": ours["peak_memory_gib"]}
         print(json.dumps(out["vs_diffusers"], default=str), flush=True)
     else:
         out["skipped"].append("vs_diffusers")
     if budget.left() > 60:
-        std = load_settings("standard", None, overrides)
+        std = cmp.model_copy(update={"model": load_settings("standard", None, overrides).model})
         std_r = timed_step(std, device, repeats, batch=cmp_batch, micro=micro, fit=False)
         std_flops = step_flops_per_image(std, device)
         base_ms = out["vs_diffusers"]["zturbo_ms"] if "vs_diffusers" in out else \
-            timed_step(settings, device, repeats, batch=cmp_batch, micro=micro, fit=False)["step_ms"]
-        out["vs_standard"] = {"batch": cmp_batch, "standard_ms": std_r["step_ms"], "fast_ms": base_ms,
-                              "speedup": std_r["step_ms"] / base_ms, "flop_ratio": std_flops / flops}
+            timed_step(cmp, device, repeats, batch=cmp_batch, micro=micro, fit=False)["step_ms"]
+        out["vs_standard"] = {"batch": cmp_batch, "compile": compare_compile, "standard_ms": std_r["step_ms"],
+                              "fast_ms": base_ms, "speedup": std_r["step_ms"] / base_ms,
+                              "flop_ratio": std_flops / flops}
         out["vs_standard"]["speedup_over_flop_ratio"] = out["vs_standard"]["speedup"] / out["vs_standard"]["flop_ratio"]
         print(json.dumps(out["vs_standard"]), flush=True)
     else:
@@ -386,6 +395,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="gpu, gpu-memory: cuda, or cpu for a dry run at --size")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--budget", type=float, default=420.0, help="gpu: seconds; later sections are skipped past it")
+    parser.add_argument("--compare-compile", default="off", choices=["auto", "on", "off"],
+                        help="gpu: compile setting of both sides of the diffusers and standard comparisons")
     parser.add_argument("--warmup", type=int, default=2, help="gpu: steps before timing")
     parser.add_argument("--max-micro", type=int, default=None, help="gpu: largest micro-batch tried per profile")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -410,7 +421,8 @@ def main() -> None:
     WARMUP = args.warmup
     if "gpu" in what:
         results["gpu"] = train_report(args.profile, args.repeats, args.compile, device, args.size, args.batch,
-                                      args.compare_batch, args.budget, args.size, args.max_micro)
+                                      args.compare_batch, args.budget, args.size, args.max_micro,
+                                      args.compare_compile)
     elif "gpu-memory" in what:
         results["gpu"] = {"memory": profile_memory(device, Budget(args.budget), args.size, [], args.max_micro)}
     print_tables(results, args.profile)

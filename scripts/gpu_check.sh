@@ -7,13 +7,13 @@
 # decode) and training memory benchmarks, an eager profiler summary of the fast decoder, and a short
 # table last.
 #
-#   bash scripts/gpu_check.sh                  # on a GPU machine; needs no network (at most ~7.5 min)
+#   bash scripts/gpu_check.sh                  # on a GPU machine; needs no network (at most ~9 min)
 #   ONLY=bench_serve,train-report bash scripts/gpu_check.sh   # only the steps whose names start so
 #   bash scripts/gpu_check.sh --cpu-dry-run    # same steps on the CPU at toy sizes, to test the script
 #
 # Everything lands in $OUT (default ./gpu-out): log.txt, steps.tsv, bench-json.tar.gz (one JSON per
 # bench step), profile.txt, summary.md. Each step runs under `timeout` and its status is recorded;
-# a failing step never stops the ones after it. BUDGET (seconds, default 450) caps the whole script:
+# a failing step never stops the ones after it. BUDGET (seconds, default 540) caps the whole script:
 # a step gets at most what is left, and steps past the budget are recorded as skipped.
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 set -u
@@ -30,7 +30,7 @@ printf 'step\tstatus\tseconds\n' >"$STEPS"
 DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
 
-BUDGET=${BUDGET:-450}
+BUDGET=${BUDGET:-540}
 ONLY=${ONLY:-}
 if [ "$DRY" = 1 ]; then
   DEV=cpu; R_MAIN=32; B_MAIN=1; R_BIG=32; R_MFU=32; B_MFU=2; REP=1; WARM=1; T=240; BUDGET=${BUDGET_DRY:-1800}
@@ -80,7 +80,7 @@ step environment 60 bash -c "nvidia-smi 2>&1 | head -15; $ZT info"
 
 # Training first (issue #15): the report's sections stop at TRAIN_BUDGET seconds (the step itself may
 # overrun by one section), leaving the rest of BUDGET for everything below.
-TRAIN_BUDGET=${TRAIN_BUDGET:-200}
+TRAIN_BUDGET=${TRAIN_BUDGET:-270}
 if [ "$DRY" = 1 ]; then
   step train-report $T $PY benchmarks/bench_train.py --what gpu --device cpu --size 32 --batch 2 --repeats 1 \
     --budget 120 --json "$OUT/json/train-report.json"

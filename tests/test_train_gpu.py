@@ -129,3 +129,20 @@ def test_cuda_jpeg_decoding_matches_pillow_within_decoder_differences(tmp_path):
     # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: a few levels of 255 at most, on average < 1.
     diff = (out - ref).abs() * 127.5
     assert diff.max() <= 8 and diff.mean() <= 1.0
+
+
+def test_cuda_out_of_memory_at_micro_batch_one_is_a_one_line_error():
+    from zturbo.train.engine import TrainEngine
+    from zturbo.train.memory import DoesNotFitError
+
+    settings = load_settings(None, None, {**OVERRIDES, "train": {**OVERRIDES["train"], "compile": "off"}},
+                             default_profile=None)
+    engine = TrainEngine(settings, torch.device("cuda"), total_steps=4)
+
+    def forward(x, noise):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    engine.forward = forward
+    with pytest.raises(DoesNotFitError, match="at 64 px does not fit even at micro-batch 1") as info:
+        engine.step(torch.rand(8, 3, 64, 64) * 2 - 1, 0)
+    assert "\n" not in info.value.message and "gradient_checkpointing" in info.value.hint
