@@ -224,8 +224,8 @@ def print_tables(results: dict, profile: str) -> None:
         breaks = "eager" if not c["compiled"] else f"{c['graph_breaks']} graph break(s), {c['graphs']} graphs"
         print(f"| {profile} {r['image_size']}px batch {r['batch_size']} (GAN on, {r['precision']}, micro {r['micro_batch']}, "
               f"{breaks}) on {g['device']} | {r['step_ms']:.0f} ms/step, {r['images_per_s']:.2f} img/s, peak "
-              f"{r['peak_memory_gib']:.1f} GiB, {r['tflops']:.1f} TFLOP/s = MFU {r['mfu']:.1%} of the measured "
-              f"{g['peak_dtype']} peak {g['peak_tflops']:.0f} |")
+              f"{r['peak_memory_gib']:.1f} GiB, {r['tflops']:.3g} TFLOP/s = MFU {r['mfu']:.1%} of the measured "
+              f"{g['peak_dtype']} peak {g['peak_tflops']:.3g} |")
         for reason in c.get("reasons", {}):
             print(f"| graph break | {reason.splitlines()[0][:150]} |")
         for k in r.get("top_kernels", []):
