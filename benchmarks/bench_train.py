@@ -2,8 +2,20 @@
 
     python benchmarks/bench_train.py                 # CPU: ours vs diffusers' AutoencoderKL, same step
     python benchmarks/bench_train.py --what demo     # wall time of `zturbo train --profile demo`
-    python benchmarks/bench_train.py --what gpu      # CUDA: `fast` at 1024 px, batch 24; MFU; memory per profile
-    python benchmarks/bench_train.py --what gpu-memory  # CUDA: only the micro-batch-1 memory per profile
+    python benchmarks/bench_train.py --what lpips    # cost of LPIPS at full size against loss.lpips_size views
+    python benchmarks/bench_train.py --what gpu      # CUDA: the training report (below)
+    python benchmarks/bench_train.py --what gpu-memory  # CUDA: only the memory per profile at its guide batch
+    python benchmarks/bench_train.py --what gpu --device cpu --size 32 --batch 2 --repeats 1  # dry run
+
+``--what gpu`` reports in one run, in this order while ``--budget`` lasts: the profile's
+step (default fast, 1024 px, batch 24, bf16, GAN on, compiled by default) with step time,
+images/s, MFU against the bf16 matmul peak measured in the same run, peak memory, graph
+breaks and the 10 most expensive kernels of one step (torch.profiler); the same step with
+diffusers' AutoencoderKL of the same config and losses, and with the standard profile
+(speedup next to the FLOP ratio), both at a smaller batch of equal micro-batches, both
+sides with the same compile setting (eager by default: compiling takes minutes); then
+each menu profile's peak memory per micro-batch at its guide batch, eager, up to a 32 GB
+card, with the fastest micro-batch that fits.
 
 The comparison runs the very same training step (our losses, AdamW, EMA,
 clipping) with the model swapped: zturbo's VAE or diffusers' AutoencoderKL built
@@ -23,10 +35,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from zturbo.bench.timing import free_device_memory, time_interleaved
 from zturbo.config import load_settings
+from zturbo.train.memory import does_not_fit
+from zturbo.utils import atomic_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def compare_with_diffusers(repeats: int, size: int, batch: int, perceptual: float) -> dict:
@@ -120,107 +134,70 @@ def demo_wall_time(output: Path) -> dict:
     }
 
 
-def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / statistics.median(times) / 1e12
+def matmul_peak_tflops(device: torch.device, n: int = 8192) -> tuple[float, str]:
+    """The matmul peak measured here: bf16 on CUDA, fp32 on the CPU (the dtype each run trains in)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    [t] = time_interleaved([lambda: a @ b], device, warmup=3, repeats=10)
+    return 2 * n**3 / (t.median_ms / 1e3) / 1e12, str(dtype).replace("torch.", "")
 
 
-def step_flops_per_image(settings, device: torch.device) -> int:
-    """FLOPs of one full training step on one image, counted by torch (fwd + bwd, VAE + LPIPS + GAN)."""
+def step_flops_per_image(settings, device: torch.device, model_factory=None) -> int:
+    """FLOPs of one full training step on one image, counted by torch (fwd + bwd, VAE + LPIPS + GAN), eager."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from zturbo.train.engine import TrainEngine
 
-    one = settings.model_copy(update={"train": settings.train.model_copy(update={"batch_size": 1})})
-    engine = TrainEngine(one, device, lpips_random_backbone=True, total_steps=10)
+    one = settings.model_copy(deep=True)
+    one.train.batch_size, one.train.micro_batch_size, one.train.compile = 1, None, "off"
+    model = model_factory(one) if model_factory else None
+    engine = TrainEngine(one, device, model=model, lpips_random_backbone=True, total_steps=10)
     x = torch.rand(1, 3, settings.data.image_size, settings.data.image_size) * 2 - 1
     engine.step(x, 0)
     with FlopCounterMode(display=False) as counter:
         engine.step(x, 1)
+    del engine
+    free_device_memory(device)
     return int(counter.get_total_flops())
 
 
-def gpu(profile: str, repeats: int, compile_model: bool) -> dict:
-    from zturbo.train import benchmark_step
+def _diffusers_model(settings):
+    from diffusers import AutoencoderKL
 
-    device = torch.device("cuda")
-    out: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
-    out["bf16_matmul_peak_tflops"] = peak = matmul_peak_tflops(device)
-    settings = load_settings(profile, None, {"train": {"precision": "bf16", "compile": compile_model}})
-    for disc in (False, True):
-        torch.cuda.empty_cache()
-        r = benchmark_step(settings, device, steps=repeats, warmup=2, disc_active=disc)
-        flops = (
-            step_flops_per_image(
-                settings.model_copy(
-                    update={"loss": settings.loss.model_copy(update={"disc_start": 0 if disc else 10**9})}
-                ),
-                device,
-            )
-            * settings.train.batch_size
-        )
-        r["flops_per_step"] = flops
-        r["tflops"] = flops / (r["step_ms"] / 1e3) / 1e12
-        r["mfu"] = r["tflops"] / peak
-        out["gan_on" if disc else "gan_off"] = r
-        print(json.dumps({k: v for k, v in r.items() if k != "step_ms_all"}), flush=True)
-    out["micro1_peak_gib"] = gpu_memory()["micro1_peak_gib"]
-    return out
+    from zturbo.model import VAE
+
+    return AutoencoderKL.from_config(VAE(settings.model).diffusers_config())
 
 
-def gpu_memory() -> dict:
-    """Peak memory of one bf16 step at micro-batch 1 for each menu profile (what the menu shows)."""
-    from zturbo.train import benchmark_step
+def lpips_cost(size: int, batch: int, repeats: int) -> dict:
+    """LPIPS-VGG (untrained backbone: the same FLOPs) forward + backward on the full image and on the
+    loss.lpips_size views, timed interleaved on this CPU."""
+    from zturbo.perceptual import load_lpips
+    from zturbo.train.losses import perceptual_view
 
-    device = torch.device("cuda")
-    out: dict = {"device": torch.cuda.get_device_name(device), "micro1_peak_gib": {}}
-    for name in ("ultrafast", "fast", "highres", "ultra"):
-        s = load_settings(
-            name, None, {"train": {"precision": "bf16", "batch_size": 1, "micro_batch_size": 1}}
-        )
-        torch.cuda.empty_cache()
-        r = benchmark_step(s, device, steps=1, warmup=1, disc_active=True)
-        out["micro1_peak_gib"][name] = {"peak_gib": r["peak_memory_gib"], "step_ms": r["step_ms"],
-                                        "image_size": s.data.image_size}
-        print(name, out["micro1_peak_gib"][name], flush=True)
-    return out
+    device = torch.device("cpu")
+    net = load_lpips("vgg", device, random_backbone=True)
+    target = torch.rand(batch, 3, size, size) * 2 - 1
+    recon = (target + 0.1 * torch.randn_like(target)).requires_grad_(True)
+    offset = torch.tensor([size // 8, size // 8])
+    views = {"full": (None, "resize"), f"resize {size // 2}": (size // 2, "resize"),
+             f"crop {size // 2}": (size // 2, "crop"), f"resize {size // 4}": (size // 4, "resize")}
+
+    def run(lp_size, view):
+        def fn():
+            r, t = perceptual_view(recon, target, lp_size, view, offset)
+            net(r, t).mean().backward()
+        return fn
+
+    timings = time_interleaved([run(*v) for v in views.values()], device, warmup=1, repeats=repeats)
+    full = timings[0].median_ms
+    return {"size": size, "batch": batch, "threads": torch.get_num_threads(),
+            "views": {k: {"ms": t.median_ms, "vs_full": t.median_ms / full} for k, t in zip(views, timings)}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", default="step", help="comma list of: step, demo, gpu, gpu-memory")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--profile", default="fast")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    results: dict = {}
-    what = args.what.split(",")
-    if "step" in what:
-        for perceptual in (0.0, 0.8):
-            r = compare_with_diffusers(args.repeats, args.size, args.batch, perceptual)
-            results.setdefault("step_vs_diffusers", []).append(r)
-    if "demo" in what:
-        results["demo"] = demo_wall_time(Path("/tmp/zturbo-bench-demo"))
-    if "gpu" in what:
-        results["gpu"] = gpu(args.profile, args.repeats, args.compile)
-    elif "gpu-memory" in what:
-        results["gpu"] = gpu_memory()
-
+def print_tables(results: dict, profile: str) -> None:
     print("\n| benchmark | result |\n| --- | --- |")
     for r in results.get("step_vs_diffusers", []):
         print(
@@ -234,19 +211,224 @@ def main() -> None:
             f"| `zturbo train --profile demo` | {d['wall_s']:.0f} s wall ({d['train_s']:.0f} s training, {d['steps']} steps, "
             f"{d['threads']} threads); rec L1, first / last 5 logged steps {d['rec_first']:.3f} -> {d['rec_last']:.3f} |"
         )
-    if "gpu" in results:
-        g = results["gpu"]
-        for key in [k for k in ("gan_off", "gan_on") if k in g]:
-            r = g[key]
-            print(
-                f"| {args.profile} {r['image_size']}px batch {r['batch_size']} ({key}, {r['precision']}, micro {r['micro_batch']}) "
-                f"on {g['device']} | {r['step_ms']:.0f} ms/step, {r['images_per_s']:.1f} img/s, peak {r['peak_memory_gib']:.1f} GiB, "
-                f"{r['tflops']:.0f} TFLOP/s = MFU {r['mfu']:.1%} of measured bf16 peak {g['bf16_matmul_peak_tflops']:.0f} |"
-            )
-        for name, m in g["micro1_peak_gib"].items():
-            print(f"| {name} micro-batch 1 step | peak {m['peak_gib']:.1f} GiB, {m['step_ms']:.0f} ms |")
+    if "lpips" in results:
+        lp = results["lpips"]
+        cells = ", ".join(f"{k} {v['ms']:.0f} ms ({v['vs_full']:.2f}x)" for k, v in lp["views"].items())
+        print(f"| LPIPS-VGG fwd+bwd, {lp['size']} px batch {lp['batch']}, {lp['threads']} threads | {cells} |")
+    g = results.get("gpu")
+    if not g:
+        return
+    if "headline" in g:
+        r = g["headline"]
+        c = r["compile"]
+        breaks = "eager" if not c["compiled"] else f"{c['graph_breaks']} graph break(s), {c['graphs']} graphs"
+        print(f"| {profile} {r['image_size']}px batch {r['batch_size']} (GAN on, {r['precision']}, micro {r['micro_batch']}, "
+              f"{breaks}) on {g['device']} | {r['step_ms']:.0f} ms/step, {r['images_per_s']:.2f} img/s, peak "
+              f"{r['peak_memory_gib']:.1f} GiB, {r['tflops']:.3g} TFLOP/s = MFU {r['mfu']:.1%} of the measured "
+              f"{g['peak_dtype']} peak {g['peak_tflops']:.3g} |")
+        for reason in c.get("reasons", {}):
+            print(f"| graph break | {reason.splitlines()[0][:150]} |")
+        for k in r.get("top_kernels", []):
+            print(f"| kernel ({k['calls']} calls) | {k['ms']:.1f} ms = {k['share']:.1%}: `{k['name'][:90]}` |")
+    if "vs_diffusers" in g:
+        d = g["vs_diffusers"]
+        print(f"| same step, diffusers AutoencoderKL (batch {d['batch']}, micro {d['micro_batch']}, compile "
+              f"{d['compile']} both) | zturbo {d['zturbo_ms']:.0f} ms vs diffusers {d['diffusers_ms']:.0f} ms = "
+              f"{d['ratio']:.2f}x its time (the headline step per image: {d['headline_vs_diffusers_per_image']:.2f}x); "
+              f"peak {d['zturbo_peak_gib']:.1f} vs {d['diffusers_peak_gib']:.1f} GiB |")
+    if "vs_standard" in g:
+        d = g["vs_standard"]
+        print(f"| standard vs {profile} step (batch {d['batch']}, compile {d['compile']}) | {d['standard_ms']:.0f} vs {d['fast_ms']:.0f} ms = "
+              f"{d['speedup']:.2f}x (FLOP ratio {d['flop_ratio']:.2f}x; {d['speedup_over_flop_ratio']:.0%} of it) |")
+    for name, m in g.get("memory", {}).items():
+        best = m.get("fastest_fitting")
+        per = ", ".join(f"{r['micro_batch']}: {r['peak_gib']:.1f} GiB" for r in m["micro_batches"])
+        verdict = (f"fastest fitting micro-batch {best['micro_batch']} ({best['ms_per_image']:.0f} ms/img)" if best
+                   else m.get("error", "not measured"))
+        print(f"| {name} {m['image_size']}px guide batch {m['guide_batch']} | {verdict}; peak by micro-batch: {per} |")
+    if g.get("skipped"):
+        print(f"| skipped (budget) | {', '.join(g['skipped'])} |")
+
+
+CARD_GIB = 30.0  # a 32 GB card less ~2 GiB for the CUDA context, cuDNN workspaces and fragmentation
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+WARMUP = 2  # steps before timing (the first compiles); --warmup sets it
+
+
+def timed_step(settings, device, repeats: int, *, model_factory=None, batch=None, micro=None, fit=True,
+               profile_top: int = 0, gan: bool = True) -> dict:
+    from zturbo.train import benchmark_step
+
+    s = settings.model_copy(deep=True)
+    if batch is not None:
+        s.train.batch_size = batch
+    if micro is not None:
+        s.train.micro_batch_size = micro
+    free_device_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = model_factory(s) if model_factory else None
+    return benchmark_step(s, device, steps=repeats, warmup=WARMUP, model=model, disc_active=gan, fit=fit,
+                          profile_top=profile_top)
+
+
+def train_report(profile: str, repeats: int, compile_mode: str, device: torch.device, size: int | None,
+                 batch: int | None, compare_batch: int | None, budget_s: float, profile_size: int | None,
+                 max_micro: int | None = None, compare_compile: str = "off") -> dict:
+    """Step time, images/s, MFU, peak memory, graph breaks, top kernels; against diffusers and standard;
+    memory per profile at its guide batch. Sections run in that order while the budget lasts."""
+    budget = Budget(budget_s)
+    cuda = device.type == "cuda"
+    out: dict = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                 "torch": torch.__version__, "skipped": []}
+    out["peak_tflops"], out["peak_dtype"] = matmul_peak_tflops(device)
+    overrides: dict = {"train": {"precision": "bf16" if cuda else "fp32", "compile": compile_mode},
+                       "loss": {"disc_start": 0}}
+    if size:
+        overrides["data"] = {"image_size": size}
+        overrides["model"] = {"sample_size": size}
+    if batch:
+        overrides["train"]["batch_size"] = batch
+    settings = load_settings(profile, None, overrides)
+
+    head = timed_step(settings, device, repeats, profile_top=10)
+    flops = step_flops_per_image(settings, device)
+    head.update(flops_per_image=flops, tflops=flops * head["batch_size"] / (head["step_ms"] / 1e3) / 1e12)
+    head["mfu"] = head["tflops"] / out["peak_tflops"]
+    out["headline"] = head
+    print(json.dumps({k: v for k, v in head.items() if k not in ("step_ms_all", "top_kernels")}), flush=True)
+
+    cmp_batch = compare_batch or min(head["batch_size"], 2 * head["micro_batch"])
+    micro = min(head["micro_batch"], cmp_batch)
+    # Like for like and without more compiles (minutes each at 1024 px): both sides of each comparison
+    # run with the same compile setting, eager unless --compare-compile.
+    cmp = settings.model_copy(deep=True)
+    cmp.train.compile = compare_compile
+    if budget.left() > 60:
+        ours = timed_step(cmp, device, repeats, batch=cmp_batch, micro=micro, fit=False)
+        theirs = timed_step(cmp, device, repeats, batch=cmp_batch, micro=micro, fit=False,
+                            model_factory=_diffusers_model)
+        out["vs_diffusers"] = {"batch": cmp_batch, "micro_batch": micro, "compile": compare_compile,
+                               "zturbo_ms": ours["step_ms"], "diffusers_ms": theirs["step_ms"],
+                               "ratio": ours["step_ms"] / theirs["step_ms"],
+                               "headline_vs_diffusers_per_image": (head["step_ms"] / head["batch_size"])
+                               / (theirs["step_ms"] / cmp_batch),
+                               "diffusers_peak_gib": theirs["peak_memory_gib"], "zturbo_peak_gib": ours["peak_memory_gib"]}
+        print(json.dumps(out["vs_diffusers"], default=str), flush=True)
+    else:
+        out["skipped"].append("vs_diffusers")
+    if budget.left() > 60:
+        std = cmp.model_copy(update={"model": load_settings("standard", None, overrides).model})
+        std_r = timed_step(std, device, repeats, batch=cmp_batch, micro=micro, fit=False)
+        std_flops = step_flops_per_image(std, device)
+        base_ms = out["vs_diffusers"]["zturbo_ms"] if "vs_diffusers" in out else \
+            timed_step(cmp, device, repeats, batch=cmp_batch, micro=micro, fit=False)["step_ms"]
+        out["vs_standard"] = {"batch": cmp_batch, "compile": compare_compile, "standard_ms": std_r["step_ms"],
+                              "fast_ms": base_ms, "speedup": std_r["step_ms"] / base_ms,
+                              "flop_ratio": std_flops / flops}
+        out["vs_standard"]["speedup_over_flop_ratio"] = out["vs_standard"]["speedup"] / out["vs_standard"]["flop_ratio"]
+        print(json.dumps(out["vs_standard"]), flush=True)
+    else:
+        out["skipped"].append("vs_standard")
+    out["memory"] = profile_memory(device, budget, profile_size, out["skipped"], max_micro)
+    return out
+
+
+def profile_memory(device: torch.device, budget: Budget | None = None, size: int | None = None,
+                   skipped: list | None = None, max_micro: int | None = None) -> dict:
+    """Each menu profile at its guide batch: peak memory per micro-batch (one eager bf16 step, GAN on) up to
+    what fits on a 32 GB card (CARD_GIB), and the fastest fitting micro-batch (ms per image)."""
+    cuda = device.type == "cuda"
+    out = {}
+    for name in ("ultrafast", "fast", "highres", "ultra"):
+        if budget is not None and budget.left() < 30:
+            (skipped if skipped is not None else []).append(f"memory-{name}")
+            continue
+        overrides: dict = {"train": {"precision": "bf16" if cuda else "fp32", "compile": "off"},
+                           "loss": {"disc_start": 0}}
+        if size:
+            overrides["data"], overrides["model"] = {"image_size": size}, {"sample_size": size}
+        s = load_settings(name, None, overrides)
+        guide = s.train.batch_size
+        rows, entry = [], {"image_size": s.data.image_size, "guide_batch": guide}
+        for m in [d for d in range(1, min(guide, max_micro or guide) + 1) if guide % d == 0]:
+            if budget is not None and budget.left() < 20:
+                break
+            try:
+                r = timed_step(s, device, 1, batch=m, micro=m, fit=False)
+            except torch.OutOfMemoryError:
+                r = {"peak_memory_gib": float("inf"), "step_ms": float("nan")}
+            rows.append({"micro_batch": m, "peak_gib": r["peak_memory_gib"], "ms_per_image": r["step_ms"] / m})
+            print(name, rows[-1], flush=True)
+            if cuda and r["peak_memory_gib"] > CARD_GIB:
+                break
+        fitting = [r for r in rows if not cuda or r["peak_gib"] <= CARD_GIB]
+        entry["micro_batches"] = rows
+        if fitting:
+            best = min(fitting, key=lambda r: r["ms_per_image"])
+            entry["fastest_fitting"] = best
+        elif rows:
+            entry["error"] = does_not_fit(name, s.data.image_size, rows[0]["peak_gib"], CARD_GIB,
+                                          s.train.gradient_checkpointing).message
+        out[name] = entry
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--what", default="step", help="comma list of: step, demo, lpips, gpu, gpu-memory")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--size", type=int, default=None, help="image size (step: 64; gpu: the profile's)")
+    parser.add_argument("--batch", type=int, default=None, help="batch (step: 2; gpu: the profile's)")
+    parser.add_argument("--compare-batch", type=int, default=None,
+                        help="gpu: batch of the diffusers / standard comparisons (default: 2 micro-batches)")
+    parser.add_argument("--profile", default="fast")
+    parser.add_argument("--device", default="cuda", help="gpu, gpu-memory: cuda, or cpu for a dry run at --size")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--budget", type=float, default=420.0, help="gpu: seconds; later sections are skipped past it")
+    parser.add_argument("--compare-compile", default="off", choices=["auto", "on", "off"],
+                        help="gpu: compile setting of both sides of the diffusers and standard comparisons")
+    parser.add_argument("--warmup", type=int, default=2, help="gpu: steps before timing")
+    parser.add_argument("--max-micro", type=int, default=None, help="gpu: largest micro-batch tried per profile")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--print-json", type=Path, help="only print the tables of results written by --json")
+    args = parser.parse_args()
+    if args.print_json:
+        saved = json.loads(args.print_json.read_text())
+        print_tables(saved, saved.get("profile", args.profile))
+        return
+    results: dict = {"profile": args.profile}
+    what = args.what.split(",")
+    if "step" in what:
+        for perceptual in (0.0, 0.8):
+            r = compare_with_diffusers(args.repeats, args.size or 64, args.batch or 2, perceptual)
+            results.setdefault("step_vs_diffusers", []).append(r)
+    if "demo" in what:
+        results["demo"] = demo_wall_time(Path("/tmp/zturbo-bench-demo"))
+    if "lpips" in what:
+        results["lpips"] = lpips_cost(args.size or 256, args.batch or 2, args.repeats)
+    device = torch.device(args.device)
+    global WARMUP
+    WARMUP = args.warmup
+    if "gpu" in what:
+        results["gpu"] = train_report(args.profile, args.repeats, args.compile, device, args.size, args.batch,
+                                      args.compare_batch, args.budget, args.size, args.max_micro,
+                                      args.compare_compile)
+    elif "gpu-memory" in what:
+        results["gpu"] = {"memory": profile_memory(device, Budget(args.budget), args.size, [], args.max_micro)}
+    print_tables(results, args.profile)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

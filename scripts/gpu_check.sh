@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# GPU check: the decoder kernel variants at the MFU target case (with a compiled-kernel profile),
+# GPU check: first the training report (fast at 1024 px, batch 24: step time, MFU, graph breaks, top
+# kernels, against diffusers and standard, memory per profile), then the decoder kernel variants at the
+# MFU target case (with a compiled-kernel profile),
 # GPU tests, `zturbo bench` for fast and standard at 512, 1024 and 2048 with eager fp32, bf16
 # (NCHW and channels_last) and torch.compile, diffusers at 1024 bf16, serve-batch (encode and
 # decode) and training memory benchmarks, an eager profiler summary of the fast decoder, and a short
 # table last.
 #
-#   bash scripts/gpu_check.sh                  # on a GPU machine; needs no network (at most ~7.5 min)
-#   ONLY=bench_serve,train-memory bash scripts/gpu_check.sh   # only the steps whose names start so
+#   bash scripts/gpu_check.sh                  # on a GPU machine; needs no network (at most ~9 min)
+#   ONLY=bench_serve,train-report bash scripts/gpu_check.sh   # only the steps whose names start so
 #   bash scripts/gpu_check.sh --cpu-dry-run    # same steps on the CPU at toy sizes, to test the script
 #
 # Everything lands in $OUT (default ./gpu-out): log.txt, steps.tsv, bench-json.tar.gz (one JSON per
 # bench step), profile.txt, summary.md. Each step runs under `timeout` and its status is recorded;
-# a failing step never stops the ones after it. BUDGET (seconds, default 450) caps the whole script:
+# a failing step never stops the ones after it. BUDGET (seconds, default 540) caps the whole script:
 # a step gets at most what is left, and steps past the budget are recorded as skipped.
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 set -u
@@ -28,7 +30,7 @@ printf 'step\tstatus\tseconds\n' >"$STEPS"
 DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
 
-BUDGET=${BUDGET:-450}
+BUDGET=${BUDGET:-540}
 ONLY=${ONLY:-}
 if [ "$DRY" = 1 ]; then
   DEV=cpu; R_MAIN=32; B_MAIN=1; R_BIG=32; R_MFU=32; B_MFU=2; REP=1; WARM=1; T=240; BUDGET=${BUDGET_DRY:-1800}
@@ -76,6 +78,19 @@ bench() {
 
 step environment 60 bash -c "nvidia-smi 2>&1 | head -15; $ZT info"
 
+# Training first (issue #15): the report's sections stop at TRAIN_BUDGET seconds (the step itself may
+# overrun by one section), leaving the rest of BUDGET for everything below.
+TRAIN_BUDGET=${TRAIN_BUDGET:-270}
+if [ "$DRY" = 1 ]; then
+  step train-report $T $PY benchmarks/bench_train.py --what gpu --device cpu --size 32 --batch 2 --repeats 1 \
+    --budget 120 --json "$OUT/json/train-report.json"
+else
+  step train-report $((TRAIN_BUDGET + 60)) $PY benchmarks/bench_train.py --what gpu --repeats 3 \
+    --budget "$TRAIN_BUDGET" --json "$OUT/json/train-report.json"
+fi
+[ -f "$OUT/json/train-report.json" ] && $PY benchmarks/bench_train.py --print-json "$OUT/json/train-report.json" \
+  >"$OUT/train-table.md" 2>>"$LOG"
+
 # Steps run in priority order; what the time budget leaves out is recorded as skipped.
 # The MFU target case first: how the upsampling and attention kernels change fast decode at
 # 1024 px b8 bf16, eager in both layouts and compiled, plus the compiled decoder's kernel profile.
@@ -122,9 +137,12 @@ if [ "$DRY" = 0 ]; then
 fi
 # The peer users would otherwise pick: diffusers' AutoencoderKL, same config, weights, inputs, precision.
 bench diffusers $T --against diffusers --precision bf16 --resolutions $R_MFU --batch-sizes 1,$B_MFU
-# Training memory per profile at micro-batch 1 (the profile menu's figures).
-if [ "$DRY" = 0 ]; then
-  step train-memory 90 $PY benchmarks/bench_train.py --what gpu-memory --json "$OUT/json/train-memory.json"
+# The training input pipeline: 1024 px JPEGs through the loader, CPU decode against nvJPEG.
+if [ "$DRY" = 1 ]; then
+  step bench-input $T $PY benchmarks/bench_input.py --size 64 --images 8 --batch 2 --workers 1 --repeats 1 \
+    --json "$OUT/json/input.json"
+else
+  step bench-input 90 $PY benchmarks/bench_input.py --gpu --images 96 --batch 24 --repeats 2 --json "$OUT/json/input.json"
 fi
 
 # Eager fp32 (cuDNN uses TF32) and bf16 channels_last: fast against standard, interleaved.
@@ -158,6 +176,11 @@ try:
 except (OSError, tarfile.TarError) as exc:
     print(f"no bench JSON: {exc}")
 print("## gpu_check summary\n")
+try:
+    print("### training\n" + open(f"{out}/train-table.md").read())
+except OSError:
+    print("### training: no report\n")
+reports.pop("train-report", None)
 other = {k: reports.pop(k) for k in list(reports) if "cases" not in reports[k]}
 variants = other.pop("decoder-variants", None)
 if variants:
@@ -179,10 +202,11 @@ for name, r in other.items():
         print(f"- {name} ({r.get('op', 'encode')}){extra}: {r['images']} images at {r['size']} px, batch {r['batch_size']}, {r['precision']}, reading "
               f"{r.get('reading')}: end to end / compute = {r['end_to_end_vs_compute']:.3f}, / naive = "
               f"{r['end_to_end_vs_naive']:.2f}x, img/s {r['images_per_second']}")
-    elif "gpu" in r:
-        for prof_name, m in r["gpu"].get("micro1_peak_gib", {}).items():
-            print(f"- train {prof_name} micro-batch 1 at {m.get('image_size')} px: peak {m['peak_gib']:.1f} GiB, "
-                  f"{m['step_ms']:.0f} ms")
+    elif "one_core_images_per_s" in r:
+        loaders = ", ".join(f"{w} workers {v['images_per_s']:.0f}" for w, v in r.get("loader_uint8", {}).items())
+        gpu = ", ".join(f"{w} workers {v['images_per_s']:.0f}" for w, v in r.get("loader_gpu_decode", {}).items())
+        print(f"- input at {r['size']} px ({r['cores']} cores): one core {r['one_core_images_per_s']:.1f} img/s; "
+              f"loader uint8 {loaders}; GPU decode {gpu or '-'}; nvJPEG alone {r.get('nvjpeg_batch_images_per_s', 0):.0f}")
 print()
 for name, r in reports.items():
     peak = r.get("peak") or {}

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from zturbo.model import VAE
 from zturbo.model.blocks import Upsample2D, _attention, _blocked_attention, set_kernels
-from zturbo.model.kernels import kernel_choices, triton_available
+from zturbo.model.group_norm_triton import triton_available
+from zturbo.model.kernels import kernel_choices
 
 
 @pytest.fixture
@@ -89,10 +90,9 @@ def test_unknown_kernel_choice_is_refused():
 
 
 _INTERPRETED = textwrap.dedent("""
-    import importlib
     import torch, torch.nn.functional as F
-    kernels = importlib.import_module("zturbo.model.kernels")
-    kernels.ROWS_PER_PROGRAM = 128  # several partial sums per image (19 x 13 = 247 pixels: two)
+    from zturbo.model import group_norm_triton
+    group_norm_triton.ROWS_PER_PROGRAM = 128  # several partial sums per image (19 x 13 = 247 pixels: two)
     torch.manual_seed(0)
     worst = 0.0
     for b, c, h, w, g, offset, dtype in [(2, 96, 19, 13, 32, 0.0, torch.float32), (1, 12, 5, 3, 4, 40.0, torch.float32),

@@ -264,13 +264,13 @@ def test_nonfinite_guard_skips_then_stops_with_checkpoint_intact(
     )
     trainer = Trainer(settings, quiet=True)
     poisoned = {"on": False}
-    real_forward = VAELoss.forward
+    real_combine = VAELoss.combine
 
-    def forward(self, *args, **kwargs):
-        total, terms = real_forward(self, *args, **kwargs)
-        return (total * float("nan"), terms) if poisoned["on"] else (total, terms)
+    def combine(self, *args, **kwargs):
+        total = real_combine(self, *args, **kwargs)
+        return total * float("nan") if poisoned["on"] else total
 
-    monkeypatch.setattr(VAELoss, "forward", forward)
+    monkeypatch.setattr(VAELoss, "combine", combine)
 
     def on_step(step, result):
         if step == 3:

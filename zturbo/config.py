@@ -62,7 +62,9 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     mixed_precision: bool = True
-    compile: bool = False
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the training step; auto: on for CUDA, off on CPU"
+    )
     gradient_checkpointing: bool = False
     device: str = "auto"
     seed: int = 0
@@ -71,6 +73,14 @@ class TrainConfig(Section):
     sample_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(10, ge=1)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        """Config files, environment values and flags of earlier versions say true / false."""
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            value = value.strip().lower() in ("true", "1", "yes")
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 class LossConfig(Section):
@@ -84,6 +94,12 @@ class LossConfig(Section):
     disc_layers: int = Field(3, ge=1, le=6)
     disc_learning_rate: float | None = Field(None, gt=0, description="None: same as train.learning_rate")
     adaptive_weight_max: float = Field(1e4, gt=0)
+    lpips_size: int | None = Field(
+        None, ge=16, description="LPIPS on a lpips_size view of reconstruction and target; None: full resolution"
+    )
+    lpips_view: Literal["resize", "crop"] = Field(
+        "resize", description="resize: area-downsampled whole image; crop: one random lpips_size square"
+    )
 
 
 class PrepareConfig(Section):

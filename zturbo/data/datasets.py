@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
+from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
 from zturbo.errors import InputError
 
 
@@ -81,6 +83,13 @@ class ImageFolderDataset(Dataset):
     The shorter side is resized to ``image_size`` (antialiased) when it differs,
     then a random (or centre) square is cropped and optionally flipped. An
     unreadable file is reported once and replaced by the next readable one.
+
+    With ``as_uint8`` the crops come as uint8 (0..255), a quarter of the bytes through
+    the workers' shared memory and the copy to the GPU; ``to_unit_range`` makes the
+    same [-1, 1] values on the device. With ``device_decode`` JPEGs that need no colour or geometry work come back
+    still encoded (``EncodedImage``: bytes plus the same crop and flip), for the
+    GPU to decode a whole batch at once (``zturbo.data.jpeg_device``); the loader
+    then collates ``EncodedBatch`` objects.
     """
 
     def __init__(
@@ -90,6 +99,8 @@ class ImageFolderDataset(Dataset):
         random_crop: bool = True,
         random_flip: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        device_decode: bool = False,
+        as_uint8: bool = False,
     ):
         if not paths:
             raise InputError("the dataset is empty")
@@ -98,16 +109,23 @@ class ImageFolderDataset(Dataset):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.max_pixels = max_pixels
+        self.device_decode = device_decode
+        self.as_uint8 = as_uint8
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor | EncodedImage:
         index, seed = key if isinstance(key, tuple) else (key, None)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for attempt in range(len(self.paths)):
             path = self.paths[(index + attempt) % len(self.paths)]
+            if self.device_decode and device_decodable(path, self.image_size, self.max_pixels):
+                try:
+                    return read_encoded(path, self.image_size, self.random_crop, self.random_flip, generator)
+                except OSError:
+                    pass  # vanished or unreadable since the check: the CPU path reports it
             try:
                 image = open_image(path, max_pixels=self.max_pixels, draft_size=self.image_size)
             except ImageReadError as exc:
@@ -137,7 +155,7 @@ class ImageFolderDataset(Dataset):
         else:
             left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
-        tensor = pil_to_tensor(image)
+        tensor = pil_to_uint8(image) if self.as_uint8 else pil_to_tensor(image)
         if self.random_flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
             tensor = tensor.flip(-1)
         return tensor
@@ -171,6 +189,16 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples
 
 
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] (the same operations as ``pil_to_tensor``, so the same values)."""
+    return batch.float().div_(127.5).sub_(1.0) if batch.dtype == torch.uint8 else batch
+
+
 def make_loader(
     dataset: Dataset,
     sampler: ResumableSampler,
@@ -179,6 +207,7 @@ def make_loader(
     pin_memory: bool,
 ) -> DataLoader:
     """Full batches only (drop_last), workers kept alive across epochs."""
+    device_decode = getattr(dataset, "device_decode", False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -189,6 +218,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),  # keeps the global RNG out of loader start-up
+        collate_fn=collate_encoded if device_decode else None,
     )
 
 

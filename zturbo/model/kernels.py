@@ -1,23 +1,11 @@
-"""Triton kernels for inference on CUDA: GroupNorm (+ SiLU) over channels-last activations.
+"""Kernel choices for the decoder and the GroupNorm (+ SiLU) dispatch.
 
-PyTorch's eager GroupNorm has no channels-last kernel (it falls back to slow strided
-elementwise code), and inductor's generated reduction over a channels-last map at
-1024 px is far from memory bandwidth. Here the statistics come from one read of the
-tensor and the normalisation (+ SiLU) from one read and one write:
-
-1. ``_gn_partials``: each program sums ``x - x[pixel 0]`` and its square per channel
-   over a run of pixels (the shift by the image's first pixel keeps the fp32 sums
-   from cancelling when a channel's mean is large next to its spread);
-2. a few tiny torch ops merge the partial sums into per-channel means and variances
-   and those into per-group ones (law of total variance: exact for equal counts),
-   then fold them with the affine weight into one scale and shift per channel;
-3. ``_gn_apply``: ``y = x * scale + shift``, optionally ``silu(y)``, in the input dtype.
-
-Both are registered as torch custom ops, so ``torch.compile`` calls them as they are
-instead of generating its own reduction. Used only without autograd (inference), for
-half-precision channels-last CUDA tensors large enough to matter; everything else
-takes ``F.group_norm``. Blocked attention is registered the same way, because inductor
-would otherwise pattern-match its matmuls back into the fused kernel it avoids.
+GroupNorm (+ SiLU) over half-precision channels-last CUDA maps runs the Triton kernels
+of ``zturbo.model.group_norm_triton`` (forward for inference; forward and backward,
+differentiable custom ops, under autograd, including the recompute of gradient
+checkpointing); everything else takes ``F.group_norm``. Blocked attention is a custom
+op too (``zturbo.model.blocks``), because inductor would otherwise pattern-match its
+matmuls back into the fused kernel it avoids.
 """
 
 from __future__ import annotations
@@ -26,12 +14,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from zturbo.model.group_norm_triton import triton_available
 
 # How three layers are computed (the function is the same either way; tests check it):
 #   upsample  "subpixel": nearest x2 then 3x3 conv computed as one 2x2 conv on the low-resolution
@@ -44,8 +29,8 @@ except ImportError:  # pragma: no cover - depends on the install
 #             (cuBLAS runs them near the matmul peak; the memory-efficient kernel, the only
 #             fused one for such heads, does not). Otherwise scaled_dot_product_attention.
 #             "sdpa" always uses it, "matmul" the blocked matmuls whenever autograd is off.
-#   group_norm "auto": the Triton kernels below for half-precision channels-last CUDA
-#             tensors without autograd; "torch": always F.group_norm.
+#   group_norm "auto": the Triton kernels (zturbo.model.group_norm_triton) for half-precision
+#             channels-last CUDA tensors, with or without autograd; "torch": always F.group_norm.
 KERNELS = {"upsample": "subpixel", "attention": "auto", "group_norm": "auto"}
 _CHOICES = {"upsample": ("subpixel", "nearest"), "attention": ("auto", "sdpa", "matmul"), "group_norm": ("auto", "torch")}
 
@@ -65,103 +50,16 @@ def kernel_choices() -> dict[str, str]:
 
 
 MIN_ELEMENTS = 1 << 22  # below this the launch overhead of the small merge ops dominates
-ROWS_PER_PROGRAM = 4096  # pixels summed by one partial-sum program
-
-
-def triton_available() -> bool:
-    return triton is not None
-
-
-if triton is not None:
-
-    @triton.jit
-    def _gn_partials(x_ptr, part_ptr, HW, C, n_parts, rows_per_prog,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)  # over B * n_parts
-        b = pid // n_parts
-        p = pid % n_parts
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        base = x_ptr + b.to(tl.int64) * HW * C
-        pivot = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32)  # this image's pixel 0
-        acc1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        start = p * rows_per_prog
-        end = tl.minimum(start + rows_per_prog, HW)
-        for r0 in range(start, end, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < end)[:, None] & cmask[None, :]
-            v = tl.load(base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            d = tl.where(m, v - pivot[None, :], 0.0)
-            acc1 += d
-            acc2 += d * d
-        out = part_ptr + pid.to(tl.int64) * 2 * C
-        tl.store(out + cols, tl.sum(acc1, axis=0), mask=cmask)
-        tl.store(out + C + cols, tl.sum(acc2, axis=0), mask=cmask)
-
-    @triton.jit
-    def _gn_apply(x_ptr, y_ptr, scale_ptr, shift_ptr, HW, C, blocks_per_image,
-                  SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)  # over B * blocks_per_image
-        b = pid // blocks_per_image
-        rows = (pid % blocks_per_image) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        m = (rows < HW)[:, None] & cmask[None, :]
-        scale = tl.load(scale_ptr + b * C + cols, mask=cmask, other=0.0)
-        shift = tl.load(shift_ptr + b * C + cols, mask=cmask, other=0.0)
-        offs = b.to(tl.int64) * HW * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
-        v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        y = v * scale[None, :] + shift[None, :]
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
-
-
-def _blocks(c: int) -> tuple[int, int]:
-    block_c = triton.next_power_of_2(c)
-    return max(1, 4096 // block_c), block_c
-
-
-@torch.library.custom_op("zturbo::group_norm_silu", mutates_args=())
-def group_norm_silu_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
-                         silu: bool) -> torch.Tensor:
-    """GroupNorm (+ SiLU) of a channels-last (B, C, H, W) tensor, by the Triton kernels above."""
-    x = x.contiguous(memory_format=torch.channels_last)  # the kernels index (B, H*W, C) memory
-    b, c, h, w = x.shape
-    hw = h * w
-    block_r, block_c = _blocks(c)
-    n_parts = triton.cdiv(hw, ROWS_PER_PROGRAM)
-    parts = torch.empty((b, n_parts, 2, c), device=x.device, dtype=torch.float32)
-    _gn_partials[(b * n_parts,)](x, parts, hw, c, n_parts, ROWS_PER_PROGRAM, BLOCK_R=block_r, BLOCK_C=block_c)
-    sums = parts.sum(1)  # (B, 2, C)
-    mean_c = sums[:, 0] / hw  # of x - pivot
-    var_c = (sums[:, 1] / hw - mean_c * mean_c).clamp_min_(0.0)
-    mean_c = mean_c + x[:, :, 0, 0].float()
-    mean_c, var_c = mean_c.view(b, groups, -1), var_c.view(b, groups, -1)
-    mean_g = mean_c.mean(-1, keepdim=True)
-    var_g = (var_c + (mean_c - mean_g) ** 2).mean(-1, keepdim=True)
-    scale = (weight.float().view(1, groups, -1) * torch.rsqrt(var_g + eps)).reshape(b, c)
-    shift = bias.float().view(1, c) - (mean_g * scale.view(b, groups, -1)).reshape(b, c)
-    y = torch.empty_like(x)
-    apply_r = max(1, 16384 // block_c)
-    per_image = triton.cdiv(hw, apply_r)
-    _gn_apply[(b * per_image,)](x, y, scale.contiguous(), shift.contiguous(), hw, c, per_image,
-                                SILU=silu, BLOCK_R=apply_r, BLOCK_C=block_c)
-    return y
-
-
-@group_norm_silu_nhwc.register_fake
-def _(x, weight, bias, groups, eps, silu):
-    return torch.empty_like(x)
-
 
 _TRITON_FAILED: list[str] = []  # the first error, once the kernels failed to build or launch here
+# Non-reentrant checkpointing stops a recompute early by raising this through the forward:
+# control flow, not a kernel failure.
+_CHECKPOINT_STOP = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 
 
 def use_triton_group_norm(x: torch.Tensor) -> bool:
     return (
-        triton is not None
+        triton_available()
         and not _TRITON_FAILED
         and KERNELS["group_norm"] == "auto"
         and x.is_cuda
@@ -169,25 +67,59 @@ def use_triton_group_norm(x: torch.Tensor) -> bool:
         and x.dtype in (torch.float16, torch.bfloat16)
         and x.numel() >= MIN_ELEMENTS
         and x.is_contiguous(memory_format=torch.channels_last)
-        and not torch.is_grad_enabled()
     )
+
+
+def _note_failure(exc: Exception) -> None:
+    _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"Triton GroupNorm kernels unavailable here, using PyTorch's: {_TRITON_FAILED[0]}",
+                  RuntimeWarning, stacklevel=3)
+
+
+def probe_triton_group_norm(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Build and run the kernels once on a small map, eagerly; on failure fall back for good.
+
+    Returns whether the Triton kernels will be used on ``device``.
+
+    Call it before ``torch.compile`` traces the model: a compiled graph cannot fall back
+    on its own, and a GPU Triton does not support should train with PyTorch's GroupNorm.
+    """
+    if not triton_available() or device.type != "cuda" or KERNELS["group_norm"] != "auto" or _TRITON_FAILED:
+        return False
+    x = torch.randn(1, 32, 8, 8, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.ones(32, device=device, requires_grad=True)
+    bias = torch.zeros(32, device=device, requires_grad=True)
+    try:
+        y = torch.ops.zturbo.group_norm_silu_train(x.requires_grad_(True), weight, bias, 8, 1e-6, True)[0]
+        y.float().sum().backward()
+        torch.ops.zturbo.group_norm_silu(x.detach(), weight.detach(), bias.detach(), 8, 1e-6, True)
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - Triton's compile and launch errors have no common type
+        _note_failure(exc)
+        return False
+    return True
 
 
 def group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
     """``silu(norm(x))`` (or ``norm(x)``), by the Triton kernels where they apply.
 
-    If they cannot build or launch on this GPU (an architecture Triton does not support,
-    say), eager calls warn once and use PyTorch's GroupNorm from then on.
+    Under autograd the differentiable training op runs (Triton backward too); without,
+    the inference op. If the kernels cannot build or launch on this GPU (an architecture
+    Triton does not support, say), eager calls warn once and use PyTorch's GroupNorm from
+    then on.
     """
     if norm.affine and use_triton_group_norm(x):
+        args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
         try:
-            return torch.ops.zturbo.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+            if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+                return torch.ops.zturbo.group_norm_silu_train(*args)[0]
+            return torch.ops.zturbo.group_norm_silu(*args)
+        except _CHECKPOINT_STOP:
+            raise
         except Exception as exc:  # Triton's compile and launch errors have no common type
             if torch.compiler.is_compiling():
                 raise
-            _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
-            warnings.warn(f"Triton GroupNorm kernels unavailable here, using PyTorch's: {_TRITON_FAILED[0]}",
-                          RuntimeWarning, stacklevel=2)
+            _note_failure(exc)
     y = norm(x)  # the module call, so its hooks still run
     if not silu:
         return y

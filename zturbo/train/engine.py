@@ -6,6 +6,15 @@ split into micro-batches, gradient accumulation (DDP-synchronised only on the
 last micro-batch), autocast, clipping, the non-finite guard, the optimizer and
 EMA updates, and the discriminator step. On CUDA an out-of-memory micro-batch
 halves the micro-batch size and retries the step.
+
+Nothing in the accumulation loop waits for the device: loss terms are summed as
+tensors and read back, with the gradient norm, in one transfer per optimizer step,
+where the non-finite guard looks at them. With ``train.compile`` (auto: on for
+CUDA) the forward, the reconstruction losses, the generator's GAN term and the
+discriminator loss are each one compiled graph (``dynamic=False``: one graph per
+micro-batch shape). When a discriminator is configured the decoder's last conv
+runs eagerly between graphs: the adaptive GAN weight takes two gradients at its
+weight, and through one compiled graph each would run the whole VAE backward.
 """
 
 from __future__ import annotations
@@ -21,10 +30,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from zturbo.config import Settings
+from zturbo.data.datasets import to_unit_range
+from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
+from zturbo.model.kernels import probe_triton_group_norm
+from zturbo.train.compile import CompileWatch, resolve_compile
 from zturbo.train.distributed import DistContext, any_true
 from zturbo.train.ema import EMA
-from zturbo.train.losses import VAELoss, discriminator_loss
+from zturbo.train.losses import VAELoss, check_lpips_size, discriminator_loss, generator_loss
+from zturbo.train.memory import does_not_fit
 from zturbo.train.schedule import make_scheduler
 
 
@@ -120,6 +134,8 @@ class TrainEngine:
 
             perceptual = load_lpips(lcfg.perceptual_net, device, random_backbone=lpips_random_backbone)
         self.loss = VAELoss(lcfg, perceptual)
+        if lcfg.perceptual_weight > 0:
+            check_lpips_size(lcfg.lpips_size, settings.data.image_size, settings.data.image_size)
 
         self.disc: nn.Module | None = None
         if lcfg.disc_weight > 0:
@@ -130,6 +146,7 @@ class TrainEngine:
                 self.disc = self.disc.to(memory_format=torch.channels_last)
 
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
+        # One fused kernel over all parameters on CUDA; elsewhere the multi-tensor (foreach) update.
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             self.vae.parameters(),
@@ -137,6 +154,7 @@ class TrainEngine:
             betas=betas,
             weight_decay=tcfg.weight_decay,
             fused=fused,
+            foreach=not fused,
         )
         self.scheduler = make_scheduler(self.optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio)
         scaler_on = self.precision == "fp16"
@@ -150,6 +168,7 @@ class TrainEngine:
                 lr=lcfg.disc_learning_rate or tcfg.learning_rate,
                 betas=(0.5, 0.9),
                 fused=fused,
+                foreach=not fused,
             )
             self.disc_scheduler = make_scheduler(
                 self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio
@@ -162,7 +181,27 @@ class TrainEngine:
             forward = DDP(forward, device_ids=ids)
             if self.disc is not None:
                 self.disc_train = DDP(self.disc, device_ids=ids)
-        self.forward = torch.compile(forward) if tcfg.compile else forward
+        self.compiled = resolve_compile(tcfg.compile, device, self.log)
+        if device.type == "cuda" and self.autocast_dtype is not None:
+            probe_triton_group_norm(device, self.autocast_dtype)  # before tracing: a graph cannot fall back
+        self.compile_watch = CompileWatch(self.compiled)
+        recon_terms = self.loss.reconstruction_terms
+        gen_term = disc_term = None
+        if self.disc is not None:
+            gen_term = lambda recon: generator_loss(self.disc, recon)
+            disc_term = lambda real, recon: discriminator_loss(self.disc_train, real, recon)
+        self._eager_forward = forward  # for fit_micro_batch: no extra compile for a one-image probe
+        if self.compiled:
+            if self.disc is not None:
+                last_conv = self.vae.decoder.conv_out
+                last_conv.forward = torch.compiler.disable(last_conv.forward, recursive=False)
+            forward = torch.compile(forward, dynamic=False)
+            recon_terms = torch.compile(recon_terms, dynamic=False)
+            if self.disc is not None:
+                gen_term = torch.compile(gen_term, dynamic=False)
+                disc_term = torch.compile(disc_term, dynamic=False)
+        self.forward, self.reconstruction_terms = forward, recon_terms
+        self.generator_term, self.discriminator_term = gen_term, disc_term
         self.micro_batch = min(tcfg.micro_batch_size or self.per_rank_batch, self.per_rank_batch)
         self.nonfinite_streak = 0
         self.skipped_steps = 0
@@ -177,19 +216,46 @@ class TrainEngine:
         f = 2 ** (len(self.settings.model.block_out_channels) - 1)
         shape = (x.shape[0], self.settings.model.latent_channels, x.shape[2] // f, x.shape[3] // f)
         gen = torch.Generator().manual_seed(seed)
-        return torch.randn(shape, generator=gen).to(self.device, non_blocking=True)
+        noise = torch.randn(shape, generator=gen)
+        if self.device.type == "cuda":
+            noise = noise.pin_memory()  # a copy from pageable memory would wait for the GPU
+        return noise.to(self.device, non_blocking=True)
+
+    def _crop_offset(self, size: int, seed: int) -> torch.Tensor | None:
+        """Top-left corner of a micro-batch's LPIPS square (lpips_view "crop"), from the step's seed."""
+        lcfg = self.settings.loss
+        if lcfg.lpips_view != "crop" or lcfg.lpips_size is None or lcfg.lpips_size >= size:
+            return None
+        gen = torch.Generator().manual_seed(seed)
+        offset = torch.randint(0, size - lcfg.lpips_size + 1, (2,), generator=gen)
+        if self.device.type == "cuda":
+            offset = offset.pin_memory()
+        return offset.to(self.device, non_blocking=True)
 
     def disc_active(self, step: int) -> bool:
         return self.disc is not None and step >= self.settings.loss.disc_start
 
-    def step(self, batch: torch.Tensor, step: int) -> StepResult:
-        """One optimizer step on ``batch`` (this rank's share of the effective batch), at global ``step``."""
+    def step(self, batch: torch.Tensor | EncodedBatch, step: int) -> StepResult:
+        """One optimizer step on ``batch`` (this rank's share of the effective batch), at global ``step``.
+
+        An ``EncodedBatch`` (a loader with ``device_decode``) is decoded on this device first;
+        uint8 images (``as_uint8``) are copied as they are and scaled to [-1, 1] there.
+        """
+        if isinstance(batch, EncodedBatch):
+            batch = batch.decode(self.device)
+        elif batch.dtype == torch.uint8:
+            batch = to_unit_range(batch.to(self.device, non_blocking=True))
         while True:
             try:
                 return self._step(batch, step)
             except torch.OutOfMemoryError:
-                if self.device.type != "cuda" or self.micro_batch == 1:
+                if self.device.type != "cuda":
                     raise
+                if self.micro_batch == 1:
+                    peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+                    raise does_not_fit(self.settings.profile, batch.shape[-1], peak, total,
+                                       self.settings.train.gradient_checkpointing) from None
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.disc_optimizer is not None:
                     self.disc_optimizer.zero_grad(set_to_none=True)
@@ -212,21 +278,19 @@ class TrainEngine:
             x = chunk.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            noise = self._latent_noise(x, step_seed(tcfg.seed, step, self.dist.rank, i))
+            seed = step_seed(tcfg.seed, step, self.dist.rank, i)
+            noise = self._latent_noise(x, seed)
+            crop = self._crop_offset(x.shape[-1], seed + 1)
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward.no_sync()
             with sync:
                 with self._autocast():
                     recon, mean, logvar = self.forward(x, noise)
+                    nll, kl, terms = self.reconstruction_terms(x, recon, mean, logvar, crop)
+                    g = None
                     if use_disc:
                         self.disc.requires_grad_(False)
-                    total, terms = self.loss(
-                        x,
-                        recon,
-                        mean,
-                        logvar,
-                        discriminator=self.disc if use_disc else None,
-                        last_layer=last_layer if use_disc else None,
-                    )
+                        g = self.generator_term(recon)
+                    total = self.loss.combine(nll, kl, terms, g, last_layer if use_disc else None)
                 self.scaler.scale(total * weight).backward()
             terms["loss"] = total.detach()
             if use_disc:
@@ -236,16 +300,20 @@ class TrainEngine:
                 )
                 with dsync:
                     with self._autocast():
-                        d_loss = discriminator_loss(self.disc_train, x, recon)
+                        d_loss = self.discriminator_term(x, recon)
                     self.disc_scaler.scale(d_loss * weight).backward()
                 terms["d"] = d_loss.detach()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.float() * weight
+                term = v.float() * weight
+                sums[k] = sums[k] + term if k in sums else term
+        self.compile_watch.after_step(self.log)
 
-        values = {k: float(v) for k, v in sums.items()}  # one host sync per step
         self.scaler.unscale_(self.optimizer)
         clip = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.vae.parameters(), clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), clip)
+        # The one read-back of the step: every logged term and the gradient norm in one transfer.
+        read = torch.stack([*sums.values(), norm.float().reshape(())]).tolist()
+        values, grad_norm = dict(zip(sums, read[:-1])), read[-1]
         loss_ok = all(math.isfinite(v) for v in values.values())
         # Under fp16 an overflowing gradient is the scaler's business (it skips and backs off).
         grads_ok = math.isfinite(grad_norm) or self.scaler.is_enabled()
@@ -287,6 +355,10 @@ class TrainEngine:
             if self.disc_scheduler is not None:
                 self.disc_scheduler.step()
 
+    def compile_report(self) -> dict:
+        """Whether the step is compiled, and the graph breaks torch.compile reported so far (with reasons)."""
+        return self.compile_watch.report()
+
     def fit_micro_batch(self, image_size: int, headroom: float = 0.85) -> int:
         """On CUDA, measure one image's training-step memory and pick the largest micro-batch that fits.
 
@@ -304,8 +376,9 @@ class TrainEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             with self._autocast():
-                recon, mean, logvar = self.forward(x, self._latent_noise(x, 0))
-                total, _ = self.loss(x, recon, mean, logvar)
+                # Eager: compiling a one-image graph would cost another compile; eager peaks higher.
+                recon, mean, logvar = self._eager_forward(x, self._latent_noise(x, 0))
+                total, _ = self.loss(x, recon, mean, logvar, crop_offset=self._crop_offset(image_size, 0))
             total.backward()
             per_image = torch.cuda.max_memory_allocated(self.device) - base
         finally:
@@ -315,6 +388,9 @@ class TrainEngine:
         free, _ = torch.cuda.mem_get_info(self.device)
         param_bytes = sum(p.numel() * 4 for p in self.vae.parameters())
         budget = free * headroom - 3 * param_bytes  # gradients + AdamW's two moments still to come
+        if per_image > budget:
+            raise does_not_fit(self.settings.profile, image_size, per_image / 2**30, max(budget, 0) / 2**30,
+                               self.settings.train.gradient_checkpointing)
         fits = max(1, int(budget // max(per_image, 1)))
         self.micro_batch = max(
             d for d in range(1, self.per_rank_batch + 1) if self.per_rank_batch % d == 0 and d <= fits

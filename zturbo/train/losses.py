@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zturbo.config import LossConfig
+from zturbo.errors import UsageError
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -44,6 +45,42 @@ def adaptive_gan_weight(
     return torch.clamp(weight, 0.0, max_weight).detach()
 
 
+def generator_loss(discriminator: nn.Module, recon: torch.Tensor) -> torch.Tensor:
+    """The generator's GAN term: minus the discriminator's mean logit on the reconstructions."""
+    return -discriminator(recon).float().mean()
+
+
+def check_lpips_size(size: int | None, height: int, width: int) -> None:
+    if size is not None and size > min(height, width):
+        raise UsageError(
+            f"loss.lpips_size={size} is larger than the {height}x{width} training images",
+            f"set loss.lpips_size to at most {min(height, width)}, or leave it unset for full-resolution LPIPS",
+        )
+
+
+def perceptual_view(
+    recon: torch.Tensor, target: torch.Tensor, size: int | None, view: str, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (recon, target) pair LPIPS sees: full resolution (``size`` None or the image's own),
+    area-downsampled to ``size`` ("resize"), or the ``size`` square whose top-left corner is
+    ``offset`` ("crop"; a (2,) integer tensor, so a compiled graph does not specialise on it)."""
+    h, w = recon.shape[-2:]
+    check_lpips_size(size, h, w)
+    if size is None or (size == h and size == w):
+        return recon, target
+    if view == "crop":
+        span = torch.arange(size, device=recon.device)
+        start = offset.to(recon.device) if offset is not None else torch.zeros(2, dtype=torch.long, device=recon.device)
+        rows, cols = start[0] + span, start[1] + span
+
+        def crop(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(-2, rows).index_select(-1, cols)
+
+        return crop(recon), crop(target)
+    # Area interpolation averages whole source pixels (no aliasing) and is differentiable.
+    return (F.interpolate(recon, size=(size, size), mode="area"), F.interpolate(target, size=(size, size), mode="area"))
+
+
 def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Hinge loss of the discriminator on real images and *detached* reconstructions.
 
@@ -62,6 +99,49 @@ class VAELoss(nn.Module):
         self.config = config
         self.perceptual = perceptual
 
+    def reconstruction_terms(
+        self,
+        target: torch.Tensor,
+        recon: torch.Tensor,
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        crop_offset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(nll, kl, detached terms): everything but the GAN term (the part the trainer compiles as one graph).
+
+        ``crop_offset`` places the LPIPS square when ``lpips_view`` is "crop".
+        """
+        cfg = self.config
+        rec = reconstruction_loss(recon, target, cfg.reconstruction_loss)
+        nll = cfg.reconstruction_weight * rec
+        terms = {"rec": rec.detach()}
+        if self.perceptual is not None and cfg.perceptual_weight > 0:
+            r, t = perceptual_view(recon, target.to(recon.dtype), cfg.lpips_size, cfg.lpips_view, crop_offset)
+            p = self.perceptual(r, t).float().mean()
+            nll = nll + cfg.perceptual_weight * p
+            terms["lpips"] = p.detach()
+        kl = kl_loss(mean, logvar)
+        terms["kl"] = kl.detach()
+        terms["nll"] = nll.detach()
+        return nll, kl, terms
+
+    def combine(
+        self, nll: torch.Tensor, kl: torch.Tensor, terms: dict[str, torch.Tensor], g: torch.Tensor | None = None,
+        last_layer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The total: ``nll + kl_weight * kl`` (+ the adaptively weighted GAN term ``g``); adds g's terms."""
+        cfg = self.config
+        total = nll + cfg.kl_weight * kl
+        if g is not None:
+            if last_layer is not None and torch.is_grad_enabled():
+                weight = adaptive_gan_weight(nll, g, last_layer, cfg.adaptive_weight_max)
+            else:
+                weight = torch.ones((), device=g.device)
+            total = total + cfg.disc_weight * weight * g
+            terms["g"] = g.detach()
+            terms["d_weight"] = weight
+        return total
+
     def forward(
         self,
         target: torch.Tensor,
@@ -71,26 +151,8 @@ class VAELoss(nn.Module):
         *,
         discriminator: nn.Module | None = None,
         last_layer: torch.Tensor | None = None,
+        crop_offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = self.config
-        rec = reconstruction_loss(recon, target, cfg.reconstruction_loss)
-        nll = cfg.reconstruction_weight * rec
-        terms = {"rec": rec.detach()}
-        if self.perceptual is not None and cfg.perceptual_weight > 0:
-            p = self.perceptual(recon, target.to(recon.dtype)).float().mean()
-            nll = nll + cfg.perceptual_weight * p
-            terms["lpips"] = p.detach()
-        kl = kl_loss(mean, logvar)
-        terms["kl"] = kl.detach()
-        total = nll + cfg.kl_weight * kl
-        if discriminator is not None:
-            g = -discriminator(recon).float().mean()
-            if last_layer is not None and torch.is_grad_enabled():
-                weight = adaptive_gan_weight(nll, g, last_layer, cfg.adaptive_weight_max)
-            else:
-                weight = torch.ones((), device=g.device)
-            total = total + cfg.disc_weight * weight * g
-            terms["g"] = g.detach()
-            terms["d_weight"] = weight
-        terms["nll"] = nll.detach()
-        return total, terms
+        nll, kl, terms = self.reconstruction_terms(target, recon, mean, logvar, crop_offset)
+        g = generator_loss(discriminator, recon) if discriminator is not None else None
+        return self.combine(nll, kl, terms, g, last_layer), terms

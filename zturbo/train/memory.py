@@ -18,6 +18,12 @@ a 32 GB card. (Peak allocated memory does not depend on which of the two cards.)
 
 from __future__ import annotations
 
+from zturbo.errors import ZTurboError
+
+
+class DoesNotFitError(ZTurboError):
+    """A training step needs more device memory than there is, even at micro-batch 1."""
+
 PEAK_GIB_AT_MICRO_BATCH_1 = {  # measured peaks: 10.49, 25.59, 15.88 and 27.46 GiB
     "ultrafast": (11.0, "measured on an H100"),
     "fast": (26.0, "measured on an H100"),
@@ -32,3 +38,16 @@ def expected_memory_gib(profile: str) -> str:
         return "-"
     gib, source = entry
     return f"~{gib:.0f} GiB at micro-batch 1 ({source})"
+
+
+def does_not_fit(profile: str | None, image_size: int, peak_gib: float, limit_gib: float,
+                 checkpointing: bool) -> DoesNotFitError:
+    """The one-line error for a training step that exceeds the memory even at micro-batch 1."""
+    change = ("lower data.image_size or use a smaller profile" if checkpointing else
+              "turn on train.gradient_checkpointing, lower data.image_size, "
+              "or use a smaller profile")
+    return DoesNotFitError(
+        f"profile {profile or '(none)'} at {image_size} px does not fit even at micro-batch 1: one image's step "
+        f"peaks at {peak_gib:.1f} GiB, over the {limit_gib:.1f} GiB available",
+        change,
+    )
