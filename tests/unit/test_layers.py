@@ -39,13 +39,7 @@ LAYERS = {
 LAZY_ALLOWED = ("zturbo.commands", "zturbo.cli")
 # Files being rewritten elsewhere right now; their in-function imports go with that rewrite.
 # Temporary: empty this list once those changes are merged.
-PENDING_REWRITE = (
-    "zturbo.train.engine",
-    "zturbo.train.losses",
-    "zturbo.model.kernels",
-    "zturbo.data.datasets",
-    "zturbo.perceptual",
-)
+PENDING_REWRITE = ()
 
 
 def _module_name(path: Path) -> str:

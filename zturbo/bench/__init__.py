@@ -1,9 +1,9 @@
 """Benchmarks: latency, throughput, memory and FLOP utilisation, with a CI regression gate.
 
-    from zturbo.config import load_settings
-    from zturbo.bench import run_bench, to_markdown
-    report = run_bench(load_settings("fast", overrides={"bench": {"against": "standard"}}))
-    print(to_markdown(report))
+    >>> from zturbo.config import load_settings
+    >>> from zturbo.bench import run_bench, to_markdown
+    >>> report = run_bench(load_settings("fast", overrides={"bench": {"against": "standard"}}))
+    >>> print(to_markdown(report))
 """
 
 from zturbo.bench.gate import RegressionError, compare_with_baseline, load_report, parse_tolerance

@@ -1,8 +1,8 @@
 """Run a benchmark: every (backend, resolution, batch, encode/decode) case, subjects interleaved.
 
-    from zturbo.config import load_settings
-    from zturbo.bench import run_bench
-    report = run_bench(load_settings("fast", overrides={"bench": {"against": "standard"}}))
+    >>> from zturbo.config import load_settings
+    >>> from zturbo.bench import run_bench
+    >>> report = run_bench(load_settings("fast", overrides={"bench": {"against": "standard"}}))
 
 The returned report is a plain JSON-ready dict (see ``schema.json``).
 """

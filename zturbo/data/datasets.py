@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
 from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
+from zturbo.console import warn
 from zturbo.errors import InputError
 
 
@@ -137,8 +138,6 @@ class ImageFolderDataset(Dataset):
     def _report(self, exc: ImageReadError) -> None:
         if exc.path not in self._reported:
             self._reported.add(exc.path)
-            from zturbo.console import warn
-
             warn(f"skipping unreadable image {exc.path} ({exc.reason})")
 
     def _transform(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 Usable from Python without the CLI::
 
-    from zturbo.config import PrepareConfig
-    from zturbo.data.prepare import prepare_dataset
-    report = prepare_dataset("raw/", "data/", PrepareConfig(size=512))
-    train_files = prepared_images("data/", "train")
+    >>> from zturbo.config import PrepareConfig
+    >>> from zturbo.data.prepare import prepare_dataset
+    >>> report = prepare_dataset("raw/", "data/", PrepareConfig(size=512))
+    >>> train_files = prepared_images("data/", "train")
 
 Layout of OUTPUT::
 

@@ -1,9 +1,9 @@
 """Run one model, or two side by side, over a folder of images and collect every metric.
 
-    from zturbo.config import EvalConfig
-    from zturbo.eval import evaluate
-    report = evaluate("runs/demo", "photos/", EvalConfig(size="native", metrics=["psnr", "ssim"]))
-    report.summary["model"]["psnr"]["mean"]
+    >>> from zturbo.config import EvalConfig
+    >>> from zturbo.eval import evaluate
+    >>> report = evaluate("runs/demo", "photos/", EvalConfig(size="native", metrics=["psnr", "ssim"]))
+    >>> report.summary["model"]["psnr"]["mean"]
 
 With ``compare=OTHER`` both models reconstruct the same batches, in alternating
 order so neither always runs on a warmer cache, and the report holds each

@@ -1,8 +1,8 @@
 """Export writers: ONNX graphs, TensorRT engines and the diffusers folder format.
 
-    from zturbo.backends.verify import export_checkpoint
-    meta = export_checkpoint("runs/demo", "out/onnx", ExportConfig(precision="fp16", verify=True))
-    backend = open_backend("out/onnx")
+    >>> from zturbo.backends.verify import export_checkpoint
+    >>> meta = export_checkpoint("runs/demo", "out/onnx", ExportConfig(precision="fp16", verify=True))
+    >>> backend = open_backend("out/onnx")
 
 This package writes files from a model folder (``export_model``); verifying an
 ONNX or TensorRT export runs it on a backend, so that step lives above, in

@@ -1,11 +1,11 @@
 """serve-batch: exactly-once batch encoding of image collections and decoding of latents, with
 reading, compute and writing overlapped.
 
-    from zturbo.config import ServeConfig
-    from zturbo.serve import encode_collection, decode_collection, merge_outputs
+    >>> from zturbo.config import ServeConfig
+    >>> from zturbo.serve import encode_collection, decode_collection, merge_outputs
 
-    encode_collection("runs/demo", "photos/", "latents/", ServeConfig(size=256, batch_size=16))
-    decode_collection("runs/demo", "latents/", "decoded/", ServeConfig(image_format="png"))
+    >>> encode_collection("runs/demo", "photos/", "latents/", ServeConfig(size=256, batch_size=16))
+    >>> decode_collection("runs/demo", "latents/", "decoded/", ServeConfig(image_format="png"))
 
 Modules, in the order a batch meets them: ``inputs`` and ``latents`` (what to read),
 ``plan`` (batches and their size), ``readers`` and ``streams`` (the reading modes),

@@ -1,9 +1,9 @@
 """Decode latents into images, each written once.
 
-    from zturbo.config import ServeConfig
-    from zturbo.serve import decode_collection
+    >>> from zturbo.config import ServeConfig
+    >>> from zturbo.serve import decode_collection
 
-    report = decode_collection("runs/demo", "latents/", "decoded/", ServeConfig(image_format="png"))
+    >>> report = decode_collection("runs/demo", "latents/", "decoded/", ServeConfig(image_format="png"))
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Encode a collection of images into latent shards, exactly once.
 
-    from zturbo.config import ServeConfig
-    from zturbo.serve import encode_collection
+    >>> from zturbo.config import ServeConfig
+    >>> from zturbo.serve import encode_collection
 
-    report = encode_collection("runs/demo", "photos/", "latents/", ServeConfig(size=256))
+    >>> report = encode_collection("runs/demo", "photos/", "latents/", ServeConfig(size=256))
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ from zturbo.config import Settings
 from zturbo.data.datasets import to_unit_range
 from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
+from zturbo.model import VAE
+from zturbo.model.discriminator import NLayerDiscriminator
 from zturbo.model.kernels import probe_triton_group_norm
+from zturbo.perceptual import load_lpips
 from zturbo.train.compile import CompileWatch, resolve_compile
 from zturbo.train.distributed import DistContext, any_true
 from zturbo.train.ema import EMA
@@ -108,8 +111,6 @@ class TrainEngine:
         per_rank_batch: int | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        from zturbo.model.vae import VAE
-
         self.settings = settings
         self.device = device
         self.dist = dist_ctx or DistContext()
@@ -130,8 +131,6 @@ class TrainEngine:
         self.ema = EMA(self.vae, tcfg.ema_decay)
 
         if perceptual is None and lcfg.perceptual_weight > 0:
-            from zturbo.perceptual import load_lpips
-
             perceptual = load_lpips(lcfg.perceptual_net, device, random_backbone=lpips_random_backbone)
         self.loss = VAELoss(lcfg, perceptual)
         if lcfg.perceptual_weight > 0:
@@ -139,8 +138,6 @@ class TrainEngine:
 
         self.disc: nn.Module | None = None
         if lcfg.disc_weight > 0:
-            from zturbo.model.discriminator import NLayerDiscriminator
-
             self.disc = NLayerDiscriminator(settings.model.out_channels, n_layers=lcfg.disc_layers).to(device)
             if self.channels_last:
                 self.disc = self.disc.to(memory_format=torch.channels_last)

@@ -1,10 +1,10 @@
 """The training loop: data, steps, logging, samples and checkpoints, top to bottom.
 
-    from zturbo.config import load_settings
-    from zturbo.train import Trainer
+    >>> from zturbo.config import load_settings
+    >>> from zturbo.train import Trainer
 
-    settings = load_settings("demo")
-    result = Trainer(settings).fit()          # RUN_DIR/final/ holds the EMA model
+    >>> settings = load_settings("demo")
+    >>> result = Trainer(settings).fit()          # RUN_DIR/final/ holds the EMA model
 
 Under torchrun pass ``dist_ctx=DistContext.from_env(os.environ)``; every rank
 runs the same loop, rank 0 alone logs, samples and writes checkpoints.
