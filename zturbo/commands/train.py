@@ -147,6 +147,29 @@ def register(app: typer.Typer) -> None:
         keep_last: Annotated[int | None, typer.Option("--keep-last")] = None,
         sample_every: Annotated[int | None, typer.Option("--sample-every")] = None,
         log_every: Annotated[int | None, typer.Option("--log-every")] = None,
+        teacher: Annotated[
+            Path | None,
+            typer.Option("--teacher", help="Distil into this VAE's latent space (model, diffusers or pipeline folder)."),
+        ] = None,
+        distill: Annotated[
+            str | None, typer.Option("--distill", help="decoder (default) | encoder | both: what the student trains.")
+        ] = None,
+        decoder_channels: Annotated[
+            str | None, typer.Option("--decoder-channels", help="Student decoder widths, e.g. 96,192,384,384.")
+        ] = None,
+        encoder_channels: Annotated[
+            str | None, typer.Option("--encoder-channels", help="Student encoder widths (encoder / both).")
+        ] = None,
+        init: Annotated[
+            str | None, typer.Option("--init", help="prune (default: from the teacher's channels) | random.")
+        ] = None,
+        teacher_weight: Annotated[
+            float | None, typer.Option("--teacher-weight", help="L1 weight to the teacher's reconstruction.")
+        ] = None,
+        latents: Annotated[
+            Path | None,
+            typer.Option("--latents", help="`serve-batch encode` output of --data by the teacher (decoder mode)."),
+        ] = None,
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="Resolve and print the plan; do not train.")
         ] = False,
@@ -183,6 +206,16 @@ def register(app: typer.Typer) -> None:
                 "keep_last": keep_last,
                 "sample_every": sample_every,
                 "log_every": log_every,
+            },
+            "distill": {
+                "teacher": teacher,
+                "mode": distill,
+                "decoder_channels": parse_int_list(decoder_channels, "--decoder-channels"),
+                "encoder_channels": parse_int_list(encoder_channels, "--encoder-channels"),
+                "init": init,
+                "teacher_weight": teacher_weight,
+                "latents_dir": latents,
+                "latent_channels": z_channels if teacher is not None else None,
             },
             "loss": {
                 "perceptual_weight": perceptual_weight,

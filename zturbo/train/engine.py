@@ -87,6 +87,7 @@ class TrainEngine:
         *,
         dist_ctx: DistContext | None = None,
         model: nn.Module | None = None,
+        forward_module: nn.Module | None = None,
         perceptual: nn.Module | None = None,
         lpips_random_backbone: bool = False,
         total_steps: int = 1,
@@ -132,7 +133,7 @@ class TrainEngine:
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            self.vae.parameters(),
+            [p for p in self.vae.parameters() if p.requires_grad],  # a distilled model's frozen parts stay out
             lr=tcfg.learning_rate,
             betas=betas,
             weight_decay=tcfg.weight_decay,
@@ -155,7 +156,8 @@ class TrainEngine:
                 self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio
             )
 
-        forward: nn.Module = TrainForward(self.vae)
+        # forward_module: distillation's (zturbo.train.distill.DistillForward), over the same self.vae.
+        forward: nn.Module = forward_module if forward_module is not None else TrainForward(self.vae)
         self.disc_train: nn.Module | None = self.disc
         if self.dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
@@ -202,8 +204,11 @@ class TrainEngine:
     def _step(self, batch: torch.Tensor, step: int) -> StepResult:
         tcfg = self.settings.train
         use_disc = self.disc_active(step)
+        # A distillation batch from stored latents is (images, latents); the latents go to the forward.
+        batch, latents = batch if isinstance(batch, (tuple, list)) else (batch, None)
         n = batch.shape[0]
         chunks = batch.split(self.micro_batch)
+        latent_chunks = latents.split(self.micro_batch) if latents is not None else [None] * len(chunks)
         sums: dict[str, torch.Tensor] = {}
         last_layer = self.vae.decoder.conv_out.weight
         for i, chunk in enumerate(chunks):
@@ -216,7 +221,8 @@ class TrainEngine:
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward.no_sync()
             with sync:
                 with self._autocast():
-                    recon, mean, logvar = self.forward(x, noise)
+                    inputs = () if latent_chunks[i] is None else (latent_chunks[i].to(self.device, non_blocking=True),)
+                    recon, mean, logvar, *distill = self.forward(x, noise, *inputs)
                     if use_disc:
                         self.disc.requires_grad_(False)
                     total, terms = self.loss(
@@ -227,6 +233,9 @@ class TrainEngine:
                         discriminator=self.disc if use_disc else None,
                         last_layer=last_layer if use_disc else None,
                     )
+                    if distill:  # distillation's own terms: (added loss, logged values)
+                        total = total + distill[0]
+                        terms.update(distill[1])
                 self.scaler.scale(total * weight).backward()
             terms["loss"] = total.detach()
             if use_disc:
@@ -304,7 +313,7 @@ class TrainEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             with self._autocast():
-                recon, mean, logvar = self.forward(x, self._latent_noise(x, 0))
+                recon, mean, logvar, *_ = self.forward(x, self._latent_noise(x, 0))
                 total, _ = self.loss(x, recon, mean, logvar)
             total.backward()
             per_image = torch.cuda.max_memory_allocated(self.device) - base
