@@ -215,3 +215,37 @@ def test_random_init_copies_only_the_frozen_parts():
     forward = DistillForward(student, None, "decoder", 0.0)
     recon, z, logvar, extra, terms = forward(torch.zeros(1, 3, 32, 32), None)
     assert recon.shape == (1, 3, 32, 32) and float(extra) == 0 and not terms
+
+
+# -- latent statistics --------------------------------------------------------------------------------------
+
+
+def test_latent_stats_match_a_direct_computation_and_write_atomically(teacher_dir, photos, capsys):
+    import json
+
+    from zturbo.cli import run
+    from zturbo.eval.data import find_images, load_pixels
+    from zturbo.eval.latent_stats import latent_statistics
+
+    stats = latent_statistics(teacher_dir, photos, size=32, batch_size=3)
+    vae = VAE.from_pretrained(teacher_dir)
+    x = torch.stack([load_pixels(p, 32, 1 << 28)[0] for p in find_images(photos).paths]).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).mean.double()
+    # The statistics ran the encoder in batches of 3, this in one of 4: fp32 convolutions summed in
+    # another order give latents (|z| < ~2) a few ulps apart (2^-24 relative each, so < 1e-6); the
+    # float64 sums add nothing measurable. Means and stds therefore agree to 1e-6.
+    per_channel = z.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(torch.tensor(stats.latents_mean, dtype=torch.float64), per_channel.mean(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(stats.latents_std, dtype=torch.float64), per_channel.std(1, unbiased=False), rtol=0, atol=1e-6
+    )
+    assert stats.shift_factor == pytest.approx(float(z.mean()), abs=1e-6)
+    assert stats.scaling_factor == pytest.approx(1 / float(z.std(unbiased=False)), rel=1e-5)
+
+    assert run(["eval", str(teacher_dir), "--data", str(photos), "--latent-stats", "--size", "32", "--write", "--json"]) == 0
+    capsys.readouterr()
+    saved = json.loads((teacher_dir / "config.json").read_text())
+    assert saved["scaling_factor"] == pytest.approx(stats.scaling_factor) and len(saved["latents_mean"]) == 4
+    assert VAE.from_pretrained(teacher_dir).config.shift_factor == pytest.approx(stats.shift_factor)
+    assert [p.name for p in teacher_dir.iterdir() if p.name.startswith(".")] == []

@@ -102,6 +102,13 @@ def register(app: typer.Typer) -> None:
         max_images: Annotated[
             int | None, typer.Option("--max-images", "-n", help="Evaluate the first N.")
         ] = None,
+        latent_stats: Annotated[
+            bool,
+            typer.Option("--latent-stats", help="Per-channel latent mean/std and the implied scaling/shift factors."),
+        ] = False,
+        write: Annotated[
+            bool, typer.Option("--write", help="With --latent-stats: store them in the model's config.json.")
+        ] = False,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -110,6 +117,10 @@ def register(app: typer.Typer) -> None:
         """Measure PSNR, SSIM / MS-SSIM, LPIPS and rFID of reconstructions, optionally against another model."""
         from zturbo.console import info, print_json, progress, stderr, stdout, warn
         from zturbo.eval import evaluate, render_tables, report_json, write_report
+
+        if latent_stats or write:
+            _latent_stats(checkpoint, data, size, batch_size, device, max_images, write, json_out, quiet)
+            return
 
         metric_list, nets = parse_metrics(metrics)
         overrides = {
@@ -152,3 +163,31 @@ def register(app: typer.Typer) -> None:
             info(f"wrote {', '.join(str(p) for p in written.values())}", quiet)
         elif not quiet:
             stderr.print("[dim]add --out DIR for the per-image CSV, summary.json and the contact sheet[/]")
+
+
+def _latent_stats(checkpoint, data, size, batch_size, device, max_images, write, json_out, quiet) -> None:
+    from zturbo.console import info, print_json, stdout
+    from zturbo.errors import UsageError
+    from zturbo.eval.latent_stats import latent_statistics, write_latent_stats
+    from zturbo.utils import resolve_device
+
+    size = parse_size(size) or 256
+    if size == "native":
+        raise UsageError("--latent-stats needs a fixed --size (images are batched at one size)")
+    stats = latent_statistics(
+        checkpoint, data, size=size, batch_size=batch_size or 8, device=str(resolve_device(device or "auto")),
+        max_images=max_images,
+    )
+    written = str(write_latent_stats(stats)) if write else None
+    if json_out:
+        print_json({**stats.to_dict(), "written": written})
+        return
+    stdout.print(
+        f"{stats.images} images, {stats.positions} latent positions per channel\n"
+        f"latents_mean  {[round(v, 4) for v in stats.latents_mean]}\n"
+        f"latents_std   {[round(v, 4) for v in stats.latents_std]}\n"
+        f"shift_factor  {stats.shift_factor:.6g}\nscaling_factor {stats.scaling_factor:.6g}",
+        highlight=False,
+    )
+    if written:
+        info(f"wrote the statistics to {written}", quiet)
