@@ -152,3 +152,38 @@ def test_adapter_offers_what_flux_sd3_and_z_image_pipelines_use():
     assert vae.config.latents_mean is None and hasattr(vae.config, "force_upcast")
     with pytest.raises(AttributeError):
         vae.bn  # noqa: B018 - AutoencoderKL latents have no FLUX.2 normaliser
+
+
+def test_flux2_import_and_export_through_the_cli(tmp_path, capsys):
+    from zturbo.cli import run
+
+    torch.manual_seed(0)
+    _diffusers_flux2(FLUX2).save_pretrained(tmp_path / "flux2")
+    assert run(["import-diffusers", str(tmp_path / "flux2"), "--out", str(tmp_path / "ours"), "--verify", "--json"]) == 0
+    capsys.readouterr()
+    assert VAE.from_pretrained(tmp_path / "ours").config == FLUX2
+    assert run(["export", str(tmp_path / "ours"), "--format", "diffusers", "--out", str(tmp_path / "hf"),
+                "--verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verify"]["decoder"]["max_abs"] <= ATOL and report["verify"]["encoder"]["max_abs"] <= ATOL
+    assert isinstance(diffusers.AutoencoderKLFlux2.from_pretrained(str(tmp_path / "hf")), diffusers.AutoencoderKLFlux2)
+
+
+def test_asymmetric_autoencoderkl_export_is_refused_before_writing(tmp_path, capsys):
+    from zturbo.cli import run
+
+    VAE(SMALL).save_pretrained(tmp_path / "m")
+    assert run(["export", str(tmp_path / "m"), "--format", "diffusers", "--out", str(tmp_path / "hf")]) == 2
+    assert "DiffusersVAE" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_bench_builds_diffusers_twins_of_asymmetric_models():
+    from zturbo.bench.cases import Subject, diffusers_subject
+
+    torch.manual_seed(0)
+    ours = VAE(SMALL).eval()
+    twin = diffusers_subject(Subject(name="s", role="ours", kind="zturbo", config=SMALL, model=ours)).model
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.decode(z).sample, ours.decode(z), atol=ATOL, rtol=0)
