@@ -249,3 +249,38 @@ def test_latent_stats_match_a_direct_computation_and_write_atomically(teacher_di
     assert saved["scaling_factor"] == pytest.approx(stats.scaling_factor) and len(saved["latents_mean"]) == 4
     assert VAE.from_pretrained(teacher_dir).config.shift_factor == pytest.approx(stats.shift_factor)
     assert [p.name for p in teacher_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_both_mode_trains_decoder_on_teacher_latents_and_encoder_by_regression(teacher_dir, photos, tmp_path):
+    s = settings(teacher_dir, photos, tmp_path / "run", mode="both", encoder_channels=[8, 16])
+    d = Distillation(s, torch.device("cpu"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon, z, *_, extra, terms = d.forward(x, None)
+    with torch.no_grad():
+        assert torch.equal(z, d.teacher.encode(x).mean)  # the decoder learns from the teacher's latents
+    (recon.abs().mean() + extra).backward()
+    assert d.student.encoder.conv_in.weight.grad is not None and d.student.decoder.conv_in.weight.grad is not None
+    assert "latent" in terms
+
+
+def test_cli_trains_from_stored_latents_and_the_result_encodes_as_the_teacher(teacher_dir, photos, tmp_path, capsys):
+    import json
+
+    from zturbo.cli import run
+
+    latents = tmp_path / "latents"
+    assert run(["serve-batch", "encode", str(teacher_dir), "--input", str(photos), "--output", str(latents),
+                "--size", "32", "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert run(["train", "--profile", "demo", "--data", str(photos), "--output", str(out), "--image-size", "32",
+                "--batch-size", "2", "--max-steps", "2", "--teacher", str(teacher_dir), "--decoder-channels", "8,16",
+                "--latents", str(latents), "--num-workers", "0", "--quiet", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 2 and result["skipped_steps"] == 0
+    final = VAE.from_pretrained(out / "final")
+    teacher = VAE.from_pretrained(teacher_dir)
+    assert final.config.decoder_channels == [8, 16] and final.config.latents_std == TEACHER.latents_std
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(final.encode(x).mean, teacher.encode(x).mean)
