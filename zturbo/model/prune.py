@@ -192,11 +192,13 @@ def prune_into(teacher: Encoder | Decoder, student: Encoder | Decoder, groups: i
         s_mods[name].bias.copy_(t_mods[name].bias[keep[site]])
 
 
-def _copy_outside(teacher: VAE, student: VAE, pruned: set[str]) -> None:
+@torch.no_grad()
+def copy_except(teacher: VAE, student: VAE, skip: tuple[str, ...]) -> None:
+    """Copy every tensor of ``teacher`` into ``student`` but those of the top-level parts ``skip``."""
     own = student.state_dict()
-    source = {k: v for k, v in teacher.state_dict().items() if k.split(".")[0] not in pruned}
-    for key, value in source.items():
-        own[key].copy_(value)
+    for key, value in teacher.state_dict().items():
+        if key.split(".")[0] not in skip:
+            own[key].copy_(value)
 
 
 @torch.no_grad()
@@ -215,5 +217,5 @@ def prune_vae(teacher: VAE, student: VAE, parts: tuple[str, ...] = ("encoder", "
     if "decoder" in parts:
         check_prunable(cfg_t.decoder_channels, cfg_s.decoder_channels, "decoder")
         prune_into(teacher.decoder, student.decoder, cfg_s.norm_num_groups)
-    _copy_outside(teacher, student, set(parts))
+    copy_except(teacher, student, parts)
     return student

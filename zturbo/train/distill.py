@@ -43,7 +43,7 @@ from zturbo.errors import CheckpointError, ConfigError, InputError, UsageError
 from zturbo.model import VAE
 from zturbo.model.config import ModelConfig, format_validation_error
 from zturbo.model.diffusers import CONFIG_NAME
-from zturbo.model.prune import prune_vae
+from zturbo.model.prune import copy_except, prune_vae
 from zturbo.train.layout import load_vae
 
 TRAINED = {"decoder": ("decoder", "post_quant_conv"), "encoder": ("encoder", "quant_conv")}
@@ -85,22 +85,14 @@ def student_config(teacher: ModelConfig, settings: Settings) -> ModelConfig:
 
 def build_student(teacher: VAE, config: ModelConfig, mode: str, init: str, seed: int = 0) -> VAE:
     """The student VAE: trained parts pruned from the teacher (or random), the rest the teacher's, frozen."""
-    if init == "prune" and config.norm_num_groups != teacher.config.norm_num_groups:
-        raise UsageError("the student must keep the teacher's norm_num_groups")
     torch.manual_seed(seed)
     student = VAE(config).to(next(teacher.parameters()).device)
-    trained = {"decoder": TRAINED["decoder"], "encoder": TRAINED["encoder"]}.get(mode) or (
-        TRAINED["decoder"] + TRAINED["encoder"]
-    )
+    trained = TRAINED["decoder"] + TRAINED["encoder"] if mode == "both" else TRAINED[mode]
     coders = tuple(p for p in trained if p in ("encoder", "decoder"))
     if init == "prune":
         prune_vae(teacher, student, coders)
     else:
-        own, source = student.state_dict(), teacher.state_dict()
-        with torch.no_grad():
-            for key, value in source.items():
-                if key.split(".")[0] not in coders:
-                    own[key].copy_(value)
+        copy_except(teacher, student, coders)
     for name, module in student.named_children():
         module.requires_grad_(name in trained)
     return student
