@@ -187,3 +187,32 @@ def test_bench_builds_diffusers_twins_of_asymmetric_models():
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(twin.decode(z).sample, ours.decode(z), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1 / Z-Image
+        dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),  # SD3
+        dict(latent_channels=4, scaling_factor=0.13025, shift_factor=None, force_upcast=False),  # SDXL
+    ],
+)
+def test_diffusers_autoencoderkl_teachers_keep_their_factors_in_the_student(shape, tmp_path):
+    from zturbo.model.prune import prune_vae
+    from zturbo.train.distill import load_teacher
+
+    torch.manual_seed(0)
+    theirs = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), norm_num_groups=4, layers_per_block=1, **shape,
+    ).eval()
+    theirs.save_pretrained(tmp_path / "pipe" / "vae")
+    teacher = load_teacher(tmp_path / "pipe")  # a pipeline folder: its vae/
+    assert teacher.config.scaling_factor == shape["scaling_factor"]
+    assert teacher.config.shift_factor == (shape["shift_factor"] or 0.0)
+    student = prune_vae(teacher, VAE(teacher.config.model_copy(update={"decoder_block_out_channels": [8, 16]})))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(student.encode(x).mean, theirs.encode(x).latent_dist.mean, atol=ATOL, rtol=0)
+    back = VAE.from_pretrained(student.save_pretrained(tmp_path / "student"))
+    assert back.config.scaling_factor == shape["scaling_factor"] and back.config.decoder_channels == [8, 16]
