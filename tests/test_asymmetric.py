@@ -154,6 +154,7 @@ def test_adapter_offers_what_flux_sd3_and_z_image_pipelines_use():
         vae.bn  # noqa: B018 - AutoencoderKL latents have no FLUX.2 normaliser
 
 
+@pytest.mark.slow
 def test_flux2_import_and_export_through_the_cli(tmp_path, capsys):
     from zturbo.cli import run
 

@@ -220,6 +220,7 @@ def test_random_init_copies_only_the_frozen_parts():
 # -- latent statistics --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_latent_stats_match_a_direct_computation_and_write_atomically(teacher_dir, photos, capsys):
     import json
 
