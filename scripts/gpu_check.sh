@@ -111,6 +111,12 @@ else
   bench compile 150 --backend compile --against standard --what decode --precision bf16 --channels-last \
     --resolutions $R_MFU --batch-sizes $B_MFU
 fi
+# Distillation (#14): the [96,192,384,384] decoder in FLUX.1's latent space against FLUX.1's decoder,
+# 1024 px, bf16, compiled; the speedup is printed next to the counted FLOP ratio.
+if [ "$DRY" = 0 ]; then
+  bench distill-compile 150 --profile flux-decoder-fast --backend compile --against standard --what decode \
+    --precision bf16 --channels-last --resolutions 1024 --batch-sizes 1
+fi
 # bf16 in the default NCHW layout at the MFU target case, encode and decode, against standard.
 bench bf16 $T --against standard --precision bf16 --resolutions $R_MFU --batch-sizes $B_MFU
 

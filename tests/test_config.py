@@ -119,7 +119,14 @@ def test_version(capsys):
 def test_profiles_table_json(capsys):
     assert run(["config", "profiles", "--json"]) == 0
     rows = {r["profile"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"ultrafast", "fast", "highres", "ultra", "standard", "demo"}
+    assert set(rows) == {
+        "ultrafast", "fast", "highres", "ultra", "standard", "demo", "flux-decoder-fast", "flux-decoder-ultrafast"
+    }
+    # A slim decoder in FLUX.1's latent space: FLUX.1's encoder (same encode FLOPs), fast's decoder widths.
+    distilled = rows["flux-decoder-fast"]
+    assert distilled["decoder_block_out_channels"] == [96, 192, 384, 384]
+    assert distilled["encode_gflops"] == rows["standard"]["encode_gflops"]
+    assert distilled["decode_gflops"] < rows["standard"]["decode_gflops"]
     assert rows["standard"]["parameters"] == 83_819_683
     # Same architecture at the same resolution: identical counted FLOPs; standard costs more than fast.
     assert rows["highres"]["parameters"] == rows["fast"]["parameters"]

@@ -24,7 +24,18 @@ TINY = dict(block_out_channels=[32, 64], latent_channels=4, layers_per_block=1, 
 
 
 def reference(cfg: ModelConfig):
+    """diffusers' model for ``cfg``: AutoencoderKL, or AutoencoderKLFlux2 (whose BatchNorm has buffers
+    only, no parameters) where the decoder's widths differ from the encoder's."""
     n = len(cfg.block_out_channels)
+    if cfg.decoder_channels != cfg.block_out_channels:
+        return diffusers.AutoencoderKLFlux2(
+            in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+            down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+            block_out_channels=cfg.block_out_channels, decoder_block_out_channels=cfg.decoder_channels,
+            layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+            norm_num_groups=cfg.norm_num_groups, mid_block_add_attention=cfg.mid_block_add_attention,
+            use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv,
+        )
     return diffusers.AutoencoderKL(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,

@@ -37,7 +37,7 @@ from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.errors import CheckpointError
 from zturbo.export.layout import META_NAME, read_export_meta
 from zturbo.model import VAE, load_pretrained
-from zturbo.model.diffusers import CONFIG_NAME, read_config, weight_files
+from zturbo.model.diffusers import CONFIG_NAME, FLUX2_CLASS, read_config, weight_files
 from zturbo.train.layout import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
 
 ZTURBO_MARKER = "_zturbo_version"
@@ -177,9 +177,9 @@ def _model_kind(folder: Path) -> Kind:
     """MODEL or DIFFUSERS for a folder with config.json, once seen to hold an AutoencoderKL with weights."""
     config = read_config(folder)
     cls_name = config.get("_class_name", "AutoencoderKL")
-    if cls_name != "AutoencoderKL":
+    if cls_name not in ("AutoencoderKL", FLUX2_CLASS):
         raise NotAnArtifact(
-            folder, f"a folder whose {CONFIG_NAME} describes a '{cls_name}', not an AutoencoderKL"
+            folder, f"a folder whose {CONFIG_NAME} describes a '{cls_name}', not an AutoencoderKL or {FLUX2_CLASS}"
         )
     try:
         weight_files(folder)

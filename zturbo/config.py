@@ -102,6 +102,19 @@ class LossConfig(Section):
     )
 
 
+class DistillConfig(Section):
+    """Training a student in an existing VAE's latent space (zturbo.train.distill; docs/distillation.md)."""
+
+    teacher: Path | None = Field(None, description="the teacher VAE; None: no distillation")
+    mode: Literal["decoder", "encoder", "both"] = "decoder"
+    decoder_channels: list[int] | None = Field(None, min_length=1, max_length=8, description="None: the teacher's")
+    encoder_channels: list[int] | None = Field(None, min_length=1, max_length=8, description="None: the teacher's")
+    init: Literal["prune", "random"] = "prune"
+    teacher_weight: float = Field(0.0, ge=0, description="weight of an L1 term to the teacher's reconstruction")
+    latents_dir: Path | None = Field(None, description="`serve-batch encode` output of the teacher (decoder mode)")
+    latent_channels: int | None = Field(None, ge=1, description="when set, must equal the teacher's")
+
+
 class PrepareConfig(Section):
     size: int | None = Field(None, ge=8, le=16384, description="None: data.image_size")
     val_fraction: float = Field(0.02, ge=0, lt=1)
@@ -248,6 +261,7 @@ class Settings(BaseSettings):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)

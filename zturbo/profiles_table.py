@@ -21,6 +21,7 @@ def profile_rows() -> list[dict[str, Any]]:
                 "resolution": res,
                 "batch_size": s.train.batch_size,
                 "block_out_channels": s.model.block_out_channels,
+                "decoder_block_out_channels": s.model.decoder_channels,
                 "latent_channels": s.model.latent_channels,
                 "mid_block_attention": s.model.mid_block_add_attention,
                 "learning_rate": s.train.learning_rate,

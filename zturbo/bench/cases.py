@@ -112,18 +112,27 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
 
 def build_diffusers_model(config: ModelConfig) -> torch.nn.Module:
     diffusers = _import_diffusers()
-    return diffusers.AutoencoderKL(**diffusers_config(config))
+    kwargs = diffusers_config(config)
+    if config.decoder_channels == config.block_out_channels and config.patch_size is None:
+        return diffusers.AutoencoderKL(**kwargs)
+    # Other decoder widths (or FLUX.2's normaliser): AutoencoderKLFlux2 holds them. Its BatchNorm
+    # has buffers only and takes no part in encode / decode, so the computation is the same.
+    del kwargs["scaling_factor"], kwargs["shift_factor"]
+    flux2 = {"patch_size": tuple(config.patch_size or (2, 2)), "batch_norm_eps": config.batch_norm_eps}
+    return diffusers.AutoencoderKLFlux2(**kwargs, **flux2, decoder_block_out_channels=config.decoder_channels)
 
 
 def diffusers_subject(ours: Subject) -> Subject:
-    """diffusers' AutoencoderKL with our config and our weights (strict load: same keys, same shapes)."""
+    """diffusers' model with our config and our weights (strict load: same keys, same shapes)."""
     if ours.artifact is not None and ours.artifact.is_export:
         raise UsageError(
             f"{ours.artifact.root} is {ours.artifact.kind.phrase}; bench --against diffusers needs our torch weights",
             "give --model the model or run folder the export was made from",
         )
     model = build_diffusers_model(ours.config)
-    model.load_state_dict(ours.model.state_dict(), strict=True)
+    # AutoencoderKLFlux2's BatchNorm buffers, where our model (an AutoencoderKL) has none, stay its own.
+    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.startswith("bn.")},
+                           **ours.model.state_dict()}, strict=True)
     return Subject(name="diffusers", role="against", kind="diffusers", config=ours.config, model=model.eval())
 
 

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, justify="left" if col in ("profile", "channels") else "right", no_wrap=True)
         for r in rows:
             table.add_row(
-                r["profile"], str(r["resolution"]), str(r["batch_size"]), "/".join(map(str, r["block_out_channels"])),
+                r["profile"], str(r["resolution"]), str(r["batch_size"]), _widths(r),
                 str(r["latent_channels"]), "yes" if r["mid_block_attention"] else "no", f"{r['parameters'] / 1e6:.1f}",
                 f"{r['encode_gflops']:.0f}", f"{r['decode_gflops']:.0f}",
             )
@@ -58,3 +58,10 @@ def register(app: typer.Typer) -> None:
             stdout.print(f"  [bold]{r['profile']}[/]: {r['description']}", highlight=False)
 
     app.add_typer(group, name="config")
+
+
+def _widths(row: dict) -> str:
+    """Encoder widths, and the decoder's after a '|' when they differ."""
+    enc, dec = row["block_out_channels"], row["decoder_block_out_channels"]
+    text = "/".join(map(str, enc))
+    return text if dec == enc else f"{text} | dec {'/'.join(map(str, dec))}"

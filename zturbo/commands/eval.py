@@ -108,6 +108,13 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--out", "-o", help="Folder for per_image.csv, summary.json, contact sheet."),
         ] = None,
+        latent_stats: Annotated[
+            bool,
+            typer.Option("--latent-stats", help="Per-channel latent mean/std and the implied scaling/shift factors."),
+        ] = False,
+        write: Annotated[
+            bool, typer.Option("--write", help="With --latent-stats: store them in the model's config.json.")
+        ] = False,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -118,6 +125,9 @@ def register(app: typer.Typer) -> None:
         from zturbo.eval import evaluate, render_tables, report_json, write_report
 
         settings = settings_from(profile, config, overrides)
+        if latent_stats or write:
+            _latent_stats(checkpoint, data, settings.eval, write, json_out, quiet)
+            return
         with progress(quiet or json_out) as bar:
             task = bar.add_task("eval", total=None)
             report = evaluate(
@@ -145,3 +155,30 @@ def register(app: typer.Typer) -> None:
             info(f"wrote {', '.join(str(p) for p in written.values())}", quiet)
         elif not quiet:
             stderr.print("[dim]add --out DIR for the per-image CSV, summary.json and the contact sheet[/]")
+
+
+def _latent_stats(checkpoint, data, ecfg, write: bool, json_out: bool, quiet: bool) -> None:
+    from zturbo.console import info, print_json, stdout
+    from zturbo.errors import UsageError
+    from zturbo.eval.latent_stats import latent_statistics, write_latent_stats
+    from zturbo.utils import resolve_device
+
+    if ecfg.size == "native":
+        raise UsageError("--latent-stats needs a fixed --size (images are batched at one size)")
+    stats = latent_statistics(
+        checkpoint, data, size=ecfg.size, batch_size=ecfg.batch_size, device=str(resolve_device(ecfg.device)),
+        max_images=ecfg.max_images,
+    )
+    written = str(write_latent_stats(stats)) if write else None
+    if json_out:
+        print_json({**stats.to_dict(), "written": written})
+        return
+    stdout.print(
+        f"{stats.images} images, {stats.positions} latent positions per channel\n"
+        f"latents_mean  {[round(v, 4) for v in stats.latents_mean]}\n"
+        f"latents_std   {[round(v, 4) for v in stats.latents_std]}\n"
+        f"shift_factor  {stats.shift_factor:.6g}\nscaling_factor {stats.scaling_factor:.6g}",
+        highlight=False,
+    )
+    if written:
+        info(f"wrote the statistics to {written}", quiet)

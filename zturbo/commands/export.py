@@ -119,7 +119,7 @@ def _print_summary(meta: dict, out: Path) -> None:
     from zturbo.console import stdout
 
     if meta.get("format") == "diffusers":
-        stdout.print(f"wrote diffusers AutoencoderKL folder {out}", highlight=False)
+        stdout.print(f"wrote diffusers folder {out}", highlight=False)
         for part, stats in meta.get("verify", {}).items():
             stdout.print(f"  {part} vs diffusers: max abs {stats['max_abs']:.3g}", highlight=False)
         return

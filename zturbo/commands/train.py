@@ -82,7 +82,9 @@ FLAGS = [
     Flag("--image-size --image_size", "data.image_size model.sample_size", int, "Training crop size."),
     Flag("--batch-size --batch_size", "train.batch_size", int, "Effective batch (all processes, all micro-batches)."),
     Flag("--micro-batch-size --micro_batch_size", "train.micro_batch_size", int, "Default: the largest that fits."),
-    Flag("--z-channels --z_channels --latent-channels", "model.latent_channels", int, "Latent channels."),
+    # distill.latent_channels: what a distillation's student was asked for (checked against the teacher's).
+    Flag("--z-channels --z_channels --latent-channels", "model.latent_channels distill.latent_channels", int,
+         "Latent channels."),
     Flag("--block-out-channels --block_out_channels", "model.block_out_channels", str, "e.g. 96,192,384,384",
          parse=_int_list),
     Flag("--learning-rate --learning_rate --lr", "train.learning_rate", float),
@@ -108,6 +110,18 @@ FLAGS = [
     Flag("--keep-last", "train.keep_last", int),
     Flag("--sample-every", "train.sample_every", int),
     Flag("--log-every", "train.log_every", int),
+    # Distillation into an existing VAE's latent space (zturbo.train.distill).
+    Flag("--teacher", "distill.teacher", Path,
+         "Distil into this VAE's latent space (model, diffusers or pipeline folder)."),
+    Flag("--distill", "distill.mode", str, "decoder (default) | encoder | both: what the student trains."),
+    Flag("--decoder-channels", "distill.decoder_channels", str, "Student decoder widths, e.g. 96,192,384,384.",
+         parse=lambda text: parse_int_list(text, "--decoder-channels")),
+    Flag("--encoder-channels", "distill.encoder_channels", str, "Student encoder widths (encoder / both).",
+         parse=lambda text: parse_int_list(text, "--encoder-channels")),
+    Flag("--init", "distill.init", str, "prune (default: from the teacher's channels) | random."),
+    Flag("--teacher-weight", "distill.teacher_weight", float, "L1 weight to the teacher's reconstruction."),
+    Flag("--latents", "distill.latents_dir", Path,
+         "`serve-batch encode` output of --data by the teacher (decoder mode)."),
 ]
 
 
@@ -131,7 +145,7 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Train a VAE: `zturbo train --profile fast --data DIR --output RUN_DIR` (try `--profile demo`)."""
-        from zturbo.artifacts import RESUME_KINDS, require
+        from zturbo.artifacts import RESUME_KINDS, TORCH_KINDS, require
         from zturbo.console import print_json
         from zturbo.train.distributed import DistContext
 
@@ -139,6 +153,9 @@ def register(app: typer.Typer) -> None:
             profile = choose_profile() if _interactive() else None  # None: the default profile (fast)
         if resume not in (None, "auto"):
             require(resume, RESUME_KINDS, "train --resume")
+        teacher = overrides.get("distill", {}).get("teacher")
+        if teacher is not None:  # the library takes the teacher's model folder; find it in what was given
+            overrides["distill"]["teacher"] = require(teacher, TORCH_KINDS, "train --teacher").model_dir
         settings = settings_from(profile, config, overrides)
         dist_ctx = DistContext.from_env(os.environ)
         if dry_run:

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from zturbo.errors import require
+from zturbo.errors import UsageError, require
 from zturbo.export.layout import prepare_out_dir
 from zturbo.export.verify import compare, sample_images
 from zturbo.model import load_pretrained
-from zturbo.model.diffusers import CONFIG_NAME
+from zturbo.model.diffusers import CONFIG_NAME, diffusers_class
 
 _COMPARE_SIZE = 64
 
@@ -38,8 +38,14 @@ def _nolog(_: str) -> None:
 def export_diffusers(
     vae, out: Path, verify: bool = False, source: Path | None = None, log=None
 ) -> dict[str, Any]:
-    """Write ``vae`` as a diffusers AutoencoderKL folder; with ``verify``, load it with diffusers and compare."""
-    (log or _nolog)(f"writing diffusers AutoencoderKL folder {out}")
+    """Write ``vae`` as a diffusers AutoencoderKL (or AutoencoderKLFlux2) folder; with ``verify``, load it
+    with diffusers and compare.
+
+    An AutoencoderKL-latent model whose decoder widths differ from its encoder's has no
+    diffusers class to load it: refused, with the way pipelines take it instead.
+    """
+    cls_name = check_diffusers_class(vae.config)
+    (log or _nolog)(f"writing diffusers {cls_name} folder {out}")
     save_model_folder(vae, out)
     report: dict[str, Any] = {
         "format": "diffusers",
@@ -52,6 +58,18 @@ def export_diffusers(
     if verify:
         report["verify"] = compare_with_diffusers(vae, out)
     return report
+
+
+def check_diffusers_class(config) -> str:
+    """The diffusers class that loads ``config``; UsageError when none can (see ``export_diffusers``)."""
+    cls_name = diffusers_class(config)
+    if cls_name == "AutoencoderKL" and config.decoder_channels != config.block_out_channels:
+        raise UsageError(
+            f"diffusers' AutoencoderKL cannot hold a decoder of widths {config.decoder_channels} with an "
+            f"encoder of {config.block_out_channels}",
+            "give pipelines the model through zturbo.adapters.DiffusersVAE (pipe.vae = DiffusersVAE.from_pretrained(PATH))",
+        )
+    return cls_name
 
 
 def save_model_folder(vae, out: Path) -> None:
@@ -100,7 +118,8 @@ def import_diffusers(
 def compare_with_diffusers(vae, folder: Path) -> dict[str, Any]:
     """Load ``folder`` with diffusers and compare its encode/decode with ``vae`` on sample photos."""
     diffusers = require("diffusers", "comparing with diffusers' AutoencoderKL")
-    theirs = diffusers.AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    cls = getattr(diffusers, diffusers_class(vae.config))
+    theirs = cls.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     f = vae.config.downsample_factor
     images = sample_images(max(f, _COMPARE_SIZE // f * f), 2)
     with torch.inference_mode():

@@ -107,6 +107,10 @@ def export_model(
         require_tensorrt()
     source = Path(model_dir)
     vae = load_pretrained(source).float().eval()
+    if cfg.format == "diffusers":  # refuse a model diffusers cannot hold before any folder is made
+        from zturbo.export.diffusers_format import check_diffusers_class
+
+        check_diffusers_class(vae.config)
     out = prepare_out_dir(out_dir)
     log(f"model {source} ({vae.num_parameters / 1e6:.1f} M parameters)")
 

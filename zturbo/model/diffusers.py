@@ -23,6 +23,18 @@ from zturbo.model.errors import CheckpointError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+AUTOENCODER_KL_CLASS = "AutoencoderKL"
+FLUX2_CLASS = "AutoencoderKLFlux2"
+CLASS_NAMES = (AUTOENCODER_KL_CLASS, FLUX2_CLASS)
+_FLUX2_DEFAULTS: dict[str, Any] = {
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 32,
+    "norm_num_groups": 32,
+    "patch_size": [2, 2],
+    "batch_norm_eps": 1e-4,
+    "batch_norm_momentum": 0.1,
+}
 _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 # Attention parameter names of diffusers checkpoints written before the Attention refactor.
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
@@ -36,10 +48,13 @@ def _package_version() -> str:
 
 
 def config_from_diffusers(data: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig from a diffusers (or zturbo) config.json mapping."""
+    """Our ModelConfig from a diffusers (or zturbo) config.json mapping: AutoencoderKL or AutoencoderKLFlux2."""
     cls_name = data.get("_class_name", "AutoencoderKL")
-    if cls_name != "AutoencoderKL":
-        raise CheckpointError(f"config.json describes a '{cls_name}', not an AutoencoderKL")
+    if cls_name not in CLASS_NAMES:
+        raise CheckpointError(f"config.json describes a '{cls_name}', not an AutoencoderKL or AutoencoderKLFlux2")
+    if cls_name == FLUX2_CLASS:
+        # AutoencoderKLFlux2's own defaults for keys a config.json may leave out.
+        data = {**_FLUX2_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
     if data.get("act_fn", "silu") != "silu":
         raise CheckpointError(f"unsupported act_fn '{data['act_fn']}' (only silu)")
     for key, expected in _BLOCK_TYPES.items():
@@ -51,17 +66,34 @@ def config_from_diffusers(data: dict[str, Any]) -> ModelConfig:
         fields.pop("shift_factor", None)
     if isinstance(fields.get("sample_size"), (list, tuple)):
         fields["sample_size"] = int(fields["sample_size"][0])
+    for key in ("decoder_block_out_channels", "patch_size", "latents_mean", "latents_std"):
+        if fields.get(key) is not None:
+            fields[key] = list(fields[key])
+    if cls_name == AUTOENCODER_KL_CLASS:
+        fields.pop("patch_size", None)  # AutoencoderKL has no latent normaliser, whatever the file says
     try:
         return ModelConfig(**fields)
     except ValidationError as exc:
         raise CheckpointError(f"config.json is not a valid model config: {format_validation_error(exc)}") from exc
 
 
+def diffusers_class(cfg: ModelConfig) -> str:
+    """The diffusers class that holds ``cfg``: AutoencoderKLFlux2 with FLUX.2's latent normaliser."""
+    return FLUX2_CLASS if cfg.patch_size is not None else AUTOENCODER_KL_CLASS
+
+
 def config_to_diffusers(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json that ``diffusers.AutoencoderKL.from_pretrained`` reads for ``cfg``."""
+    """The config.json that ``diffusers.<diffusers_class(cfg)>.from_pretrained`` reads for ``cfg``.
+
+    An AutoencoderKL whose decoder widths differ from its encoder's has no diffusers class:
+    its config.json says AutoencoderKL and adds ``decoder_block_out_channels``, which
+    zturbo reads and diffusers' AutoencoderKL ignores, so diffusers refuses the decoder's
+    weights (their shapes do not match) rather than loading something else. Pipelines take
+    such a model through ``zturbo.adapters.DiffusersVAE``.
+    """
     n = len(cfg.block_out_channels)
-    return {
-        "_class_name": "AutoencoderKL",
+    out = {
+        "_class_name": diffusers_class(cfg),
         "_diffusers_version": "0.30.0",
         "_zturbo_version": _package_version(),
         "act_fn": "silu",
@@ -83,6 +115,22 @@ def config_to_diffusers(cfg: ModelConfig) -> dict[str, Any]:
         "use_post_quant_conv": cfg.use_post_quant_conv,
         "mid_block_add_attention": cfg.mid_block_add_attention,
     }
+    if cfg.latents_mean is not None:
+        out["latents_mean"] = list(cfg.latents_mean)
+    if cfg.latents_std is not None:
+        out["latents_std"] = list(cfg.latents_std)
+    if cfg.decoder_block_out_channels is not None or cfg.patch_size is not None:
+        out["decoder_block_out_channels"] = cfg.decoder_channels
+    if cfg.patch_size is not None:
+        out.update(
+            patch_size=list(cfg.patch_size),
+            batch_norm_eps=cfg.batch_norm_eps,
+            batch_norm_momentum=cfg.batch_norm_momentum,
+        )
+        # Fields AutoencoderKLFlux2 does not take, written only when they carry information.
+        unused = {"scaling_factor": 1.0, "shift_factor": 0.0, "latents_mean": None, "latents_std": None}
+        out = {k: v for k, v in out.items() if k != "force_upcast" and (k not in unused or v != unused[k])}
+    return out
 
 
 def read_config(directory: Path) -> dict[str, Any]:

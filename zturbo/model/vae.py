@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ class Encoder(_CheckpointedSequence):
 class Decoder(_CheckpointedSequence):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        ch = list(reversed(cfg.block_out_channels))
+        ch = list(reversed(cfg.decoder_channels))
         g = cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
@@ -139,6 +140,16 @@ class VAE(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if config.use_post_quant_conv else None
+        if config.patch_size is not None:
+            # FLUX.2's latent normaliser: only its running statistics are used (by pipelines, and by
+            # normalize_latents here), never in encode / decode, exactly as in AutoencoderKLFlux2.
+            self.bn = nn.BatchNorm2d(
+                math.prod(config.patch_size) * lat,
+                eps=config.batch_norm_eps,
+                momentum=config.batch_norm_momentum,
+                affine=False,
+                track_running_stats=True,
+            )
 
     # -- inference API ---------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -165,6 +176,27 @@ class VAE(nn.Module):
 
     def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.config.scaling_factor + self.config.shift_factor
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent as the diffusion model sees it: with FLUX.2's normaliser, patchified and
+        standardised by ``bn``'s running statistics (as diffusers' Flux2 pipelines do), else ``scale_latents``."""
+        if self.config.patch_size is None:
+            return self.scale_latents(z)
+        z = patchify_latents(z, self.config.patch_size)
+        mean, std = self._bn_stats(z)
+        return (z - mean) / std
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``normalize_latents``: what ``decode`` takes."""
+        if self.config.patch_size is None:
+            return self.unscale_latents(z)
+        mean, std = self._bn_stats(z)
+        return unpatchify_latents(z * std + mean, self.config.patch_size)
+
+    def _bn_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.config.batch_norm_eps).to(z.device, z.dtype)
+        return mean, std
 
     # -- training helpers ------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -211,6 +243,21 @@ class VAE(nn.Module):
         vae = vae.to_empty(device=map_location)
         load_state_dict_strict(vae, state, str(directory))
         return vae.eval()
+
+
+def patchify_latents(z: torch.Tensor, patch: list[int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C*ph*pw, H/ph, W/pw), channel-major then row then column, as FLUX.2's pipelines."""
+    b, c, h, w = z.shape
+    ph, pw = patch
+    z = z.view(b, c, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4)
+    return z.reshape(b, c * ph * pw, h // ph, w // pw)
+
+
+def unpatchify_latents(z: torch.Tensor, patch: list[int]) -> torch.Tensor:
+    b, c, h, w = z.shape
+    ph, pw = patch
+    z = z.reshape(b, c // (ph * pw), ph, pw, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c // (ph * pw), h * ph, w * pw)
 
 
 def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

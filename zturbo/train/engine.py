@@ -104,6 +104,7 @@ class TrainEngine:
         *,
         dist_ctx: DistContext | None = None,
         model: nn.Module | None = None,
+        forward_module: nn.Module | None = None,
         perceptual: nn.Module | None = None,
         lpips_random_backbone: bool = False,
         total_steps: int = 1,
@@ -146,7 +147,7 @@ class TrainEngine:
         # One fused kernel over all parameters on CUDA; elsewhere the multi-tensor (foreach) update.
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            self.vae.parameters(),
+            [p for p in self.vae.parameters() if p.requires_grad],  # a distilled model's frozen parts stay out
             lr=tcfg.learning_rate,
             betas=betas,
             weight_decay=tcfg.weight_decay,
@@ -171,7 +172,8 @@ class TrainEngine:
                 self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio
             )
 
-        forward: nn.Module = TrainForward(self.vae)
+        # forward_module: distillation's (zturbo.train.distill.DistillForward), over the same self.vae.
+        forward: nn.Module = forward_module if forward_module is not None else TrainForward(self.vae)
         self.disc_train: nn.Module | None = self.disc
         if self.dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
@@ -238,10 +240,12 @@ class TrainEngine:
         An ``EncodedBatch`` (a loader with ``device_decode``) is decoded on this device first;
         uint8 images (``as_uint8``) are copied as they are and scaled to [-1, 1] there.
         """
-        if isinstance(batch, EncodedBatch):
-            batch = batch.decode(self.device)
-        elif batch.dtype == torch.uint8:
-            batch = to_unit_range(batch.to(self.device, non_blocking=True))
+        images, latents = batch if isinstance(batch, (tuple, list)) else (batch, None)  # distillation: + latents
+        if isinstance(images, EncodedBatch):
+            images = images.decode(self.device)
+        elif images.dtype == torch.uint8:
+            images = to_unit_range(images.to(self.device, non_blocking=True))
+        batch = images if latents is None else (images, latents)
         while True:
             try:
                 return self._step(batch, step)
@@ -251,7 +255,7 @@ class TrainEngine:
                 if self.micro_batch == 1:
                     peak = torch.cuda.max_memory_allocated(self.device) / 2**30
                     total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-                    raise does_not_fit(self.settings.profile, batch.shape[-1], peak, total,
+                    raise does_not_fit(self.settings.profile, images.shape[-1], peak, total,
                                        self.settings.train.gradient_checkpointing) from None
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.disc_optimizer is not None:
@@ -265,8 +269,11 @@ class TrainEngine:
     def _step(self, batch: torch.Tensor, step: int) -> StepResult:
         tcfg = self.settings.train
         use_disc = self.disc_active(step)
+        # A distillation batch from stored latents is (images, latents); the latents go to the forward.
+        batch, latents = batch if isinstance(batch, (tuple, list)) else (batch, None)
         n = batch.shape[0]
         chunks = batch.split(self.micro_batch)
+        latent_chunks = latents.split(self.micro_batch) if latents is not None else [None] * len(chunks)
         sums: dict[str, torch.Tensor] = {}
         last_layer = self.vae.decoder.conv_out.weight
         for i, chunk in enumerate(chunks):
@@ -281,13 +288,17 @@ class TrainEngine:
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward.no_sync()
             with sync:
                 with self._autocast():
-                    recon, mean, logvar = self.forward(x, noise)
+                    inputs = () if latent_chunks[i] is None else (latent_chunks[i].to(self.device, non_blocking=True),)
+                    recon, mean, logvar, *distill = self.forward(x, noise, *inputs)
                     nll, kl, terms = self.reconstruction_terms(x, recon, mean, logvar, crop)
                     g = None
                     if use_disc:
                         self.disc.requires_grad_(False)
                         g = self.generator_term(recon)
                     total = self.loss.combine(nll, kl, terms, g, last_layer if use_disc else None)
+                    if distill:  # distillation's own terms: (added loss, logged values)
+                        total = total + distill[0]
+                        terms.update(distill[1])
                 self.scaler.scale(total * weight).backward()
             terms["loss"] = total.detach()
             if use_disc:
@@ -374,7 +385,7 @@ class TrainEngine:
         try:
             with self._autocast():
                 # Eager: compiling a one-image graph would cost another compile; eager peaks higher.
-                recon, mean, logvar = self._eager_forward(x, self._latent_noise(x, 0))
+                recon, mean, logvar, *_ = self._eager_forward(x, self._latent_noise(x, 0))
                 total, _ = self.loss(x, recon, mean, logvar, crop_offset=self._crop_offset(image_size, 0))
             total.backward()
             per_image = torch.cuda.max_memory_allocated(self.device) - base

@@ -39,6 +39,7 @@ from zturbo.model import load_state_dict_strict
 from zturbo.model.diffusers import config_from_diffusers
 from zturbo.train import checkpoint as ckpt
 from zturbo.train import distributed
+from zturbo.train.distill import Distillation
 from zturbo.train.distributed import DistContext
 from zturbo.train.engine import StepResult, TrainEngine
 from zturbo.utils import atomic_path, atomic_write_text, resolve_device
@@ -94,6 +95,11 @@ class Trainer:
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
         distributed.setup(self.dist, device)
+        # Distillation (zturbo.train.distill): a student in the teacher's latent space; its settings
+        # carry the student's model config.
+        self.distill = Distillation(settings, device, self._log) if settings.distill.teacher is not None else None
+        if self.distill is not None:
+            self.settings = settings = self.distill.settings
 
         if dcfg.data_dir is None:
             raise UsageError(
@@ -107,10 +113,12 @@ class Trainer:
         self.per_rank_batch = tcfg.batch_size // self.dist.world_size
         split = split_data(dcfg.data_dir, dcfg.val_images)
         self.split = split
-        # uint8 crops: a quarter of the bytes through the workers and to the device (the engine scales them).
-        dataset = ImageFolderDataset(
-            split.train, dcfg.image_size, dcfg.random_crop, dcfg.random_flip, as_uint8=True
-        )
+        dataset = self.distill.dataset(split.train, dcfg.data_dir, dcfg.image_size) if self.distill else None
+        if dataset is None:
+            # uint8 crops: a quarter of the bytes through the workers and to the device (the engine scales them).
+            dataset = ImageFolderDataset(
+                split.train, dcfg.image_size, dcfg.random_crop, dcfg.random_flip, as_uint8=True
+            )
         self.steps_per_epoch = steps_per_epoch(len(dataset), self.dist.world_size, self.per_rank_batch)
         if self.steps_per_epoch == 0:
             raise InputError(
@@ -134,6 +142,8 @@ class Trainer:
             settings,
             device,
             dist_ctx=self.dist,
+            model=self.distill.student if self.distill else None,
+            forward_module=self.distill.forward if self.distill else None,
             lpips_random_backbone=lpips_random_backbone,
             total_steps=self.total_steps,
             warmup_steps=self.warmup_steps,
