@@ -42,6 +42,7 @@ from zturbo.eval.report import report_json
 from zturbo.model.vae import VAE
 from zturbo.train import Trainer
 from zturbo.train.checkpoint import step_folders
+from zturbo.utils import atomic_write_text
 
 
 def parse_set(items: list[str]) -> dict:
@@ -180,7 +181,7 @@ def main() -> None:
             "curve": curve,
             "per_image": report["per_image"],
         }
-        args.json.write_text(json.dumps(out, indent=1, default=str))
+        atomic_write_text(args.json, json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":
