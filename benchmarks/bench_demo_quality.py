@@ -35,6 +35,7 @@ import torch
 from zturbo.config import EvalConfig, load_settings
 from zturbo.data import demo_dir
 from zturbo.data.datasets import split_data
+from zturbo.data.images import DEFAULT_MAX_PIXELS
 from zturbo.eval import evaluate
 from zturbo.eval.data import load_pixels
 from zturbo.eval.metrics import psnr_uint8
@@ -59,7 +60,7 @@ def parse_set(items: list[str]) -> dict:
 
 def crops_uint8(paths: list[Path], size: int) -> torch.Tensor:
     """The centre crops eval scores (shorter side resized with Lanczos, then centre-cropped)."""
-    return torch.stack([load_pixels(p, size, 178_956_970)[0] for p in paths])
+    return torch.stack([load_pixels(p, size, DEFAULT_MAX_PIXELS)[0] for p in paths])
 
 
 @torch.no_grad()
