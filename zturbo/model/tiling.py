@@ -52,7 +52,7 @@ def _resolve(vae: nn.Module, direction: str, x: torch.Tensor, tile: int | str, m
         if mode != "exact":
             raise UsageError("tile='auto' plans exact tiles; give the fast mode a tile size")
         budget = memory_budget if memory_budget is not None else free_memory_bytes(x.device)
-        plan = plan_tiling(cfg, direction, b, h, w, budget, allow_offload=x.is_cuda, **kw)
+        plan = plan_tiling(cfg, direction, b, h, w, budget, allow_offload=x.is_cuda, device_type=x.device.type, **kw)
         return plan.tile, plan.offload or offload, None
     if isinstance(tile, bool) or not isinstance(tile, int):
         raise UsageError(f"tile must be a whole number of pixels or 'auto', not {tile!r}")
@@ -63,7 +63,7 @@ def _resolve(vae: nn.Module, direction: str, x: torch.Tensor, tile: int | str, m
             raise UsageError(f"halo {halo} px must be a non-negative multiple of the downsampling factor {factor}")
         if memory_budget is not None:
             side = (tile + 2 * halo) // (factor if direction == "decode" else 1)
-            peak = untiled_peak_bytes(cfg, direction, b, min(h, side), min(w, side), **kw)
+            peak = untiled_peak_bytes(cfg, direction, b, min(h, side), min(w, side), device_type=x.device.type, **kw)
             if peak > memory_budget:
                 raise UsageError(f"fast tiled {direction} with {tile} px tiles and {halo} px halos needs about "
                                  f"{gib(peak)}, over the memory budget of {gib(memory_budget)}")
