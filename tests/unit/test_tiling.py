@@ -1,0 +1,145 @@
+"""Tiled encode and decode: the exact mode equals the untiled pass; fast mode, memory, bad input."""
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from zturbo import VAE, ModelConfig
+from zturbo.errors import UsageError
+from zturbo.model import tiled
+from zturbo.model.tiled import Moments, online_attention
+from zturbo.model.tiled_memory import plan_tiling, tiled_peak_bytes
+
+# Factor 4, GroupNorm over 4-channel groups, attention in the mid block, a channel change in every stage.
+TINY = dict(block_out_channels=[8, 16, 16], norm_num_groups=4, latent_channels=4, layers_per_block=1)
+# The fast profile's structure (widths, 32 groups, two ResNets per stage, attention), factor 8.
+REALISTIC = dict(block_out_channels=[96, 192, 384, 384], latent_channels=8)
+
+# Tolerance. Tiled and untiled compute the same sums in another order (convolutions blocked over other
+# spatial extents) and GroupNorm as x*scale + shift instead of (x - mean)*rstd*w + b. Each layer then
+# differs by about sqrt(K) fp32 roundings of its output scale, K <= 9*384 terms: 59 * 6e-8 = 3.5e-6;
+# over the ~30 layers of a decoder, summed worst case, ~1e-4 of the output's scale. A wrong halo or
+# per-tile statistics change outputs at the 1e-2..1e0 level.
+REL_TOL = 1e-4
+
+
+def close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape
+    err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= REL_TOL * max(scale, 1.0), f"max abs error {err:.3g} at output scale {scale:.3g}"
+
+
+def model(**cfg) -> VAE:
+    torch.manual_seed(0)
+    return VAE(ModelConfig(**cfg)).eval()
+
+
+def image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    smooth = F.interpolate(torch.rand(b, 3, h // 4 + 1, w // 4 + 1, generator=g), size=(h, w), mode="bilinear")
+    return (smooth + 0.1 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1) * 2 - 1
+
+
+@pytest.mark.parametrize("tile", [4, 12, 20, 44])  # 4: one latent pixel per tile, far below the receptive field
+def test_exact_encode_equals_untiled_across_tiles(tile):
+    vae = model(**TINY)
+    x = image(2, 36, 52)  # non-square, not a multiple of any tile; the second sample differs (per-sample stats)
+    x[1] = x[1] * 0.3 + 0.5
+    with torch.no_grad():
+        ref = vae.encode(x)
+        out = vae.encode(x, tile=tile)
+    close(out.mean, ref.mean)
+    close(out.logvar, ref.logvar)
+
+
+@pytest.mark.parametrize("tile", [4, 12, 28])
+def test_exact_decode_equals_untiled_across_tiles(tile):
+    vae = model(**TINY)
+    z = torch.randn(2, 4, 9, 13, generator=torch.Generator().manual_seed(1))  # odd latent sizes
+    z[1] = z[1] * 3 + 1
+    with torch.no_grad():
+        close(vae.decode(z, tile=tile), vae.decode(z))
+
+
+def test_odd_image_size_encodes_exactly():
+    """Odd sizes make the downsample's asymmetric padding and the last tiles' halos meet at the edge."""
+    vae = model(**TINY)
+    x = image(1, 37, 23)
+    with torch.no_grad():
+        close(vae.encode(x, tile=8).mean, vae.encode(x).mean)
+
+
+def test_one_tile_equals_no_tiling():
+    vae = model(**TINY)
+    x = image(1, 32, 32)
+    with torch.no_grad():
+        z = vae.encode(x).mode()
+        close(vae.encode(x, tile=64).mean, vae.encode(x).mean)
+        close(vae.decode(z, tile=64), vae.decode(z))
+
+
+def test_encode_then_tiled_decode_round_trip():
+    vae = model(**TINY)
+    x = image(1, 40, 56)
+    with torch.no_grad():
+        ref = vae.decode(vae.encode(x).mode())
+        out = vae.decode(vae.encode(x, tile=16).mode(), tile=8)
+    close(out, ref)
+
+
+def test_realistic_structure_is_exact_both_ways():
+    vae = model(**REALISTIC)
+    x = image(1, 48, 72)
+    with torch.no_grad():
+        post = vae.encode(x)
+        close(vae.encode(x, tile=16).mean, post.mean)
+        close(vae.decode(post.mode(), tile=16), vae.decode(post.mode()))
+
+
+def test_offloaded_tiles_give_the_same_result():
+    vae = model(**TINY)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        close(vae.decode(z, tile=8, offload=True), vae.decode(z))
+
+
+def test_moments_merge_stays_accurate_where_plain_sums_cancel():
+    """Mean 1e4, spread 1e-2: sum(x^2)/n - mean^2 in fp32 loses every digit; Chan's merge keeps them."""
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + 1e-2 * torch.randn(1, 8, 64, 64, generator=g, dtype=torch.float64)
+    moments = Moments()
+    for rows in x.float().split(7, dim=2):
+        for tile in rows.split(9, dim=3):
+            moments.add(tile)
+    gn = torch.nn.GroupNorm(2, 8, affine=False, eps=0.0)
+    scale, shift, _ = moments.norm(gn, silu=False)
+    var = x.view(1, 2, -1).var(-1, unbiased=False)
+    expected = var.rsqrt().repeat_interleave(4, 1).view(1, 8, 1, 1)
+    # fp32 holds the tile means to 1e4 * 6e-8 = 6e-4 absolute, 6% of the 1e-2 spread: the merge is
+    # exact in the deviations, so only that rounding of the tile data itself remains.
+    torch.testing.assert_close(scale.double(), expected, rtol=0.1, atol=0)
+    naive = (x.float().pow(2).mean((2, 3)) - x.float().mean((2, 3)).pow(2))
+    assert (naive - var.repeat_interleave(4, 1)).abs().max() > 10 * var.max()  # why the merge is needed
+
+
+def test_online_attention_equals_softmax_attention(monkeypatch):
+    monkeypatch.setattr(tiled, "Q_CHUNK", 7)  # blocks that do not divide the token count
+    monkeypatch.setattr(tiled, "K_CHUNK", 11)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 30, 16, generator=g) * 3 for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(online_attention(q, k, v), ref, rtol=0, atol=1e-5)
+
+
+def test_fast_mode_without_downscaling_and_with_full_halo_is_exact():
+    """Statistics from the full-size pass and a halo covering the image: only the mechanism remains."""
+    vae = model(**TINY)
+    z = torch.randn(1, 4, 8, 12)
+    with torch.no_grad():
+        close(vae.decode(z, tile=8, tile_mode="fast", halo=48, stats_size=12), vae.decode(z))
+        x = image(1, 32, 48)
+        close(vae.encode(x, tile=8, tile_mode="fast", halo=48, stats_size=12).mean, vae.encode(x).mean)
