@@ -143,3 +143,90 @@ def test_fast_mode_without_downscaling_and_with_full_halo_is_exact():
         close(vae.decode(z, tile=8, tile_mode="fast", halo=48, stats_size=12), vae.decode(z))
         x = image(1, 32, 48)
         close(vae.encode(x, tile=8, tile_mode="fast", halo=48, stats_size=12).mean, vae.encode(x).mean)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage created while active and still referenced (pre-existing storage is
+    counted only while a new view of it lives). Deterministic, unlike RSS, and blind to the allocator's
+    caching; a tensor op's internal scratch (oneDNN reorders) is not seen, which affects both passes alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict[int, int] = {}
+
+    def _drop(self, key: int, nbytes: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                weakref.finalize(t, self._drop, key, nbytes)
+        return out
+
+
+def test_exact_decode_memory_stays_under_its_estimate_and_the_untiled_peak():
+    cfg = ModelConfig(**TINY)
+    vae = model(**TINY)
+    z = torch.randn(1, 4, 32, 32)  # a 128 px image
+    with torch.no_grad():
+        with LiveTensorBytes() as untiled:
+            vae.decode(z)
+        with LiveTensorBytes() as tiled_pass:
+            vae.decode(z, tile=32)
+    # At full resolution (P pixels) the untiled first ResNet of the last stage (16 -> 8 channels) holds
+    # x, GN(x) and conv1's output: at least (2*16 + 8) P = 40 P values. The tiled pass stores x and
+    # conv1's output, (16 + 8) P = 24 P, plus one tile's workspace: 24/40 = 0.6, plus a little.
+    assert tiled_pass.peak <= 0.65 * untiled.peak, (tiled_pass.peak, untiled.peak)
+    assert tiled_pass.peak <= tiled_peak_bytes(cfg, "decode", 1, 32, 32, 32)
+
+
+def test_tile_not_a_multiple_of_the_factor_is_refused():
+    vae = model(**TINY)
+    with pytest.raises(UsageError, match=r"^tile 10 px is not a multiple of the downsampling factor 4 .*use 8 or 12$"):
+        vae.decode(torch.randn(1, 4, 8, 8), tile=10)
+
+
+def test_tile_below_the_minimum_is_refused_with_the_minimum():
+    vae = model(**TINY)
+    with pytest.raises(UsageError, match=r"below the minimum of 4 px: a tile must hold at least one latent pixel"):
+        vae.encode(torch.randn(1, 3, 16, 16), tile=2)
+
+
+def test_a_pass_over_the_memory_budget_says_how_much_it_needs():
+    vae = model(**TINY)
+    z = torch.randn(1, 4, 64, 64)
+    with pytest.raises(UsageError, match=r"with 32 px tiles needs about [0-9.]+ MiB, over the memory budget of 1.0 MiB"):
+        vae.decode(z, tile=32, memory_budget=1 << 20)
+    with pytest.raises(UsageError, match=r"needs about [0-9.]+ MiB even tiled"):
+        vae.decode(z, tile="auto", memory_budget=1 << 20)
+
+
+@pytest.mark.parametrize("bad", [dict(tile_mode="blend"), dict(tile=12.5), dict(tile_mode="fast", halo=6)])
+def test_other_bad_tiling_arguments_are_refused(bad):
+    vae = model(**TINY)
+    with pytest.raises(UsageError):
+        vae.decode(torch.randn(1, 4, 8, 8), **{"tile": 8, **bad})
+
+
+def test_auto_tiles_only_when_the_untiled_pass_does_not_fit():
+    cfg = ModelConfig(**TINY)
+    plenty = plan_tiling(cfg, "decode", 1, 64, 64, budget_bytes=1 << 40)
+    assert plenty.tile is None
+    tight = plan_tiling(cfg, "decode", 1, 64, 64, budget_bytes=plenty.peak_bytes - 1)
+    assert tight.tile is not None and tight.peak_bytes < plenty.peak_bytes
+    vae = model(**TINY)
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        close(vae.decode(z, tile="auto", memory_budget=tight.peak_bytes), vae.decode(z))

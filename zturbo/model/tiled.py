@@ -40,8 +40,8 @@ from torch import nn
 from zturbo.model.blocks import Attention, MidBlock, ResnetBlock2D, Upsample2D, subpixel_weight
 
 Norm = tuple[torch.Tensor, torch.Tensor, bool]  # (scale, shift, silu), scale/shift (B, C, 1, 1) fp32
-Q_CHUNK = 1024  # query tokens per attention block
-K_CHUNK = 4096  # key tokens per attention block: scores are at most Q_CHUNK x K_CHUNK fp32 per sample
+Q_CHUNK = 1024  # query tokens per attention block (at most one tile's)
+K_CHUNK = 1024  # key tokens per attention block: scores are at most Q_CHUNK x K_CHUNK fp32 (4 MiB) per sample
 
 
 class Moments:

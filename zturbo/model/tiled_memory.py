@@ -129,7 +129,7 @@ def tiled_peak_bytes(cfg: ModelConfig, direction: str, batch: int, height: int, 
         halo = (t + 2) ** 2
         tile_work = ci * halo + co * t * t * (4 if layer.kind == "upsample" else 1) * 2
         if layer.kind == "attention":
-            tile_work += 2 * min(Q_CHUNK, p) * min(K_CHUNK, p) * 4 / element_size + (2 * ci * p if offload else 0)
+            tile_work += 2 * min(Q_CHUNK, t * t, p) * min(K_CHUNK, p) * 4 / element_size + (2 * ci * p if offload else 0)
         work = max(work, tile_work)
         if direction == "decode" and layer.kind == "upsample":
             step *= 2
