@@ -173,7 +173,7 @@ def cmd_capacity(args) -> dict:
             size += 64
         return size
 
-    kw = dict(element_size=element, weight_bytes=weights)
+    kw = {"element_size": element, "weight_bytes": weights}
     return {"budget_gib": args.budget_gib, "precision": args.precision, "estimated": True,
             "untiled_px": largest(lambda s: untiled_peak_bytes(cfg, "decode", 1, s // f, s // f, device_type=args.device, **kw)),
             "exact_px": largest(lambda s: tiled_peak_bytes(cfg, "decode", 1, s // f, s // f, args.tile, **kw)),

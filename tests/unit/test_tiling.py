@@ -15,9 +15,9 @@ from zturbo.model.tiled import Moments, online_attention
 from zturbo.model.tiled_memory import plan_tiling, tiled_peak_bytes
 
 # Factor 4, GroupNorm over 4-channel groups, attention in the mid block, a channel change in every stage.
-TINY = dict(block_out_channels=[8, 16, 16], norm_num_groups=4, latent_channels=4, layers_per_block=1)
+TINY = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "latent_channels": 4, "layers_per_block": 1}
 # The fast profile's structure (widths, 32 groups, two ResNets per stage, attention), factor 8.
-REALISTIC = dict(block_out_channels=[96, 192, 384, 384], latent_channels=8)
+REALISTIC = {"block_out_channels": [96, 192, 384, 384], "latent_channels": 8}
 
 # Tolerance. Tiled and untiled compute the same sums in another order (convolutions blocked over other
 # spatial extents) and GroupNorm as x*scale + shift instead of (x - mean)*rstd*w + b. Each layer then
@@ -116,7 +116,7 @@ def test_moments_merge_stays_accurate_where_plain_sums_cancel():
         for tile in rows.split(9, dim=3):
             moments.add(tile)
     gn = torch.nn.GroupNorm(2, 8, affine=False, eps=0.0)
-    scale, shift, _ = moments.norm(gn, silu=False)
+    scale, _shift, _ = moments.norm(gn, silu=False)
     var = x.view(1, 2, -1).var(-1, unbiased=False)
     expected = var.rsqrt().repeat_interleave(4, 1).view(1, 8, 1, 1)
     # fp32 holds the tile means to 1e4 * 6e-8 = 6e-4 absolute, 6% of the 1e-2 spread: the merge is
@@ -213,7 +213,7 @@ def test_a_pass_over_the_memory_budget_says_how_much_it_needs():
         vae.decode(z, tile="auto", memory_budget=1 << 20)
 
 
-@pytest.mark.parametrize("bad", [dict(tile_mode="blend"), dict(tile=12.5), dict(tile_mode="fast", halo=6)])
+@pytest.mark.parametrize("bad", [{"tile_mode": "blend"}, {"tile": 12.5}, {"tile_mode": "fast", "halo": 6}])
 def test_other_bad_tiling_arguments_are_refused(bad):
     vae = model(**TINY)
     with pytest.raises(UsageError):

@@ -176,7 +176,7 @@ def plan_tiling(cfg: ModelConfig, direction: str, batch: int, height: int, width
 
     ``height`` x ``width``: the image for ``encode``, the latent for ``decode``.
     """
-    kw = dict(element_size=element_size, weight_bytes=weight_bytes)
+    kw = {"element_size": element_size, "weight_bytes": weight_bytes}
     untiled = untiled_peak_bytes(cfg, direction, batch, height, width, device_type=device_type, **kw)
     if untiled <= budget_bytes:
         return TilePlan(None, False, untiled)

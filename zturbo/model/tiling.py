@@ -47,7 +47,7 @@ def _resolve(vae: nn.Module, direction: str, x: torch.Tensor, tile: int | str, m
     if mode not in MODES:
         raise UsageError(f"tile_mode {mode!r} is not one of {', '.join(MODES)}")
     b, _, h, w = x.shape
-    kw = dict(element_size=x.element_size(), weight_bytes=_weight_bytes(vae))
+    kw = {"element_size": x.element_size(), "weight_bytes": _weight_bytes(vae)}
     if tile == "auto":
         if mode != "exact":
             raise UsageError("tile='auto' plans exact tiles; give the fast mode a tile size")
