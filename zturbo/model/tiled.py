@@ -111,11 +111,14 @@ class TiledMap:
         self.batch, self.channels, self.dtype = first.shape[0], first.shape[1], first.dtype
 
     @classmethod
-    def of(cls, x: torch.Tensor, grid: Grid) -> TiledMap:
-        """Views of ``x`` (no copy)."""
+    def of(cls, x: torch.Tensor, grid: Grid, with_moments: bool = False) -> TiledMap:
+        """Views of ``x`` (no copy), with their moments if asked."""
         r, c = grid.rows, grid.cols
-        return cls(grid, [[x[:, :, r[i] : r[i + 1], c[j] : c[j + 1]] for j in range(len(c) - 1)]
-                          for i in range(len(r) - 1)])
+        tiles = [[x[:, :, r[i] : r[i + 1], c[j] : c[j + 1]] for j in range(len(c) - 1)] for i in range(len(r) - 1)]
+        moments = Moments() if with_moments else None
+        for t in (t for row in tiles for t in row if with_moments):
+            moments.add(t)
+        return cls(grid, tiles, moments)
 
     def region(self, y0: int, y1: int, x0: int, x1: int, device: torch.device, norm: Norm | None = None) -> torch.Tensor:
         """Rows [y0, y1) and columns [x0, x1), zero outside the map, normalised first if ``norm``."""
