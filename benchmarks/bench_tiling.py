@@ -106,7 +106,8 @@ def cmd_fast(args) -> dict:
     with torch.no_grad():
         z = vae.encode(x).mode()
         ref = vae.decode(z)
-        ours = {h: vae.decode(z, tile=args.tile, tile_mode="fast", halo=h) for h in args.halos}
+        ours = {h: vae.decode(z, tile=args.tile, tile_mode="fast", halo=h, stats_size=args.stats_size)
+                for h in args.halos}
         theirs = ref_vae.decode(z).sample
     overlap = int(args.tile * (1 - ref_vae.tile_overlap_factor))  # diffusers' tile stride; blends at its starts
     ours_mask = seam_mask(args.size, list(range(args.tile, args.size, args.tile)), args.band)
@@ -115,7 +116,7 @@ def cmd_fast(args) -> dict:
     rows["diffusers enable_tiling"] = (theirs, theirs_mask)
     with torch.no_grad():
         rows["exact"] = (vae.decode(z, tile=args.tile), ours_mask)
-    report = {"size": args.size, "tile": args.tile, "factor": f, "band_px": args.band}
+    report = {"size": args.size, "tile": args.tile, "factor": f, "band_px": args.band, "stats_size": args.stats_size}
     for name, (out, mask) in rows.items():
         report[name] = {"max_abs_err": (out - ref).abs().max().item(), "psnr_db": psnr(out, ref),
                         "seam_psnr_db": psnr(out, ref, mask)}
@@ -208,6 +209,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=None, help="exactness: a non-square image (encode then decode)")
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--halos", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--stats-size", type=int, default=64, help="fast: latent side of the statistics pass")
     p.add_argument("--band", type=int, default=8, help="seam band half-width in pixels")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--extrapolate", type=int, nargs="*", default=[2048, 4096])
