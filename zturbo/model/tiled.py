@@ -53,9 +53,13 @@ class Moments:
         self.m2: torch.Tensor | None = None
 
     def add(self, tile: torch.Tensor) -> None:
-        n_b = tile.shape[2] * tile.shape[3]
-        var, mean = torch.var_mean(tile.float(), dim=(2, 3), correction=0)  # (B, C), two-pass within the tile
-        m2 = var * n_b
+        b, c, h, w = tile.shape
+        n_b = h * w
+        # Per-channel moments by GroupNorm's moments kernel with one channel per group: a stable
+        # (Welford, cascaded) one-read reduction, ~3x faster on the CPU than var_mean. Its output is unused.
+        _, mean, rstd = torch.native_group_norm(tile.float(), None, None, b, c, n_b, c, 0.0)
+        mean = mean.view(b, c)
+        m2 = rstd.view(b, c).pow(-2) * n_b  # eps 0: rstd = var^-1/2 (inf, giving 0, for a constant channel)
         if self.mean is None:
             self.n, self.mean, self.m2 = n_b, mean, m2
             return
@@ -124,21 +128,26 @@ class TiledMap:
         """Rows [y0, y1) and columns [x0, x1), zero outside the map, normalised first if ``norm``."""
         rows, cols = self.grid.rows, self.grid.cols
         iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, rows[-1]), max(x0, 0), min(x1, cols[-1])
-        inside = (y0, y1, x0, x1) == (iy0, iy1, ix0, ix1)
-        make = torch.empty if inside else torch.zeros
-        out = make((self.batch, self.channels, y1 - y0, x1 - x0), dtype=self.dtype, device=device)
+        out = torch.empty((self.batch, self.channels, y1 - y0, x1 - x0), dtype=self.dtype, device=device)
+        # Zeros only outside the map, as the untiled conv pads (after normalisation).
+        out[:, :, : iy0 - y0].zero_()
+        out[:, :, iy1 - y0 :].zero_()
+        out[:, :, :, : ix0 - x0].zero_()
+        out[:, :, :, ix1 - x0 :].zero_()
         for r in range(bisect.bisect_right(rows, iy0) - 1, bisect.bisect_left(rows, iy1)):
             a, b = max(iy0, rows[r]), min(iy1, rows[r + 1])
             for c in range(bisect.bisect_right(cols, ix0) - 1, bisect.bisect_left(cols, ix1)):
                 p, q = max(ix0, cols[c]), min(ix1, cols[c + 1])
                 src = self.tiles[r][c][:, :, a - rows[r] : b - rows[r], p - cols[c] : q - cols[c]]
-                out[:, :, a - y0 : b - y0, p - x0 : q - x0].copy_(src, non_blocking=True)
-        if norm is not None:  # in place on the inside only: padding stays zero, as in the untiled conv
-            scale, shift, silu = norm
-            view = out[:, :, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
-            view.mul_(scale).add_(shift)
-            if silu:
-                F.silu(view, inplace=True)
+                dst = out[:, :, a - y0 : b - y0, p - x0 : q - x0]
+                if norm is None or src.device != dst.device:
+                    dst.copy_(src, non_blocking=True)
+                    if norm is not None:
+                        dst.mul_(norm[0]).add_(norm[1])
+                else:  # normalised on the way in: one read of the tile, one write
+                    torch.addcmul(norm[1], src, norm[0], out=dst)
+        if norm is not None and norm[2]:
+            F.silu(out[:, :, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0], inplace=True)
         return out
 
     def release_rows_before(self, y: int) -> None:
