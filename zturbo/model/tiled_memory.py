@@ -10,7 +10,7 @@ untiled (eager PyTorch, as ``blocks.py`` computes it), per layer with P input pi
     attention   7 c P                               x, normalised tokens, q, k, v, output, projection
     conv        (cin + cout) P, plus a GN output of cin P before conv_out
     on the CPU  + (cin + cout) P per conv: oneDNN reorders a conv's input and output to its blocked
-                layout (measured: fast profile, 512 px decode, 824 MB RSS against 805 MB estimated)
+                layout (measured: fast profile, 512 px decode, 790 and 824 MB RSS in two runs, 805 MB estimated)
 exact tiled (``tiled.py``), the stored maps per layer plus one tile's workspace:
     resnet      (cin + cout) P                      x and conv1's output; the result replaces x tile by tile
     upsample    4 c P + two tile rows of x          output grows while x is released row by row
