@@ -23,6 +23,7 @@ LAYERS = {
     "profiles_table": 1,
     "data": 2,
     "perceptual": 2,  # the LPIPS network, used by the training loss and the eval metric
+    "adapters": 2,  # the model behind the interface diffusers pipelines call
     "train": 3,
     "export": 3,
     "artifacts": 4,  # knows the run layout (train) and the export layout (export)

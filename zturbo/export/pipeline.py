@@ -23,7 +23,7 @@ import torch
 from zturbo.config import ExportConfig
 from zturbo.errors import ConfigError, UsageError
 from zturbo.export import layout
-from zturbo.export.diffusers_format import export_diffusers
+from zturbo.export.diffusers_format import check_diffusers_class, export_diffusers
 from zturbo.export.fp16 import activation_ranges, convert_to_fp16, plan_fp16
 from zturbo.export.layout import INPUT_NAMES, META_NAME, OUTPUT_NAMES, prepare_out_dir
 from zturbo.export.onnx import check_onnx, export_part, io_shapes
@@ -108,8 +108,6 @@ def export_model(
     source = Path(model_dir)
     vae = load_pretrained(source).float().eval()
     if cfg.format == "diffusers":  # refuse a model diffusers cannot hold before any folder is made
-        from zturbo.export.diffusers_format import check_diffusers_class
-
         check_diffusers_class(vae.config)
     out = prepare_out_dir(out_dir)
     log(f"model {source} ({vae.num_parameters / 1e6:.1f} M parameters)")

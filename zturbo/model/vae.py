@@ -3,6 +3,7 @@
     vae = VAE(ModelConfig(block_out_channels=[96, 192, 384, 384], latent_channels=8))
     z = vae.encode(x).mode()          # x in [-1, 1], (B, 3, H, W)
     x_hat = vae.decode(z)
+    x_hat = vae.decode(z, tile=256)   # exact tiled decode, bounded memory (zturbo.model.tiling)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from zturbo.model.diffusers import (
 )
 from zturbo.model.errors import CheckpointError
 from zturbo.model.files import atomic_path, atomic_write_text
+from zturbo.model.tiling import decode_tiled, encode_moments
 
 
 class DiagonalGaussian:
@@ -152,13 +154,24 @@ class VAE(nn.Module):
             )
 
     # -- inference API ---------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, tile: int | str | None = None, tile_mode: str = "exact",
+               **tiling: Any) -> DiagonalGaussian:
+        """q(z|x). With ``tile`` (pixels, or "auto"), computed over tiles without autograd: ``tile_mode``
+        "exact" equals the untiled result, "fast" approximates it in one pass per tile. ``tiling``:
+        ``memory_budget`` (bytes), ``offload``, ``halo``, ``stats_size`` (see ``zturbo.model.tiling``)."""
+        if tile is not None:
+            return DiagonalGaussian(encode_moments(self, x, tile, tile_mode, **tiling))
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussian(moments)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int | str | None = None, tile_mode: str = "exact",
+               **tiling: Any) -> torch.Tensor:
+        """The image. ``tile``: output tile side in pixels (a multiple of the downsampling factor) or
+        "auto"; ``tile_mode`` and ``tiling`` as for ``encode``."""
+        if tile is not None:
+            return decode_tiled(self, z, tile, tile_mode, **tiling)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
