@@ -131,7 +131,33 @@ class PrepareConfig(Section):
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
 
 
-class EvalConfig(Section):
+class Tiling(Section):
+    """Tiled encode and decode (``zturbo.model.tiling``), for the jobs that run a model on images."""
+
+    tile: int | Literal["auto"] | None = Field(
+        None, description="tile side in pixels, 'auto' (tiles only when untiled would not fit), None: whole images"
+    )
+    tile_mode: Literal["exact", "fast"] = Field("exact", description="exact: equals untiled; fast: one approximate pass")
+    tile_memory_gb: float | None = Field(
+        None, gt=0, description="budget for tile='auto' (None: the device's free memory, or available RAM on CPU)"
+    )
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number of pixels or 'auto'")
+        return value
+
+    def tile_options(self) -> dict[str, Any]:
+        """Backend options for this tiling (none when images run whole)."""
+        if self.tile is None:
+            return {}
+        budget = None if self.tile_memory_gb is None else int(self.tile_memory_gb * 2**30)
+        return {"tile": self.tile, "tile_mode": self.tile_mode, "tile_memory": budget}
+
+
+class EvalConfig(Tiling):
     size: int | Literal["native"] = Field(
         256, description="square side (shorter side resized, then center-cropped) or 'native' (padded, cropped back)"
     )
@@ -159,7 +185,7 @@ class EvalConfig(Section):
         return value
 
 
-class BenchConfig(Section):
+class BenchConfig(Tiling):
     resolutions: list[int] | None = Field(None, description="None: 256,512 on CPU, 512,1024 on GPU")
     batch_sizes: list[int] | None = Field(None, description="None: 1,4 on CPU, 1,8,24 on GPU")
     backends: list[Literal["auto", "torch", "compile", "onnx", "trt"]] = Field(
@@ -201,7 +227,7 @@ class ExportConfig(Section):
         return value
 
 
-class ServeConfig(Section):
+class ServeConfig(Tiling):
     size: int | None = Field(None, ge=8, description="None: model sample_size")
     batch_size: int | Literal["auto"] = "auto"
     backend: Literal["auto", "torch", "compile", "onnx", "trt"] = Field(

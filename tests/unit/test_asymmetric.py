@@ -11,6 +11,7 @@ from zturbo.model import VAE, ModelConfig
 from zturbo.model.diffusers import config_from_diffusers, config_to_diffusers
 from zturbo.model.flops import parameter_count, vae_flops
 from zturbo.model.vae import patchify_latents
+from zturbo.artifacts import TORCH_KINDS, require
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -208,7 +209,8 @@ def test_diffusers_autoencoderkl_teachers_keep_their_factors_in_the_student(shap
         block_out_channels=(16, 32), norm_num_groups=4, layers_per_block=1, **shape,
     ).eval()
     theirs.save_pretrained(tmp_path / "pipe" / "vae")
-    teacher = load_teacher(tmp_path / "pipe")  # a pipeline folder: its vae/
+    # A pipeline folder: the resolver finds its vae/, as `zturbo train --teacher` does.
+    teacher = load_teacher(require(tmp_path / "pipe", TORCH_KINDS, "train --teacher").model_dir)
     assert teacher.config.scaling_factor == shape["scaling_factor"]
     assert teacher.config.shift_factor == (shape["shift_factor"] or 0.0)
     student = prune_vae(teacher, VAE(teacher.config.model_copy(update={"decoder_block_out_channels": [8, 16]})))

@@ -70,6 +70,11 @@ def open_backend(
     artifact = require(model, ALL_KINDS, job)
     name = artifact.backend if backend == AUTO else backend
     check_backend(artifact, name, job)
+    if options.get("tile") is not None and name != "torch":
+        raise UsageError(
+            f"--tile runs the model layer by layer in torch; the {name} backend runs whole images",
+            "give the model's weights (not an export) with --backend torch or auto",
+        )
     return create_backend(name, artifact, **options)
 
 

@@ -6,6 +6,7 @@ import torch
 
 from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.backends.base import Backend
+from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
 from zturbo.utils import resolve_device, resolve_dtype
 
@@ -37,7 +38,13 @@ class TorchBackend(Backend):
         compiled: bool = False,
         mode: str | None = None,
         config: ModelConfig | None = None,
+        tile: int | str | None = None,
+        tile_mode: str = "exact",
+        tile_memory: int | None = None,
     ):
+        if tile is not None and compiled:
+            raise UsageError("tiled encode and decode run eagerly", "use --backend torch with --tile")
+        self.tiling = {} if tile is None else {"tile": tile, "tile_mode": tile_mode, "memory_budget": tile_memory}
         self.device = device
         self.dtype = dtype
         if channels_last is None:
@@ -71,10 +78,10 @@ class TorchBackend(Backend):
         return cls(vae, dev, resolve_dtype(precision), channels_last=channels_last, **options)
 
     def _encode_impl(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x).mean
+        return self.vae.encode(x, **self.tiling).mean
 
     def _decode_impl(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z)
+        return self.vae.decode(z, **self.tiling)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)

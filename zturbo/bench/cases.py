@@ -160,11 +160,17 @@ class DiffusersEngine(TorchBackend):
         return self.vae.decode(z, return_dict=False)[0]
 
 
-def build_engine(subject: Subject, backend: str, device: torch.device, precision: str, channels_last: bool):
-    """An engine for ``subject`` on ``backend``; raises SkipCase with the reason when it cannot be built."""
+def build_engine(subject: Subject, backend: str, device: torch.device, precision: str, channels_last: bool,
+                 tiling: dict[str, Any] | None = None):
+    """An engine for ``subject`` on ``backend``; raises SkipCase with the reason when it cannot be built.
+
+    ``tiling`` (backend options for tiled passes) applies to our model on the torch backend only.
+    """
     if subject.kind == "diffusers":
         if backend not in ("torch", "compile"):
             raise SkipCase(f"diffusers is timed on the torch and compile backends only, not '{backend}'")
+        if tiling:
+            raise SkipCase("diffusers' model is timed untiled; --tile times ours only")
         model = copy.deepcopy(subject.model)
         return DiffusersEngine(model, device, resolve_dtype(precision), channels_last=channels_last,
                                compiled=backend == "compile", config=subject.config)
@@ -175,6 +181,10 @@ def build_engine(subject: Subject, backend: str, device: torch.device, precision
     options: dict[str, Any] = {"device": device, "precision": precision}
     if backend in ("torch", "compile"):
         options["channels_last"] = channels_last  # what the case says, not the backend's own default
+    if tiling:
+        if backend != "torch":
+            raise SkipCase(f"--tile runs on the torch backend only, not '{backend}'")
+        options.update(tiling)
     elif channels_last:
         options["channels_last"] = True
     exported = subject.artifact is not None and subject.artifact.is_export

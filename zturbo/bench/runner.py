@@ -60,6 +60,7 @@ class BenchPlan:
     channels_last: bool
     against: str | None
     peak_matmul_size: int
+    tiling: dict[str, Any] = field(default_factory=dict)  # backend options for tiled passes; {}: whole images
     peak_dtype: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +72,7 @@ class BenchPlan:
             "device": str(self.device), "resolutions": self.resolutions, "batch_sizes": self.batch_sizes,
             "backends": self.backends, "precision": self.precision, "what": self.what, "repeats": self.repeats,
             "warmup": self.warmup, "channels_last": self.channels_last, "against": self.against,
-            "peak_matmul_size": self.peak_matmul_size,
+            "peak_matmul_size": self.peak_matmul_size, "tiling": self.tiling,
         }
 
 
@@ -95,6 +96,7 @@ def make_plan(settings: Settings, auto_backend: str = "torch") -> BenchPlan:
         channels_last=cfg.channels_last,
         against=cfg.against,
         peak_matmul_size=cfg.peak_matmul_size or defaults["peak_matmul_size"],
+        tiling=cfg.tile_options(),
     )
 
 
@@ -276,7 +278,8 @@ def _run_backend(plan: BenchPlan, backend: str, subjects: list[Subject], whats: 
     reasons: dict[str, str] = {}
     for subject in subjects:
         try:
-            engines[subject.name] = build_engine(subject, backend, plan.device, plan.precision, plan.channels_last)
+            engines[subject.name] = build_engine(subject, backend, plan.device, plan.precision, plan.channels_last,
+                                                    plan.tiling)
         except SkipCase as exc:
             reasons[subject.name] = str(exc)
     try:
@@ -293,6 +296,8 @@ def _run_backend(plan: BenchPlan, backend: str, subjects: list[Subject], whats: 
 def _run_case(plan, backend, what, resolution, batch, subjects, engines, reasons, dtype, flops, peak_tflops, emit):
     base = {"what": what, "backend": backend, "precision": plan.precision, "channels_last": plan.channels_last,
             "resolution": resolution, "batch": batch}
+    if plan.tiling:  # tiled passes are other cases than whole-image ones, also for the baseline gate
+        base.update(tile=plan.tiling["tile"], tile_mode=plan.tiling["tile_mode"])
     cache: dict = {}
     runnable: list[tuple[Subject, Callable[[], object]]] = []
     results: dict[str, dict[str, Any]] = {}
@@ -356,7 +361,8 @@ def _tensor_bytes(cache: dict, subject: Subject, what: str, resolution: int, bat
 def _row(subject: Subject, base: dict[str, Any]) -> dict[str, Any]:
     row = {
         "key": case_key(subject.name, base["what"], base["backend"], base["precision"], base["channels_last"],
-                        base["resolution"], base["batch"]),
+                        base["resolution"], base["batch"])
+        + (f"/tile{base['tile']}-{base['tile_mode']}" if "tile" in base else ""),
         "subject": subject.name,
         "role": subject.role,
         **base,

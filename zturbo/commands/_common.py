@@ -112,3 +112,27 @@ def with_flags(table: Sequence[Flag]):
         return command
 
     return decorate
+
+
+def parse_tile(text: str) -> int | str:
+    """``--tile``: a tile side in pixels, or 'auto'."""
+    from zturbo.errors import UsageError
+
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--tile must be a number of pixels or 'auto', got '{text}'") from None
+
+
+def tile_flags(section: str) -> list[Flag]:
+    """``--tile``, ``--tile-mode`` and ``--tile-memory-gb`` for a job whose settings section is ``section``."""
+    return [
+        Flag("--tile", f"{section}.tile", str,
+             "Tiled encode/decode: tile side in pixels (exact: same result, bounded memory), or 'auto' (tiles "
+             "only when the whole image would not fit).", parse=parse_tile),
+        Flag("--tile-mode", f"{section}.tile_mode", str, "exact (default) or fast (one approximate pass per tile)."),
+        Flag("--tile-memory-gb", f"{section}.tile_memory_gb", float,
+             "Memory budget for --tile auto (default: free device memory, or available RAM on CPU)."),
+    ]

@@ -15,6 +15,7 @@ from zturbo.commands._common import (
     parse_int_list,
     parse_list,
     settings_from,
+    tile_flags,
     with_flags,
 )
 
@@ -43,6 +44,7 @@ FLAGS = [
     Flag("--device", "bench.device", str, "auto, cpu, cuda, cuda:N (default: auto)."),
     Flag("--max-regression", "bench.max_regression", str,
          "Allowed slow-down per case for --baseline, e.g. 10% or 0.1 (default: 10%).", parse=_tolerance),
+    *tile_flags("bench"),
 ]
 
 

@@ -15,6 +15,7 @@ from zturbo.commands._common import (
     QuietOpt,
     parse_list,
     settings_from,
+    tile_flags,
     with_flags,
 )
 
@@ -88,6 +89,7 @@ FLAGS = [
     Flag("--device", "eval.device", str, "auto, cpu, cuda, cuda:N or mps."),
     Flag("--precision", "eval.precision", str, "fp32, bf16 or fp16."),
     Flag("--max-images -n", "eval.max_images", int, "Evaluate the first N."),
+    *tile_flags("eval"),
 ]
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, settings_from
+from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, parse_tile, settings_from
 
 SizeOpt = Annotated[int | None, typer.Option("--size", help="Target side in pixels (default: the model's).")]
 BatchOpt = Annotated[
@@ -21,6 +21,10 @@ BackendOpt = Annotated[
 ]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+TileOpt = Annotated[str | None, typer.Option(
+    "--tile", help="Tiled passes: tile side in pixels (exact: same result, bounded memory) or 'auto'.")]
+TileModeOpt = Annotated[str | None, typer.Option("--tile-mode", help="exact (default) or fast.")]
+TileMemoryOpt = Annotated[float | None, typer.Option("--tile-memory-gb", help="Memory budget for --tile auto.")]
 ReadingOpt = Annotated[str | None, typer.Option(
     "--reading", help="auto | threads | streams | phased: read in a thread pool beside compute (threads), in CPU "
     "compute streams that each read then compute their own batches (streams), or just before each batch is "
@@ -31,6 +35,10 @@ StreamsOpt = Annotated[int | None, typer.Option(
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]
+
+
+def _tiling(tile: str | None, tile_mode: str | None, tile_memory_gb: float | None) -> dict:
+    return {"tile": None if tile is None else parse_tile(tile), "tile_mode": tile_mode, "tile_memory_gb": tile_memory_gb}
 
 
 def _batch_size(text: str | None):
@@ -157,6 +165,9 @@ def register(app: typer.Typer) -> None:
         shard_size: Annotated[int | None, typer.Option("--shard-size", help="Latents per shard file.")] = None,
         reading: ReadingOpt = None,
         streams: StreamsOpt = None,
+        tile: TileOpt = None,
+        tile_mode: TileModeOpt = None,
+        tile_memory_gb: TileMemoryOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -169,6 +180,7 @@ def register(app: typer.Typer) -> None:
             "size": size, "batch_size": _batch_size(batch_size), "backend": backend, "precision": precision,
             "device": device, "latent_mode": None if mean is None else ("mean" if mean else "sample"),
             "resize": resize, "shard_size": shard_size, "reading": reading, "streams": streams,
+            **_tiling(tile, tile_mode, tile_memory_gb),
         }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
@@ -197,6 +209,9 @@ def register(app: typer.Typer) -> None:
         shard: ShardOpt = None,
         reading: ReadingOpt = None,
         streams: StreamsOpt = None,
+        tile: TileOpt = None,
+        tile_mode: TileModeOpt = None,
+        tile_memory_gb: TileMemoryOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -210,6 +225,7 @@ def register(app: typer.Typer) -> None:
             "batch_size": _batch_size(batch_size),
             "backend": backend, "precision": precision, "device": device,
             "reading": reading, "streams": streams,
+            **_tiling(tile, tile_mode, tile_memory_gb),
         }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)

@@ -109,10 +109,12 @@ def open_model(key: str, model: Any, config: EvalConfig, device: torch.device) -
     if isinstance(model, Backend):
         return EvaluatedModel(key, type(model).__name__, "<backend>", model)
     if not isinstance(model, (str, Path)):
-        backend = open_backend(model, config.backend, job="eval", device=device, precision=config.precision)
+        backend = open_backend(model, config.backend, job="eval", device=device, precision=config.precision,
+                               **config.tile_options())
         return EvaluatedModel(key, type(model).__name__, "<in-memory>", backend)
     artifact = require(model, ALL_KINDS, "eval")
-    backend = open_backend(artifact, config.backend, job="eval", device=device, precision=config.precision)
+    backend = open_backend(artifact, config.backend, job="eval", device=device, precision=config.precision,
+                           **config.tile_options())
     label = artifact.root.resolve().name or str(model)
     return EvaluatedModel(key, label, str(model), backend)
 

@@ -24,7 +24,8 @@ def load_backend(model: Any, cfg: ServeConfig, device: str | torch.device | None
 
     ``cfg.backend="auto"`` picks the backend the artifact's kind needs (an ONNX export runs on ONNX Runtime).
     """
-    return open_backend(model, cfg.backend, job="serve-batch", device=device or cfg.device, precision=cfg.precision)
+    return open_backend(model, cfg.backend, job="serve-batch", device=device or cfg.device, precision=cfg.precision,
+                        **cfg.tile_options())
 
 
 def model_sample_size(backend) -> int:
