@@ -5,10 +5,9 @@
     python benchmarks/bench_demo_quality.py --set train.max_steps=600 --set loss.kl_weight=0
     python benchmarks/bench_demo_quality.py --json out.json
 
-Held-out photos. The demo profile trains on all fifteen photos
-(``data.hold_out_val = false``); ``--set data.hold_out_val=true`` makes the
-trainer's own split (``split_data`` with ``data.val_images``) keep that many
-evenly spaced photos out of training, the photos of the sample grid. The benchmark asks
+Held-out photos. The demo trains on a plain folder, so the trainer's own split
+(``split_data`` with ``data.val_images``) keeps that many evenly spaced photos
+out of training; those are the photos of the sample grid. The benchmark asks
 the trainer for that split and reports the photos it trained on and the
 held-out ones separately, next to the mean over all fifteen that ``zturbo eval
 RUN --data zturbo/data/demo --size 128`` prints. The held-out photos were never
@@ -116,7 +115,7 @@ def main() -> None:
         overrides.setdefault("train", {})["output_dir"] = str(args.output)
         overrides.setdefault("data", {})["data_dir"] = str(data)
         settings = load_settings("demo", None, overrides)
-    split = split_data(settings.data.data_dir or data, settings.data.val_images, settings.data.hold_out_val)
+    split = split_data(settings.data.data_dir or data, settings.data.val_images)
     trained_names = {p.name for p in split.train}
     held_names = {p.name for p in split.val} - trained_names
     print(f"trained on {len(split.train)} photos; held out {len(split.val)}: {', '.join(sorted(held_names))}")

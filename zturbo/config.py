@@ -43,9 +43,6 @@ class DataConfig(Section):
     random_flip: bool = True
     random_crop: bool = True
     val_images: int = Field(4, ge=0, description="images held out for the fixed sample grid")
-    hold_out_val: bool = Field(
-        True, description="keep the sample-grid images out of training (false: the grid shows training images)"
-    )
 
 
 class TrainConfig(Section):

@@ -44,12 +44,11 @@ class DataSplit:
     layout: str  # "prepared" (train/ + val/) or "folder"
 
 
-def split_data(data_dir: str | Path, val_images: int, hold_out: bool = True) -> DataSplit:
+def split_data(data_dir: str | Path, val_images: int) -> DataSplit:
     """Training images and the fixed validation images for the sample grid.
 
     A prepared folder uses its ``val/`` split; a plain folder holds out
     ``val_images`` evenly spaced images (kept when there are too few to spare).
-    With ``hold_out=False`` a plain folder's validation images are trained on too.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -67,8 +66,7 @@ def split_data(data_dir: str | Path, val_images: int, hold_out: bool = True) -> 
         step = max(1, len(images) // val_images) if val_images else 0
         val = images[::step][:val_images] if val_images else []
         held = set(val)
-        spare = hold_out and len(images) - len(held) >= len(held)
-        train = [p for p in images if p not in held] if spare else images
+        train = [p for p in images if p not in held] if len(images) - len(held) >= len(held) else images
         layout = "folder"
     if not train:
         raise InputError(f"no images found in {root}", f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")

@@ -111,7 +111,7 @@ class Trainer:
                 "the batch size is the effective batch over all processes; pick a multiple of the process count",
             )
         self.per_rank_batch = tcfg.batch_size // self.dist.world_size
-        split = split_data(dcfg.data_dir, dcfg.val_images, dcfg.hold_out_val)
+        split = split_data(dcfg.data_dir, dcfg.val_images)
         self.split = split
         dataset = self.distill.dataset(split.train, dcfg.data_dir, dcfg.image_size) if self.distill else None
         if dataset is None:
