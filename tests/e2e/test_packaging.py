@@ -6,8 +6,9 @@ import zipfile
 
 import pytest
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
+
 def test_wheel_contains_package_data(tmp_path):
     from pathlib import Path
 

@@ -76,7 +76,6 @@ def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path
     assert sorted(k for part in owners for k in part) == sorted(keys)
 
 
-@pytest.mark.slow
 def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -90,7 +89,6 @@ def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_
     assert index["count"] == 40 and len({e["source"] for e in index["entries"]}) == 40
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("op", ["encode", "decode"])
 def test_serve_benchmark_runs_and_reports_its_ratios(op, tmp_path):
     """benchmarks/bench_serve.py at toy size: every variant runs on the same items and the JSON holds the ratios."""

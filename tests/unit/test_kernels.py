@@ -63,6 +63,7 @@ def test_forced_matmul_attention_falls_back_to_sdpa_under_autograd(restore_kerne
     assert q.grad is not None
 
 
+@pytest.mark.slow
 def test_every_kernel_choice_gives_the_same_decoder(restore_kernels):
     torch.manual_seed(0)
     vae = VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4).eval()

@@ -152,6 +152,7 @@ def test_discriminator_starts_at_disc_start(tiny_config, tmp_path):
 # -- training runs ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_falls_on_demo_photos(tiny_config, tmp_path):
     from zturbo.data import demo_dir
 
@@ -430,6 +431,7 @@ def test_prepared_folder_layout_uses_its_val_split(tmp_path, small_data):
 # -- precision and compile --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp16_grad_scaler_absorbs_overflow_and_keeps_training(tiny_config):
     """fp16 autocast with a GradScaler: an overflowing step is the scaler's to skip, not the NaN guard's."""
     settings = load_settings(None, tiny_config, {"train": {"precision": "fp16"}}, default_profile=None)
@@ -452,6 +454,7 @@ def test_fp16_grad_scaler_absorbs_overflow_and_keeps_training(tiny_config):
     assert all(torch.isfinite(p).all() for p in engine.vae.parameters())
 
 
+@pytest.mark.slow
 def test_compiled_training_step_matches_eager(tiny_config):
     pytest.importorskip("torch._inductor")
     import shutil as _shutil
