@@ -1,4 +1,4 @@
-"""serve-batch across processes: exactly-once after SIGKILL, --shard parts, torchrun ranks, the serve benchmark."""
+"""serve-batch across processes: exactly-once after SIGKILL, torchrun ranks, the serve benchmark script."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import pytest
 import torch
 from serve_helpers import encode_folder, index_entries, shard_latents
 
-from zturbo.cli import run
-from zturbo.serve import Partition, load_index, merge_outputs, store
+from zturbo.serve import load_index, store
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_compute_thread")]
 
@@ -52,28 +51,6 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_index(tiny_model, ph
     la, lb = shard_latents(full), shard_latents(killed)
     assert all(torch.allclose(la[k], lb[k], atol=1e-5) for k in la)
     assert not list((killed / "shards").glob(".*"))  # leftover temp files cleaned
-
-
-def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path, capsys):
-    outs = [tmp_path / f"part{i}" for i in range(3)]
-    for i, out in enumerate(outs):
-        assert encode_folder(tiny_model, photos, out, "--size", "32", "--shard", f"{i}/3", "-b", "4") == 0
-    parts = [set(index_entries(load_index(o / "index.json"))) for o in outs]
-    assert all(parts)  # each machine got work
-    assert sum(len(p) for p in parts) == 40 and len(set.union(*parts)) == 40  # disjoint and complete
-
-    capsys.readouterr()
-    assert run(["serve-batch", "merge", *map(str, outs), "--index-dir", str(tmp_path / "merged"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["count"] == 40
-    index = load_index(tmp_path / "merged" / "index.json")
-    assert index["count"] == 40 and index["duplicates_dropped"] == 0
-    assert merge_outputs([outs[0], outs[0]], tmp_path / "twice")["duplicates_dropped"] == len(parts[0])
-    assert (tmp_path / "merged" / index["entries"][0]["shard"]).is_file()  # paths relative to the index
-
-    # Rank x shard partitions (torchrun inside each machine) tile the inputs too.
-    keys = [f"k{i}" for i in range(500)]
-    owners = [[k for k in keys if Partition(i, 3, r, 2).owns(k)] for i in range(3) for r in range(2)]
-    assert sorted(k for part in owners for k in part) == sorted(keys)
 
 
 def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_path):

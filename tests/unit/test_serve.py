@@ -1,4 +1,4 @@
-"""serve-batch: round trip, bad inputs, full disk, reading modes (SIGKILL, --shard, torchrun: tests/e2e)."""
+"""serve-batch: round trip, bad inputs, full disk, reading modes (SIGKILL, torchrun: tests/e2e)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from zturbo.serve import (
     decode_collection,
     encode_collection,
     load_index,
+    merge_outputs,
     reading_mode,
     store,
 )
@@ -83,6 +84,28 @@ def test_roundtrip_of_sample_photos(trained_model, tmp_path, capsys):
     assert min(to_model) > 40
     # ...and the fitted model reconstructs the photos recognisably (an unfitted one gives about 6 dB).
     assert np.mean(to_original) > 16, to_original
+
+
+def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path, capsys):
+    outs = [tmp_path / f"part{i}" for i in range(3)]
+    for i, out in enumerate(outs):
+        assert encode_folder(tiny_model, photos, out, "--size", "32", "--shard", f"{i}/3", "-b", "4") == 0
+    parts = [set(index_entries(load_index(o / "index.json"))) for o in outs]
+    assert all(parts)  # each machine got work
+    assert sum(len(p) for p in parts) == 40 and len(set.union(*parts)) == 40  # disjoint and complete
+
+    capsys.readouterr()
+    assert run(["serve-batch", "merge", *map(str, outs), "--index-dir", str(tmp_path / "merged"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 40
+    index = load_index(tmp_path / "merged" / "index.json")
+    assert index["count"] == 40 and index["duplicates_dropped"] == 0
+    assert merge_outputs([outs[0], outs[0]], tmp_path / "twice")["duplicates_dropped"] == len(parts[0])
+    assert (tmp_path / "merged" / index["entries"][0]["shard"]).is_file()  # paths relative to the index
+
+    # Rank x shard partitions (torchrun inside each machine) tile the inputs too.
+    keys = [f"k{i}" for i in range(500)]
+    owners = [[k for k in keys if Partition(i, 3, r, 2).owns(k)] for i in range(3) for r in range(2)]
+    assert sorted(k for part in owners for k in part) == sorted(keys)
 
 
 def test_ranks_share_one_output_and_the_last_merges(tiny_model, photos, tmp_path):
