@@ -253,6 +253,7 @@ def test_known_noise_end_to_end_through_padding(tmp_path):
     assert [(r["width"], r["height"]) for r in report.per_image] == [(51, 33), (33, 51)]
 
 
+@pytest.mark.slow
 def test_odd_native_sizes_with_a_real_model(models, tmp_path):
     Image.fromarray(_photo(517, 333, 11)).save(tmp_path / "portrait.png")
     Image.fromarray(_photo(333, 517, 12)).save(tmp_path / "landscape.png")
@@ -268,6 +269,7 @@ def test_odd_native_sizes_with_a_real_model(models, tmp_path):
     assert math.isfinite(ms["portrait.png"]) and math.isnan(ms["small_gray.png"])
 
 
+@pytest.mark.slow
 def test_fixed_size_resizes_and_crops(models, images):
     report = evaluate(
         models["a"], images, EvalConfig(size=24, metrics=["psnr"], batch_size=3, sheet_images=0)
@@ -335,6 +337,7 @@ def _quick_onnx_export(vae: VAE, folder: Path, decoder_vae: VAE | None = None) -
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("onnx" not in available_backends(), reason="the ONNX Runtime backend is not in this tree")
 def test_onnx_export_matches_torch_and_foreign_decoder_is_a_clear_error(models, images, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
@@ -360,6 +363,7 @@ def test_onnx_export_matches_torch_and_foreign_decoder_is_a_clear_error(models, 
 # CLI: compare, reports, bad input
 
 
+@pytest.mark.slow
 def test_compare_two_checkpoints_cli(models, images, tmp_path, capsys):
     out = tmp_path / "report"
     rc = run(
@@ -417,6 +421,7 @@ def test_summary_table_and_contact_sheet(models, images, tmp_path, capsys):
         assert np.asarray(sheet.convert("L")).std() > 5  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_run_and_diffusers_folders_are_accepted(models, images, capsys):
     import shutil
 
@@ -476,6 +481,7 @@ def test_bad_input_is_one_clear_line(models, images, tmp_path, capsys, case, mes
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_named_lpips_without_weights_fails_cleanly(models, images, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr("zturbo.perceptual.torch.hub.download_url_to_file", _no_network)

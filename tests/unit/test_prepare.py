@@ -1,4 +1,4 @@
-"""`zturbo prepare`: modes, orientation, bad input, splits, incremental runs, SIGKILL resume."""
+"""`zturbo prepare`: modes, orientation, bad input, splits, incremental runs (SIGKILL resume: tests/e2e)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import ctypes
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,64 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from prepare_helpers import manifest, noise, output_tree, prepare_json, smooth, temp_files, write_images
 
 from zturbo.cli import run
 from zturbo.config import PrepareConfig
 from zturbo.data.prepare import _run_tasks, prepare_dataset, prepared_images
 from zturbo.data.prepare_image import TMP_SUFFIX
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def noise(w: int, h: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
-
-
-def smooth(w: int, h: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "RGB").resize(
-        (w, h), Image.BICUBIC
-    )
-
-
-def write_images(folder: Path, count: int, start: int = 0, size=(64, 48)) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(start, start + count):
-        p = folder / f"img{i:03d}.png"
-        smooth(*size, seed=i).save(p)
-        paths.append(p)
-    return paths
-
-
-def prepare_json(capsys, *args: str) -> tuple[int, dict]:
-    capsys.readouterr()
-    rc = run(["prepare", *map(str, args), "--json", "--quiet"])
-    out = capsys.readouterr().out
-    return rc, (json.loads(out) if rc == 0 else {})
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-
-
-def output_tree(out: Path) -> dict[str, bytes]:
-    """Every prepared file and the manifest, by relative path (not the report or the journal)."""
-    files = {}
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out).as_posix()
-        if p.is_file() and not rel.startswith(".prepare/") and rel != "prepare-report.json":
-            files[rel] = p.read_bytes()
-    return files
-
-
-def temp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(TMP_SUFFIX)]
 
 
 @pytest.fixture
@@ -551,114 +500,7 @@ def test_dedupe_drops_exact_duplicates_by_content(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# crash safety
-
-
-def test_resume_after_sigkill_gives_same_outputs_and_manifest_as_clean_run(tmp_path):
-    src, out, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
-    src.mkdir()
-    total = 60  # enough work that the kill lands mid-run even on a fast machine
-    for i in range(total):
-        noise(640, 480, seed=i).save(src / f"p{i:02d}.jpg", quality=90)
-    cmd = [
-        sys.executable,
-        "-m",
-        "zturbo",
-        "prepare",
-        str(src),
-        str(out),
-        "--size",
-        "48",
-        "--workers",
-        "2",
-        "--val-fraction",
-        "0.25",
-        "--quiet",
-    ]
-    journal = out / ".prepare" / "state.jsonl"
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if journal.exists() and journal.read_text().count("\n") >= 3:
-                break
-            time.sleep(0.005)
-    finally:
-        proc.kill()  # SIGKILL to the main process only, mid-flight, as the OOM killer would
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-    # its orphaned workers notice and exit on their own
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("worker processes outlived the killed prepare")
-    assert not (out / "manifest.jsonl").exists(), "the run finished before it could be killed"
-    done_before = journal.read_text().count("\n")
-    assert 3 <= done_before < total
-    for p in (out / "train").rglob("*.png"):  # whatever is in place is a complete image
-        Image.open(p).load()
-
-    assert (
-        run(["prepare", str(src), str(out), "--size", "48", "--workers", "2", "--val-fraction", "0.25", "-q"])
-        == 0
-    )
-    assert (
-        run(
-            [
-                "prepare",
-                str(src),
-                str(clean),
-                "--size",
-                "48",
-                "--workers",
-                "2",
-                "--val-fraction",
-                "0.25",
-                "-q",
-            ]
-        )
-        == 0
-    )
-    resumed_report = json.loads((out / "prepare-report.json").read_text())
-    assert resumed_report["up_to_date"] == done_before and resumed_report["outputs"] == total
-    assert output_tree(out) == output_tree(clean)
-    assert (out / "manifest.jsonl").read_bytes() == (clean / "manifest.jsonl").read_bytes()
-    assert not temp_files(out) and not temp_files(clean)
-
-
-def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
-    src, out = tmp_path / "in", tmp_path / "out"
-    write_images(src, 1)
-    (out / ".prepare").mkdir(parents=True)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-                "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
-            ),
-            str(out / ".prepare" / "lock"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert run(["prepare", str(src), str(out), "--size", "32", "--workers", "1"]) == 2
-        assert "another zturbo prepare" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
-    assert run(["prepare", str(src), str(out), "--size", "32", "--workers", "1", "-q"]) == 0
+# leftovers
 
 
 def test_leftover_temp_files_are_removed(tmp_path, capsys):

@@ -1,20 +1,16 @@
-"""serve-batch: round trip, exactly-once after SIGKILL, --shard coverage, bad inputs, full disk."""
+"""serve-batch: round trip, bad inputs, full disk, reading modes (SIGKILL, torchrun: tests/e2e)."""
 
 from __future__ import annotations
 
 import errno
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serve_helpers import TINY, encode_folder, index_entries, shard_latents
 
 from zturbo.backends import create_backend
 from zturbo.cli import run
@@ -35,30 +31,12 @@ from zturbo.serve import (
 )
 from zturbo.serve.inputs import bucket_sizes, nearest_bucket, resize_to_bucket
 
-TINY = {"block_out_channels": [32, 32], "layers_per_block": 1, "latent_channels": 4, "mid_block_add_attention": False}
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """Tiny models gain nothing from a second thread, and the reader thread needs the other core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "vae"
-    VAE(**TINY, sample_size=32).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -78,48 +56,12 @@ def trained_model(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    """40 small images of three sizes and aspect ratios, PNG and JPEG, in two folders."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        w, h = [(32, 32), (48, 32), (24, 40)][i % 3]
-        yy, xx = np.mgrid[0:h, 0:w]
-        arr = np.stack([(xx * 255 // w), (yy * 255 // h), np.full_like(xx, i * 6)], -1).astype(np.uint8)
-        arr = np.clip(arr.astype(int) + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
-        sub = root / ("a" if i % 2 else "b")
-        sub.mkdir(exist_ok=True)
-        Image.fromarray(arr).save(sub / f"img{i:03d}.{'png' if i % 4 else 'jpg'}")
-    return root
-
-
-def _entries(index: dict) -> dict[str, tuple]:
-    return {e["source"]: (tuple(e["shape"]), e["width"], e["height"], tuple(e["bucket"])) for e in index["entries"]}
-
-
-def _latents(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    index = load_index(out / "index.json")
-    result = {}
-    for e in index["entries"]:
-        with safe_open(str(out / e["shard"]), framework="pt") as fh:
-            result[e["source"]] = fh.get_tensor(e["tensor"])
-    return result
-
-
-def _encode(model, src, out, *extra) -> int:
-    return run(["serve-batch", "encode", str(model), "--input", str(src), "--output", str(out),
-                "--quiet", *extra])
-
-
 # ---------------------------------------------------------------------------------------------------------
 
 
 def test_roundtrip_of_sample_photos(trained_model, tmp_path, capsys):
     lat, dec = tmp_path / "lat", tmp_path / "dec"
-    assert _encode(trained_model, demo_images()[0].parent, lat, "--size", "16", "--resize", "square", "-b", "4") == 0
+    assert encode_folder(trained_model, demo_images()[0].parent, lat, "--size", "16", "--resize", "square", "-b", "4") == 0
     index = load_index(lat / "index.json")
     assert index["count"] == len(demo_images()) and index["failed"] == 0
     capsys.readouterr()
@@ -144,43 +86,11 @@ def test_roundtrip_of_sample_photos(trained_model, tmp_path, capsys):
     assert np.mean(to_original) > 16, to_original
 
 
-def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_index(tiny_model, photos, tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    args = ["--size", "32", "-b", "2", "--shard-size", "2"]
-    assert _encode(tiny_model, photos, full, *args) == 0
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "zturbo", "serve-batch", "encode", str(tiny_model), "-i", str(photos),
-           "-o", str(killed), "--quiet", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((killed / "shards").glob("*.safetensors"))) >= 2:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    partial = store.scan_shards(killed).sources
-    assert 0 < len(partial) < 40 and not (killed / "index.json").exists()
-
-    assert _encode(tiny_model, photos, killed, *args, "--json") == 0
-    report = json.loads((killed / "report.json").read_text())
-    assert report["already_done"] == len(partial) and report["processed"] == 40 - len(partial)
-
-    a, b = load_index(full / "index.json"), load_index(killed / "index.json")
-    assert _entries(a) == _entries(b) and len(b["entries"]) == 40
-    assert [e["source"] for e in b["entries"]] == sorted({e["source"] for e in b["entries"]})  # no duplicates
-    la, lb = _latents(full), _latents(killed)
-    assert all(torch.allclose(la[k], lb[k], atol=1e-5) for k in la)
-    assert not list((killed / "shards").glob(".*"))  # leftover temp files cleaned
-
-
 def test_shard_parts_cover_every_input_exactly_once(tiny_model, photos, tmp_path, capsys):
     outs = [tmp_path / f"part{i}" for i in range(3)]
     for i, out in enumerate(outs):
-        assert _encode(tiny_model, photos, out, "--size", "32", "--shard", f"{i}/3", "-b", "4") == 0
-    parts = [set(_entries(load_index(o / "index.json"))) for o in outs]
+        assert encode_folder(tiny_model, photos, out, "--size", "32", "--shard", f"{i}/3", "-b", "4") == 0
+    parts = [set(index_entries(load_index(o / "index.json"))) for o in outs]
     assert all(parts)  # each machine got work
     assert sum(len(p) for p in parts) == 40 and len(set.union(*parts)) == 40  # disjoint and complete
 
@@ -218,7 +128,7 @@ def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, c
     (src / "text.jpg").write_text("not an image")
     (src / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
-    assert _encode(tiny_model, src, out, "--size", "32", "--reading", reading) == 0
+    assert encode_folder(tiny_model, src, out, "--size", "32", "--reading", reading) == 0
     captured = capsys.readouterr().out
     index = load_index(out / "index.json")
     reasons = {f["source"]: f["reason"] for f in index["failures"]}
@@ -230,7 +140,7 @@ def test_corrupt_inputs_are_skipped_and_reported(tiny_model, photos, tmp_path, c
 
     # Fixed on disk: a rerun picks it up and it leaves the failure list.
     (src / "truncated.png").write_bytes(good)
-    assert _encode(tiny_model, src, out, "--size", "32", "--reading", reading) == 0
+    assert encode_folder(tiny_model, src, out, "--size", "32", "--reading", reading) == 0
     index = load_index(out / "index.json")
     assert index["count"] == 6 and {f["source"] for f in index["failures"]} == {"text.jpg", "empty.png"}
 
@@ -275,21 +185,21 @@ def test_full_disk_stops_cleanly_and_keeps_written_shards(tiny_model, photos, tm
 
     monkeypatch.setattr("safetensors.numpy.save_file", save_then_fill_disk)
     out = tmp_path / "out"
-    assert _encode(tiny_model, photos, out, "--size", "32", "-b", "4", "--shard-size", "8") == 1
+    assert encode_folder(tiny_model, photos, out, "--size", "32", "-b", "4", "--shard-size", "8") == 1
     assert "no space left" in capsys.readouterr().err
     shards = sorted((out / "shards").iterdir())
     assert len(shards) == 2 and all(not p.name.startswith(".") for p in shards)  # no half-written file left
     assert sum(len(store.read_shard_entries(p)) for p in shards) == 16
 
     monkeypatch.setattr("safetensors.numpy.save_file", real_save)
-    assert _encode(tiny_model, photos, out, "--size", "32", "-b", "4", "--shard-size", "8") == 0
+    assert encode_folder(tiny_model, photos, out, "--size", "32", "-b", "4", "--shard-size", "8") == 0
     assert load_index(out / "index.json")["count"] == 40
 
 
 def test_rerun_with_other_settings_is_refused(tiny_model, photos, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _encode(tiny_model, photos / "a", out, "--size", "32") == 0
-    assert _encode(tiny_model, photos / "a", out, "--size", "16") == 2
+    assert encode_folder(tiny_model, photos / "a", out, "--size", "32") == 0
+    assert encode_folder(tiny_model, photos / "a", out, "--size", "16") == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -299,12 +209,12 @@ def test_manifest_and_sample_mode(tiny_model, photos, tmp_path):
     manifest.write_text("# four images\n" + "\n".join(str(photos / n) for n in names + names[:1]) + "\n")
     out_a, out_b = tmp_path / "s1", tmp_path / "s2"
     for out in (out_a, out_b):
-        assert _encode(tiny_model, manifest, out, "--size", "32", "--sample") == 0
-    la, lb = _latents(out_a), _latents(out_b)
+        assert encode_folder(tiny_model, manifest, out, "--size", "32", "--sample") == 0
+    la, lb = shard_latents(out_a), shard_latents(out_b)
     assert len(la) == 4  # the duplicate line is encoded once
     assert all(torch.equal(la[k], lb[k]) for k in la)  # per-image noise is reproducible
-    assert _encode(tiny_model, manifest, tmp_path / "mean", "--size", "32") == 0
-    mean = _latents(tmp_path / "mean")
+    assert encode_folder(tiny_model, manifest, tmp_path / "mean", "--size", "32") == 0
+    mean = shard_latents(tmp_path / "mean")
     assert set(mean) == set(la) and not any(torch.allclose(mean[k], la[k]) for k in la)
 
 
@@ -329,24 +239,10 @@ def test_gpu_encode_matches_cpu(tiny_model, photos, tmp_path):
     gpu = encode_collection(tiny_model, photos, tmp_path / "gpu", cfg, device="cuda")
     cpu = encode_collection(tiny_model, photos, tmp_path / "cpu", cfg, device="cpu")
     assert gpu.batch_size >= 8 and gpu.processed == cpu.processed == 40
-    lg, lc = _latents(tmp_path / "gpu"), _latents(tmp_path / "cpu")
+    lg, lc = shard_latents(tmp_path / "gpu"), shard_latents(tmp_path / "cpu")
     # cuDNN may use TF32 for fp32 convolutions: close, not bit-equal.
     assert all(torch.allclose(lg[k], lc[k], atol=2e-2, rtol=2e-2) for k in lc)
     assert max((lg[k] - lc[k]).abs().max().item() for k in lc) < 0.1 * min(lc[k].std().item() for k in lc)
-
-
-@pytest.mark.slow
-def test_torchrun_ranks_split_the_work_and_rank0_merges(tiny_model, photos, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zturbo",
-           "serve-batch", "encode", str(tiny_model), "-i", str(photos), "-o", str(out), "--size", "32",
-           "--quiet"]
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300, check=False).returncode == 0
-    shards = {p.name.split("-")[1] for p in (out / "shards").glob("*.safetensors")}
-    assert shards == {"r0of2", "r1of2"}  # both ranks wrote their own part
-    index = load_index(out / "index.json")
-    assert index["count"] == 40 and len({e["source"] for e in index["entries"]}) == 40
 
 
 def test_every_reading_mode_gives_the_same_output(tiny_model, photos, tmp_path):
@@ -361,7 +257,7 @@ def test_every_reading_mode_gives_the_same_output(tiny_model, photos, tmp_path):
         assert torch.get_num_threads() == threads  # compute streams restore torch's thread count
         index = load_index(tmp_path / mode / "index.json")
         placed = {e["source"]: (e["shard"], e["tensor"]) for e in index["entries"]}
-        results[mode] = (_entries(index), _latents(tmp_path / mode), placed)
+        results[mode] = (index_entries(index), shard_latents(tmp_path / mode), placed)
     for other in ("streams", "phased"):
         assert results["threads"][0] == results[other][0]
         assert results["threads"][2] == results[other][2]  # same shards, same order in them
@@ -403,7 +299,7 @@ def test_index_records_displayed_size_of_exif_rotated_images(tiny_model, tmp_pat
 
 def test_decode_restores_the_source_resolution_on_request(tiny_model, photos, tmp_path, capsys):
     lat = tmp_path / "lat"
-    assert _encode(tiny_model, photos / "a", lat, "--size", "32") == 0
+    assert encode_folder(tiny_model, photos / "a", lat, "--size", "32") == 0
     index = load_index(lat / "index.json")
     by_name = {Path(e["source"]).stem: e for e in index["entries"]}
     assert run(["serve-batch", "decode", str(tiny_model), "-i", str(lat), "-o", str(tmp_path / "dec"), "--quiet"]) == 0
@@ -421,7 +317,7 @@ def test_decode_restores_the_source_resolution_on_request(tiny_model, photos, tm
     assert checked > 0, "no image in the set needed resizing: the test would prove nothing"
     # Square buckets crop: a 48 x 32 source comes back as its 32 x 32 center region, at source scale.
     sq = tmp_path / "sq"
-    assert _encode(tiny_model, photos / "a", sq, "--size", "16", "--resize", "square") == 0
+    assert encode_folder(tiny_model, photos / "a", sq, "--size", "16", "--resize", "square") == 0
     assert run(["serve-batch", "decode", str(tiny_model), "-i", str(sq), "-o", str(tmp_path / "sqd"), "--quiet",
                 "--restore-size"]) == 0
     sizes = {Image.open(p).size for p in (tmp_path / "sqd").iterdir()}
@@ -443,24 +339,6 @@ def test_shards_hold_latents_bit_exact_in_every_dtype(tmp_path, dtype):
         for k, t in tensors.items():
             got = fh.get_tensor(k)
             assert got.dtype == dtype and torch.equal(got, t)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("op", ["encode", "decode"])
-def test_serve_benchmark_runs_and_reports_its_ratios(op, tmp_path):
-    """benchmarks/bench_serve.py at toy size: every variant runs on the same items and the JSON holds the ratios."""
-    out = tmp_path / "r.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--op", op, "--images", "20", "--repeats",
-           "1", "--size", "16", "--json", str(out)]  # run as documented: the script's folder on sys.path
-    subprocess.run(cmd, env=env, capture_output=True, timeout=300, check=True)
-    saved = json.loads(out.read_text())
-    assert saved["op"] == op and saved["images"] == 20
-    assert len(saved["runs"]["compute"]) == 2 and len(saved["runs"]["end_to_end"]) == 1
-    ratio = saved["end_to_end_vs_compute"]
-    assert ratio == pytest.approx(saved["runs"]["end_to_end"][0] * 2 / sum(saved["runs"]["compute"]), rel=2e-3)
-    assert 0 < ratio < 5 and saved["end_to_end_vs_naive"] > 0
-    assert saved["pipeline_seconds"]["compute"] > 0
 
 
 def test_compute_streams_split_the_cores_without_sharing_one():

@@ -46,6 +46,7 @@ def reference(cfg: ModelConfig):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", available_profiles())
 def test_profile_parameter_count_matches_diffusers_and_round_trips(name):
     cfg = load_settings(name).model
@@ -75,6 +76,7 @@ def test_state_dict_keys_and_shapes_equal_diffusers(variant):
     assert ours == theirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fast", "no-attention", "quant-only-post"])
 def test_outputs_agree_with_diffusers_both_directions(variant):
     # In float64 the two implementations' rounding is ~1e-13 of the outputs (tolerances.py), so a

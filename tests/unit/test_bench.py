@@ -249,6 +249,7 @@ def _write_baseline(path, source, factor):
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_markdown_and_gates(configs, capsys):
     root = configs["root"]
     args = ["bench", "-c", str(configs["tiny"]), "--device", "cpu", "--resolutions", "16", "--batch-sizes", "1",
@@ -275,6 +276,7 @@ def test_cli_writes_json_and_markdown_and_gates(configs, capsys):
     assert gate["passed"] is False and gate["rows"][0]["verdict"] == "regressed"
 
 
+@pytest.mark.slow
 def test_cli_json_to_stdout_and_usage_errors(configs, capsys):
     args = ["bench", "-c", str(configs["tiny"]), "--device", "cpu", "--resolutions", "16", "--batch-sizes", "1",
             "--what", "encode", "--repeats", "1", "--warmup", "0", "--quiet"]
@@ -337,6 +339,7 @@ def test_train_hook_offers_what_the_train_case_calls():
     assert {"steps", "warmup"} <= set(params)
 
 
+@pytest.mark.slow
 def test_against_diffusers_uses_the_same_config_and_weights(configs):
     pytest.importorskip("diffusers", reason="--against diffusers needs diffusers")
     from zturbo.model.blocks import set_kernels
@@ -391,6 +394,7 @@ def test_sync_is_waited_for_inside_the_timed_span():
     assert timing.min_ms >= 50.0  # sleep() sleeps at least as long as asked
 
 
+@pytest.mark.slow
 def test_saved_model_is_benchmarked_under_its_folder_name(configs, tmp_path):
     from zturbo.model import VAE
 

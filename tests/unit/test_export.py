@@ -122,6 +122,7 @@ def test_scaled_graphs_apply_factors_and_backend_undoes_them(fp32_export, checkp
 # -- FP16 overflow guard ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp16_guard_keeps_overflowing_layers_fp32(tmp_path, monkeypatch):
     """The SDXL-VAE failure: a decoder layer whose activations exceed 65504 turns plain fp16 into inf/NaN.
 
@@ -184,6 +185,7 @@ def test_fp16_guard_keeps_overflowing_layers_fp32(tmp_path, monkeypatch):
 # -- diffusers format ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_diffusers_export_loads_in_diffusers_with_matching_outputs(checkpoint, tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     out = tmp_path / "hf"
@@ -216,6 +218,7 @@ def test_export_takes_the_ema_weights_of_a_run(tmp_path):
         assert torch.equal(exported.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_import_diffusers_vae_matches_diffusers(tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(3)
