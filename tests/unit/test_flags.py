@@ -13,6 +13,8 @@ TABLES = {
     name: importlib.import_module(f"zturbo.commands.{name}").FLAGS
     for name in ("train", "eval", "bench", "export", "prepare")
 }
+TABLES["serve-batch encode"] = importlib.import_module("zturbo.commands.serve_batch").ENCODE_FLAGS
+TABLES["serve-batch decode"] = importlib.import_module("zturbo.commands.serve_batch").DECODE_FLAGS
 
 
 @pytest.mark.parametrize("command", list(TABLES))

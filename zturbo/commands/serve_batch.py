@@ -10,35 +10,20 @@ from typing import Annotated
 
 import typer
 
-from zturbo.commands._common import ConfigOpt, JsonOpt, ProfileOpt, QuietOpt, parse_tile, settings_from
+from zturbo.commands._common import (
+    ConfigOpt,
+    Flag,
+    JsonOpt,
+    ProfileOpt,
+    QuietOpt,
+    settings_from,
+    tile_flags,
+    with_flags,
+)
 
-SizeOpt = Annotated[int | None, typer.Option("--size", help="Target side in pixels (default: the model's).")]
-BatchOpt = Annotated[
-    str | None, typer.Option("--batch-size", "-b", help="'auto' (largest that fits) or a number.")
-]
-BackendOpt = Annotated[
-    str | None, typer.Option("--backend", help="auto (default: what MODEL is), torch, compile, onnx or trt.")
-]
-PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-TileOpt = Annotated[str | None, typer.Option(
-    "--tile", help="Tiled passes: tile side in pixels (exact: same result, bounded memory) or 'auto'.")]
-TileModeOpt = Annotated[str | None, typer.Option("--tile-mode", help="exact (default) or fast.")]
-TileMemoryOpt = Annotated[float | None, typer.Option("--tile-memory-gb", help="Memory budget for --tile auto.")]
-ReadingOpt = Annotated[str | None, typer.Option(
-    "--reading", help="auto | threads | streams | phased: read in a thread pool beside compute (threads), in CPU "
-    "compute streams that each read then compute their own batches (streams), or just before each batch is "
-    "computed, on every core (phased). auto picks streams when the model computes on a multi-core CPU with every "
-    "core, phased on one core, threads otherwise (a GPU).")]
-StreamsOpt = Annotated[int | None, typer.Option(
-    "--streams", help="CPU compute streams for --reading streams (default: 2 up to 8 cores, then one per 4, at most 4).")]
 ShardOpt = Annotated[
     str | None, typer.Option("--shard", help="I/N: take only part I of N (one per machine); merge after.")
 ]
-
-
-def _tiling(tile: str | None, tile_mode: str | None, tile_memory_gb: float | None) -> dict:
-    return {"tile": None if tile is None else parse_tile(tile), "tile_mode": tile_mode, "tile_memory_gb": tile_memory_gb}
 
 
 def _batch_size(text: str | None):
@@ -54,6 +39,39 @@ def _batch_size(text: str | None):
         raise UsageError(f"--batch-size must be at least 1, got {value}")
     return value
 
+
+
+# The settings flags of `serve-batch encode` and `decode`: flag -> serve.* setting.
+_COMMON = [
+    Flag("--batch-size -b", "serve.batch_size", str, "'auto' (largest that fits) or a number.", parse=_batch_size),
+    Flag("--backend", "serve.backend", str, "auto (default: what MODEL is), torch, compile, onnx or trt."),
+    Flag("--precision", "serve.precision", str, "fp32, bf16 or fp16."),
+    Flag("--device", "serve.device", str, "auto, cpu, cuda, cuda:N."),
+    Flag("--reading", "serve.reading", str,
+         "auto | threads | streams | phased: read in a thread pool beside compute (threads), in CPU compute streams "
+         "that each read then compute their own batches (streams), or just before each batch is computed, on every "
+         "core (phased). auto picks streams when the model computes on a multi-core CPU with every core, phased on "
+         "one core, threads otherwise (a GPU)."),
+    Flag("--streams", "serve.streams", int,
+         "CPU compute streams for --reading streams (default: 2 up to 8 cores, then one per 4, at most 4)."),
+    *tile_flags("serve"),
+]
+ENCODE_FLAGS = [
+    Flag("--size", "serve.size", int, "Target side in pixels (default: the model's)."),
+    Flag("--mean/--sample", "serve.latent_mode", bool, "Store the posterior mean, or a sample of it.",
+         parse=lambda mean: "mean" if mean else "sample"),
+    Flag("--resize", "serve.resize", str, "aspect (size buckets) or square (center-crop)."),
+    Flag("--shard-size", "serve.shard_size", int, "Latents per shard file."),
+    *_COMMON,
+]
+DECODE_FLAGS = [
+    Flag("--format", "serve.image_format", str, "png, jpeg or webp."),
+    Flag("--quality", "serve.quality", int, "jpeg / webp quality."),
+    Flag("--restore-size/--decoded-size", "serve.restore_size", bool,
+         "Write each image at the source resolution of the region it was encoded from (latents from an encode "
+         "run), or at the decoded size (default)."),
+    *_COMMON,
+]
 
 def _distributed():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
@@ -146,28 +164,13 @@ def register(app: typer.Typer) -> None:
     )
 
     @group.command("encode")
+    @with_flags(ENCODE_FLAGS)
     def encode(
+        overrides: dict,
         model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
         input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images or a manifest listing them.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for shards, index.json, report.json.")],
-        size: SizeOpt = None,
-        batch_size: BatchOpt = None,
-        backend: BackendOpt = None,
-        precision: PrecisionOpt = None,
-        device: DeviceOpt = None,
-        mean: Annotated[
-            bool | None, typer.Option("--mean/--sample", help="Store the posterior mean, or a sample of it.")
-        ] = None,
-        resize: Annotated[
-            str | None, typer.Option("--resize", help="aspect (size buckets) or square (center-crop).")
-        ] = None,
         shard: ShardOpt = None,
-        shard_size: Annotated[int | None, typer.Option("--shard-size", help="Latents per shard file.")] = None,
-        reading: ReadingOpt = None,
-        streams: StreamsOpt = None,
-        tile: TileOpt = None,
-        tile_mode: TileModeOpt = None,
-        tile_memory_gb: TileMemoryOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -176,12 +179,6 @@ def register(app: typer.Typer) -> None:
         """Encode every image to a latent; writes safetensors shards plus index.json. Reruns do only what is missing."""
         from zturbo.serve import encode_collection
 
-        overrides = {"serve": {
-            "size": size, "batch_size": _batch_size(batch_size), "backend": backend, "precision": precision,
-            "device": device, "latent_mode": None if mean is None else ("mean" if mean else "sample"),
-            "resize": resize, "shard_size": shard_size, "reading": reading, "streams": streams,
-            **_tiling(tile, tile_mode, tile_memory_gb),
-        }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
         with _process_group(part.world_size) as barrier, _progress("encode", quiet or part.rank != 0) as progress:
@@ -190,28 +187,15 @@ def register(app: typer.Typer) -> None:
             _print_report(report, json_out)
 
     @group.command("decode")
+    @with_flags(DECODE_FLAGS)
     def decode(
+        overrides: dict,
         model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
         input: Annotated[
             Path, typer.Option("--input", "-i", help="Encode output, shards, or .safetensors / .npy files.")
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images.")],
-        image_format: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp.")] = None,
-        quality: Annotated[int | None, typer.Option("--quality", help="jpeg / webp quality.")] = None,
-        restore_size: Annotated[bool | None, typer.Option(
-            "--restore-size/--decoded-size",
-            help="Write each image at the source resolution of the region it was encoded from "
-            "(latents from an encode run), or at the decoded size (default).")] = None,
-        batch_size: BatchOpt = None,
-        backend: BackendOpt = None,
-        precision: PrecisionOpt = None,
-        device: DeviceOpt = None,
         shard: ShardOpt = None,
-        reading: ReadingOpt = None,
-        streams: StreamsOpt = None,
-        tile: TileOpt = None,
-        tile_mode: TileModeOpt = None,
-        tile_memory_gb: TileMemoryOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -220,13 +204,6 @@ def register(app: typer.Typer) -> None:
         """Decode latents to images (written atomically; reruns skip images that exist)."""
         from zturbo.serve import decode_collection
 
-        overrides = {"serve": {
-            "image_format": image_format, "quality": quality, "restore_size": restore_size,
-            "batch_size": _batch_size(batch_size),
-            "backend": backend, "precision": precision, "device": device,
-            "reading": reading, "streams": streams,
-            **_tiling(tile, tile_mode, tile_memory_gb),
-        }}
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
         with _progress("decode", quiet or part.rank != 0) as progress:
