@@ -19,7 +19,8 @@ from prepare_helpers import manifest, noise, output_tree, prepare_json, smooth, 
 
 from zturbo.cli import run
 from zturbo.config import PrepareConfig
-from zturbo.data.prepare import _run_tasks, prepare_dataset, prepared_images
+from zturbo.data.prepare import prepare_dataset, prepared_images
+from zturbo.data.prepare_pool import run_tasks
 from zturbo.data.prepare_image import TMP_SUFFIX
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path, capsys):
 def test_worker_crash_is_isolated_to_its_file(tmp_path):
     tasks = [(str(i), f"file{i}.png") for i in range(6)]
     results = []
-    _run_tasks(tasks, 2, 10**8, results.append, fn=_crash_on_three)
+    run_tasks(tasks, 2, 10**8, results.append, fn=_crash_on_three)
     by_source = {r["source"]: r for r in results}
     assert len(results) == 6
     assert by_source["file3.png"]["reason"] == "worker-crash"
