@@ -181,7 +181,9 @@ def test_loss_falls_on_demo_photos(tiny_config, tmp_path):
     run = tmp_path / "run"
     assert (run / "samples" / "step-40.png").is_file() and (run / "samples" / "step-20.png").is_file()
     grid = Image.open(run / "samples" / "step-40.png")
-    assert grid.size == (64, 64)  # 2 validation images: rows of original | reconstruction
+    # 2 validation images and 2 training images: rows of held-out original | reconstruction | training
+    # original | reconstruction, 32 px each.
+    assert grid.size == (128, 64)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-20", "step-40"]
     step = run / "checkpoints" / "step-40"

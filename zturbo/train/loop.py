@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from zturbo.config import Settings
 from zturbo.console import info, progress
@@ -137,6 +138,14 @@ class Trainer:
         )
         self.warmup_steps = min(warmup, self.total_steps)
         self.val_batch = load_batch(split.val, dcfg.image_size) if split.val and self.dist.is_main else None
+        # As many training photos, evenly spaced, shown beside the held-out ones: what the model has learned
+        # next to how it generalises.
+        shown = split.train[:: max(1, len(split.train) // max(1, len(split.val)))][: len(split.val)]
+        held = set(split.val)
+        self.train_batch = (
+            load_batch(shown, dcfg.image_size)
+            if self.val_batch is not None and shown and not held.intersection(shown) else None
+        )
 
         self.engine = TrainEngine(
             settings,
@@ -269,15 +278,20 @@ class Trainer:
     # -- samples and checkpoints ----------------------------------------------------------------------
     @torch.no_grad()
     def write_samples(self) -> Path | None:
-        """PNG grid of the fixed validation batch: each row original | EMA reconstruction."""
+        """PNG grid of the EMA model's reconstructions: each row a held-out photo | its reconstruction,
+        then (where the training set has photos to spare) a training photo | its reconstruction."""
         if self.val_batch is None or not self.dist.is_main:
             return None
-        from PIL import Image
-
         model = self.engine.ema.model
-        x = self.val_batch.to(self.device)
-        recon = model(x).clamp(-1, 1)
-        pairs = torch.cat([x, recon.to(x.dtype)], dim=3)  # side by side
+        columns = []
+        for batch in (self.val_batch, self.train_batch):
+            if batch is None:
+                continue
+            x = batch.to(self.device)
+            recon = model(x).clamp(-1, 1)
+            columns.append(torch.cat([x, recon.to(x.dtype)], dim=3))  # original | reconstruction
+        rows = min(len(c) for c in columns)
+        pairs = torch.cat([c[:rows] for c in columns], dim=3)
         grid = torch.cat(list(pairs), dim=1)  # stacked rows
         array = tensor_to_uint8(grid)
         path = self.run_dir / "samples" / f"step-{self.step}.png"
