@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tolerances import rounding_atol
 from zturbo import VAE, ModelConfig
 from zturbo.errors import UsageError
 from zturbo.model import tiled
@@ -130,9 +131,13 @@ def test_online_attention_equals_softmax_attention(monkeypatch):
     monkeypatch.setattr(tiled, "Q_CHUNK", 7)  # blocks that do not divide the token count
     monkeypatch.setattr(tiled, "K_CHUNK", 11)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 30, 16, generator=g) * 3 for _ in range(3))
+    q, k, v = (torch.randn(2, 30, 16, generator=g, dtype=torch.float64) * 3 for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(online_attention(q, k, v), ref, rtol=0, atol=1e-5)
+    # In float64 the blockwise softmax differs from the one-pass one by rounding alone: two products
+    # (scores over 16 dims, values over 30 tokens) bound it (tests/tolerances.py); in fp32 the same
+    # check sat at half its tolerance on this machine.
+    atol = rounding_atol(ref, layers=2, fan_in=30)
+    torch.testing.assert_close(online_attention(q, k, v), ref, rtol=0, atol=atol)
 
 
 def test_fast_mode_without_downscaling_and_with_full_halo_is_exact():

@@ -57,7 +57,8 @@ class Moments:
         n_b = h * w
         # Per-channel moments by GroupNorm's moments kernel with one channel per group: a stable
         # (Welford, cascaded) one-read reduction, ~3x faster on the CPU than var_mean. Its output is unused.
-        _, mean, rstd = torch.native_group_norm(tile.float(), None, None, b, c, n_b, c, 0.0)
+        acc = torch.promote_types(tile.dtype, torch.float32)  # fp32 at least, never below the input's precision
+        _, mean, rstd = torch.native_group_norm(tile.to(acc), None, None, b, c, n_b, c, 0.0)
         mean = mean.view(b, c)
         m2 = rstd.view(b, c).pow(-2) * n_b  # eps 0: rstd = var^-1/2 (inf, giving 0, for a constant channel)
         if self.mean is None:
@@ -79,10 +80,10 @@ class Moments:
         rstd = torch.rsqrt(m2_g / (self.n * (c // g)) + gn.eps)
         scale = rstd.expand(b, g, c // g)
         if gn.affine:
-            scale = scale * gn.weight.float().view(1, g, -1)
+            scale = scale * gn.weight.to(scale.dtype).view(1, g, -1)
         shift = -mean_g * scale
         if gn.affine:
-            shift = shift + gn.bias.float().view(1, g, -1)
+            shift = shift + gn.bias.to(shift.dtype).view(1, g, -1)
         return scale.reshape(b, c, 1, 1), shift.reshape(b, c, 1, 1), silu
 
 
@@ -277,21 +278,25 @@ class Runner:
 
 
 def online_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (B, L, D) tensors, keys in blocks with a running max and sum (fp32)."""
+    """softmax(q k^T / sqrt(d)) v for (B, L, D) tensors, keys in blocks with a running max and sum.
+
+    The running max, sum and output accumulate in fp32 at least (in the input's dtype when wider).
+    """
     scale = q.shape[-1] ** -0.5
+    dtype = torch.promote_types(q.dtype, torch.float32)
     outs = []
     for qs in q.split(Q_CHUNK, 1):
         qs = qs * scale
-        m = torch.full((*qs.shape[:2], 1), float("-inf"), device=q.device)
+        m = torch.full((*qs.shape[:2], 1), float("-inf"), dtype=dtype, device=q.device)
         total = torch.zeros_like(m)
-        acc = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
+        acc = torch.zeros(qs.shape, dtype=dtype, device=q.device)
         for ks, vs in zip(k.split(K_CHUNK, 1), v.split(K_CHUNK, 1)):
-            s = torch.bmm(qs, ks.transpose(1, 2)).float()
+            s = torch.bmm(qs, ks.transpose(1, 2)).to(dtype)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             p = torch.exp(s - m_new)
             rescale = torch.exp(m - m_new)  # 0 on the first block (m = -inf)
             total = total * rescale + p.sum(-1, keepdim=True)
-            acc = acc * rescale + torch.bmm(p.to(vs.dtype), vs).float()
+            acc = acc * rescale + torch.bmm(p.to(vs.dtype), vs).to(dtype)
             m = m_new
         outs.append((acc / total).to(q.dtype))
     return torch.cat(outs, 1)
