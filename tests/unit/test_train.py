@@ -22,13 +22,8 @@ from zturbo.train import NonFiniteLossError, TrainEngine, Trainer
 from zturbo.train.losses import VAELoss, discriminator_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread is faster and keeps CPU numerics reproducible.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# 2 shared cores: one intra-op thread is faster and keeps CPU numerics reproducible.
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def settings_for(tiny_config: Path, data: Path, output: Path, **train):

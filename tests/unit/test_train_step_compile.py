@@ -25,12 +25,8 @@ def tiny(**train) -> object:
     return load_settings(None, None, {**TINY, "train": {**TINY["train"], **train}}, default_profile=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# 2 shared cores: one intra-op thread is faster and keeps CPU numerics reproducible.
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def test_compile_setting_takes_auto_on_off_and_old_booleans():

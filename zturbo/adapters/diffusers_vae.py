@@ -11,8 +11,8 @@ StableDiffusion3Pipeline, ZImagePipeline and the Flux2 pipelines)::
     vae.decode(z, return_dict=False)[0]   and   vae.decode(z).sample
     vae.encode(x).latent_dist.sample(generator) / .mode() / .mean
 
-    from zturbo.adapters import DiffusersVAE
-    pipe.vae = DiffusersVAE.from_pretrained("runs/flux-decoder-fast/final", torch_dtype=torch.bfloat16)
+    >>> from zturbo.adapters import DiffusersVAE
+    >>> pipe.vae = DiffusersVAE.from_pretrained("runs/flux-decoder-fast/final", torch_dtype=torch.bfloat16)
 
 ``block_out_channels`` is the encoder's: pipelines read only its length, for the
 latent-to-pixel factor, which the decoder shares.
