@@ -49,7 +49,8 @@ def collect_stats(module: nn.Module, x: torch.Tensor) -> Stats:
 
     def record(norm: nn.GroupNorm, args: tuple) -> None:
         t = args[0]
-        var, mean = torch.var_mean(t.float().reshape(t.shape[0], norm.num_groups, -1), dim=-1, correction=0)
+        acc = torch.promote_types(t.dtype, torch.float32)  # fp32 at least, never below the input's precision
+        var, mean = torch.var_mean(t.to(acc).reshape(t.shape[0], norm.num_groups, -1), dim=-1, correction=0)
         stats[norm] = (mean, torch.rsqrt(var + norm.eps))
 
     norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
@@ -70,10 +71,10 @@ def fixed_statistics(stats: Stats) -> Iterator[None]:
     def fixed(norm: nn.GroupNorm, mean: torch.Tensor, rstd: torch.Tensor):
         def forward(x: torch.Tensor) -> torch.Tensor:
             b, c = x.shape[:2]
-            y = (x.float().reshape(b, norm.num_groups, -1) - mean[..., None]) * rstd[..., None]
+            y = (x.to(mean.dtype).reshape(b, norm.num_groups, -1) - mean[..., None]) * rstd[..., None]
             y = y.reshape(x.shape)
             if norm.affine:
-                y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
+                y = y * norm.weight.to(y.dtype).view(1, c, 1, 1) + norm.bias.to(y.dtype).view(1, c, 1, 1)
             return y.to(x.dtype)
 
         return forward
