@@ -29,7 +29,8 @@ from zturbo.serve import (
     reading_mode,
     store,
 )
-from zturbo.serve.inputs import bucket_sizes, nearest_bucket, resize_to_bucket
+from zturbo.data.images import resize_to_bucket
+from zturbo.serve.inputs import bucket_sizes, nearest_bucket
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 

@@ -143,3 +143,22 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (B, 3, H, W) in [-1, 1] -> uint8 HWC / BHWC, clamped and rounded."""
     x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return (x.permute(0, 2, 3, 1) if x.dim() == 4 else x.permute(1, 2, 0)).cpu().numpy()
+
+
+def bucket_crop_box(width: int, height: int, bucket: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centered region of a ``width`` x ``height`` image that, scaled to cover ``bucket``, fills it exactly."""
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    cw, ch = min(width, bw / scale), min(height, bh / scale)
+    left, top = max(0.0, (width - cw) / 2), max(0.0, (height - ch) / 2)
+    return left, top, min(width, left + cw), min(height, top + ch)
+
+
+def resize_to_bucket(im, bucket: tuple[int, int]):
+    """Scale to cover the bucket (antialiased), center-cropping the overflow; returns (image, crop box)."""
+    bw, bh = bucket
+    # The crop box in source pixels, so only the kept region is resampled.
+    box = bucket_crop_box(*im.size, bucket)
+    if im.size == (bw, bh):
+        return im, box
+    return im.resize((bw, bh), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0), box

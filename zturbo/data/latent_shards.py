@@ -1,7 +1,8 @@
 """Training pairs from `zturbo serve-batch encode` output: (image, stored latent).
 
-Reads the documented on-disk format (``index.json`` of format ``zturbo-latents``
-version 1, safetensors shards; see ``zturbo.serve.store``) without the serving code.
+Reads the on-disk format (``index.json`` of format ``zturbo-latents`` version 1,
+safetensors shards) that ``zturbo.serve.store`` writes; the format's names live here, in
+the lower layer, and the image preparation is the encoder's own (``data.images.resize_to_bucket``).
 Each image is prepared as the encoder saw it: opened as sRGB RGB with EXIF rotation,
 scaled (Lanczos, antialiased) to cover its size bucket and centre-cropped to it. When
 the training crop is smaller than the bucket, a random crop on the latent grid is
@@ -15,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from zturbo.data.images import DEFAULT_MAX_PIXELS, open_image_sized, pil_to_tensor
+from zturbo.data.images import DEFAULT_MAX_PIXELS, open_image_sized, pil_to_tensor, resize_to_bucket
 from zturbo.errors import InputError, UsageError
 
+# The on-disk latents format, shared with the writer (zturbo.serve.store).
 LATENTS_FORMAT = "zturbo-latents"
 LATENTS_VERSION = 1
 INDEX_NAME = "index.json"
@@ -73,16 +74,8 @@ def read_latent_index(folder: str | Path) -> LatentIndex:
 
 def bucket_image(path: str | Path, bucket: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The image as `serve-batch encode` fed it to the encoder: (3, bucket_h, bucket_w) in [-1, 1]."""
-    bw, bh = bucket
     im, _ = open_image_sized(path, max_pixels, draft_size=max(bucket))
-    w, h = im.size
-    scale = max(bw / w, bh / h)
-    cw, ch = min(w, bw / scale), min(h, bh / scale)
-    left, top = max(0.0, (w - cw) / 2), max(0.0, (h - ch) / 2)
-    if im.size != (bw, bh):
-        box = (left, top, min(w, left + cw), min(h, top + ch))
-        im = im.resize((bw, bh), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    return pil_to_tensor(im)
+    return pil_to_tensor(resize_to_bucket(im, bucket)[0])
 
 
 class LatentPairDataset(Dataset):

@@ -212,24 +212,3 @@ def probe_all(
     jobs = [(sources[i : i + chunk], buckets, max_pixels) for i in range(0, len(sources), chunk)]
     with mp.get_context("spawn" if os.name != "posix" else "fork").Pool(workers) as pool:
         return [r for part in pool.imap(_probe_chunk, jobs) for r in part]
-
-
-def bucket_crop_box(width: int, height: int, bucket: tuple[int, int]) -> tuple[float, float, float, float]:
-    """The centered region of a ``width`` x ``height`` image that, scaled to cover ``bucket``, fills it exactly."""
-    bw, bh = bucket
-    scale = max(bw / width, bh / height)
-    cw, ch = min(width, bw / scale), min(height, bh / scale)
-    left, top = max(0.0, (width - cw) / 2), max(0.0, (height - ch) / 2)
-    return left, top, min(width, left + cw), min(height, top + ch)
-
-
-def resize_to_bucket(im, bucket: tuple[int, int]):
-    """Scale to cover the bucket (antialiased), center-cropping the overflow; returns (image, crop box)."""
-    from PIL import Image
-
-    bw, bh = bucket
-    # The crop box in source pixels, so only the kept region is resampled.
-    box = bucket_crop_box(*im.size, bucket)
-    if im.size == (bw, bh):
-        return im, box
-    return im.resize((bw, bh), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0), box

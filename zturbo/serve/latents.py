@@ -10,7 +10,7 @@ import torch
 
 from zturbo.errors import InputError
 from zturbo.serve import store
-from zturbo.serve.inputs import bucket_crop_box
+from zturbo.data.images import bucket_crop_box
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
+from zturbo.data.latent_shards import INDEX_NAME
+from zturbo.data.latent_shards import LATENTS_FORMAT as FORMAT
+from zturbo.data.latent_shards import LATENTS_VERSION as VERSION
 from zturbo.errors import InputError, UsageError, ZTurboError
 from zturbo.utils import atomic_path, atomic_write_json, fsync_dir
 
-FORMAT = "zturbo-latents"
-VERSION = 1
 META_KEY = "zturbo"
 SETTINGS_NAME = "serve.json"
-INDEX_NAME = "index.json"
 REPORT_NAME = "report.json"
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
