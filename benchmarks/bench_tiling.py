@@ -133,7 +133,7 @@ def cmd_child(args) -> dict:
 
     def run():
         with torch.no_grad():
-            vae.decode(z, tile=tile, offload=False) if tile else vae.decode(z)
+            vae.decode(z, tile=tile, recompute=args.mode == "recompute") if tile else vae.decode(z)
 
     peak, what = measure_peak_memory(run, torch.device("cpu"))
     return {"mode": args.mode, "size": args.size, "peak_above_baseline": peak - before, "measured": what}
@@ -143,13 +143,14 @@ def cmd_memory(args) -> dict:
     cfg = load_settings(args.profile).model
     f, report = cfg.downsample_factor, []
     for size in args.sizes:
-        for mode in ("untiled", "exact"):
+        for mode in ("untiled", "exact", "recompute"):
             out = subprocess.run([sys.executable, __file__, "child", "--mode", mode, "--size", str(size),
                                   "--tile", str(args.tile), "--profile", args.profile, "--threads", str(args.threads)],
                                  capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             est = (untiled_peak_bytes(cfg, "decode", 1, size // f, size // f) if mode == "untiled"
-                   else tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile))
+                   else tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile,
+                                         recompute=mode == "recompute"))
             row["estimated"] = est
             report.append(row)
             print(json.dumps(row), file=sys.stderr)
@@ -218,7 +219,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="capacity: whose untiled layout to estimate")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mode", choices=["untiled", "exact"], default="exact")
+    p.add_argument("--mode", choices=["untiled", "exact", "recompute"], default="exact")
     args = p.parse_args()
     print(json.dumps(globals()[f"cmd_{args.what}"](args)))
 

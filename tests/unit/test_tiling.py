@@ -15,6 +15,8 @@ from zturbo.model import tiled
 from zturbo.model.tiled import Moments, online_attention
 from zturbo.model.tiled_memory import plan_tiling, tiled_peak_bytes
 
+pytestmark = pytest.mark.usefixtures("one_compute_thread")  # many tiny convs: a second thread only adds overhead
+
 # Factor 4, GroupNorm over 4-channel groups, attention in the mid block, a channel change in every stage.
 TINY = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "latent_channels": 4, "layers_per_block": 1}
 # The fast profile's structure (widths, 32 groups, two ResNets per stage, attention), factor 8.

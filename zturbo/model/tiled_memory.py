@@ -32,6 +32,7 @@ import torch
 from zturbo.model.config import ModelConfig
 from zturbo.model.errors import UsageError
 from zturbo.model.tiled import K_CHUNK, Q_CHUNK
+from zturbo.model.tiled_recompute import levels_of, recompute_plan
 
 TILE_CANDIDATES = (1024, 512, 256, 128, 64, 32, 16, 8)
 
@@ -43,11 +44,13 @@ class Layer:
     cout: int
     height: int  # input resolution
     width: int
+    block: tuple[int, int] | None = None  # decoder (level, resnet index; -1 for its upsample)
 
 
 def _layers(cfg: ModelConfig, direction: str, height: int, width: int) -> Iterator[Layer]:
     """The layers of the encoder (``height`` x ``width`` image) or decoder (``height`` x ``width`` latent)."""
-    ch, n = list(cfg.block_out_channels), len(cfg.block_out_channels)
+    ch = list(cfg.block_out_channels if direction == "encode" else cfg.decoder_channels)
+    n = len(ch)
     if direction == "encode":
         yield Layer("conv", cfg.in_channels, ch[0], height, width)
         prev = ch[0]
@@ -68,10 +71,10 @@ def _layers(cfg: ModelConfig, direction: str, height: int, width: int) -> Iterat
         prev = ch[0]
         for i, c in enumerate(ch):
             for j in range(cfg.layers_per_block + 1):
-                yield Layer("resnet", prev if j == 0 else c, c, height, width)
+                yield Layer("resnet", prev if j == 0 else c, c, height, width, (i, j))
             prev = c
             if i < n - 1:
-                yield Layer("upsample", c, c, height, width)
+                yield Layer("upsample", c, c, height, width, (i, -1))
                 height, width = height * 2, width * 2
         last, out = ch[-1], cfg.out_channels
     yield Layer("out", last, out, height, width)
@@ -106,15 +109,36 @@ def untiled_peak_bytes(cfg: ModelConfig, direction: str, batch: int, height: int
 
 
 def tiled_peak_bytes(cfg: ModelConfig, direction: str, batch: int, height: int, width: int, tile: int,
-                     element_size: int = 4, offload: bool = False, weight_bytes: int = 0) -> int:
-    """Estimated peak bytes on the compute device of an exact tiled pass; ``tile`` in pixels."""
+                     element_size: int = 4, offload: bool = False, weight_bytes: int = 0,
+                     recompute: bool = False) -> int:
+    """Estimated peak bytes on the compute device of an exact tiled pass; ``tile`` in pixels.
+
+    ``recompute`` (decode only): ``tiled_recompute.recompute_plan``'s layers keep only their input
+    (a fused upsample's input at a quarter of the pixels) and the output replacing it; their workspace
+    adds the input tile with a two-pixel halo, the shortcut, conv1's haloed output and, when fused,
+    the upsample's phase maps.
+    """
     factor = cfg.downsample_factor
     step = tile if direction == "encode" else tile // factor  # tile side at the input resolution
+    plan = recompute_plan(levels_of(cfg.decoder_channels, cfg.layers_per_block)) if recompute else None
     stored = work = 0.0
     for layer in _layers(cfg, direction, height, width):
         p, ci, co = layer.height * layer.width, layer.cin, layer.cout
         t = min(step, max(layer.height, layer.width))
         row = 2 * t * layer.width * ci  # two rows of input tiles not yet released
+        i, j = layer.block if layer.block is not None and plan is not None else (None, None)
+        if i is not None and j == -1 and plan.fused[i]:
+            step *= 2
+            continue  # never stored; its input is counted in the next resnet
+        if i is not None and plan.resnets[i][j]:
+            fused_in = j == 0 and i > 0 and plan.fused[i - 1]
+            stored = max(stored, max(ci * p / (4 if fused_in else 1), co * p) + row)
+            halo2 = (t + 4) ** 2
+            tile_work = ci * (halo2 + t * t) + co * ((t + 2) ** 2 + 2 * t * t)
+            if fused_in:
+                tile_work += 5 * ci * (t // 2 + 4) ** 2  # the source region and its four phase maps
+            work = max(work, tile_work)
+            continue
         if layer.kind == "resnet":
             units = (ci + co) * p + row
         elif layer.kind == "upsample":
@@ -166,13 +190,15 @@ class TilePlan:
     tile: int | None  # None: untiled
     offload: bool  # tiles kept in host memory between layers
     peak_bytes: int  # estimated
+    recompute: bool = False  # decode: recompute the largest layers' inner maps (tiled_recompute)
 
 
 def plan_tiling(cfg: ModelConfig, direction: str, batch: int, height: int, width: int, budget_bytes: int,
                 element_size: int = 4, weight_bytes: int = 0, allow_offload: bool = False,
                 device_type: str = "cpu") -> TilePlan:
-    """Untiled if it fits ``budget_bytes``; else the largest exact tile that fits (trying host offload
-    last where ``allow_offload``); else a UsageError saying how much would be needed.
+    """Untiled if it fits ``budget_bytes``; else the largest exact tile that fits, storing every layer's
+    maps, then (decode) recomputing the largest layers' instead, then with host offload where
+    ``allow_offload``; else a UsageError saying how much would be needed.
 
     ``height`` x ``width``: the image for ``encode``, the latent for ``decode``.
     """
@@ -184,21 +210,24 @@ def plan_tiling(cfg: ModelConfig, direction: str, batch: int, height: int, width
     tiles = [t for t in TILE_CANDIDATES if t >= factor and t % factor == 0]
     best = None
     for offload in (False, True) if allow_offload else (False,):
-        for tile in tiles:
-            peak = tiled_peak_bytes(cfg, direction, batch, height, width, tile, offload=offload, **kw)
-            if peak <= budget_bytes:
-                return TilePlan(tile, offload, peak)
-            best = peak if best is None else min(best, peak)
+        for recompute in (False, True) if direction == "decode" else (False,):
+            for tile in tiles:
+                peak = tiled_peak_bytes(cfg, direction, batch, height, width, tile, offload=offload,
+                                        recompute=recompute, **kw)
+                if peak <= budget_bytes:
+                    return TilePlan(tile, offload, peak, recompute)
+                best = peak if best is None else min(best, peak)
     size = f"{height}x{width}" + (" latent" if direction == "decode" else " image")
     raise UsageError(f"{direction} of a batch of {batch} {size} needs about {gib(best)} even tiled "
                      f"(untiled: {gib(untiled)}), over the memory budget of {gib(budget_bytes)}")
 
 
 def check_budget(cfg: ModelConfig, direction: str, batch: int, height: int, width: int, tile: int,
-                 budget_bytes: int, element_size: int = 4, weight_bytes: int = 0, offload: bool = False) -> int:
+                 budget_bytes: int, element_size: int = 4, weight_bytes: int = 0, offload: bool = False,
+                 recompute: bool = False) -> int:
     """The estimated tiled peak, or a UsageError saying how much is needed when it exceeds ``budget_bytes``."""
     peak = tiled_peak_bytes(cfg, direction, batch, height, width, tile, element_size=element_size,
-                            offload=offload, weight_bytes=weight_bytes)
+                            offload=offload, weight_bytes=weight_bytes, recompute=recompute)
     if peak > budget_bytes:
         size = f"{height}x{width}" + (" latent" if direction == "decode" else " image")
         raise UsageError(f"tiled {direction} of a batch of {batch} {size} with {tile} px tiles needs about "

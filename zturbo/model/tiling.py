@@ -3,12 +3,15 @@
     z = vae.encode(x, tile=256).mode()                   # exact: equals the untiled result
     image = vae.decode(z, tile=256)                      # tile = output tile side in pixels
     image = vae.decode(z, tile=256, tile_mode="fast")    # one pass per tile, approximate
+    image = vae.decode(z, tile=256, recompute=True)      # exact, least memory, more compute
     image = vae.decode(z, tile="auto", memory_budget=8 << 30)  # tiles only when untiled would not fit
 
 ``exact`` (``tiled.py``) computes layer by layer over tiles with true halos, whole-image
 GroupNorm statistics and global attention; ``fast`` (``tiled_fast.py``) takes its
 statistics from a downscaled pass and runs each tile on its own. ``offload`` keeps the
 exact mode's stored tiles in host memory, so a GPU holds only one tile's workspace.
+``recompute`` (exact decode, ``tiled_recompute.py``) stores only each large layer's input and
+recomputes the rest, for the least memory at about 1.4x the compute.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from zturbo.model.errors import UsageError
 from zturbo.model.tiled import decode_exact, encode_exact
 from zturbo.model.tiled_fast import decode_fast, encode_fast
+from zturbo.model.tiled_recompute import decode_recompute
 from zturbo.model.tiled_memory import (
     check_budget,
     check_tile,
@@ -43,8 +47,9 @@ def _weight_bytes(vae: nn.Module) -> int:
 
 
 def _resolve(vae: nn.Module, direction: str, x: torch.Tensor, tile: int | str, mode: str,
-             memory_budget: int | None, offload: bool, halo: int | None) -> tuple[int | None, bool, int | None]:
-    """(tile or None for untiled, offload, halo) after validating the request."""
+             memory_budget: int | None, offload: bool, halo: int | None,
+             recompute: bool = False) -> tuple[int | None, bool, int | None, bool]:
+    """(tile or None for untiled, offload, halo, recompute) after validating the request."""
     cfg, factor = vae.config, vae.config.downsample_factor
     if mode not in MODES:
         raise UsageError(f"tile_mode {mode!r} is not one of {', '.join(MODES)}")
@@ -55,10 +60,12 @@ def _resolve(vae: nn.Module, direction: str, x: torch.Tensor, tile: int | str, m
             raise UsageError("tile='auto' plans exact tiles; give the fast mode a tile size")
         budget = memory_budget if memory_budget is not None else free_memory_bytes(x.device)
         plan = plan_tiling(cfg, direction, b, h, w, budget, allow_offload=x.is_cuda, device_type=x.device.type, **kw)
-        return plan.tile, plan.offload or offload, None
+        return plan.tile, plan.offload or offload, None, plan.recompute or recompute
     if isinstance(tile, bool) or not isinstance(tile, int):
         raise UsageError(f"tile must be a whole number of pixels or 'auto', not {tile!r}")
     check_tile(tile, factor)
+    if recompute and mode != "exact":
+        raise UsageError("recompute applies to the exact mode; the fast mode stores nothing between tiles")
     if mode == "fast":
         halo = default_halo(factor) if halo is None else halo
         if halo < 0 or halo % factor:
@@ -69,17 +76,17 @@ def _resolve(vae: nn.Module, direction: str, x: torch.Tensor, tile: int | str, m
             if peak > memory_budget:
                 raise UsageError(f"fast tiled {direction} with {tile} px tiles and {halo} px halos needs about "
                                  f"{gib(peak)}, over the memory budget of {gib(memory_budget)}")
-        return tile, offload, halo
+        return tile, offload, halo, False
     if memory_budget is not None:
-        check_budget(cfg, direction, b, h, w, tile, memory_budget, offload=offload, **kw)
-    return tile, offload, None
+        check_budget(cfg, direction, b, h, w, tile, memory_budget, offload=offload, recompute=recompute, **kw)
+    return tile, offload, None, recompute
 
 
 def encode_moments(vae: nn.Module, x: torch.Tensor, tile: int | str, mode: str = "exact",
                    memory_budget: int | None = None, offload: bool = False, halo: int | None = None,
                    stats_size: int = 64) -> torch.Tensor:
     """The encoder's moments (mean and log-variance stacked on channels), computed over tiles."""
-    tile, offload, halo = _resolve(vae, "encode", x, tile, mode, memory_budget, offload, halo)
+    tile, offload, halo, _ = _resolve(vae, "encode", x, tile, mode, memory_budget, offload, halo)
     if tile is None:
         with torch.no_grad():
             moments = vae.encoder(x)
@@ -91,12 +98,14 @@ def encode_moments(vae: nn.Module, x: torch.Tensor, tile: int | str, mode: str =
 
 def decode_tiled(vae: nn.Module, z: torch.Tensor, tile: int | str, mode: str = "exact",
                  memory_budget: int | None = None, offload: bool = False, halo: int | None = None,
-                 stats_size: int = 64) -> torch.Tensor:
+                 stats_size: int = 64, recompute: bool = False) -> torch.Tensor:
     """The decoded image, computed over tiles of ``tile`` output pixels."""
-    tile, offload, halo = _resolve(vae, "decode", z, tile, mode, memory_budget, offload, halo)
+    tile, offload, halo, recompute = _resolve(vae, "decode", z, tile, mode, memory_budget, offload, halo, recompute)
     if tile is None:
         with torch.no_grad():
             return vae.decoder(z if vae.post_quant_conv is None else vae.post_quant_conv(z))
     if mode == "fast":
         return decode_fast(vae, z, tile, halo, stats_size)
+    if recompute:
+        return decode_recompute(vae, z, tile, offload)
     return decode_exact(vae, z, tile, offload)

@@ -169,7 +169,7 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor, tile: int | str | None = None, tile_mode: str = "exact",
                **tiling: Any) -> torch.Tensor:
         """The image. ``tile``: output tile side in pixels (a multiple of the downsampling factor) or
-        "auto"; ``tile_mode`` and ``tiling`` as for ``encode``."""
+        "auto"; ``tile_mode`` and ``tiling`` as for ``encode``, plus ``recompute`` (exact mode, least memory)."""
         if tile is not None:
             return decode_tiled(self, z, tile, tile_mode, **tiling)
         if self.post_quant_conv is not None:
