@@ -50,6 +50,18 @@ def test_compile_on_without_a_working_inductor_is_a_one_line_error(monkeypatch):
     assert train_compile.resolve_compile("auto", torch.device("cuda"), messages.append) in (True, False)
 
 
+@pytest.mark.parametrize("missing, device, says", [
+    ("torch._inductor", "cpu", "has no inductor"),
+    ("triton", "cuda", "needs Triton, which is not installed"),
+])
+def test_each_missing_piece_of_inductor_is_named(monkeypatch, missing, device, says):
+    real = train_compile.importlib.util.find_spec
+    monkeypatch.setattr(train_compile.importlib.util, "find_spec", lambda name: None if name == missing else real(name))
+    with pytest.raises(UsageError, match=says):
+        train_compile.resolve_compile("on", torch.device(device))
+    assert train_compile.resolve_compile("auto", torch.device(device)) is False  # auto trains eagerly instead
+
+
 class SyncCounter:
     """Counts the Python-level reads of tensor values (each one waits for the device on a GPU)."""
 
