@@ -2,13 +2,14 @@
 
 ``data.decode`` chooses (``decode_on_device``): "cpu" never, "gpu" always (on a CUDA
 device only), "auto" when training runs on CUDA and the training files include JPEGs the
-device can decode as they are. With ``ImageFolderDataset(device_decode=True)`` a loader worker does not decode a JPEG
-that needs no colour or geometry work: RGB or greyscale, no ICC profile, no EXIF
-rotation, shorter side already the training size (what ``zturbo prepare`` writes). It
-reads the file's bytes, draws the crop and flip exactly as the CPU path would, and
-hands both on; ``EncodedBatch.decode`` then decodes the whole batch on the device in
-one call and crops and flips there. Everything else (PNG, ICC profiles, rotations,
-sizes that need a resize) is decoded by the worker as usual and travels as pixels.
+device can decode as they are. With ``ImageFolderDataset(device_decode=True)`` a loader
+worker does not decode a JPEG that needs no colour or geometry work: RGB or greyscale,
+no ICC profile, no EXIF rotation, shorter side already the training size (what ``zturbo
+prepare`` writes). It reads the file's bytes, draws the crop and flip exactly as the CPU
+path would, and hands both on; ``EncodedBatch.decode`` then decodes the whole batch on
+the device in one call and crops and flips there. Everything else (PNG, ICC profiles,
+rotations, sizes that need a resize) is decoded by the worker as usual and travels as
+pixels.
 
 The decoders differ (nvJPEG against libjpeg-turbo: IDCT and chroma upsampling), so
 pixels can differ by a level or two; the crop and flip are the same. Where the device
