@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tolerances import rounding_atol, vae_depth
+from tolerances import SAFETY, rounding_atol, unit_roundoff, vae_depth
 from zturbo import VAE, ModelConfig
 from zturbo.errors import UsageError
-from zturbo.model.tiled_parallel import band_bounds, decode_parallel
+from zturbo.model.tiled import Moments
+from zturbo.model.tiled_parallel import band_bounds, decode_parallel, merge_moments
 
 # Factor 4, 4 GroupNorm groups, mid-block attention, a channel change in every stage.
 TINY = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "latent_channels": 4, "layers_per_block": 1}
@@ -91,3 +92,23 @@ def test_bad_latent_shape_and_group_without_distributed_are_refused():
         decode_parallel(vae, torch.zeros(4, 7, 10))
     with pytest.raises(UsageError, match="not initialised"):
         decode_parallel(vae, latent(torch.float32), group=object())
+
+
+def test_moments_merged_over_bands_stay_accurate_next_to_a_large_mean():
+    """Bands with different means (a ramp down the rows) around a mean 1e4 times the spread, in fp32."""
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 0.2, 31, dtype=torch.float64).view(1, 1, 31, 1)
+    x = (1e3 + ramp + 0.05 * torch.randn(2, 8, 31, 16, generator=g, dtype=torch.float64)).float()
+    total = Moments()
+    for band in (x[:, :, :10], x[:, :, 10:21], x[:, :, 21:]):
+        part = Moments()
+        part.add(band)
+        merge_moments(total, part.n, part.mean, part.m2)
+    var, mean = torch.var_mean(x.double().flatten(2), -1, correction=0)
+    # Updating and pairwise variance algorithms err by about u * kappa relative, kappa = |mean| / std
+    # (Chan, Golub & LeVeque 1983); sums of x and x^2 by u * kappa^2 (here ~30: no digit left), and a
+    # merge without the (mean_b - mean_a)^2 term by the bands' spread of means (here ~0.5).
+    kappa = (mean.abs() / var.sqrt()).max().item()
+    assert total.n == 31 * 16
+    assert ((total.m2.double() / total.n - var).abs() / var).max().item() <= SAFETY * unit_roundoff(x.dtype) * kappa
+    assert torch.allclose(total.mean.double(), mean, rtol=0, atol=SAFETY * unit_roundoff(x.dtype) * 1e3)

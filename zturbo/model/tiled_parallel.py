@@ -49,14 +49,14 @@ def band_bounds(height: int, world: int) -> tuple[int, ...]:
     """Row boundaries of ``world`` bands of ``height`` rows, as even as possible (sizes differ by at most 1)."""
     if height < MIN_BAND_ROWS * world:
         raise UsageError(
-            f"a latent {height} rows tall cannot be split over {world} ranks: parallel decode needs at least "
-            f"{MIN_BAND_ROWS} latent row per rank (a latent height of at least {MIN_BAND_ROWS * world}, "
-            f"an image at least {MIN_BAND_ROWS * world} x the downsampling factor tall)"
+            f"a latent of height {height} cannot be split over {world} ranks: parallel decode needs at least "
+            f"{MIN_BAND_ROWS} latent row per rank (a latent height of at least {MIN_BAND_ROWS * world}); "
+            f"use at most {height // MIN_BAND_ROWS} ranks"
         )
     return tuple(r * height // world for r in range(world + 1))
 
 
-def _merge(total: Moments, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+def merge_moments(total: Moments, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
     """Chan et al.'s parallel update of ``total`` with another part's (count, mean, M2), as in ``Moments.add``."""
     if total.mean is None:
         total.n, total.mean, total.m2 = n_b, mean_b, m2_b
@@ -149,7 +149,7 @@ class Bands:
         per_row = x.shape[3] // self.latent_width  # rows (and columns) per latent row at this resolution
         total = Moments()
         for r, (mean, m2) in enumerate(parts):
-            _merge(total, self.rows(r, per_row) * x.shape[3], mean, m2)
+            merge_moments(total, self.rows(r, per_row) * x.shape[3], mean, m2)
         return total.norm(gn, silu)
 
     # -- layers --------------------------------------------------------------------------------------
