@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from tolerances import SAFETY, rounding_atol, unit_roundoff, vae_depth
+
 from zturbo import VAE, ModelConfig
 from zturbo.errors import UsageError
 from zturbo.model.tiled import Moments
