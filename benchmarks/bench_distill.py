@@ -37,8 +37,11 @@ from zturbo.model.flops import vae_flops
 from zturbo.train.distill import Distillation, load_teacher
 from zturbo.train.engine import TrainEngine
 
+# The demo profile's model at twice its widths, with the demo's 4 GroupNorm groups: the half-width
+# student decoder is then the demo's own decoder (4 channels per group at its narrowest level; with
+# one channel per group the last norm would remove each channel's mean, see profiles/demo.toml).
 TEACHER = ModelConfig(
-    block_out_channels=[32, 64, 128, 128], norm_num_groups=16, layers_per_block=1, latent_channels=8,
+    block_out_channels=[32, 64, 128, 128], norm_num_groups=4, layers_per_block=1, latent_channels=8,
     mid_block_add_attention=False, sample_size=128,
 )
 STUDENT_DECODER = [16, 32, 64, 64]
@@ -150,6 +153,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/bench-distill"))
     p.add_argument("--teacher", type=Path, help="an existing teacher (skips training one; speed and memory only)")
     p.add_argument("--teacher-steps", type=int, default=250)
+    p.add_argument("--teacher-lr", type=float, default=5e-3, help="the demo profile's learning rate")
+    p.add_argument("--student-lr", type=float, default=2e-3)
     p.add_argument("--student-steps", type=int, default=160)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--size", type=int, default=64, help="training crop")
@@ -174,7 +179,7 @@ def main() -> None:
     teacher_dir = args.teacher
     if teacher_dir is None:
         teacher_dir = args.work / "teacher"
-        s = settings_for(args.work / "t", args.teacher_steps, args.size, 2e-3).model_copy(update={"model": TEACHER})
+        s = settings_for(args.work / "t", args.teacher_steps, args.size, args.teacher_lr).model_copy(update={"model": TEACHER})
         engine = TrainEngine(s, device, total_steps=args.teacher_steps, warmup_steps=10)
         curve = train(engine, split.train, args.size, args.teacher_steps, 0, val, args.teacher_steps)
         engine.vae.save_pretrained(teacher_dir)
@@ -187,7 +192,7 @@ def main() -> None:
     if not args.speed_only:
         target = report["teacher"]["psnr"] - 1.0
         for init in ("prune", "random"):
-            s = settings_for(args.work / init, args.student_steps, args.size, 2e-3, teacher=teacher_dir,
+            s = settings_for(args.work / init, args.student_steps, args.size, args.student_lr, teacher=teacher_dir,
                              decoder_channels=widths, init=init)
             d = Distillation(s, device)
             engine = TrainEngine(d.settings, device, model=d.student, forward_module=d.forward,

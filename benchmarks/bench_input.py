@@ -12,7 +12,8 @@ as ``zturbo prepare --format jpeg`` writes them) to a temporary folder, then mea
 - the DataLoader the trainer builds, with N worker processes and batches of ``--batch``,
   moving float crops and uint8 crops (``as_uint8``: a quarter of the bytes);
 - with ``--gpu``: the same batches read encoded by the workers and decoded on the GPU
-  (``EncodedBatch.decode``), and nvJPEG alone on a batch already in memory.
+  (``EncodedBatch.decode``), and nvJPEG alone on a batch already in memory; and what the
+  trainer's ``data.decode = "auto"`` picks for these files on CUDA (``decode_auto``).
 
 Each figure is the median of ``--repeats`` passes over the images (zturbo.bench.timing).
 """
@@ -31,7 +32,7 @@ from PIL import Image, ImageOps
 from zturbo.bench.timing import time_once
 from zturbo.data import demo_images
 from zturbo.data.datasets import ImageFolderDataset, ResumableSampler, make_loader, to_unit_range
-from zturbo.data.jpeg_device import EncodedBatch
+from zturbo.data.jpeg_device import EncodedBatch, decode_on_device
 
 
 def write_jpegs(folder: Path, count: int, size: int) -> list[Path]:
@@ -119,6 +120,8 @@ def main() -> None:
         if args.gpu:
             cuda = torch.device("cuda")
             out["gpu_device"] = torch.cuda.get_device_name(cuda)
+            out["decode_auto"] = "gpu" if decode_on_device("auto", cuda, paths, args.size) else "cpu"
+            print(f"data.decode = auto on CUDA decodes these files on the {out['decode_auto']}", flush=True)
             out["nvjpeg_batch_images_per_s"] = nvjpeg_only(paths, args.batch, args.repeats)
             print(f"nvJPEG alone, batch {args.batch}: {out['nvjpeg_batch_images_per_s']:.1f} images/s", flush=True)
             out["loader_gpu_decode"], out["loader_uint8_cuda"] = {}, {}
@@ -136,7 +139,8 @@ def main() -> None:
         print(f"| loader, {w} worker(s) of {cores} cores, float / uint8 crops | {r['images_per_s']:.1f} / "
               f"{u['images_per_s']:.1f} ({u['per_worker']:.1f} per worker, uint8) |")
     if args.gpu:
-        print(f"| nvJPEG alone, batch {args.batch} ({out['gpu_device']}) | {out['nvjpeg_batch_images_per_s']:.1f} |")
+        print(f"| nvJPEG alone, batch {args.batch} ({out['gpu_device']}); data.decode = auto picks "
+              f"{out['decode_auto']} | {out['nvjpeg_batch_images_per_s']:.1f} |")
         for w, r in out["loader_gpu_decode"].items():
             print(f"| loader to CUDA, {w} worker(s): uint8 crops / GPU decode | "
                   f"{out['loader_uint8_cuda'][w]['images_per_s']:.1f} / {r['images_per_s']:.1f} |")

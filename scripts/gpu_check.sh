@@ -212,7 +212,8 @@ for name, r in other.items():
         loaders = ", ".join(f"{w} workers {v['images_per_s']:.0f}" for w, v in r.get("loader_uint8", {}).items())
         gpu = ", ".join(f"{w} workers {v['images_per_s']:.0f}" for w, v in r.get("loader_gpu_decode", {}).items())
         print(f"- input at {r['size']} px ({r['cores']} cores): one core {r['one_core_images_per_s']:.1f} img/s; "
-              f"loader uint8 {loaders}; GPU decode {gpu or '-'}; nvJPEG alone {r.get('nvjpeg_batch_images_per_s', 0):.0f}")
+              f"loader uint8 {loaders}; GPU decode {gpu or '-'}; nvJPEG alone {r.get('nvjpeg_batch_images_per_s', 0):.0f}"
+              f"; data.decode auto picks {r.get('decode_auto', '-')}")
 print()
 for name, r in reports.items():
     peak = r.get("peak") or {}

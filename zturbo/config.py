@@ -7,7 +7,7 @@ Precedence, lowest to highest::
 Settings are resolved once at the command boundary (``load_settings``) and passed
 down as typed objects; library code never reads the environment itself.
 
-One module of about 470 lines on purpose: every section, the layering and profile reading
+One module of about 475 lines on purpose: every section, the layering and profile reading
 are the one place a setting is defined, which a split across modules would scatter.
 """
 
@@ -46,6 +46,10 @@ class DataConfig(Section):
     random_flip: bool = True
     random_crop: bool = True
     val_images: int = Field(4, ge=0, description="images held out for the fixed sample grid")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="training JPEGs: gpu decodes them on the CUDA device (nvJPEG); auto: gpu when "
+        "training on CUDA and the training files include JPEGs it can decode as they are; cpu: the loader's workers"
+    )
 
 
 class TrainConfig(Section):

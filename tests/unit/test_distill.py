@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from zturbo.config import load_settings
 from zturbo.data import demo_images
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
+from zturbo.model.fingerprint import encoder_fingerprint
 from zturbo.model.prune import channel_importance, kept_channels, prune_vae, site_graph
 from zturbo.train.distill import Distillation, DistillForward, build_student
 from zturbo.train.engine import TrainEngine
@@ -169,8 +171,29 @@ def test_latents_from_another_model_are_refused(teacher_dir, photos, tmp_path):
     other = VAE(TEACHER).save_pretrained(tmp_path / "other")
     latents = tmp_path / "latents"
     encode_collection(other, photos, latents, ServeConfig(size=32, device="cpu", reading="phased"))
+    s = settings(teacher_dir, photos, tmp_path / "run", latents_dir=latents)
+    with pytest.raises(UsageError, match=f"come from model {other} .*not from the teacher {teacher_dir} "):
+        Distillation(s, torch.device("cpu"))
+    # An index written before fingerprints were recorded: the teacher re-encodes one entry instead.
+    index = json.loads((latents / "index.json").read_text())
+    del index["encoder_fingerprint"]
+    (latents / "index.json").write_text(json.dumps(index))
     with pytest.raises(UsageError, match="not made by the teacher"):
-        Distillation(settings(teacher_dir, photos, tmp_path / "run", latents_dir=latents), torch.device("cpu"))
+        Distillation(s, torch.device("cpu"))
+
+
+def test_teacher_latents_are_accepted_by_fingerprint_alone(teacher_dir, photos, tmp_path):
+    from zturbo.config import ServeConfig
+    from zturbo.serve import encode_collection
+
+    latents = tmp_path / "latents"
+    encode_collection(teacher_dir, photos, latents, ServeConfig(size=32, device="cpu", reading="phased"))
+    # The check reads no image when the fingerprints match: with the images gone it still passes
+    # (the fallback re-encoding would stop at the missing file).
+    data = tmp_path / "elsewhere"
+    data.mkdir()
+    d = Distillation(settings(teacher_dir, data, tmp_path / "run", latents_dir=latents), torch.device("cpu"))
+    assert d.index.fingerprint == encoder_fingerprint(VAE.from_pretrained(teacher_dir))
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
@@ -217,8 +240,6 @@ def test_random_init_copies_only_the_frozen_parts():
 
 @pytest.mark.slow
 def test_latent_stats_match_a_direct_computation_and_write_atomically(teacher_dir, photos, capsys):
-    import json
-
     from zturbo.cli import run
     from zturbo.eval.data import find_images, load_pixels
     from zturbo.eval.latent_stats import latent_statistics
@@ -260,8 +281,6 @@ def test_both_mode_trains_decoder_on_teacher_latents_and_encoder_by_regression(t
 
 
 def test_cli_trains_from_stored_latents_and_the_result_encodes_as_the_teacher(teacher_dir, photos, tmp_path, capsys):
-    import json
-
     from zturbo.cli import run
 
     latents = tmp_path / "latents"

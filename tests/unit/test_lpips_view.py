@@ -78,3 +78,25 @@ def test_the_loss_feeds_the_perceptual_net_the_view(view):
     assert terms["lpips"] == 0  # identical views
     total.backward()
     assert recon.grad is not None
+
+
+def test_cli_reports_a_too_large_lpips_size_before_loading_the_backbone(
+    monkeypatch, capsys, tiny_config, small_data, tmp_path
+):
+    """Offline with no LPIPS backbone cached: the size error comes first (exit 2, one line), not the missing file."""
+    from zturbo.cli import run
+
+    def offline(url, dst, progress=True):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("ZTURBO_LOSS__LPIPS_SIZE", "64")
+    run_dir = tmp_path / "run"
+    rc = run(["train", "--config", str(tiny_config), "--data", str(small_data), "--output", str(run_dir),
+              "--perceptual-weight", "0.5", "--max-steps", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 2, lines
+    assert lines[0] == "error: loss.lpips_size=64 is larger than the 32x32 training images"
+    assert lines[1].startswith("hint: set loss.lpips_size to at most 32")
+    assert not run_dir.exists()

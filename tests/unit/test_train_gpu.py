@@ -146,3 +146,42 @@ def test_cuda_out_of_memory_at_micro_batch_one_is_a_one_line_error():
     with pytest.raises(DoesNotFitError, match="at 64 px does not fit even at micro-batch 1") as info:
         engine.step(torch.rand(8, 3, 64, 64) * 2 - 1, 0)
     assert "\n" not in info.value.message and "gradient_checkpointing" in info.value.hint
+
+
+def test_cuda_training_on_jpegs_decodes_them_on_the_gpu_by_default(tmp_path):
+    """data.decode = auto on CUDA with a JPEG folder: the loader leaves them encoded, nvJPEG decodes, training runs."""
+    import numpy as np
+    from PIL import Image
+
+    from zturbo.data.jpeg_device import _DEVICE_FAILED, EncodedBatch
+    from zturbo.train import Trainer
+
+    data = tmp_path / "jpegs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(data / f"{i}.jpg", quality=90)
+    overrides = {**OVERRIDES, "data": {**OVERRIDES["data"], "data_dir": data},
+                 "train": {**OVERRIDES["train"], "output_dir": tmp_path / "run", "max_steps": 2, "compile": "off"}}
+    settings = load_settings(None, None, overrides, default_profile=None)
+    assert settings.data.decode == "auto"
+    trainer = Trainer(settings, quiet=True)
+    assert trainer.device_decode and isinstance(next(iter(trainer.loader)), EncodedBatch)
+    result = trainer.fit()
+    assert result.steps == 2 and result.last_loss == result.last_loss
+    assert not _DEVICE_FAILED, _DEVICE_FAILED  # nvJPEG decoded them, no fallback to Pillow
+
+
+def test_cuda_micro_batch_fitting_names_what_does_not_fit(monkeypatch):
+    """One image's measured step over the free memory: DoesNotFitError with profile, size and measured peak."""
+    from zturbo.train.engine import TrainEngine
+    from zturbo.train.memory import DoesNotFitError
+
+    settings = load_settings(None, None, {**OVERRIDES, "train": {**OVERRIDES["train"], "compile": "off"}},
+                             default_profile=None)
+    engine = TrainEngine(settings, torch.device("cuda"), total_steps=4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 1 << 30))  # 1 MiB free
+    with pytest.raises(DoesNotFitError, match=r"profile \(none\) at 64 px does not fit even at micro-batch 1: "
+                                              r"one image's step peaks at \d+\.\d GiB") as info:
+        engine.fit_micro_batch(64)
+    assert "\n" not in info.value.message and "gradient_checkpointing" in info.value.hint

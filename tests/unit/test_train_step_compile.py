@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -47,6 +48,18 @@ def test_compile_on_without_a_working_inductor_is_a_one_line_error(monkeypatch):
     assert "\n" not in info.value.message
     messages = []
     assert train_compile.resolve_compile("auto", torch.device("cuda"), messages.append) in (True, False)
+
+
+@pytest.mark.parametrize("missing, device, says", [
+    ("torch._inductor", "cpu", "has no inductor"),
+    ("triton", "cuda", "needs Triton, which is not installed"),
+])
+def test_each_missing_piece_of_inductor_is_named(monkeypatch, missing, device, says):
+    real = train_compile.importlib.util.find_spec
+    monkeypatch.setattr(train_compile.importlib.util, "find_spec", lambda name: None if name == missing else real(name))
+    with pytest.raises(UsageError, match=says):
+        train_compile.resolve_compile("on", torch.device(device))
+    assert train_compile.resolve_compile("auto", torch.device(device)) is False  # auto trains eagerly instead
 
 
 class SyncCounter:
@@ -118,3 +131,38 @@ def test_compiled_step_graph_breaks_are_counted_and_results_match_eager(monkeypa
         assert eager.keys() == compiled.keys()
         for key in eager:
             assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
+
+
+# -- the --compile flag -------------------------------------------------------------------------------------
+
+
+def test_compile_flag_takes_auto_on_off_and_defaults_to_auto(capsys, tmp_path):
+    from zturbo.cli import run
+
+    base = ["train", "--dry-run", "--json", "--data", str(tmp_path)]
+    assert run(base) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["train"]["compile"] == "auto"
+    for value in ("auto", "on", "off"):
+        assert run([*base, "--compile", value]) == 0
+        assert json.loads(capsys.readouterr().out)["settings"]["train"]["compile"] == value
+    assert run([*base, "--compile", "sometimes"]) == 2
+    err = capsys.readouterr().err
+    assert "train.compile" in err and "'auto', 'on' or 'off'" in err
+
+
+def test_compile_on_without_a_working_inductor_stops_the_cli_in_one_line(
+    monkeypatch, capsys, tiny_config, small_data, tmp_path
+):
+    """The probe sees no C++ compiler: exit 2, one error line and one hint, before the run folder is made."""
+    from zturbo.cli import run
+
+    monkeypatch.setattr(train_compile.shutil, "which", lambda name: None)
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(tiny_config), "--data", str(small_data), "--output", str(run_dir),
+            "--max-steps", "1"]
+    assert run([*args, "--compile", "on"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("error: train.compile=on: torch.compile cannot run here") and "C++ compiler" in lines[0]
+    assert lines[1].startswith("hint: use --compile off")
+    assert not run_dir.exists()

@@ -20,6 +20,8 @@ class Backend(ABC):
     dtype: torch.dtype
     latent_channels: int
     downsample_factor: int
+    # encoder_fingerprint of the model the latents come from, where the backend knows it (None: unknown).
+    fingerprint: str | None = None
 
     @classmethod
     @abstractmethod

@@ -40,6 +40,7 @@ class ExportedBackend(Backend):
         self.scaling_factor = float(meta["scaling_factor"])
         self.shift_factor = float(meta["shift_factor"])
         self.precision = meta["precision"]
+        self.fingerprint = meta.get("encoder_fingerprint")  # None in exports written before it was recorded
         self.dtype = torch.float32  # inputs and outputs; the graph itself may compute in fp16
 
     def _part(self, part: str) -> dict[str, Any]:

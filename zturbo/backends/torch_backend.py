@@ -8,6 +8,7 @@ from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.backends.base import Backend
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
+from zturbo.model.fingerprint import encoder_fingerprint
 from zturbo.utils import resolve_device, resolve_dtype
 
 
@@ -50,13 +51,15 @@ class TorchBackend(Backend):
         if channels_last is None:
             channels_last = default_channels_last(device, dtype)
         self.channels_last = channels_last
+        config = config or vae.config
+        # Of the weights as given, before the cast to the computing precision (serve-batch encode records it).
+        self.fingerprint = encoder_fingerprint(vae.state_dict(), config)
         vae = vae.to(device=device, dtype=dtype).eval()
         if channels_last:
             vae = vae.to(memory_format=torch.channels_last)
         for p in vae.parameters():
             p.requires_grad_(False)
         self.vae = vae
-        config = config or vae.config
         self.latent_channels = config.latent_channels
         self.downsample_factor = config.downsample_factor
         # dynamic=False: one graph per input shape, the fastest code for each.

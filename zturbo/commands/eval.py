@@ -115,7 +115,10 @@ def register(app: typer.Typer) -> None:
             typer.Option("--latent-stats", help="Per-channel latent mean/std and the implied scaling/shift factors."),
         ] = False,
         write: Annotated[
-            bool, typer.Option("--write", help="With --latent-stats: store them in the model's config.json.")
+            bool, typer.Option(
+                "--write",
+                help="With --latent-stats: store them in the model's config.json (FLUX.2 layout: in its bn statistics).",
+            )
         ] = False,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
@@ -182,5 +185,11 @@ def _latent_stats(checkpoint, data, ecfg, write: bool, json_out: bool, quiet: bo
         f"shift_factor  {stats.shift_factor:.6g}\nscaling_factor {stats.scaling_factor:.6g}",
         highlight=False,
     )
+    if stats.bn_running_mean is not None:
+        stdout.print(
+            f"bn.running_mean {[round(v, 4) for v in stats.bn_running_mean]}\n"
+            f"bn.running_var  {[round(v, 4) for v in stats.bn_running_var]}",
+            highlight=False,
+        )
     if written:
         info(f"wrote the statistics to {written}", quiet)

@@ -1,12 +1,15 @@
 """JPEG decoding on the GPU (nvJPEG through ``torchvision.io.decode_jpeg``) for training batches.
 
-With ``ImageFolderDataset(device_decode=True)`` a loader worker does not decode a JPEG
-that needs no colour or geometry work: RGB or greyscale, no ICC profile, no EXIF
-rotation, shorter side already the training size (what ``zturbo prepare`` writes). It
-reads the file's bytes, draws the crop and flip exactly as the CPU path would, and
-hands both on; ``EncodedBatch.decode`` then decodes the whole batch on the device in
-one call and crops and flips there. Everything else (PNG, ICC profiles, rotations,
-sizes that need a resize) is decoded by the worker as usual and travels as pixels.
+``data.decode`` chooses (``decode_on_device``): "cpu" never, "gpu" always (on a CUDA
+device only), "auto" when training runs on CUDA and the training files include JPEGs the
+device can decode as they are. With ``ImageFolderDataset(device_decode=True)`` a loader
+worker does not decode a JPEG that needs no colour or geometry work: RGB or greyscale,
+no ICC profile, no EXIF rotation, shorter side already the training size (what ``zturbo
+prepare`` writes). It reads the file's bytes, draws the crop and flip exactly as the CPU
+path would, and hands both on; ``EncodedBatch.decode`` then decodes the whole batch on
+the device in one call and crops and flips there. Everything else (PNG, ICC profiles,
+rotations, sizes that need a resize) is decoded by the worker as usual and travels as
+pixels.
 
 The decoders differ (nvJPEG against libjpeg-turbo: IDCT and chroma upsampling), so
 pixels can differ by a level or two; the crop and flip are the same. Where the device
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zturbo.data.images import _may_carry_orientation
+from zturbo.data.images import DEFAULT_MAX_PIXELS, _may_carry_orientation
+from zturbo.errors import DeviceError, UsageError
 
 _EXIF_ORIENTATION = 0x0112
 _DEVICE_FAILED: list[str] = []  # the first failure; from then on Pillow decodes
+AUTO_SAMPLE = 16  # files whose headers "auto" reads: enough to tell a JPEG set, cheap on a large one
 
 
 @dataclass
@@ -55,6 +61,29 @@ def device_decodable(path: Path, image_size: int, max_pixels: int) -> bool:
             return not (_may_carry_orientation(im) and im.getexif().get(_EXIF_ORIENTATION, 1) != 1)
     except (OSError, ValueError, Image.DecompressionBombError):
         return False  # the CPU path reports what is wrong with it
+
+
+def decode_on_device(mode: str, device: torch.device, paths: Sequence[Path], image_size: int,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """``data.decode``: whether the training loader leaves JPEGs encoded for ``device`` to decode.
+
+    "gpu" on a device other than CUDA is an error; "auto" reads the headers of up to
+    ``AUTO_SAMPLE`` evenly spaced files and says yes on CUDA when one of them qualifies.
+    """
+    if mode == "cpu":
+        return False
+    if device.type != "cuda":
+        if mode == "auto":
+            return False
+        if not torch.cuda.is_available():
+            raise DeviceError("data.decode = \"gpu\" decodes training JPEGs on a CUDA GPU (nvJPEG), and CUDA is "
+                              "not available on this machine", "set data.decode to \"auto\" or \"cpu\"")
+        raise UsageError(f"data.decode = \"gpu\" needs training on a CUDA device, not {device}",
+                         "set train.device to cuda, or data.decode to \"auto\" or \"cpu\"")
+    if mode == "gpu":
+        return True
+    sample = paths[:: max(1, len(paths) // AUTO_SAMPLE)][:AUTO_SAMPLE]
+    return any(device_decodable(path, image_size, max_pixels) for path in sample)
 
 
 def read_encoded(path: Path, image_size: int, random_crop: bool, random_flip: bool,

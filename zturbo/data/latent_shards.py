@@ -46,6 +46,7 @@ class LatentIndex:
     latent_mode: str
     precision: str
     model: str | None
+    fingerprint: str | None  # encoder_fingerprint of the encoding model; None in indexes written before it
     entries: list[LatentEntry]
 
 
@@ -66,7 +67,7 @@ def read_latent_index(folder: str | Path) -> LatentIndex:
         return LatentIndex(
             folder, int(data["latent_channels"]), int(data["downsample_factor"]), data.get("scaling_factor"),
             data.get("shift_factor"), str(data.get("latent_mode")), str(data.get("precision")), data.get("model"),
-            entries,
+            data.get("encoder_fingerprint"), entries,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"cannot read latent index {path}: {exc}") from exc

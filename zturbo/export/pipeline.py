@@ -30,6 +30,7 @@ from zturbo.export.onnx import check_onnx, export_part, io_shapes
 from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
 from zturbo.export.verify import sample_images
 from zturbo.model import VAE, load_pretrained
+from zturbo.model.fingerprint import encoder_fingerprint
 from zturbo.utils import atomic_write_json
 from zturbo.version import __version__
 
@@ -178,6 +179,7 @@ def build_files(vae, source: Path, staging: Path, out: Path, cfg: ExportConfig, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": str(source),
         "model": c.model_dump(mode="json"),
+        "encoder_fingerprint": encoder_fingerprint(vae),
         "scaling_factor": c.scaling_factor,
         "shift_factor": c.shift_factor,
         "apply_scaling": cfg.apply_scaling,

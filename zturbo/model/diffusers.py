@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from zturbo.model.config import ModelConfig, format_validation_error
 from zturbo.model.errors import CheckpointError
+from zturbo.model.files import atomic_path
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -184,3 +186,34 @@ def read_weights(folder: Path, map_location: str | torch.device = "cpu") -> dict
             key = key.replace(old, new)
         renamed[key] = value
     return renamed
+
+
+def update_weights(folder: Path, updates: dict[str, torch.Tensor]) -> Path:
+    """Replace the named tensors of a model folder's weights file, atomically; the rest stay byte for byte.
+
+    Each new value takes the stored tensor's dtype and must have its shape. The folder's
+    weights must be one safetensors file (what ``save_pretrained`` writes here and in diffusers).
+    """
+    files = weight_files(folder)
+    if len(files) != 1 or files[0].suffix != ".safetensors":
+        raise CheckpointError(
+            f"{folder} keeps its weights in {', '.join(p.name for p in files)}; only a single safetensors file "
+            "can be updated in place",
+            "convert it with `zturbo import-diffusers` first",
+        )
+    path = files[0]
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            file_meta = fh.metadata()
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises SafetensorError / OSError on truncation
+        raise CheckpointError(f"cannot read weights {path}: {str(exc).splitlines()[0]} (truncated or corrupt?)") from exc
+    for key, value in updates.items():
+        stored = tensors.get(key)
+        if stored is None or tuple(stored.shape) != tuple(value.shape):
+            found = "missing" if stored is None else f"of shape {tuple(stored.shape)}"
+            raise CheckpointError(f"{path} has no tensor {key} of shape {tuple(value.shape)} ({found})")
+        tensors[key] = value.detach().to("cpu", stored.dtype).contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=file_meta)
+    return path

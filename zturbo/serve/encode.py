@@ -118,6 +118,7 @@ def _latent_settings(model: Any, backend, cfg: ServeConfig, size: int) -> dict:
     return {
         "format": store.FORMAT,
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
+        "encoder_fingerprint": backend.fingerprint,
         "latent_channels": backend.latent_channels,
         "downsample_factor": backend.downsample_factor,
         "scaling_factor": getattr(vae_cfg, "scaling_factor", getattr(backend, "scaling_factor", None)),

@@ -5,7 +5,8 @@
     OUT/serve.json                      settings the latents were made with (checked on every rerun)
     OUT/shards/<part>-<seq>.safetensors up to shard_size latents each; metadata lists their sources
     OUT/failures/<part>.json            inputs of that part that could not be read, with the reason
-    OUT/index.json                      every latent (source -> shard, tensor, shape, original size)
+    OUT/index.json                      every latent (source -> shard, tensor, shape, original size) and the
+                                        encoding model's path and encoder_fingerprint (zturbo.model.fingerprint)
     OUT/report.json                     the last run's counts and timings
 
 A shard appears under its final name only once it is complete (temp name + fsync +
@@ -161,6 +162,8 @@ def check_settings(out_dir: Path, settings: dict) -> None:
             raise InputError(f"{path} is corrupt: {exc}", "move the output folder aside and start again") from exc
         keys = ("latent_channels", "downsample_factor", "size", "resize", "latent_mode", "precision", "seed")
         diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
+        if _fingerprints_differ(old, settings):
+            diff.append(f"model: {old.get('model')} -> {settings.get('model')} (other encoder weights)")
         if diff:
             raise UsageError(
                 f"{out_dir} already holds latents made with other settings ({'; '.join(diff)})",
@@ -169,6 +172,13 @@ def check_settings(out_dir: Path, settings: dict) -> None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, settings)
+
+
+def _fingerprints_differ(a: dict, b: dict) -> bool:
+    """Both record the encoding model's fingerprint and they differ (folders written before it was
+    recorded, or by a backend that cannot tell, are judged by their other settings alone)."""
+    fa, fb = a.get("encoder_fingerprint"), b.get("encoder_fingerprint")
+    return fa is not None and fb is not None and fa != fb
 
 
 def read_settings(out_dir: Path) -> dict:
@@ -231,6 +241,9 @@ def build_index(out_dirs: list[Path], index_dir: Path | None = None) -> dict:
         for key in ("latent_channels", "size", "resize", "latent_mode", "precision"):
             if settings and other and other.get(key) != settings.get(key):
                 raise UsageError(f"cannot merge {out_dir}: its {key} is {other.get(key)!r}, not {settings.get(key)!r}")
+        if _fingerprints_differ(settings, other):
+            raise UsageError(f"cannot merge {out_dir}: its latents come from model {other.get('model')}, "
+                             f"another encoder than {out_dirs[0]}'s ({settings.get('model')})")
         scan = scan_shards(out_dir)
         unreadable += [f"{out_dir}/{u}" for u in scan.unreadable]
         for entry in scan.entries:
@@ -247,7 +260,7 @@ def build_index(out_dirs: list[Path], index_dir: Path | None = None) -> dict:
     index = {
         "format": FORMAT,
         "version": VERSION,
-        **{k: settings.get(k) for k in ("model", "latent_channels", "downsample_factor", "scaling_factor",
+        **{k: settings.get(k) for k in ("model", "encoder_fingerprint", "latent_channels", "downsample_factor", "scaling_factor",
                                          "shift_factor", "latent_mode", "size", "resize", "precision")},
         "count": len(entries),
         "failed": len(still_failed),

@@ -39,7 +39,7 @@ def resolve_compile(mode: str, device: torch.device, log: Callable[[str], None] 
         return True
     if mode == "on":
         raise UsageError(f"train.compile=on: torch.compile cannot run here: {problem}",
-                         "use --no-compile (train.compile = \"off\") or install a torch with a working inductor")
+                         "use --compile off (train.compile = \"off\") or install a torch with a working inductor")
     if log is not None:
         log(f"training eagerly: {problem}")
     return False

@@ -42,9 +42,11 @@ from zturbo.data.latent_shards import LatentIndex, LatentPairDataset, bucket_ima
 from zturbo.errors import CheckpointError, ConfigError, InputError, UsageError
 from zturbo.model import VAE, load_pretrained
 from zturbo.model.config import ModelConfig, format_validation_error
+from zturbo.model.fingerprint import encoder_fingerprint
 from zturbo.model.prune import copy_except, prune_vae
 
 TRAINED = {"decoder": ("decoder", "post_quant_conv"), "encoder": ("encoder", "quant_conv")}
+ENCODE_HINT = "encode the images with the teacher: zturbo serve-batch encode TEACHER --input DATA --output DIR"
 
 
 def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu") -> VAE:
@@ -144,27 +146,48 @@ class DistillForward(nn.Module):
         return recon, z, torch.zeros_like(z), extra, terms
 
 
-def check_latents(index: LatentIndex, teacher: VAE, image_root: Path, device: torch.device) -> None:
-    """Refuse latents the teacher did not write: their layout, then a re-encoding of one of them.
+def check_latents(index: LatentIndex, teacher: VAE, teacher_name: str, image_root: Path, device: torch.device) -> None:
+    """Refuse latents the teacher did not write: their layout, then the encoding model's identity.
 
-    The index records the model by path only, so the check that counts is numerical: the
-    teacher re-encodes the first entry's image and must reproduce the stored latent to
-    within the rounding of the precision it was stored in (fp32: 1e-3 relative, which
-    leaves room for a different batch size's convolution order; 16-bit: 2e-2, a few of
-    bf16's 2^-8 steps). Another model's latents differ by their whole magnitude.
+    The index records the encoding model's ``encoder_fingerprint`` (the hash of everything
+    ``encode(x).mean`` depends on), which must equal the teacher's. Indexes written before the
+    fingerprint was recorded (or by a backend that could not compute it) are checked by
+    ``_check_by_reencoding`` instead.
     """
     cfg = teacher.config
     if index.latent_channels != cfg.latent_channels or index.downsample_factor != cfg.downsample_factor:
         raise UsageError(
             f"latents in {index.folder} have {index.latent_channels} channels at 1/{index.downsample_factor} scale; "
             f"the teacher's have {cfg.latent_channels} at 1/{cfg.downsample_factor}",
-            "encode the images with the teacher: zturbo serve-batch encode TEACHER --input DATA --output DIR",
+            ENCODE_HINT,
         )
     if index.latent_mode != "mean":
         raise UsageError(f"latents in {index.folder} are posterior samples; decoder distillation uses the mean",
                          "encode them with --mean (the default)")
     if not index.entries:
         raise InputError(f"no latents in {index.folder}")
+    if index.fingerprint is None:
+        _check_by_reencoding(index, teacher, image_root, device)
+        return
+    mine = encoder_fingerprint(teacher)
+    if index.fingerprint != mine:
+        raise UsageError(
+            f"latents in {index.folder} come from model {index.model} (encoder {_short(index.fingerprint)}), "
+            f"not from the teacher {teacher_name} (encoder {_short(mine)})",
+            ENCODE_HINT,
+        )
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint.removeprefix("sha256:")[:12]
+
+
+def _check_by_reencoding(index: LatentIndex, teacher: VAE, image_root: Path, device: torch.device) -> None:
+    """For an index without a fingerprint: the teacher re-encodes the first entry's image and must
+    reproduce the stored latent to within the rounding of the precision it was stored in (fp32:
+    1e-3 relative, which leaves room for a different batch size's convolution order; 16-bit:
+    2e-2, a few of bf16's 2^-8 steps). Another model's latents differ by their whole magnitude.
+    """
     entry = index.entries[0]
     path = image_root / entry.source
     if not path.is_file():
@@ -178,7 +201,7 @@ def check_latents(index: LatentIndex, teacher: VAE, image_root: Path, device: to
         raise UsageError(
             f"latents in {index.folder} were not made by the teacher (re-encoding {entry.source} differs by "
             f"{error:.2g} relative, more than {tolerance:g}; index names model {index.model!r})",
-            "encode the images with the teacher: zturbo serve-batch encode TEACHER --input DATA --output DIR",
+            ENCODE_HINT,
         )
 
 
@@ -207,7 +230,7 @@ class Distillation:
             if settings.data.data_dir is None:
                 raise UsageError("--latents needs the images they were encoded from", "pass --data DIR")
             self.index = read_latent_index(d.latents_dir)
-            check_latents(self.index, self.teacher, Path(settings.data.data_dir), device)
+            check_latents(self.index, self.teacher, str(d.teacher), Path(settings.data.data_dir), device)
         if not needs_teacher:
             self.teacher = None
         trained = sum(p.numel() for p in self.student.parameters() if p.requires_grad)

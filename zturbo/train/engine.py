@@ -131,11 +131,11 @@ class TrainEngine:
         self.vae.train()
         self.ema = EMA(self.vae, tcfg.ema_decay)
 
+        if lcfg.perceptual_weight > 0:  # before the backbone loads (or downloads)
+            check_lpips_size(lcfg.lpips_size, settings.data.image_size, settings.data.image_size)
         if perceptual is None and lcfg.perceptual_weight > 0:
             perceptual = load_lpips(lcfg.perceptual_net, device, random_backbone=lpips_random_backbone)
         self.loss = VAELoss(lcfg, perceptual)
-        if lcfg.perceptual_weight > 0:
-            check_lpips_size(lcfg.lpips_size, settings.data.image_size, settings.data.image_size)
 
         self.disc: nn.Module | None = None
         if lcfg.disc_weight > 0:

@@ -35,6 +35,7 @@ from zturbo.data.datasets import (
     steps_per_epoch,
 )
 from zturbo.data.images import tensor_to_uint8
+from zturbo.data.jpeg_device import decode_on_device
 from zturbo.errors import CheckpointError, InputError, UsageError
 from zturbo.model import load_state_dict_strict
 from zturbo.model.diffusers import config_from_diffusers
@@ -112,14 +113,16 @@ class Trainer:
                 "the batch size is the effective batch over all processes; pick a multiple of the process count",
             )
         self.per_rank_batch = tcfg.batch_size // self.dist.world_size
-        split = split_data(dcfg.data_dir, dcfg.val_images)
-        self.split = split
+        split = self.split = split_data(dcfg.data_dir, dcfg.val_images)
+        # data.decode: JPEGs stay encoded for the device to decode (image folders; --latents pairs are read as pixels).
+        self.device_decode = decode_on_device(dcfg.decode, device, split.train, dcfg.image_size)
         dataset = self.distill.dataset(split.train, dcfg.data_dir, dcfg.image_size) if self.distill else None
         if dataset is None:
             # uint8 crops: a quarter of the bytes through the workers and to the device (the engine scales them).
-            dataset = ImageFolderDataset(
-                split.train, dcfg.image_size, dcfg.random_crop, dcfg.random_flip, as_uint8=True
-            )
+            dataset = ImageFolderDataset(split.train, dcfg.image_size, dcfg.random_crop, dcfg.random_flip,
+                                         device_decode=self.device_decode, as_uint8=True)
+        else:
+            self.device_decode = False
         self.steps_per_epoch = steps_per_epoch(len(dataset), self.dist.world_size, self.per_rank_batch)
         if self.steps_per_epoch == 0:
             raise InputError(
@@ -204,11 +207,7 @@ class Trainer:
         self.engine.load_state(state)
         ckpt.set_rng_state(state["rng"])
         pos = state["position"]
-        self.step, self.epoch, self.batch_in_epoch = (
-            int(pos["step"]),
-            int(pos["epoch"]),
-            int(pos["batch_in_epoch"]),
-        )
+        self.step, self.epoch, self.batch_in_epoch = (int(pos[k]) for k in ("step", "epoch", "batch_in_epoch"))
         self.resumed_from = path
         self.resumed_step = self.step
         if int(pos.get("world_size", 1)) != self.dist.world_size:
@@ -217,9 +216,7 @@ class Trainer:
                 "training continues from its weights and optimizer state, but the data order differs from an "
                 "uninterrupted run"
             )
-        self._log(
-            f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
-        )
+        self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         if self.dist.is_main:
             self._truncate_metrics(self.step)
 
@@ -336,7 +333,8 @@ class Trainer:
             self.engine.fit_micro_batch(self.settings.data.image_size)
         self._log(
             f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.device} "
-            f"({self.engine.precision}), {len(self.split.train)} images, batch {tcfg.batch_size} "
+            f"({self.engine.precision}), {len(self.split.train)} images"
+            f"{' (JPEGs decoded on the GPU)' if self.device_decode else ''}, batch {tcfg.batch_size} "
             f"= {self.dist.world_size} process(es) x micro-batch {self.engine.micro_batch} x accumulation, "
             f"run folder {self.run_dir}"
         )

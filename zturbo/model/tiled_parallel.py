@@ -1,0 +1,221 @@
+"""Patch-parallel exact decode: each process decodes a band of rows, as xDiT's DistVAE does.
+
+    # torchrun --nproc_per_node 4 scripts/decode_parallel.py runs/fast --random 8x512x512 --output out.png
+    image = decode_parallel(vae, z)   # every rank passes the same whole latent; every rank gets the image
+
+The latent's rows are split as evenly as possible over the ranks of the process group (the
+bands of ``H`` rows over ``n`` ranks start at ``r * H // n``), and every activation keeps
+that split: after each x2 upsample a rank's band is twice as tall. Each layer computes what
+the single-device decoder computes:
+
+- a 3x3 convolution reads one row above and one below its band: the neighbouring ranks' edge
+  rows, exchanged point to point (``batch_isend_irecv``, which NCCL and gloo both run), and
+  zeros only above the image's first row and below its last, where the untiled convolution
+  pads. The rows are exchanged after GroupNorm and SiLU, so the zeros are padding of the
+  normalised map, as in the untiled network;
+- GroupNorm takes the statistics of the whole image: each rank's per-channel count, mean and
+  sum of squared deviations (M2, fp32 at least, as ``tiled.Moments``) are all-gathered and
+  merged in rank order with Chan et al.'s parallel update, never as sums of x and x^2 (which
+  cancel catastrophically when the mean is large next to the spread);
+- the mid-block attention is exact and global: each rank's keys and values are all-gathered
+  (linear in the tokens) and each rank's queries attend to all of them with the blockwise
+  online softmax of ``tiled.online_attention``;
+- the upsample is the model's own ``Upsample2D`` on the band plus its one-row halo; the halo's
+  output rows are dropped (they are the only ones the halo's outer padding reaches);
+- the output bands are all-gathered into one image on every rank.
+
+A rank holds only its band of each activation, so the peak memory per rank is about the
+single-device peak divided by the number of ranks (plus the gathered keys and values, and
+the output image). Without an initialised process group it runs as one rank. Inference only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from zturbo.model.blocks import Attention, MidBlock, ResnetBlock2D, Upsample2D
+from zturbo.model.errors import UsageError
+from zturbo.model.tiled import Moments, Norm, online_attention
+
+MIN_BAND_ROWS = 1  # latent rows per rank: a 3x3 conv's one-row halo then always comes from the next rank
+
+
+def band_bounds(height: int, world: int) -> tuple[int, ...]:
+    """Row boundaries of ``world`` bands of ``height`` rows, as even as possible (sizes differ by at most 1)."""
+    if height < MIN_BAND_ROWS * world:
+        raise UsageError(
+            f"a latent of height {height} cannot be split over {world} ranks: parallel decode needs at least "
+            f"{MIN_BAND_ROWS} latent row per rank (a latent height of at least {MIN_BAND_ROWS * world}); "
+            f"use at most {height // MIN_BAND_ROWS} ranks"
+        )
+    return tuple(r * height // world for r in range(world + 1))
+
+
+def merge_moments(total: Moments, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+    """Chan et al.'s parallel update of ``total`` with another part's (count, mean, M2), as in ``Moments.add``."""
+    if total.mean is None:
+        total.n, total.mean, total.m2 = n_b, mean_b, m2_b
+        return
+    n = total.n + n_b
+    delta = mean_b - total.mean
+    total.mean = total.mean + delta * (n_b / n)
+    total.m2 = total.m2 + m2_b + delta * delta * (total.n * n_b / n)
+    total.n = n
+
+
+def _normalise_into(out: torch.Tensor, x: torch.Tensor, norm: Norm) -> None:
+    """out = silu(x * scale + shift) (or without silu), computed in the statistics' precision."""
+    torch.addcmul(norm[1], x, norm[0], out=out)
+    if norm[2]:
+        F.silu(out, inplace=True)
+
+
+@dataclass(frozen=True)
+class Bands:
+    """This rank's place in the split: group, rank, global ranks of the group and latent row boundaries."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    peers: tuple[int, ...]  # global rank of each rank of the group (what point-to-point ops address)
+    bounds: tuple[int, ...]
+    latent_width: int
+
+    @classmethod
+    def of(cls, z: torch.Tensor, group: dist.ProcessGroup | None) -> Bands:
+        if not dist.is_available() or not dist.is_initialized():
+            if group is not None:
+                raise UsageError("decode_parallel was given a process group, but torch.distributed is not "
+                                 "initialised (call dist.init_process_group first, e.g. under torchrun)")
+            return cls(None, 0, (0,), band_bounds(z.shape[2], 1), z.shape[3])
+        world = dist.get_world_size(group)
+        peers = tuple(r if group is None else dist.get_global_rank(group, r) for r in range(world))
+        return cls(group, dist.get_rank(group), peers, band_bounds(z.shape[2], world), z.shape[3])
+
+    @property
+    def world(self) -> int:
+        return len(self.peers)
+
+    def rows(self, r: int, per_row: int = 1) -> int:
+        """Rank ``r``'s band height, ``per_row`` rows per latent row."""
+        return (self.bounds[r + 1] - self.bounds[r]) * per_row
+
+    # -- communication -------------------------------------------------------------------------------
+    def fill_halo(self, out: torch.Tensor) -> None:
+        """Set ``out``'s first and last rows to the neighbours' edge rows of rows 1..-2 (zeros at the image's edges)."""
+        ops, received = [], []
+        for edge, inner, neighbour in ((0, 1, self.rank - 1), (-1, -2, self.rank + 1)):
+            halo = out[:, :, edge].unsqueeze(2)
+            if not 0 <= neighbour < self.world:
+                halo.zero_()
+                continue
+            buffer = torch.empty(halo.shape, dtype=out.dtype, device=out.device)
+            peer = self.peers[neighbour]
+            ops.append(dist.P2POp(dist.isend, out[:, :, inner].unsqueeze(2).contiguous(), peer, self.group))
+            ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group))
+            received.append((halo, buffer))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        for halo, buffer in received:
+            halo.copy_(buffer)
+
+    def gather(self, x: torch.Tensor, dim: int, per_row: int) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along ``dim`` in rank order, ``per_row`` entries per latent row."""
+        if self.world == 1:
+            return x
+        longest = max(self.rows(r, per_row) for r in range(self.world))
+        shape = list(x.shape)
+        shape[dim] = longest
+        padded = x.new_zeros(shape)  # all-gather takes equal sizes: bands pad to the longest (one row more at most)
+        padded.narrow(dim, 0, x.shape[dim]).copy_(x)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p.narrow(dim, 0, self.rows(r, per_row)) for r, p in enumerate(parts)], dim)
+
+    def norm(self, gn: nn.GroupNorm, x: torch.Tensor, silu: bool) -> Norm:
+        """GroupNorm over the whole image as one scale and shift per (sample, channel), from every band's moments."""
+        local = Moments()
+        local.add(x)
+        if self.world == 1:
+            return local.norm(gn, silu)
+        stats = torch.stack([local.mean, local.m2])  # (2, B, C) in fp32 at least
+        parts = [torch.empty_like(stats) for _ in range(self.world)]
+        dist.all_gather(parts, stats, group=self.group)
+        per_row = x.shape[3] // self.latent_width  # rows (and columns) per latent row at this resolution
+        total = Moments()
+        for r, (mean, m2) in enumerate(parts):
+            merge_moments(total, self.rows(r, per_row) * x.shape[3], mean, m2)
+        return total.norm(gn, silu)
+
+    # -- layers --------------------------------------------------------------------------------------
+    def padded(self, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+        """The band with one more row above and below (the neighbours' rows, or zeros outside the image), normalised first."""
+        b, c, h, w = x.shape
+        out = torch.empty((b, c, h + 2, w), dtype=x.dtype, device=x.device)
+        if norm is None:
+            out[:, :, 1 : h + 1].copy_(x)
+        else:
+            _normalise_into(out[:, :, 1 : h + 1], x, norm)
+        self.fill_halo(out)
+        return out
+
+    def conv3(self, conv: nn.Conv2d, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+        """A 3x3 stride-1 conv with zero padding 1: rows from the halo, columns padded as usual."""
+        return F.conv2d(self.padded(x, norm), conv.weight, conv.bias, padding=(0, 1))
+
+    def resnet(self, block: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv3(block.conv1, x, self.norm(block.norm1, x, silu=True))
+        h = self.conv3(block.conv2, h, self.norm(block.norm2, h, silu=True))
+        return h.add_(x if block.conv_shortcut is None else block.conv_shortcut(x))
+
+    def attention(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        """Single-head attention of this band's queries over every band's keys and values, plus the residual."""
+        b, c, h, w = x.shape
+        tokens = torch.empty_like(x)
+        _normalise_into(tokens, x, self.norm(attn.group_norm, x, silu=False))
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major like the untiled tokens
+        kv = self.gather(torch.cat([attn.to_k(tokens), attn.to_v(tokens)], -1), dim=1, per_row=w)
+        k, v = kv.split(c, -1)
+        out = attn.to_out[0](online_attention(attn.to_q(tokens), k, v))
+        return x.add_(out.transpose(1, 2).reshape(b, c, h, w))
+
+    def upsample(self, up: Upsample2D, x: torch.Tensor) -> torch.Tensor:
+        """Nearest x2 + 3x3 conv (the module's own kernel) on the band plus halo: output rows 2..-2 are exact."""
+        return up(self.padded(x, None))[:, :, 2:-2]
+
+    def mid(self, block: MidBlock, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnet(block.resnets[0], x)
+        if block.attentions is not None:
+            x = self.attention(block.attentions[0], x)
+        return self.resnet(block.resnets[1], x)
+
+
+@torch.no_grad()
+def decode_parallel(vae: nn.Module, z: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The decoded image of ``z`` (B, C, H, W), computed in bands of rows by the ranks of ``group``.
+
+    Call it on every rank of the group (the default: the whole world) with the same latent and
+    weights, on the rank's own device (for NCCL, after ``torch.cuda.set_device``). Every rank
+    returns the whole image, equal to ``vae.decode(z)`` up to float rounding.
+    """
+    if z.dim() != 4:
+        raise UsageError(f"decode_parallel takes a (batch, channels, height, width) latent, got shape {tuple(z.shape)}")
+    bands = Bands.of(z, group)
+    dec = vae.decoder
+    x = z[:, :, bands.bounds[bands.rank] : bands.bounds[bands.rank + 1]]
+    if vae.post_quant_conv is not None:
+        x = vae.post_quant_conv(x)  # 1x1: per pixel, no halo
+    h = bands.conv3(dec.conv_in, x, None)
+    h = bands.mid(dec.mid_block, h)
+    for block in dec.up_blocks:
+        for resnet in block.resnets:
+            h = bands.resnet(resnet, h)
+        if block.upsamplers is not None:
+            h = bands.upsample(block.upsamplers[0], h)
+    out = bands.conv3(dec.conv_out, h, bands.norm(dec.conv_norm_out, h, silu=True))
+    return bands.gather(out, dim=2, per_row=out.shape[3] // bands.latent_width)
