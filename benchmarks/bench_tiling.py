@@ -3,7 +3,7 @@
     python benchmarks/bench_tiling.py exactness --size 1024 --tile 256
     python benchmarks/bench_tiling.py fast --size 512 --tile 128
     python benchmarks/bench_tiling.py memory --sizes 512 1024 1536 --tile 256
-    python benchmarks/bench_tiling.py speed --size 1024 --tile 256
+    python benchmarks/bench_tiling.py speed --size 2048 --tile 512 --recompute --warmup 0 --repeats 2
     python benchmarks/bench_tiling.py capacity --budget-gib 8
 
 All on the fast profile ([96, 192, 384, 384], 8 latent channels) with seeded random weights,
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zturbo import VAE
+from zturbo.artifacts import load_vae
 from zturbo.bench.timing import measure_peak_memory, time_interleaved
 from zturbo.config import load_settings
 from zturbo.model.tiled_memory import tiled_peak_bytes, untiled_peak_bytes
@@ -35,7 +36,10 @@ from zturbo.model.tiled_memory import tiled_peak_bytes, untiled_peak_bytes
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
 
 
-def model(profile: str) -> VAE:
+def model(profile: str, path: str | None = None) -> VAE:
+    """A trained model from ``path`` (any model, run or diffusers folder), else seeded random weights."""
+    if path is not None:
+        return load_vae(path).float().eval()
     torch.manual_seed(0)
     return VAE(load_settings(profile).model).eval()
 
@@ -71,7 +75,7 @@ def seam_mask(size: int, starts: list[int], band: int) -> torch.Tensor:
 
 
 def cmd_exactness(args) -> dict:
-    vae = model(args.profile)
+    vae = model(args.profile, args.model)
     x = image(args.size, args.width)
     with torch.no_grad():
         ref_m = vae.encode(x).mean
@@ -99,7 +103,7 @@ def diffusers_reference(vae: VAE, tile: int):
 
 
 def cmd_fast(args) -> dict:
-    vae = model(args.profile)
+    vae = model(args.profile, args.model)
     f = vae.config.downsample_factor
     ref_vae = diffusers_reference(vae, args.tile)
     x = image(args.size)
@@ -126,7 +130,7 @@ def cmd_fast(args) -> dict:
 def cmd_child(args) -> dict:
     """One decode in this process: peak RSS above the RSS before it."""
     torch.set_num_threads(args.threads)
-    vae = model(args.profile)
+    vae = model(args.profile, args.model)
     z = latent(vae, args.size)
     before = psutil.Process().memory_info().rss
     tile = None if args.mode == "untiled" else args.tile
@@ -157,6 +161,8 @@ def cmd_memory(args) -> dict:
     for size in args.extrapolate:
         report.append({"size": size, "estimated_untiled": untiled_peak_bytes(cfg, "decode", 1, size // f, size // f),
                        "estimated_exact": tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile),
+                       "estimated_exact_recompute": tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile,
+                                                                     recompute=True),
                        "estimated_exact_offload_device": tiled_peak_bytes(cfg, "decode", 1, size // f, size // f,
                                                                           args.tile, offload=True)})
     return {"tile": args.tile, "rows": report}
@@ -179,12 +185,15 @@ def cmd_capacity(args) -> dict:
     return {"budget_gib": args.budget_gib, "precision": args.precision, "estimated": True,
             "untiled_px": largest(lambda s: untiled_peak_bytes(cfg, "decode", 1, s // f, s // f, device_type=args.device, **kw)),
             "exact_px": largest(lambda s: tiled_peak_bytes(cfg, "decode", 1, s // f, s // f, args.tile, **kw)),
+            "exact_recompute_px": largest(
+                lambda s: tiled_peak_bytes(cfg, "decode", 1, s // f, s // f, args.tile, recompute=True, **kw)),
             "exact_offload_device_px": largest(
                 lambda s: tiled_peak_bytes(cfg, "decode", 1, s // f, s // f, args.tile, offload=True, **kw))}
 
 
 def cmd_speed(args) -> dict:
-    vae = model(args.profile)
+    """Untiled, exact and (``--recompute``) exact-with-recompute decodes, interleaved in one run."""
+    vae = model(args.profile, args.model)
     z = latent(vae, args.size)
     device = torch.device("cpu")
 
@@ -196,16 +205,25 @@ def cmd_speed(args) -> dict:
         with torch.no_grad():
             vae.decode(z, tile=args.tile)
 
-    t_untiled, t_exact = time_interleaved([untiled, exact], device, warmup=1, repeats=args.repeats)
-    return {"size": args.size, "tile": args.tile, "threads": torch.get_num_threads(),
-            "untiled_ms": t_untiled.median_ms, "exact_ms": t_exact.median_ms,
-            "ratio": t_exact.median_ms / t_untiled.median_ms}
+    def recompute():
+        with torch.no_grad():
+            vae.decode(z, tile=args.tile, recompute=True)
+
+    fns = [untiled, exact] + ([recompute] if args.recompute else [])
+    times = time_interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
+    report = {"size": args.size, "tile": args.tile, "threads": torch.get_num_threads(), "repeats": args.repeats}
+    for fn, t in zip(fns, times):
+        report[f"{fn.__name__}_ms"] = t.median_ms
+        if fn is not untiled:
+            report[f"{fn.__name__}_ratio"] = t.median_ms / times[0].median_ms
+    return report
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["exactness", "fast", "memory", "capacity", "speed", "child"])
     p.add_argument("--profile", default="fast")
+    p.add_argument("--model", default=None, help="exactness, fast, speed: a trained model (folder) instead of random weights")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--width", type=int, default=None, help="exactness: a non-square image (encode then decode)")
     p.add_argument("--tile", type=int, default=256)
@@ -218,6 +236,8 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="capacity: whose untiled layout to estimate")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--recompute", action="store_true", help="speed: also time the exact decode with recompute")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=["untiled", "exact", "recompute"], default="exact")
     args = p.parse_args()

@@ -145,6 +145,9 @@ class Tiling(Section):
     tile_memory_gb: float | None = Field(
         None, gt=0, description="budget for tile='auto' (None: the device's free memory, or available RAM on CPU)"
     )
+    tile_recompute: bool = Field(
+        False, description="exact decode: recompute the largest layers' inner maps instead of storing them (least memory)"
+    )
 
     @field_validator("tile")
     @classmethod
@@ -153,12 +156,19 @@ class Tiling(Section):
             raise ValueError("must be a positive number of pixels or 'auto'")
         return value
 
+    @model_validator(mode="after")
+    def _recompute_needs_exact_tiles(self):
+        if self.tile_recompute and (self.tile is None or self.tile_mode != "exact"):
+            raise ValueError("tile_recompute applies to exact tiling: give a tile (--tile N or auto) in exact mode")
+        return self
+
     def tile_options(self) -> dict[str, Any]:
         """Backend options for this tiling (none when images run whole)."""
         if self.tile is None:
             return {}
         budget = None if self.tile_memory_gb is None else int(self.tile_memory_gb * 2**30)
-        return {"tile": self.tile, "tile_mode": self.tile_mode, "tile_memory": budget}
+        options = {"tile": self.tile, "tile_mode": self.tile_mode, "tile_memory": budget}
+        return {**options, "tile_recompute": True} if self.tile_recompute else options
 
 
 class EvalConfig(Tiling):

@@ -73,7 +73,8 @@ def test_serve_batch_tiled_encode_and_decode_equal_whole_images(model, images, t
         torch.testing.assert_close(tiled[key], whole[key], atol=rounding_atol(whole[key], *vae_depth(vae)), rtol=0)
 
 
-def test_serve_batch_decodes_latents_far_larger_than_the_training_size(model, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--tile-recompute"]])
+def test_serve_batch_decodes_latents_far_larger_than_the_training_size(model, tmp_path, capsys, extra):
     # The model was made for 32 px; a 256 px image's latents decode tiled, and equal the whole decode.
     vae = VAE.from_pretrained(model)
     torch.manual_seed(1)
@@ -81,7 +82,7 @@ def test_serve_batch_decodes_latents_far_larger_than_the_training_size(model, tm
     np.save(tmp_path / "big.npy", z.numpy())
     out = tmp_path / "decoded"
     assert run(["serve-batch", "decode", str(model), "-i", str(tmp_path / "big.npy"), "-o", str(out),
-                "--device", "cpu", "--tile", "64", "--format", "png", "-q"]) == 0
+                "--device", "cpu", "--tile", "64", "--format", "png", "-q", *extra]) == 0
     written = sorted(out.rglob("*.png"))
     assert len(written) == 1 and Image.open(written[0]).size == (256, 256)
     with torch.no_grad():
@@ -91,13 +92,14 @@ def test_serve_batch_decodes_latents_far_larger_than_the_training_size(model, tm
     assert np.abs(got - ref).max() <= 1
 
 
-def test_bench_times_tiled_cases_under_their_own_key(model, capsys):
+@pytest.mark.parametrize(("extra", "suffix"), [([], "/tile16-exact"), (["--tile-recompute"], "/tile16-exact-recompute")])
+def test_bench_times_tiled_cases_under_their_own_key(model, capsys, extra, suffix):
     args = ["bench", "--model", str(model), "--device", "cpu", "--resolutions", "32", "--batch-sizes", "1",
             "--what", "decode", "--repeats", "1", "--warmup", "0", "--quiet", "--json", "-"]
-    assert run([*args, "--tile", "16"]) == 0
+    assert run([*args, "--tile", "16", *extra]) == 0
     report = json.loads(capsys.readouterr().out)
     (case,) = [c for c in report["cases"] if c["role"] == "ours"]
-    assert case["status"] == "ok" and case["tile"] == 16 and case["key"].endswith("/tile16-exact")
+    assert case["status"] == "ok" and case["tile"] == 16 and case["key"].endswith(suffix)
 
 
 def test_tiles_are_refused_where_the_model_does_not_run_layer_by_layer(model, tmp_path):
@@ -125,3 +127,6 @@ def test_bad_tile_values_are_one_line_errors(model, images, capsys):
     assert "multiple" in capsys.readouterr().err
     assert run([*base, "--tile", "16", "--tile-mode", "sloppy"]) == 2
     assert "tile_mode" in capsys.readouterr().err
+    assert run([*base, "--tile-recompute"]) == 2  # nothing to recompute without exact tiles
+    err = capsys.readouterr().err
+    assert "tile_recompute applies to exact tiling" in err and len(err.strip().splitlines()) <= 2

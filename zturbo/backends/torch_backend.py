@@ -42,10 +42,14 @@ class TorchBackend(Backend):
         tile: int | str | None = None,
         tile_mode: str = "exact",
         tile_memory: int | None = None,
+        tile_recompute: bool = False,
     ):
         if tile is not None and compiled:
             raise UsageError("tiled encode and decode run eagerly", "use --backend torch with --tile")
         self.tiling = {} if tile is None else {"tile": tile, "tile_mode": tile_mode, "memory_budget": tile_memory}
+        if tile_recompute and (tile is None or tile_mode != "exact"):
+            raise UsageError("--tile-recompute applies to exact tiling", "add --tile N (or auto) and --tile-mode exact")
+        self.decode_tiling = {**self.tiling, "recompute": True} if tile_recompute else self.tiling
         self.device = device
         self.dtype = dtype
         if channels_last is None:
@@ -84,7 +88,7 @@ class TorchBackend(Backend):
         return self.vae.encode(x, **self.tiling).mean
 
     def _decode_impl(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z, **self.tiling)
+        return self.vae.decode(z, **self.decode_tiling)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)

@@ -300,7 +300,8 @@ def _run_case(plan, backend, what, resolution, batch, subjects, engines, reasons
     base = {"what": what, "backend": backend, "precision": plan.precision, "channels_last": plan.channels_last,
             "resolution": resolution, "batch": batch}
     if plan.tiling:  # tiled passes are other cases than whole-image ones, also for the baseline gate
-        base.update(tile=plan.tiling["tile"], tile_mode=plan.tiling["tile_mode"])
+        base.update(tile=plan.tiling["tile"], tile_mode=plan.tiling["tile_mode"]
+                    + ("-recompute" if plan.tiling.get("tile_recompute") else ""))
     cache: dict = {}
     runnable: list[tuple[Subject, Callable[[], object]]] = []
     results: dict[str, dict[str, Any]] = {}

@@ -127,7 +127,7 @@ def parse_tile(text: str) -> int | str:
 
 
 def tile_flags(section: str) -> list[Flag]:
-    """``--tile``, ``--tile-mode`` and ``--tile-memory-gb`` for a job whose settings section is ``section``."""
+    """``--tile``, ``--tile-mode``, ``--tile-memory-gb`` and ``--tile-recompute`` for a job whose settings section is ``section``."""
     return [
         Flag("--tile", f"{section}.tile", str,
              "Tiled encode/decode: tile side in pixels (exact: same result, bounded memory), or 'auto' (tiles "
@@ -135,4 +135,6 @@ def tile_flags(section: str) -> list[Flag]:
         Flag("--tile-mode", f"{section}.tile_mode", str, "exact (default) or fast (one approximate pass per tile)."),
         Flag("--tile-memory-gb", f"{section}.tile_memory_gb", float,
              "Memory budget for --tile auto (default: free device memory, or available RAM on CPU)."),
+        Flag("--tile-recompute/--no-tile-recompute", f"{section}.tile_recompute", bool,
+             "Exact decode in the least memory: recompute the largest layers' inner maps (more compute)."),
     ]
