@@ -234,14 +234,7 @@ class Runner:
 
         def tile(r: int, c: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
             i0, i1, j0, j1 = y0 // 2, y1 // 2, x0 // 2, x1 // 2
-            h, w = i1 - i0, j1 - j0
-            phases = F.conv2d(x.region(i0 - 1, i1 + 1, j0 - 1, j1 + 1, self.device), folded, bias4)
-            phases = phases.view(x.batch, 2, 2, cout, h + 1, w + 1)
-            out = torch.empty((x.batch, cout, 2 * h, 2 * w), dtype=phases.dtype, device=self.device)
-            for a in (0, 1):
-                for b in (0, 1):
-                    out[:, :, a::2, b::2] = phases[:, a, b, :, a : a + h, b : b + w]
-            return out
+            return upsample_region(x.region(i0 - 1, i1 + 1, j0 - 1, j1 + 1, self.device), folded, bias4, cout)
 
         return self.produce(x.grid.mapped(lambda b: 2 * b), tile, release=[(x, lambda y: y // 2 - 1)])
 
@@ -275,6 +268,18 @@ class Runner:
         if block.attentions is not None:
             x = self.attention(block.attentions[0], x)
         return self.resnet(block.resnets[1], x)
+
+
+def upsample_region(region: torch.Tensor, folded: torch.Tensor, bias4: torch.Tensor | None, cout: int) -> torch.Tensor:
+    """Nearest x2 + 3x3 conv of source rows and columns [1, n - 1) of ``region`` (which carries a
+    one-pixel halo), by ``subpixel_weight``'s per-phase 2x2 convs: (B, cout, 2 (n - 2), 2 (m - 2))."""
+    b, h, w = region.shape[0], region.shape[2] - 2, region.shape[3] - 2
+    phases = F.conv2d(region, folded, bias4).view(b, 2, 2, cout, h + 1, w + 1)
+    out = torch.empty((b, cout, 2 * h, 2 * w), dtype=phases.dtype, device=region.device)
+    for a in (0, 1):
+        for c in (0, 1):
+            out[:, :, a::2, c::2] = phases[:, a, c, :, a : a + h, c : c + w]
+    return out
 
 
 def online_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -326,9 +331,19 @@ def encode_exact(vae: nn.Module, x: torch.Tensor, tile: int, offload: bool = Fal
     return out if vae.quant_conv is None else vae.quant_conv(out)
 
 
+# One decoder layer over tiles: (runner, level, resnet index or -1 for the level's upsample, module, map) -> map.
+LayerFn = Callable[["Runner", int, int, nn.Module, TiledMap], TiledMap]
+
+
+def stored_layer(run: Runner, level: int, index: int, module: nn.Module, x: TiledMap) -> TiledMap:
+    return run.resnet(module, x) if index >= 0 else run.upsample(module, x)
+
+
 @torch.no_grad()
-def decode_exact(vae: nn.Module, z: torch.Tensor, tile: int, offload: bool = False) -> torch.Tensor:
-    """The decoded image, tile by tile; ``tile`` is the output tile in pixels (a multiple of the factor)."""
+def decode_exact(vae: nn.Module, z: torch.Tensor, tile: int, offload: bool = False,
+                 layer: LayerFn = stored_layer) -> torch.Tensor:
+    """The decoded image, tile by tile; ``tile`` is the output tile in pixels (a multiple of the factor).
+    ``layer`` computes each up-block layer (``tiled_recompute`` passes one that recomputes)."""
     dec = vae.decoder
     run = _runner(dec, offload)
     factor = 2 ** (len(dec.up_blocks) - 1)
@@ -337,11 +352,11 @@ def decode_exact(vae: nn.Module, z: torch.Tensor, tile: int, offload: bool = Fal
     grid = Grid.even(z.shape[2], z.shape[3], tile // factor)
     h = run.conv3_map(dec.conv_in, TiledMap.of(z, grid), None)
     h = run.mid(dec.mid_block, h)
-    for block in dec.up_blocks:
-        for resnet in block.resnets:
-            h = run.resnet(resnet, h)
+    for i, block in enumerate(dec.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            h = layer(run, i, j, resnet, h)
         if block.upsamplers is not None:
-            h = run.upsample(block.upsamplers[0], h)
+            h = layer(run, i, -1, block.upsamplers[0], h)
     out = torch.empty((z.shape[0], dec.conv_out.out_channels, h.grid.rows[-1], h.grid.cols[-1]),
                       dtype=h.dtype, device=run.device)
     run.conv3_map(dec.conv_out, h, h.moments.norm(dec.conv_norm_out, silu=True), into=out)

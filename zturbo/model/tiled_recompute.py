@@ -9,8 +9,8 @@ maps of the largest size. Here, where a layer's stored maps would exceed the pla
   one-pixel halo (reading the input with a two-pixel halo), then applies ``norm2``, SiLU and
   ``conv2`` and adds the shortcut;
 - an upsample (nearest x2 + 3x3 conv) is never stored: the next resnet reads it through
-  ``Upsampled``, which computes any region from the stored low-resolution map (per phase, as
-  ``tiled.Runner.upsample``), so its input costs a quarter of the pixels.
+  ``Upsampled``, which computes any region from the stored low-resolution map (per phase, by
+  ``tiled.upsample_region``), so its input costs a quarter of the pixels.
 
 The result is the same arithmetic as ``tiled.py`` on the same tiles, so it equals the untiled
 decode to within float rounding. The price is compute: each recomputing resnet runs ``conv1``
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zturbo.model.blocks import ResnetBlock2D, Upsample2D, subpixel_weight
-from zturbo.model.tiled import Grid, Moments, Norm, Runner, TiledMap, _runner
+from zturbo.model.tiled import Grid, Moments, Norm, Runner, TiledMap, decode_exact, upsample_region
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,8 @@ class Upsampled:
     def raw(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         """Rows [y0, y1) and columns [x0, x1) of the upsampled map, zero outside it."""
         i0, i1, j0, j1 = y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2)
-        h, w = i1 - i0, j1 - j0
         region = self.src.region(i0 - 1, i1 + 1, j0 - 1, j1 + 1, self.run.device)
-        phases = F.conv2d(region, self.folded, self.bias4).view(self.batch, 2, 2, self.channels, h + 1, w + 1)
-        out = torch.empty((self.batch, self.channels, 2 * h, 2 * w), dtype=phases.dtype, device=self.run.device)
-        for a in (0, 1):
-            for b in (0, 1):
-                out[:, :, a::2, b::2] = phases[:, a, b, :, a : a + h, b : b + w]
+        out = upsample_region(region, self.folded, self.bias4, self.channels)
         out = out[:, :, y0 - 2 * i0 : y1 - 2 * i0, x0 - 2 * j0 : x1 - 2 * j0]
         zero_outside(out, y0, x0, self.grid.rows[-1], self.grid.cols[-1])
         return out
@@ -181,24 +176,13 @@ def decoder_levels(dec: nn.Module) -> list[Level]:
             for block in dec.up_blocks]
 
 
-@torch.no_grad()
 def decode_recompute(vae: nn.Module, z: torch.Tensor, tile: int, offload: bool = False) -> torch.Tensor:
     """``tiled.decode_exact``'s result with ``recompute_plan``'s layers recomputed instead of stored."""
-    dec = vae.decoder
-    run = _runner(dec, offload)
-    plan = recompute_plan(decoder_levels(dec))
-    factor = 2 ** (len(dec.up_blocks) - 1)
-    if vae.post_quant_conv is not None:
-        z = vae.post_quant_conv(z)
-    grid = Grid.even(z.shape[2], z.shape[3], tile // factor)
-    h: Source = run.conv3_map(dec.conv_in, TiledMap.of(z, grid), None)
-    h = run.mid(dec.mid_block, h)
-    for i, block in enumerate(dec.up_blocks):
-        for j, resnet in enumerate(block.resnets):
-            h = resnet_recompute(run, resnet, h) if plan.resnets[i][j] else run.resnet(resnet, h)
-        if block.upsamplers is not None:
-            h = Upsampled(run, block.upsamplers[0], h) if plan.fused[i] else run.upsample(block.upsamplers[0], h)
-    out = torch.empty((z.shape[0], dec.conv_out.out_channels, h.grid.rows[-1], h.grid.cols[-1]),
-                      dtype=h.dtype, device=run.device)
-    run.conv3_map(dec.conv_out, h, h.moments.norm(dec.conv_norm_out, silu=True), into=out)
-    return out
+    plan = recompute_plan(decoder_levels(vae.decoder))
+
+    def layer(run: Runner, level: int, index: int, module: nn.Module, x: Source) -> Source:
+        if index < 0:
+            return Upsampled(run, module, x) if plan.fused[level] else run.upsample(module, x)
+        return resnet_recompute(run, module, x) if plan.resnets[level][index] else run.resnet(module, x)
+
+    return decode_exact(vae, z, tile, offload, layer)
