@@ -49,3 +49,12 @@ def write_small_data(folder: Path) -> Path:
 def subprocess_env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def write_demo_photos(folder: Path, count: int = 4, size: int = 32) -> Path:
+    """The first ``count`` demo photos as ``size`` px PNGs in ``folder``."""
+    folder.mkdir(parents=True)
+    for path in demo_images()[:count]:
+        with Image.open(path) as im:
+            im.convert("RGB").resize((size, size)).save(folder / f"{path.stem}.png")
+    return folder

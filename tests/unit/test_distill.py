@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from train_helpers import write_demo_photos
 
 from zturbo.config import load_settings
-from zturbo.data import demo_images
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
 from zturbo.model.fingerprint import encoder_fingerprint
@@ -37,12 +36,7 @@ def teacher_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """Four demo photos at 32 px, the teacher's size, so a crop is the whole image."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for path in demo_images()[:4]:
-        with Image.open(path) as im:
-            im.convert("RGB").resize((32, 32)).save(folder / f"{path.stem}.png")
-    return folder
+    return write_demo_photos(tmp_path / "photos")
 
 
 def settings(teacher: Path, data: Path, out: Path, **distill):

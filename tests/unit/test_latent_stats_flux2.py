@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import write_demo_photos
 
 from zturbo.cli import run
-from zturbo.data import demo_images
 from zturbo.errors import CheckpointError, UsageError
 from zturbo.eval.data import find_images, iter_batches
 from zturbo.eval.latent_stats import latent_statistics, write_latent_stats
@@ -34,12 +33,7 @@ def flux2_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for path in demo_images()[:4]:
-        with Image.open(path) as im:
-            im.convert("RGB").resize((32, 32)).save(folder / f"{path.stem}.png")
-    return folder
+    return write_demo_photos(tmp_path / "photos")
 
 
 def _latents(model_dir: Path, photos: Path) -> torch.Tensor:

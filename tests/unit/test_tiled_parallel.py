@@ -11,7 +11,7 @@ from tolerances import SAFETY, rounding_atol, unit_roundoff, vae_depth
 from zturbo import VAE, ModelConfig
 from zturbo.errors import UsageError
 from zturbo.model.tiled import Moments
-from zturbo.model.tiled_parallel import band_bounds, decode_parallel, merge_moments
+from zturbo.model.tiled_parallel import band_bounds, decode_parallel
 
 # Factor 4, 4 GroupNorm groups, mid-block attention, a channel change in every stage.
 TINY = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "latent_channels": 4, "layers_per_block": 1}
@@ -103,7 +103,7 @@ def test_moments_merged_over_bands_stay_accurate_next_to_a_large_mean():
     for band in (x[:, :, :10], x[:, :, 10:21], x[:, :, 21:]):
         part = Moments()
         part.add(band)
-        merge_moments(total, part.n, part.mean, part.m2)
+        total.merge(part.n, part.mean, part.m2)
     var, mean = torch.var_mean(x.double().flatten(2), -1, correction=0)
     # Updating and pairwise variance algorithms err by about u * kappa relative, kappa = |mean| / std
     # (Chan, Golub & LeVeque 1983); sums of x and x^2 by u * kappa^2 (here ~30: no digit left), and a

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from test_tiling import TINY, LiveTensorBytes, close, model
+from test_tiling import TINY, close, model
 from tolerances import rounding_atol, vae_depth
 from zturbo import ModelConfig
 from zturbo.errors import UsageError
@@ -48,28 +48,6 @@ def test_fast_profile_plan_recomputes_only_the_largest_layers():
     plan = recompute_plan(levels_of([96, 192, 384, 384], layers_per_block=2))
     assert plan.fused == (False, False, True, False)
     assert plan.resnets == ((False,) * 3, (False,) * 3, (True, False, False), (True, True, True))
-
-
-def test_recompute_decode_holds_less_than_the_stored_pass():
-    cfg = ModelConfig(**TINY)
-    vae = model(**TINY)
-    z = torch.randn(1, 4, 32, 32)  # a 128 px image
-    with torch.no_grad():
-        with LiveTensorBytes() as untiled:
-            vae.decode(z)
-        with LiveTensorBytes() as stored:
-            vae.decode(z, tile=16)
-        with LiveTensorBytes() as lean:
-            vae.decode(z, tile=16, recompute=True)
-    # Decoder levels 16, 16, 8 (latent to image), P image pixels. The stored pass peaks in the first
-    # full-resolution resnet: its 16-channel input and conv1's 8-channel output, 24 P. Recomputing, the
-    # full-resolution resnets hold their input (the upsample's 16-channel source at P/4 = 4 P, or 8 P)
-    # and the output that replaces it row by row: about 8 P; the level below, stored, (16 + 16) P/4 = 8 P.
-    # Add a tile row or two of band and one tile's workspace (16 px tiles of 128: an eighth of a map
-    # per row): under half of the stored pass's peak.
-    assert lean.peak <= 0.5 * stored.peak, (lean.peak, stored.peak)
-    assert lean.peak <= 0.3 * untiled.peak, (lean.peak, untiled.peak)
-    assert lean.peak <= tiled_peak_bytes(cfg, "decode", 1, 32, 32, 16, recompute=True)
 
 
 def test_auto_recomputes_when_storing_does_not_fit():

@@ -61,13 +61,17 @@ class Moments:
         _, mean, rstd = torch.native_group_norm(tile.to(acc), None, None, b, c, n_b, c, 0.0)
         mean = mean.view(b, c)
         m2 = rstd.view(b, c).pow(-2) * n_b  # eps 0: rstd = var^-1/2 (inf, giving 0, for a constant channel)
+        self.merge(n_b, mean, m2)
+
+    def merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Chan et al.'s parallel update with another part's count, mean and M2."""
         if self.mean is None:
-            self.n, self.mean, self.m2 = n_b, mean, m2
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return
         n = self.n + n_b
-        delta = mean - self.mean
+        delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2 + delta * delta * (self.n * n_b / n)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.n * n_b / n)
         self.n = n
 
     def norm(self, gn: nn.GroupNorm, silu: bool) -> Norm:

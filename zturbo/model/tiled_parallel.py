@@ -56,18 +56,6 @@ def band_bounds(height: int, world: int) -> tuple[int, ...]:
     return tuple(r * height // world for r in range(world + 1))
 
 
-def merge_moments(total: Moments, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-    """Chan et al.'s parallel update of ``total`` with another part's (count, mean, M2), as in ``Moments.add``."""
-    if total.mean is None:
-        total.n, total.mean, total.m2 = n_b, mean_b, m2_b
-        return
-    n = total.n + n_b
-    delta = mean_b - total.mean
-    total.mean = total.mean + delta * (n_b / n)
-    total.m2 = total.m2 + m2_b + delta * delta * (total.n * n_b / n)
-    total.n = n
-
-
 def _normalise_into(out: torch.Tensor, x: torch.Tensor, norm: Norm) -> None:
     """out = silu(x * scale + shift) (or without silu), computed in the statistics' precision."""
     torch.addcmul(norm[1], x, norm[0], out=out)
@@ -149,7 +137,7 @@ class Bands:
         per_row = x.shape[3] // self.latent_width  # rows (and columns) per latent row at this resolution
         total = Moments()
         for r, (mean, m2) in enumerate(parts):
-            merge_moments(total, self.rows(r, per_row) * x.shape[3], mean, m2)
+            total.merge(self.rows(r, per_row) * x.shape[3], mean, m2)
         return total.norm(gn, silu)
 
     # -- layers --------------------------------------------------------------------------------------
