@@ -2,7 +2,8 @@
 
     python benchmarks/bench_tiling.py exactness --size 1024 --tile 256
     python benchmarks/bench_tiling.py fast --size 512 --tile 128
-    python benchmarks/bench_tiling.py memory --sizes 512 1024 1536 --tile 256
+    python benchmarks/bench_tiling.py memory --sizes 1024 2048 --tile 256
+    python benchmarks/bench_tiling.py memory --sizes 4096 --tile 256 --modes recompute
     python benchmarks/bench_tiling.py speed --size 2048 --tile 512 --recompute --warmup 0 --repeats 2
     python benchmarks/bench_tiling.py capacity --budget-gib 8
 
@@ -130,29 +131,35 @@ def cmd_fast(args) -> dict:
 def cmd_child(args) -> dict:
     """One decode in this process: peak RSS above the RSS before it."""
     torch.set_num_threads(args.threads)
-    vae = model(args.profile, args.model)
-    z = latent(vae, args.size)
-    before = psutil.Process().memory_info().rss
+    device = torch.device(args.device)
+    vae = model(args.profile, args.model).to(device)
+    z = latent(vae, args.size).to(device)
+    before = psutil.Process().memory_info().rss if device.type == "cpu" else 0  # CUDA: counted above z and weights
     tile = None if args.mode == "untiled" else args.tile
 
     def run():
         with torch.no_grad():
             vae.decode(z, tile=tile, recompute=args.mode == "recompute") if tile else vae.decode(z)
 
-    peak, what = measure_peak_memory(run, torch.device("cpu"))
-    return {"mode": args.mode, "size": args.size, "peak_above_baseline": peak - before, "measured": what}
+    try:
+        peak, what = measure_peak_memory(run, device)
+    except torch.OutOfMemoryError:
+        return {"mode": args.mode, "size": args.size, "out_of_memory": True, "device": args.device}
+    return {"mode": args.mode, "size": args.size, "peak_above_baseline": peak - before, "measured": what,
+            "device": args.device}
 
 
 def cmd_memory(args) -> dict:
     cfg = load_settings(args.profile).model
     f, report = cfg.downsample_factor, []
     for size in args.sizes:
-        for mode in ("untiled", "exact", "recompute"):
+        for mode in args.modes:
             out = subprocess.run([sys.executable, __file__, "child", "--mode", mode, "--size", str(size),
-                                  "--tile", str(args.tile), "--profile", args.profile, "--threads", str(args.threads)],
-                                 capture_output=True, text=True, check=True)
+                                  "--tile", str(args.tile), "--profile", args.profile, "--threads", str(args.threads),
+                                  "--device", args.device], capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            est = (untiled_peak_bytes(cfg, "decode", 1, size // f, size // f) if mode == "untiled"
+            est = (untiled_peak_bytes(cfg, "decode", 1, size // f, size // f, device_type=args.device)
+                   if mode == "untiled"
                    else tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile,
                                          recompute=mode == "recompute"))
             row["estimated"] = est
@@ -193,9 +200,9 @@ def cmd_capacity(args) -> dict:
 
 def cmd_speed(args) -> dict:
     """Untiled, exact and (``--recompute``) exact-with-recompute decodes, interleaved in one run."""
-    vae = model(args.profile, args.model)
-    z = latent(vae, args.size)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    vae = model(args.profile, args.model).to(device)
+    z = latent(vae, args.size).to(device)
 
     def untiled():
         with torch.no_grad():
@@ -234,12 +241,15 @@ def main() -> None:
     p.add_argument("--extrapolate", type=int, nargs="*", default=[2048, 4096])
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="capacity: whose untiled layout to estimate")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="memory, speed: where to decode (CUDA memory: max allocated); capacity: whose untiled layout to estimate")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--recompute", action="store_true", help="speed: also time the exact decode with recompute")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=["untiled", "exact", "recompute"], default="exact")
+    p.add_argument("--modes", nargs="+", choices=["untiled", "exact", "recompute"], default=["untiled", "exact", "recompute"],
+                   help="memory: the decodes to measure, each in its own process")
     args = p.parse_args()
     print(json.dumps(globals()[f"cmd_{args.what}"](args)))
 

@@ -150,6 +150,17 @@ if [ "$DRY" = 1 ]; then
 else
   step bench-input 90 $PY benchmarks/bench_input.py --gpu --images 96 --batch 24 --repeats 2 --json "$OUT/json/input.json"
 fi
+# Tiled decode (issue #17): max allocated, untiled against exact and exact with recompute, each in
+# its own process, and their times side by side at 2048 px.
+if [ "$DRY" = 1 ]; then
+  step tiling $T bash -c "$PY benchmarks/bench_tiling.py memory --sizes 64 --tile 32 --extrapolate \
+    > $OUT/json/tiling-memory.json && $PY benchmarks/bench_tiling.py speed --size 64 --tile 32 --recompute \
+    --repeats 1 --warmup 0 > $OUT/json/tiling-speed.json"
+else
+  step tiling 150 bash -c "$PY benchmarks/bench_tiling.py memory --device cuda --sizes 2048 4096 --tile 512 \
+    --extrapolate > $OUT/json/tiling-memory.json && $PY benchmarks/bench_tiling.py speed --device cuda \
+    --size 2048 --tile 512 --recompute --repeats 3 > $OUT/json/tiling-speed.json"
+fi
 
 # Eager fp32 (cuDNN uses TF32) and bf16 channels_last: fast against standard, interleaved.
 bench fp32 $T --against standard --precision fp32 --resolutions $R_MAIN --batch-sizes $B_MAIN
