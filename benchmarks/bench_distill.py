@@ -1,6 +1,7 @@
 """Decoder distillation: quality per step (prune vs random init), decode speed, training memory.
 
     python benchmarks/bench_distill.py --teacher-steps 250 --student-steps 160 --out distill.json
+    python benchmarks/bench_distill.py --teacher runs/demo/final --size 128 --student-steps 300 --eval-every 25
     python benchmarks/bench_distill.py --device cuda --teacher FLUX.1-dev/vae --speed-only --resolution 1024 \\
         --precision bf16 --compile
 
@@ -151,7 +152,7 @@ def speed(teacher: VAE, student: VAE, resolution: int, batch: int, device: torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/bench-distill"))
-    p.add_argument("--teacher", type=Path, help="an existing teacher (skips training one; speed and memory only)")
+    p.add_argument("--teacher", type=Path, help="an existing teacher folder, e.g. the demo model (runs/demo/final); skips training one")
     p.add_argument("--teacher-steps", type=int, default=250)
     p.add_argument("--teacher-lr", type=float, default=5e-3, help="the demo profile's learning rate")
     p.add_argument("--student-lr", type=float, default=2e-3)
@@ -187,6 +188,11 @@ def main() -> None:
         print(f"teacher: {curve[-1]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     teacher = load_teacher(teacher_dir, device)
+    if "teacher" not in report:  # an existing teacher: its quality on the same held-out photos
+        psnr, ssim = quality(teacher, val)
+        report["teacher"] = {"path": str(teacher_dir), "widths": teacher.config.decoder_channels,
+                             "psnr": round(psnr, 3), "ssim": round(ssim, 4)}
+        print(f"teacher: {report['teacher']}", flush=True)
     widths = ([int(v) for v in args.decoder_channels.split(",")] if args.decoder_channels
               else STUDENT_DECODER if args.teacher is None else [c // 2 for c in teacher.config.decoder_channels])
     if not args.speed_only:
