@@ -39,6 +39,7 @@ import torch
 
 from zturbo.model.blocks import Attention, MidBlock, ResnetBlock2D
 from zturbo.model.errors import UsageError
+from zturbo.model.prune_fit import refit
 from zturbo.model.vae import VAE, Decoder, Encoder
 
 
@@ -164,8 +165,13 @@ def check_prunable(teacher: list[int], student: list[int], what: str) -> None:
 
 
 @torch.no_grad()
-def prune_into(teacher: Encoder | Decoder, student: Encoder | Decoder, groups: int) -> None:
-    """Set every weight of ``student`` from ``teacher``'s most important channels (same layout, narrower)."""
+def prune_into(teacher: Encoder | Decoder, student: Encoder | Decoder, groups: int,
+               calibration: torch.Tensor | None = None) -> None:
+    """Set every weight of ``student`` from ``teacher``'s most important channels (same layout, narrower).
+
+    With ``calibration`` (the coder's input on real data), the convs that read a narrowed
+    site are then refit to follow the teacher (``zturbo.model.prune_fit.refit``).
+    """
     tg, sg = site_graph(teacher), site_graph(student)
     if list(tg.layers) != list(sg.layers) or tg.norms != sg.norms:
         raise UsageError("the student's layers do not match the teacher's (levels, layers per block, attention)")
@@ -189,6 +195,9 @@ def prune_into(teacher: Encoder | Decoder, student: Encoder | Decoder, groups: i
     for name, site in tg.norms.items():
         s_mods[name].weight.copy_(t_mods[name].weight[keep[site]])
         s_mods[name].bias.copy_(t_mods[name].bias[keep[site]])
+    narrowed = {s for s in range(len(tg.widths)) if sg.widths[s] < tg.widths[s]}
+    if calibration is not None and narrowed:
+        refit(teacher, student, tg.layers, keep, narrowed, calibration)
 
 
 @torch.no_grad()
@@ -201,20 +210,32 @@ def copy_except(teacher: VAE, student: VAE, skip: tuple[str, ...]) -> None:
 
 
 @torch.no_grad()
-def prune_vae(teacher: VAE, student: VAE, parts: tuple[str, ...] = ("encoder", "decoder")) -> VAE:
+def prune_vae(teacher: VAE, student: VAE, parts: tuple[str, ...] = ("encoder", "decoder"),
+              images: torch.Tensor | None = None) -> VAE:
     """``student`` (same architecture, narrower ``parts``) initialised from ``teacher``.
 
     The parts not pruned, the quant convs and the latent normaliser are copied unchanged
-    (their shapes must match the teacher's).
+    (their shapes must match the teacher's). ``images`` (a batch in [-1, 1], e.g. training
+    crops) calibrate the pruned layers: the encoder on them, the decoder on the teacher's
+    latents of them.
     """
     cfg_t, cfg_s = teacher.config, student.config
     if cfg_t.norm_num_groups != cfg_s.norm_num_groups:
         raise UsageError("the student must have the teacher's norm_num_groups to be pruned from it")
     if "encoder" in parts:
         check_prunable(cfg_t.block_out_channels, cfg_s.block_out_channels, "encoder")
-        prune_into(teacher.encoder, student.encoder, cfg_s.norm_num_groups)
+        prune_into(teacher.encoder, student.encoder, cfg_s.norm_num_groups, images)
     if "decoder" in parts:
         check_prunable(cfg_t.decoder_channels, cfg_s.decoder_channels, "decoder")
-        prune_into(teacher.decoder, student.decoder, cfg_s.norm_num_groups)
+        prune_into(teacher.decoder, student.decoder, cfg_s.norm_num_groups, _decoder_input(teacher, images))
     copy_except(teacher, student, parts)
     return student
+
+
+@torch.no_grad()
+def _decoder_input(teacher: VAE, images: torch.Tensor | None) -> torch.Tensor | None:
+    """What the teacher's decoder module reads for ``images``: the post-quant conv of their posterior mean."""
+    if images is None:
+        return None
+    z = teacher.encode(images).mean
+    return teacher.post_quant_conv(z) if teacher.post_quant_conv is not None else z
