@@ -6,9 +6,10 @@
         --precision bf16 --compile
 
 Quality (CPU-sized by default): a small teacher, the demo profile's widths x2, is trained
-on the bundled photos; then two students with the teacher's encoder frozen and a decoder at
-half its widths train on the teacher's latents from the same data and seed, one from the
-pruned teacher, one from random weights. PSNR and SSIM on the held-out photos every
+on the bundled photos; then three students with the teacher's encoder frozen and a decoder at
+half its widths train on the teacher's latents from the same data and seed: one from the
+pruned teacher refit on the training images (the default), one pruned by weight magnitude
+alone (``calibration_images=0``), one from random weights. PSNR and SSIM on the held-out photos every
 ``--eval-every`` steps make the curve; the target is the pruned student reaching the
 teacher's PSNR - 1 dB in at most half the steps random init needs.
 
@@ -197,16 +198,23 @@ def main() -> None:
               else STUDENT_DECODER if args.teacher is None else [c // 2 for c in teacher.config.decoder_channels])
     if not args.speed_only:
         target = report["teacher"]["psnr"] - 1.0
-        for init in ("prune", "random"):
-            s = settings_for(args.work / init, args.student_steps, args.size, args.student_lr, teacher=teacher_dir,
-                             decoder_channels=widths, init=init)
+        # "prune": calibrated on the training images (the default); "prune_uncalibrated": the teacher's
+        # channels by weight magnitude alone (calibration_images=0).
+        variants = {"prune": ("prune", None), "prune_uncalibrated": ("prune", 0), "random": ("random", None)}
+        for name, (init, calibration) in variants.items():
+            extra = {} if calibration is None else {"calibration_images": calibration}
+            s = settings_for(args.work / name, args.student_steps, args.size, args.student_lr, teacher=teacher_dir,
+                             decoder_channels=widths, init=init, **extra)
+            t_init = time.perf_counter()
             d = Distillation(s, device)
+            init_s = time.perf_counter() - t_init
             engine = TrainEngine(d.settings, device, model=d.student, forward_module=d.forward,
                                  total_steps=args.student_steps, warmup_steps=10)
             curve = train(engine, split.train, args.size, args.student_steps, 1, val, args.eval_every)
-            report[init] = {"curve": curve, "steps_to_teacher_minus_1db": steps_to(curve, target)}
-            print(f"{init}: start {curve[0]}, end {curve[-1]}, reaches {target:.2f} dB at step "
-                  f"{report[init]['steps_to_teacher_minus_1db']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            report[name] = {"curve": curve, "steps_to_teacher_minus_1db": steps_to(curve, target),
+                            "init_s": round(init_s, 2)}
+            print(f"{name}: start {curve[0]}, end {curve[-1]}, reaches {target:.2f} dB at step "
+                  f"{report[name]['steps_to_teacher_minus_1db']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         p_steps, r_steps = report["prune"]["steps_to_teacher_minus_1db"], report["random"]["steps_to_teacher_minus_1db"]
         report["target_met"] = p_steps is not None and (r_steps is None or p_steps <= r_steps / 2)
         report["memory"] = memory(teacher_dir, args.work, args.size, device)

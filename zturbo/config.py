@@ -117,6 +117,9 @@ class DistillConfig(Section):
     decoder_channels: list[int] | None = Field(None, min_length=1, max_length=8, description="None: the teacher's")
     encoder_channels: list[int] | None = Field(None, min_length=1, max_length=8, description="None: the teacher's")
     init: Literal["prune", "random"] = "prune"
+    calibration_images: int = Field(
+        16, ge=0, le=4096, description="training images (centre crops) the pruned layers are refit on; 0: none"
+    )
     teacher_weight: float = Field(0.0, ge=0, description="weight of an L1 term to the teacher's reconstruction")
     latents_dir: Path | None = Field(None, description="`serve-batch encode` output of the teacher (decoder mode)")
     latent_channels: int | None = Field(None, ge=1, description="when set, must equal the teacher's")

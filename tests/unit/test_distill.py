@@ -183,10 +183,11 @@ def test_teacher_latents_are_accepted_by_fingerprint_alone(teacher_dir, photos, 
     latents = tmp_path / "latents"
     encode_collection(teacher_dir, photos, latents, ServeConfig(size=32, device="cpu", reading="phased"))
     # The check reads no image when the fingerprints match: with the images gone it still passes
-    # (the fallback re-encoding would stop at the missing file).
+    # (the fallback re-encoding would stop at the missing file). No calibration either: it reads images.
     data = tmp_path / "elsewhere"
     data.mkdir()
-    d = Distillation(settings(teacher_dir, data, tmp_path / "run", latents_dir=latents), torch.device("cpu"))
+    s = settings(teacher_dir, data, tmp_path / "run", latents_dir=latents, calibration_images=0)
+    d = Distillation(s, torch.device("cpu"))
     assert d.index.fingerprint == encoder_fingerprint(VAE.from_pretrained(teacher_dir))
 
 

@@ -83,7 +83,7 @@ def _teacher_sites(coder: nn.Module, names: list[str], keep_out: dict[str, torch
 
 
 @torch.no_grad()
-def _student_view(coder: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def student_view(coder: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's input to conv ``name`` and its residual into the site the conv writes."""
     reader, conv, writer = _modules(coder, name)
     seen: dict[str, torch.Tensor] = {}
@@ -147,7 +147,7 @@ def refit(teacher: Encoder | Decoder, student: Encoder | Decoder, layers: dict[s
     student.eval()
     try:
         for name in names:
-            inp, residual = _student_view(student, name, x)
+            inp, residual = student_view(student, name, x)
             weight, bias = ridge_conv(mods[name], inp, targets.pop(name) - residual)
             mods[name].weight.copy_(weight)
             mods[name].bias.copy_(bias)

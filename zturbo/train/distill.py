@@ -22,7 +22,8 @@ other widths. Modes:
 The decoder learns from the posterior mean (what `serve-batch encode` stores by
 default and what pipelines' ``argmax`` latents are); the KL term has weight 0 (the
 latent space is the teacher's). ``init="prune"`` starts every trained layer from the
-teacher's most important channels (``zturbo.model.prune``).
+teacher's most important channels (``zturbo.model.prune``), refit to the teacher on
+``calibration_images`` training images (``zturbo.model.prune_fit``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from zturbo.config import Settings
+from zturbo.data.datasets import load_batch, split_data
 from zturbo.data.latent_shards import LatentIndex, LatentPairDataset, bucket_image, read_latent_index
 from zturbo.errors import CheckpointError, ConfigError, InputError, UsageError
 from zturbo.model import VAE, load_pretrained
@@ -85,14 +87,30 @@ def student_config(teacher: ModelConfig, settings: Settings) -> ModelConfig:
         raise ConfigError(f"student widths: {format_validation_error(exc)}") from exc
 
 
-def build_student(teacher: VAE, config: ModelConfig, mode: str, init: str, seed: int = 0) -> VAE:
-    """The student VAE: trained parts pruned from the teacher (or random), the rest the teacher's, frozen."""
+def calibration_batch(settings: Settings, device: torch.device) -> torch.Tensor | None:
+    """``distill.calibration_images`` training images, evenly spaced, centre-cropped at the training size."""
+    count, data_dir = settings.distill.calibration_images, settings.data.data_dir
+    if count == 0 or data_dir is None or settings.distill.init != "prune":
+        return None
+    paths = split_data(data_dir, settings.data.val_images).train
+    if not paths:
+        return None
+    picked = [paths[i * len(paths) // min(count, len(paths))] for i in range(min(count, len(paths)))]
+    return load_batch(picked, settings.data.image_size).to(device)
+
+
+def build_student(teacher: VAE, config: ModelConfig, mode: str, init: str, seed: int = 0,
+                  calibration: torch.Tensor | None = None) -> VAE:
+    """The student VAE: trained parts pruned from the teacher (or random), the rest the teacher's, frozen.
+
+    ``calibration`` (training images) refits the pruned layers to the teacher (``zturbo.model.prune_fit``).
+    """
     torch.manual_seed(seed)
     student = VAE(config).to(next(teacher.parameters()).device)
     trained = TRAINED["decoder"] + TRAINED["encoder"] if mode == "both" else TRAINED[mode]
     coders = tuple(p for p in trained if p in ("encoder", "decoder"))
     if init == "prune":
-        prune_vae(teacher, student, coders)
+        prune_vae(teacher, student, coders, calibration)
     else:
         copy_except(teacher, student, coders)
     for name, module in student.named_children():
@@ -218,7 +236,8 @@ class Distillation:
         factor = config.downsample_factor
         if settings.data.image_size % factor:
             raise ConfigError(f"data.image_size={settings.data.image_size} must be divisible by the teacher's {factor}")
-        self.student = build_student(self.teacher, config, d.mode, d.init, settings.train.seed)
+        calibration = calibration_batch(settings, device)
+        self.student = build_student(self.teacher, config, d.mode, d.init, settings.train.seed, calibration)
         loss = settings.loss.model_copy(update={"kl_weight": 0.0})
         if d.mode == "encoder":  # the decoder is frozen: image losses are logged only
             loss = loss.model_copy(update={"perceptual_weight": 0.0, "disc_weight": 0.0})
