@@ -28,6 +28,16 @@ is the teacher exactly.
 In the attention, the score ``q.k / sqrt(d)`` changes scale with the width ``d``: the
 student's query weights are scaled by ``sqrt(d_student / d_teacher)`` so its scores on
 the kept dimensions equal the teacher's.
+
+Calibration: restricting weights alone does not preserve the teacher's function. Every
+layer reading a narrowed site loses the removed channels' contribution, and each student
+GroupNorm group normalises by the statistics of fewer channels; the errors compound, and
+on the demo model the pruned decoder starts no better than random weights. Given
+calibration inputs (``prune_vae(..., images=...)``: training crops), every conv that reads
+a narrowed site is then refit, in forward order, to reproduce the teacher's value of the
+site it writes from the student's own input (``zturbo.model.prune_fit``). The channel
+choice stays the weight rule above: on the demo model, choosing by calibration activations
+(mean |input| x the reader's weight norm) starts better without the refit but worse with it.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from zturbo.model.blocks import Upsample2D
 from zturbo.model.vae import Decoder, Encoder
 
 DAMPING = 1e-2  # ridge weight relative to the mean diagonal of X^T X
+CHUNK = 16384  # patch positions per float64 product
 
 
 class _Stop(Exception):
@@ -50,82 +51,63 @@ def _conv_input(module: nn.Module, args: tuple) -> torch.Tensor:
     return x.detach().clone()
 
 
-def _modules(coder: nn.Module, name: str) -> tuple[nn.Module, nn.Conv2d, nn.Module]:
-    """(module whose input is the conv's input, the conv, module whose output is the site value)."""
+def _modules(coder: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
+    """(module whose input is conv ``name``'s input and whose output is its output, module whose output is the site value)."""
     mods = dict(coder.named_modules())
-    conv = mods[name]
     parent = name.rsplit(".", 1)[0] if "." in name else ""
-    reader = mods[parent] if isinstance(mods.get(parent), Upsample2D) else conv
+    reader = mods[parent] if isinstance(mods.get(parent), Upsample2D) else mods[name]
     writer = mods[parent] if name.endswith(".conv2") else reader  # a ResNet's sum, skip included
-    return reader, conv, writer
+    return reader, writer
 
 
 @torch.no_grad()
-def _teacher_sites(coder: nn.Module, names: list[str], keep_out: dict[str, torch.Tensor | None],
-                   x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher's value of the site each conv writes, on the student's kept channels."""
-    sites: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        _, _, writer = _modules(coder, name)
+def conv_view(coder: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Conv ``name``'s input, output and the value of the site it writes (after a ResNet's skip add).
 
-        def hook(_m, _a, out, name=name):
-            keep = keep_out[name]
-            sites[name] = (out if keep is None else out[:, keep]).detach().clone()
-
-        handles.append(writer.register_forward_hook(hook))
-    try:
-        coder(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return sites
-
-
-@torch.no_grad()
-def student_view(coder: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's input to conv ``name`` and its residual into the site the conv writes."""
-    reader, conv, writer = _modules(coder, name)
+    The forward stops there, so one layer's tensors are held at a time.
+    """
+    reader, writer = _modules(coder, name)
     seen: dict[str, torch.Tensor] = {}
 
-    def read(m, args, _out):
-        seen["input"] = _conv_input(m, args)
-
-    def out(_m, _a, y):
-        seen["out"] = y.detach().clone()
+    def read(m, args, y):  # the reader's output is the conv's (an Upsample2D's conv may never be called itself)
+        seen["input"], seen["out"] = _conv_input(m, args), y.detach().clone()
+        if writer is reader:
+            raise _Stop
 
     def site(_m, _a, y):
         seen["site"] = y.detach().clone()
         raise _Stop
 
-    handles = [reader.register_forward_hook(read), conv.register_forward_hook(out) if writer is not reader else None,
-               writer.register_forward_hook(site)]
+    handles = [reader.register_forward_hook(read)]
+    if writer is not reader:
+        handles.append(writer.register_forward_hook(site))
     try:
         coder(x)
     except _Stop:
         pass
     finally:
         for h in handles:
-            if h is not None:
-                h.remove()
-    residual = seen["site"] - seen["out"] if "out" in seen else torch.zeros_like(seen["site"])
-    return seen["input"], residual
+            h.remove()
+    return seen["input"], seen["out"], seen.get("site", seen["out"])
 
 
 def ridge_conv(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias minimising ``||conv(x) - y||^2 + lam ||(W, b) - (W0, b0)||^2`` (the module docstring)."""
     co, ci, kh, kw = conv.weight.shape
     features = ci * kh * kw + 1
-    gram = torch.zeros(features, features, dtype=torch.float64)
-    cross = torch.zeros(features, co, dtype=torch.float64)
+    f64 = {"dtype": torch.float64, "device": x.device}
+    gram, cross = torch.zeros(features, features, **f64), torch.zeros(features, co, **f64)
     for xi, yi in zip(x.split(1), y.split(1)):  # one image at a time: the patch matrix of one is enough memory
-        patches = F.unfold(xi.double(), (kh, kw), padding=conv.padding, stride=conv.stride, dilation=conv.dilation)[0]
-        a = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=torch.float64)])  # (features, positions)
-        gram += a @ a.T
-        cross += a @ yi.double().flatten(2)[0].T
-    start = torch.cat([conv.weight.detach().double().reshape(co, -1), conv.bias.detach().double()[:, None]], 1).T
+        patches = F.unfold(xi.float(), (kh, kw), padding=conv.padding, stride=conv.stride, dilation=conv.dilation)[0]
+        targets = yi.float().flatten(2)[0]
+        for start in range(0, patches.shape[1], CHUNK):  # sums in float64, a chunk of positions at a time
+            a = patches[:, start:start + CHUNK].double()
+            a = torch.cat([a, torch.ones(1, a.shape[1], **f64)])  # (features, positions)
+            gram += a @ a.T
+            cross += a @ targets[:, start:start + CHUNK].double().T
+    theta0 = torch.cat([conv.weight.detach().double().reshape(co, -1), conv.bias.detach().double()[:, None]], 1).T
     lam = damping * gram.diagonal().mean().clamp_min(1e-12)
-    theta = torch.linalg.solve(gram + lam * torch.eye(features, dtype=torch.float64), cross + lam * start)
+    theta = torch.linalg.solve(gram + lam * torch.eye(features, **f64), cross + lam * theta0)
     weight, bias = theta[:-1].T.reshape(co, ci, kh, kw), theta[-1]
     return weight.to(conv.weight.dtype), bias.to(conv.bias.dtype)
 
@@ -142,13 +124,14 @@ def refit(teacher: Encoder | Decoder, student: Encoder | Decoder, layers: dict[s
     mods = dict(student.named_modules())
     names = [n for n, (src, _) in layers.items() if isinstance(mods[n], nn.Conv2d) and src in narrowed]
     keep_out = {n: None if layers[n][1] is None else keep[layers[n][1]] for n in names}
-    targets = _teacher_sites(teacher, names, keep_out, x)
     was_training = student.training
     student.eval()
     try:
         for name in names:
-            inp, residual = student_view(student, name, x)
-            weight, bias = ridge_conv(mods[name], inp, targets.pop(name) - residual)
+            site = conv_view(teacher, name, x)[2]
+            target = site if keep_out[name] is None else site[:, keep_out[name]]
+            inp, out, own = conv_view(student, name, x)
+            weight, bias = ridge_conv(mods[name], inp, target - (own - out))  # minus the student's residual
             mods[name].weight.copy_(weight)
             mods[name].bias.copy_(bias)
     finally:

@@ -87,8 +87,12 @@ def student_config(teacher: ModelConfig, settings: Settings) -> ModelConfig:
         raise ConfigError(f"student widths: {format_validation_error(exc)}") from exc
 
 
+CALIBRATION_SIZE = 256  # the largest calibration crop: convolutions are local, and the refit's memory grows with it
+
+
 def calibration_batch(settings: Settings, device: torch.device) -> torch.Tensor | None:
-    """``distill.calibration_images`` training images, evenly spaced, centre-cropped at the training size."""
+    """``distill.calibration_images`` training images, evenly spaced, centre crops of the training size
+    (at most ``CALIBRATION_SIZE``)."""
     count, data_dir = settings.distill.calibration_images, settings.data.data_dir
     if count == 0 or data_dir is None or settings.distill.init != "prune":
         return None
@@ -96,7 +100,7 @@ def calibration_batch(settings: Settings, device: torch.device) -> torch.Tensor 
     if not paths:
         return None
     picked = [paths[i * len(paths) // min(count, len(paths))] for i in range(min(count, len(paths)))]
-    return load_batch(picked, settings.data.image_size).to(device)
+    return load_batch(picked, min(settings.data.image_size, CALIBRATION_SIZE)).to(device)
 
 
 def build_student(teacher: VAE, config: ModelConfig, mode: str, init: str, seed: int = 0,
