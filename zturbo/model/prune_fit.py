@@ -18,8 +18,8 @@ weights and Y the teacher's value of the site the layer writes, on the kept chan
 minus the student's residual into that site (the skip or shortcut that a ResNet's second
 conv is added to). The ridge term pulls towards the pruned teacher weights where the
 calibration data say little (GPTQ's 1% damping of the Hessian's mean diagonal), and since
-``W0`` is a candidate the fitted layer is never worse on the calibration data than the
-pruned one. The removed channels' mean contribution (bias compensation) is one of the
+``W0`` is a candidate the fitted layer, given the same input, is never worse on the
+calibration data than the pruned one. The removed channels' mean contribution (bias compensation) is one of the
 directions this fit covers.
 
 Convolutions whose input is complete (the first conv, reading the image or latent) keep the
@@ -52,7 +52,7 @@ def _conv_input(module: nn.Module, args: tuple) -> torch.Tensor:
 
 
 def _modules(coder: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
-    """(module whose input is conv ``name``'s input and whose output is its output, module whose output is the site value)."""
+    """(the module whose input and output are conv ``name``'s, the module whose output is the site it writes)."""
     mods = dict(coder.named_modules())
     parent = name.rsplit(".", 1)[0] if "." in name else ""
     reader = mods[parent] if isinstance(mods.get(parent), Upsample2D) else mods[name]
@@ -91,7 +91,8 @@ def conv_view(coder: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tenso
     return seen["input"], seen["out"], seen.get("site", seen["out"])
 
 
-def ridge_conv(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_conv(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor,
+               damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias minimising ``||conv(x) - y||^2 + lam ||(W, b) - (W0, b0)||^2`` (the module docstring)."""
     co, ci, kh, kw = conv.weight.shape
     features = ci * kh * kw + 1
