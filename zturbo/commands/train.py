@@ -120,6 +120,8 @@ FLAGS = [
     Flag("--encoder-channels", "distill.encoder_channels", str, "Student encoder widths (encoder / both).",
          parse=lambda text: parse_int_list(text, "--encoder-channels")),
     Flag("--init", "distill.init", str, "prune (default: from the teacher's channels) | random."),
+    Flag("--calibration-images", "distill.calibration_images", int,
+         "--init prune: training images whose activations refit the pruned layers (0: weights only)."),
     Flag("--teacher-weight", "distill.teacher_weight", float, "L1 weight to the teacher's reconstruction."),
     Flag("--latents", "distill.latents_dir", Path,
          "`serve-batch encode` output of --data by the teacher (decoder mode)."),
