@@ -58,3 +58,8 @@ def write_demo_photos(folder: Path, count: int = 4, size: int = 32) -> Path:
         with Image.open(path) as im:
             im.convert("RGB").resize((size, size)).save(folder / f"{path.stem}.png")
     return folder
+
+
+def train_argv(config: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    """``zturbo train`` arguments (without the program) for the tiny config on ``data``, into ``output``."""
+    return ["train", "--config", str(config), "--data", str(data), "--output", str(output), *extra]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from train_helpers import subprocess_env
+from train_helpers import subprocess_env, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +26,7 @@ def test_two_process_gloo_ddp_writes_a_loadable_checkpoint(tiny_config, small_da
         "2",
         "-m",
         "zturbo",
-        "train",
-        "--config",
-        str(tiny_config),
-        "--data",
-        str(small_data),
-        "--output",
-        str(run_dir),
+        *train_argv(tiny_config, small_data, run_dir),
         "--max-steps",
         "2",
         "--checkpoint-every",

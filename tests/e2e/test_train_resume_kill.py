@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import subprocess_env
+from train_helpers import subprocess_env, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +21,7 @@ def _train_cmd(config: Path, data: Path, output: Path, *extra: str) -> list[str]
         sys.executable,
         "-m",
         "zturbo",
-        "train",
-        "--config",
-        str(config),
-        "--data",
-        str(data),
-        "--output",
-        str(output),
+        *train_argv(config, data, output),
         "--max-steps",
         "14",
         "--checkpoint-every",

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from train_helpers import train_argv
 
 from zturbo.config import LossConfig, load_settings
 from zturbo.model.vae import VAE
 from zturbo.train import NonFiniteLossError, TrainEngine, Trainer
 from zturbo.train.losses import VAELoss, discriminator_loss
-
 
 # 2 shared cores: one intra-op thread is faster and keeps CPU numerics reproducible.
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
@@ -250,21 +250,7 @@ def test_corrupt_image_is_skipped_with_a_warning(tiny_config, small_data, tmp_pa
     good = next(small_data.glob("*.png"))
     (small_data / "truncated.png").write_bytes(good.read_bytes()[:200])
     (small_data / "empty.jpg").write_bytes(b"")
-    rc = run(
-        [
-            "train",
-            "--config",
-            str(tiny_config),
-            "--data",
-            str(small_data),
-            "--output",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "4",
-            "--json",
-            "--quiet",
-        ]
-    )
+    rc = run(train_argv(tiny_config, small_data, tmp_path / "run", "--max-steps", "4", "--json", "--quiet"))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "skipping unreadable image" in captured.err and "broken.png" in captured.err
@@ -274,17 +260,7 @@ def test_corrupt_image_is_skipped_with_a_warning(tiny_config, small_data, tmp_pa
 def test_existing_run_needs_resume_flag(tiny_config, small_data, tmp_path, capsys):
     from zturbo.cli import run
 
-    args = [
-        "train",
-        "--config",
-        str(tiny_config),
-        "--data",
-        str(small_data),
-        "--output",
-        str(tmp_path / "run"),
-        "--quiet",
-        "--json",
-    ]
+    args = train_argv(tiny_config, small_data, tmp_path / "run", "--quiet", "--json")
     assert run([*args, "--max-steps", "2"]) == 0
     capsys.readouterr()
     assert run([*args, "--max-steps", "3"]) == 2
@@ -302,21 +278,7 @@ def test_missing_lpips_weights_is_a_clear_error(tiny_config, small_data, tmp_pat
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    rc = run(
-        [
-            "train",
-            "--config",
-            str(tiny_config),
-            "--data",
-            str(small_data),
-            "--output",
-            str(tmp_path / "run"),
-            "--perceptual-weight",
-            "0.5",
-            "--max-steps",
-            "1",
-        ]
-    )
+    rc = run(train_argv(tiny_config, small_data, tmp_path / "run", "--perceptual-weight", "0.5", "--max-steps", "1"))
     err = capsys.readouterr().err
     assert rc == 1
     assert "vgg16-397923af.pth" in err and str(tmp_path / "hub") in err and "perceptual weight to 0" in err
