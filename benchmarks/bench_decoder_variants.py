@@ -3,7 +3,7 @@
     python benchmarks/bench_decoder_variants.py --device cuda                       # fast, 1024 px, b8, bf16
     python benchmarks/bench_decoder_variants.py --device cpu --resolution 256 --batch 1 --precision fp32 --compile none
 
-Variants (see ``zturbo.model.blocks.set_kernels``; the function computed is the same):
+Variants (see ``zturbo.model.kernels.Kernels``; the function computed is the same):
 
     baseline     nearest x2 + 3x3 conv, scaled_dot_product_attention, F.group_norm
     subpixel     the upsample conv as a 2x2 conv per output phase (16/36 of the multiply-adds)
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from zturbo.bench.timing import synchronize, time_interleaved, time_once
     from zturbo.config import load_settings
     from zturbo.model import VAE
-    from zturbo.model.blocks import set_kernels
     from zturbo.model.flops import vae_flops
+    from zturbo.model.kernels import Kernels
     from zturbo.utils import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = measure_matmul_peak(device, torch.bfloat16, 8192) if cuda else None
     flops = {}
     for name, kernels in VARIANTS.items():
-        previous = set_kernels(**kernels)
-        flops[name] = vae_flops(cfg, args.resolution, batch=args.batch)[args.part]
-        set_kernels(**previous)
+        flops[name] = vae_flops(cfg, args.resolution, batch=args.batch, kernels=Kernels(**kernels))[args.part]
     # "auto" attention only differs from sdpa in how, not how much: the counter counts both alike.
 
     def row(name: str, layout: str, backend: str, ms: float) -> dict:
@@ -145,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             fns, outs = [], {}
             for name, kernels in VARIANTS.items():
                 def fn(name=name, kernels=kernels, x=x, outs=outs):
-                    set_kernels(**kernels)
+                    vae.set_kernels(**kernels)
                     outs[name] = call(x)
                 fns.append(fn)
             timings = time_interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
-            set_kernels(**VARIANTS["all"])
+            vae.set_kernels(**VARIANTS["all"])
             ref = outs["baseline"].float()
             scale = ref.abs().max().item() or 1.0
             for (name, _), t in zip(VARIANTS.items(), timings):
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         vae.to(memory_format=torch.channels_last)
         x = x0.contiguous(memory_format=torch.channels_last)
         for name in names:
-            set_kernels(**VARIANTS[name])
+            vae.set_kernels(**VARIANTS[name])
             torch._dynamo.reset()
             fn = torch.compile(call, dynamic=False)
             # Compiling is host work: timed by the host clock, up to the end of the warm-up calls.
@@ -176,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
             if cuda and name == names[-1]:
                 compiled_profile = kernel_profile(lambda fn=fn: fn(x))
-        set_kernels(**VARIANTS["all"])
+        vae.set_kernels(**VARIANTS["all"])
 
     title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision} on "
              f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}"

@@ -139,7 +139,7 @@ class PrepareConfig(Section):
 
 
 class Tiling(Section):
-    """Tiled encode and decode (``zturbo.model.tiling``), for the jobs that run a model on images."""
+    """Tiled encode and decode (``zturbo.tiling``), for the jobs that run a model on images."""
 
     tile: int | Literal["auto"] | None = Field(
         None, description="tile side in pixels, 'auto' (tiles only when untiled would not fit), None: whole images"

@@ -1,8 +1,9 @@
 """The import graph of the package: no cycles, no import up the layers, none hidden in a function.
 
-Layers, lowest first: model < helpers < data < train / export < artifacts < backends
+Layers, lowest first: model < tiling, helpers < data < train / export < artifacts < backends
 < eval / bench / serve < commands. The helpers (config, errors, utils, console,
-environment, version, profiles_table) cut across and may import the model only.
+environment, version, profiles_table) cut across and may import the model only; tiling
+reads the model's layer plan and nothing else.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "zturbo"
 
 LAYERS = {
     "model": 0,
+    "tiling": 1,  # the tiled engines over the model's layer plan
     "version": 1,
     "errors": 1,
     "config": 1,

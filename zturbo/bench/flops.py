@@ -16,24 +16,25 @@ import torch
 
 from zturbo.bench.timing import time_interleaved
 from zturbo.model import ModelConfig
-from zturbo.model.flops import count_flops, vae_flops
-from zturbo.model.vae import VAE
+from zturbo.model.flops import count_flops, meta_vae, vae_flops
+from zturbo.model.kernels import Kernels
 
 
-def flops_per_image(config: ModelConfig, resolution: int) -> dict[str, int]:
-    """{'encode': ..., 'decode': ..., 'train': ...} FLOPs for one image at ``resolution``.
+def flops_per_image(config: ModelConfig, resolution: int, kernels: Kernels | None = None) -> dict[str, int]:
+    """{'encode': ..., 'decode': ..., 'train': ...} FLOPs for one image at ``resolution``, computed with
+    ``kernels`` (the model's choice of upsampling and attention; default: the defaults).
 
     ``train`` is one forward (encode + decode) and backward pass of the VAE alone:
     the perceptual network and the discriminator are not counted.
     """
-    counts = vae_flops(config, resolution, batch=1)
-    counts["train"] = vae_train_flops(config, resolution)
+    counts = vae_flops(config, resolution, batch=1, kernels=kernels)
+    counts["train"] = vae_train_flops(config, resolution, kernels)
     return counts
 
 
-def vae_train_flops(config: ModelConfig, resolution: int) -> int:
+def vae_train_flops(config: ModelConfig, resolution: int, kernels: Kernels | None = None) -> int:
+    vae = meta_vae(config, kernels).train()
     with torch.device("meta"):
-        vae = VAE(config).train()
         x = torch.empty(1, config.in_channels, resolution, resolution)
 
     def step(images: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from zturbo.model.config import ModelConfig
+from zturbo.model.kernels import Kernels
 from zturbo.model.vae import VAE
 
 
@@ -19,10 +20,19 @@ def count_flops(fn, *args) -> int:
     return int(counter.get_total_flops())
 
 
-def vae_flops(config: ModelConfig, resolution: int, batch: int = 1) -> dict[str, int]:
-    """FLOPs of encode (to the posterior) and decode for one batch at ``resolution``."""
+def meta_vae(config: ModelConfig, kernels: Kernels | None = None) -> VAE:
+    """The model on the meta device (shapes, no memory), computing with ``kernels`` (default: the defaults)."""
     with torch.device("meta"):
-        vae = VAE(config).eval()
+        vae = VAE(config)
+    if kernels is not None:
+        vae.set_kernels(**kernels.as_dict())
+    return vae
+
+
+def vae_flops(config: ModelConfig, resolution: int, batch: int = 1, kernels: Kernels | None = None) -> dict[str, int]:
+    """FLOPs of encode (to the posterior) and decode for one batch at ``resolution``, computed with ``kernels``."""
+    vae = meta_vae(config, kernels).eval()
+    with torch.device("meta"):
         x = torch.empty(batch, config.in_channels, resolution, resolution)
         lat = resolution // config.downsample_factor
         z = torch.empty(batch, config.latent_channels, lat, lat)

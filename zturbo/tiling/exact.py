@@ -10,26 +10,24 @@ Every activation is kept as a grid of tiles (on the compute device, or on the CP
   padding is the zero row and column just outside the image, so it needs no special case;
 - the upsample (nearest x2 + 3x3 conv) computes each output phase as a 2x2 conv on the
   low-resolution tile with a one-pixel halo (``blocks.subpixel_weight``);
-- GroupNorm needs the statistics of the whole image before any tile is normalised. Each
-  tile's per-channel count, mean and sum of squared deviations (M2) are taken in fp32 as the
-  tile is produced and merged into running totals with Chan et al.'s parallel update
-  (``delta = mean_b - mean_a``; ``M2 = M2_a + M2_b + delta^2 n_a n_b / n``). Unlike one running
-  sum of x and x^2 over ~10^8 elements, this never subtracts two large nearly equal numbers
-  (the cancellation that loses all digits of the variance when the mean is large next to
-  the spread), and each tile's M2 comes from a two-pass ``var_mean`` over a small tile.
-  The normalisation is then applied while gathering each tile's input region;
+- GroupNorm needs the statistics of the whole image before any tile is normalised: each tile's
+  moments are merged as it is produced (``maps.Moments``), and the normalisation is applied
+  while gathering each tile's input region;
 - the mid-block attention is exact global attention: keys and values for all tokens (linear
   in tokens), then for each query tile an online softmax over key blocks (running max and
   sum in fp32), so no score matrix larger than one block pair ever exists.
 
 A tile's inputs are released once no later tile needs them, so one layer's input and
 output (plus a resnet's inner activation) are alive at a time, not the whole network's.
-Inference only: runs without autograd.
+- any other (``local``) layer runs as a module on its input window: grown by its halo, clipped
+  to the image so that its own zero padding falls on the image's edges (``maps.local_window``).
+
+The layers come from the coder's ``plan()`` (``zturbo.model.plan``), so any architecture made of
+those kinds tiles with no change here. Inference only: runs without autograd.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,130 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zturbo.model.blocks import Attention, MidBlock, ResnetBlock2D, Upsample2D, subpixel_weight
-
-Norm = tuple[torch.Tensor, torch.Tensor, bool]  # (scale, shift, silu), scale/shift (B, C, 1, 1) fp32
-Q_CHUNK = 1024  # query tokens per attention block (at most one tile's)
-K_CHUNK = 1024  # key tokens per attention block: scores are at most Q_CHUNK x K_CHUNK fp32 (4 MiB) per sample
-
-
-class Moments:
-    """Per-sample, per-channel element count, mean and M2 in fp32, merged tile by tile (Chan et al.)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, tile: torch.Tensor) -> None:
-        b, c, h, w = tile.shape
-        n_b = h * w
-        # Per-channel moments by GroupNorm's moments kernel with one channel per group: a stable
-        # (Welford, cascaded) one-read reduction, ~3x faster on the CPU than var_mean. Its output is unused.
-        acc = torch.promote_types(tile.dtype, torch.float32)  # fp32 at least, never below the input's precision
-        _, mean, rstd = torch.native_group_norm(tile.to(acc), None, None, b, c, n_b, c, 0.0)
-        mean = mean.view(b, c)
-        m2 = rstd.view(b, c).pow(-2) * n_b  # eps 0: rstd = var^-1/2 (inf, giving 0, for a constant channel)
-        self.merge(n_b, mean, m2)
-
-    def merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        """Chan et al.'s parallel update with another part's count, mean and M2."""
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta * delta * (self.n * n_b / n)
-        self.n = n
-
-    def norm(self, gn: nn.GroupNorm, silu: bool) -> Norm:
-        """GroupNorm as one fp32 scale and shift per (sample, channel)."""
-        b, c = self.mean.shape
-        g = gn.num_groups
-        mean_c, m2_c = self.mean.view(b, g, -1), self.m2.view(b, g, -1)
-        mean_g = mean_c.mean(-1, keepdim=True)  # equal counts per channel: the plain mean of means
-        m2_g = m2_c.sum(-1, keepdim=True) + self.n * (mean_c - mean_g).pow(2).sum(-1, keepdim=True)
-        rstd = torch.rsqrt(m2_g / (self.n * (c // g)) + gn.eps)
-        scale = rstd.expand(b, g, c // g)
-        if gn.affine:
-            scale = scale * gn.weight.to(scale.dtype).view(1, g, -1)
-        shift = -mean_g * scale
-        if gn.affine:
-            shift = shift + gn.bias.to(shift.dtype).view(1, g, -1)
-        return scale.reshape(b, c, 1, 1), shift.reshape(b, c, 1, 1), silu
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Tile boundaries along rows and columns (first 0, last the map's size)."""
-
-    rows: tuple[int, ...]
-    cols: tuple[int, ...]
-
-    @classmethod
-    def even(cls, height: int, width: int, step: int) -> Grid:
-        return cls(tuple(range(0, height, step)) + (height,), tuple(range(0, width, step)) + (width,))
-
-    def mapped(self, fn: Callable[[int], int]) -> Grid:
-        """The grid another resolution's tiles use: boundaries mapped by ``fn``, empty tiles dropped."""
-        return Grid(tuple(dict.fromkeys(fn(b) for b in self.rows)), tuple(dict.fromkeys(fn(b) for b in self.cols)))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return len(self.rows) - 1, len(self.cols) - 1
-
-
-class TiledMap:
-    """A (B, C, H, W) activation held as a grid of tiles, with the moments of its values."""
-
-    def __init__(self, grid: Grid, tiles: list[list[torch.Tensor | None]], moments: Moments | None = None):
-        self.grid, self.tiles, self.moments = grid, tiles, moments
-        first = tiles[0][0]
-        self.batch, self.channels, self.dtype = first.shape[0], first.shape[1], first.dtype
-
-    @classmethod
-    def of(cls, x: torch.Tensor, grid: Grid, with_moments: bool = False) -> TiledMap:
-        """Views of ``x`` (no copy), with their moments if asked."""
-        r, c = grid.rows, grid.cols
-        tiles = [[x[:, :, r[i] : r[i + 1], c[j] : c[j + 1]] for j in range(len(c) - 1)] for i in range(len(r) - 1)]
-        moments = Moments() if with_moments else None
-        for t in (t for row in tiles for t in row if with_moments):
-            moments.add(t)
-        return cls(grid, tiles, moments)
-
-    def region(self, y0: int, y1: int, x0: int, x1: int, device: torch.device, norm: Norm | None = None) -> torch.Tensor:
-        """Rows [y0, y1) and columns [x0, x1), zero outside the map, normalised first if ``norm``."""
-        rows, cols = self.grid.rows, self.grid.cols
-        iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, rows[-1]), max(x0, 0), min(x1, cols[-1])
-        out = torch.empty((self.batch, self.channels, y1 - y0, x1 - x0), dtype=self.dtype, device=device)
-        # Zeros only outside the map, as the untiled conv pads (after normalisation).
-        out[:, :, : iy0 - y0].zero_()
-        out[:, :, iy1 - y0 :].zero_()
-        out[:, :, :, : ix0 - x0].zero_()
-        out[:, :, :, ix1 - x0 :].zero_()
-        for r in range(bisect.bisect_right(rows, iy0) - 1, bisect.bisect_left(rows, iy1)):
-            a, b = max(iy0, rows[r]), min(iy1, rows[r + 1])
-            for c in range(bisect.bisect_right(cols, ix0) - 1, bisect.bisect_left(cols, ix1)):
-                p, q = max(ix0, cols[c]), min(ix1, cols[c + 1])
-                src = self.tiles[r][c][:, :, a - rows[r] : b - rows[r], p - cols[c] : q - cols[c]]
-                dst = out[:, :, a - y0 : b - y0, p - x0 : q - x0]
-                if norm is None or src.device != dst.device:
-                    dst.copy_(src, non_blocking=True)
-                    if norm is not None:
-                        dst.mul_(norm[0]).add_(norm[1])
-                else:  # normalised on the way in: one read of the tile, one write
-                    torch.addcmul(norm[1], src, norm[0], out=dst)
-        if norm is not None and norm[2]:
-            F.silu(out[:, :, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0], inplace=True)
-        return out
-
-    def release_rows_before(self, y: int) -> None:
-        """Drop the tiles that lie wholly above row ``y``."""
-        for r in range(len(self.grid.rows) - 1):
-            if self.grid.rows[r + 1] <= y:
-                self.tiles[r] = [None] * len(self.tiles[r])
-
+from zturbo.model.blocks import Attention, ResnetBlock2D, Upsample2D, subpixel_weight
+from zturbo.model.plan import Layer
+from zturbo.tiling.maps import Grid, Moments, Norm, TiledMap, local_window, online_attention, upsample_region
 
 TileFn = Callable[[int, int, int, int, int, int], torch.Tensor]  # (r, c, y0, y1, x0, x1) -> tile
 
@@ -204,12 +81,13 @@ class Runner:
         """A 3x3 stride-1 conv (padding 1) of one output tile."""
         return F.conv2d(x.region(y0 - 1, y1 + 1, x0 - 1, x1 + 1, self.device, norm), conv.weight, conv.bias)
 
-    def conv3_map(self, conv: nn.Conv2d, x: TiledMap, norm: Norm | None, into: torch.Tensor | None = None):
+    def conv3_map(self, conv: nn.Conv2d, x: TiledMap, norm: Norm | None,
+                  into: torch.Tensor | None = None) -> TiledMap | None:
         return self.produce(x.grid, lambda r, c, y0, y1, x0, x1: self.conv3(conv, x, norm, y0, y1, x0, x1),
                             release=[(x, lambda y: y - 1)], into=into)
 
-    def resnet(self, block: ResnetBlock2D, x: TiledMap) -> TiledMap:
-        norm1 = x.moments.norm(block.norm1, silu=True)
+    def resnet(self, block: ResnetBlock2D, x: TiledMap, into: torch.Tensor | None = None) -> TiledMap | None:
+        norm1 = x.stats(self.device).norm(block.norm1, silu=True)
         h = self.produce(x.grid, lambda r, c, y0, y1, x0, x1: self.conv3(block.conv1, x, norm1, y0, y1, x0, x1))
         norm2 = h.moments.norm(block.norm2, silu=True)
 
@@ -219,17 +97,17 @@ class Runner:
             x.tiles[r][c] = None  # the shortcut was its last reader
             return out.add_(skip if block.conv_shortcut is None else block.conv_shortcut(skip))
 
-        return self.produce(x.grid, second, release=[(h, lambda y: y - 1)])
+        return self.produce(x.grid, second, release=[(h, lambda y: y - 1)], into=into)
 
-    def downsample(self, conv: nn.Conv2d, x: TiledMap) -> TiledMap:
+    def downsample(self, conv: nn.Conv2d, x: TiledMap, into: torch.Tensor | None = None) -> TiledMap | None:
         """Stride-2 3x3 conv after (0, 1, 0, 1) zero padding: output rows [o0, o1) read input [2*o0, 2*o1 + 1)."""
         def tile(r: int, c: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
             region = x.region(2 * y0, 2 * y1 + 1, 2 * x0, 2 * x1 + 1, self.device)
             return F.conv2d(region, conv.weight, conv.bias, stride=2)
 
-        return self.produce(x.grid.mapped(lambda b: b // 2), tile, release=[(x, lambda y: 2 * y)])
+        return self.produce(x.grid.mapped(lambda b: b // 2), tile, release=[(x, lambda y: 2 * y)], into=into)
 
-    def upsample(self, up: Upsample2D, x: TiledMap) -> TiledMap:
+    def upsample(self, up: Upsample2D, x: TiledMap, into: torch.Tensor | None = None) -> TiledMap | None:
         """Nearest x2 + 3x3 conv: phase (a, c) of output pixel (2i+a, 2j+c) is a 2x2 conv over source rows
         i-1+a..i+a and columns j-1+c..j+c, so a source tile with a one-pixel halo gives its output tile."""
         folded = subpixel_weight(up.conv.weight)
@@ -240,22 +118,20 @@ class Runner:
             i0, i1, j0, j1 = y0 // 2, y1 // 2, x0 // 2, x1 // 2
             return upsample_region(x.region(i0 - 1, i1 + 1, j0 - 1, j1 + 1, self.device), folded, bias4, cout)
 
-        return self.produce(x.grid.mapped(lambda b: 2 * b), tile, release=[(x, lambda y: y // 2 - 1)])
+        return self.produce(x.grid.mapped(lambda b: 2 * b), tile, release=[(x, lambda y: y // 2 - 1)], into=into)
 
-    def attention(self, attn: Attention, x: TiledMap) -> TiledMap:
+    def attention(self, attn: Attention, x: TiledMap, into: torch.Tensor | None = None) -> TiledMap | None:
         """Global single-head attention plus residual, by query tile against key blocks."""
-        norm = x.moments.norm(attn.group_norm, silu=False)
+        norm = x.stats(self.device).norm(attn.group_norm, silu=False)
 
         def tokens(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
             return x.region(y0, y1, x0, x1, self.device, norm).flatten(2).transpose(1, 2)  # (B, L, C)
 
         keys, values = [], []
-        nr, nc = x.grid.shape
-        for r in range(nr):
-            for c in range(nc):
-                t = tokens(x.grid.rows[r], x.grid.rows[r + 1], x.grid.cols[c], x.grid.cols[c + 1])
-                keys.append(attn.to_k(t))
-                values.append(attn.to_v(t))
+        for y0, y1, x0, x1 in x.grid.tiles():
+            t = tokens(y0, y1, x0, x1)
+            keys.append(attn.to_k(t))
+            values.append(attn.to_v(t))
         k, v = torch.cat(keys, 1), torch.cat(values, 1)
         del keys, values
 
@@ -265,50 +141,46 @@ class Runner:
             x.tiles[r][c] = None
             return out.transpose(1, 2).reshape(skip.shape).add_(skip)
 
-        return self.produce(x.grid, tile)
+        return self.produce(x.grid, tile, into=into)
 
-    def mid(self, block: MidBlock, x: TiledMap) -> TiledMap:
-        x = self.resnet(block.resnets[0], x)
-        if block.attentions is not None:
-            x = self.attention(block.attentions[0], x)
-        return self.resnet(block.resnets[1], x)
+    def local(self, layer: Layer, x: TiledMap, into: torch.Tensor | None = None) -> TiledMap | None:
+        """Any layer without global statistics, run as its module on each output tile's input window."""
+        height, width = x.height, x.width
+
+        def tile(r: int, c: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+            a0, a1, oy = local_window(y0, y1, height, layer)
+            b0, b1, ox = local_window(x0, x1, width, layer)
+            out = layer.module(x.region(a0, a1, b0, b1, self.device))
+            return out[:, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+
+        lowest = lambda y: local_window(y, y + 1, height, layer)[0]  # noqa: E731 - the first input row a row reads
+        return self.produce(out_grid(layer, x.grid), tile, release=[(x, lowest)], into=into)
+
+    def layer(self, layer: Layer, x: TiledMap, into: torch.Tensor | None = None) -> TiledMap | None:
+        """One layer of a coder's plan over tiles (written into ``into`` when given)."""
+        if layer.kind == "conv":
+            norm = None if layer.norm is None else x.stats(self.device).norm(layer.norm, silu=True)
+            return self.conv3_map(layer.module, x, norm, into)
+        if layer.kind == "resnet":
+            return self.resnet(layer.module, x, into)
+        if layer.kind == "attention":
+            return self.attention(layer.module, x, into)
+        if layer.kind == "downsample":
+            return self.downsample(layer.module.conv, x, into)
+        if layer.kind == "upsample":
+            return self.upsample(layer.module, x, into)
+        return self.local(layer, x, into)
 
 
-def upsample_region(region: torch.Tensor, folded: torch.Tensor, bias4: torch.Tensor | None, cout: int) -> torch.Tensor:
-    """Nearest x2 + 3x3 conv of source rows and columns [1, n - 1) of ``region`` (which carries a
-    one-pixel halo), by ``subpixel_weight``'s per-phase 2x2 convs: (B, cout, 2 (n - 2), 2 (m - 2))."""
-    b, h, w = region.shape[0], region.shape[2] - 2, region.shape[3] - 2
-    phases = F.conv2d(region, folded, bias4).view(b, 2, 2, cout, h + 1, w + 1)
-    out = torch.empty((b, cout, 2 * h, 2 * w), dtype=phases.dtype, device=region.device)
-    for a in (0, 1):
-        for c in (0, 1):
-            out[:, :, a::2, c::2] = phases[:, a, c, :, a : a + h, c : c + w]
-    return out
+def out_grid(layer: Layer, grid: Grid) -> Grid:
+    """The grid of a layer's output: the input's tile boundaries at the output's resolution."""
+    if layer.scale == 1:
+        return grid
+    return grid.mapped(lambda b: int(b * layer.scale))
 
 
-def online_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (B, L, D) tensors, keys in blocks with a running max and sum.
-
-    The running max, sum and output accumulate in fp32 at least (in the input's dtype when wider).
-    """
-    scale = q.shape[-1] ** -0.5
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    outs = []
-    for qs in q.split(Q_CHUNK, 1):
-        qs = qs * scale
-        m = torch.full((*qs.shape[:2], 1), float("-inf"), dtype=dtype, device=q.device)
-        total = torch.zeros_like(m)
-        acc = torch.zeros(qs.shape, dtype=dtype, device=q.device)
-        for ks, vs in zip(k.split(K_CHUNK, 1), v.split(K_CHUNK, 1)):
-            s = torch.bmm(qs, ks.transpose(1, 2)).to(dtype)
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            p = torch.exp(s - m_new)
-            rescale = torch.exp(m - m_new)  # 0 on the first block (m = -inf)
-            total = total * rescale + p.sum(-1, keepdim=True)
-            acc = acc * rescale + torch.bmm(p.to(vs.dtype), vs).to(dtype)
-            m = m_new
-        outs.append((acc / total).to(q.dtype))
-    return torch.cat(outs, 1)
+# One layer over tiles: (runner, layer, input) -> output. ``recompute`` passes one that recomputes.
+LayerFn = Callable[[Runner, Layer, TiledMap], TiledMap]
 
 
 def _runner(module: nn.Module, offload: bool) -> Runner:
@@ -316,52 +188,33 @@ def _runner(module: nn.Module, offload: bool) -> Runner:
     return Runner(device, torch.device("cpu") if offload else device)
 
 
+def run_plan(run: Runner, plan: Sequence[Layer], x: TiledMap, layer: LayerFn | None = None) -> torch.Tensor:
+    """Every layer of ``plan`` over tiles, the last written into one output tensor."""
+    step = layer or Runner.layer
+    for item in plan[:-1]:
+        x = step(run, item, x)
+    last = plan[-1]
+    grid = out_grid(last, x.grid)
+    out = torch.empty((x.batch, last.cout, grid.rows[-1], grid.cols[-1]), dtype=x.dtype, device=run.device)
+    run.layer(last, x, into=out)
+    return out
+
+
 @torch.no_grad()
 def encode_exact(vae: nn.Module, x: torch.Tensor, tile: int, offload: bool = False) -> torch.Tensor:
     """The encoder's moments (before ``DiagonalGaussian``), tile by tile; ``tile`` in pixels."""
-    enc = vae.encoder
-    run = _runner(enc, offload)
-    grid = Grid.even(x.shape[2], x.shape[3], tile)
-    h = run.conv3_map(enc.conv_in, TiledMap.of(x, grid), None)
-    for block in enc.down_blocks:
-        for resnet in block.resnets:
-            h = run.resnet(resnet, h)
-        if block.downsamplers is not None:
-            h = run.downsample(block.downsamplers[0].conv, h)
-    h = run.mid(enc.mid_block, h)
-    out = torch.empty((x.shape[0], enc.conv_out.out_channels, h.grid.rows[-1], h.grid.cols[-1]),
-                      dtype=h.dtype, device=run.device)
-    run.conv3_map(enc.conv_out, h, h.moments.norm(enc.conv_norm_out, silu=True), into=out)
+    out = run_plan(_runner(vae.encoder, offload), vae.encoder.plan(), TiledMap.of(x, Grid.even(x.shape[2], x.shape[3], tile)))
     return out if vae.quant_conv is None else vae.quant_conv(out)
-
-
-# One decoder layer over tiles: (runner, level, resnet index or -1 for the level's upsample, module, map) -> map.
-LayerFn = Callable[["Runner", int, int, nn.Module, TiledMap], TiledMap]
-
-
-def stored_layer(run: Runner, level: int, index: int, module: nn.Module, x: TiledMap) -> TiledMap:
-    return run.resnet(module, x) if index >= 0 else run.upsample(module, x)
 
 
 @torch.no_grad()
 def decode_exact(vae: nn.Module, z: torch.Tensor, tile: int, offload: bool = False,
-                 layer: LayerFn = stored_layer) -> torch.Tensor:
+                 layer: LayerFn | None = None) -> torch.Tensor:
     """The decoded image, tile by tile; ``tile`` is the output tile in pixels (a multiple of the factor).
-    ``layer`` computes each up-block layer (``tiled_recompute`` passes one that recomputes)."""
-    dec = vae.decoder
-    run = _runner(dec, offload)
-    factor = 2 ** (len(dec.up_blocks) - 1)
+    ``layer`` computes each layer but the last (``recompute`` passes one that recomputes)."""
+    plan = vae.decoder.plan()
+    factor = int(plan[-1].output_resolution)
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)  # a 1x1 conv on the latent: small, done whole
-    grid = Grid.even(z.shape[2], z.shape[3], tile // factor)
-    h = run.conv3_map(dec.conv_in, TiledMap.of(z, grid), None)
-    h = run.mid(dec.mid_block, h)
-    for i, block in enumerate(dec.up_blocks):
-        for j, resnet in enumerate(block.resnets):
-            h = layer(run, i, j, resnet, h)
-        if block.upsamplers is not None:
-            h = layer(run, i, -1, block.upsamplers[0], h)
-    out = torch.empty((z.shape[0], dec.conv_out.out_channels, h.grid.rows[-1], h.grid.cols[-1]),
-                      dtype=h.dtype, device=run.device)
-    run.conv3_map(dec.conv_out, h, h.moments.norm(dec.conv_norm_out, silu=True), into=out)
-    return out
+    return run_plan(_runner(vae.decoder, offload), plan, TiledMap.of(z, Grid.even(z.shape[2], z.shape[3], tile // factor)), layer)
+
