@@ -35,7 +35,7 @@ GroupNorm group normalises by the statistics of fewer channels; the errors compo
 on the demo model the pruned decoder starts no better than random weights. Given
 calibration inputs (``prune_vae(..., images=...)``: training crops), every conv that reads
 a narrowed site is then refit, in forward order, to reproduce the teacher's value of the
-site it writes from the student's own input (``zturbo.model.prune_fit``). The channel
+site it writes from the student's own input (``zturbo.distill.prune_fit``). The channel
 choice stays the weight rule above: on the demo model, choosing by calibration activations
 (mean |input| x the reader's weight norm) starts better without the refit but worse with it.
 """
@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zturbo.distill.prune_fit import refit
 from zturbo.model.blocks import Attention, MidBlock, ResnetBlock2D
 from zturbo.model.errors import UsageError
-from zturbo.model.prune_fit import refit
 from zturbo.model.vae import VAE, Decoder, Encoder
 
 
@@ -180,7 +180,7 @@ def prune_into(teacher: Encoder | Decoder, student: Encoder | Decoder, groups: i
     """Set every weight of ``student`` from ``teacher``'s most important channels (same layout, narrower).
 
     With ``calibration`` (the coder's input on real data), the convs that read a narrowed
-    site are then refit to follow the teacher (``zturbo.model.prune_fit.refit``).
+    site are then refit to follow the teacher (``zturbo.distill.prune_fit.refit``).
     """
     tg, sg = site_graph(teacher), site_graph(student)
     if list(tg.layers) != list(sg.layers) or tg.norms != sg.norms:
