@@ -259,6 +259,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_dir, photos, tm
         assert not out.exists()
 
 
+def test_dry_run_shows_the_students_settings(teacher_dir, photos, tmp_path, capsys):
+    from zturbo.cli import run
+
+    assert run(["train", "--profile", "flux-decoder-ultrafast", "--teacher", str(teacher_dir), "--data", str(photos),
+                "--image-size", "32", "--decoder-channels", "8,16", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["settings"]
+    # The teacher's architecture and statistics with the student's decoder, not the profile's FLUX.1 shape.
+    assert plan["model"]["block_out_channels"] == [16, 32] and plan["model"]["decoder_block_out_channels"] == [8, 16]
+    assert plan["model"]["latents_mean"] == TEACHER.latents_mean and plan["loss"]["kl_weight"] == 0
+
+
 def test_random_init_copies_only_the_frozen_parts():
     torch.manual_seed(0)
     teacher = VAE(TEACHER)
