@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import model_input, profiler_us
+from _common import model_input, profile_calls, summarise_profile
 
 VARIANTS = {
     "baseline": {"upsample": "nearest", "attention": "sdpa", "group_norm": "torch"},
@@ -57,32 +57,6 @@ def classify(name: str) -> str:
         if re.search(pattern, name, flags=re.IGNORECASE):
             return kind
     return "other"
-
-
-def kernel_profile(fn, steps: int = 3, top: int = 12) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    kernels = []
-    for e in prof.key_averages():
-        if not str(getattr(e, "device_type", "")).endswith("CUDA"):
-            continue
-        us = profiler_us(e, "self_device_time_total")
-        if us > 0:
-            kernels.append((e.key, e.count // steps, us / 1000 / steps))
-    total = sum(k[2] for k in kernels) or 1.0
-    kinds: dict[str, float] = {}
-    for name, _, ms in kernels:
-        kinds[classify(name)] = kinds.get(classify(name), 0.0) + ms
-    kernels.sort(key=lambda k: -k[2])
-    return {
-        "ms_per_call": total,
-        "kinds": {k: {"ms": round(v, 3), "share": round(v / total, 4)} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-        "top": [{"kernel": n[:140], "kind": classify(n), "calls": c, "ms": round(ms, 3)} for n, c, ms in kernels[:top]],
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
             if cuda and name == names[-1]:
-                compiled_profile = kernel_profile(lambda fn=fn: fn(x))
+                trace = profile_calls(lambda fn=fn: fn(x), 3, cuda=True)
+                compiled_profile = summarise_profile(trace, 3, 12, cuda=True, kind=classify)
         vae.set_kernels(**VARIANTS["all"])
 
     title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision} on "
@@ -191,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, v in compiled_profile["kinds"].items():
             print(f"  {kind:<26} {v['ms']:>9.2f} ms {v['share']:>7.1%}")
         for k in compiled_profile["top"]:
-            print(f"  {k['ms']:>8.2f} ms x{k['calls']:<3} [{k['kind']}] {k['kernel'][:110]}")
+            print(f"  {k['ms']:>8.2f} ms x{k['calls']:<3} [{k['kind']}] {k['name'][:110]}")
     if args.json:
         args.json.write_text(json.dumps({"title": title, "peak": peak.to_dict() if peak else None, "rows": rows,
                                          "compiled_profile": compiled_profile}, indent=2) + "\n")

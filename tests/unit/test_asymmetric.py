@@ -200,8 +200,8 @@ def test_bench_builds_diffusers_twins_of_asymmetric_models():
     ],
 )
 def test_diffusers_autoencoderkl_teachers_keep_their_factors_in_the_student(shape, tmp_path):
-    from zturbo.model.prune import prune_vae
-    from zturbo.train.distill import load_teacher
+    from zturbo.distill import load_teacher
+    from zturbo.distill.prune import prune_vae
 
     torch.manual_seed(0)
     theirs = diffusers.AutoencoderKL(

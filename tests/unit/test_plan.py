@@ -15,6 +15,8 @@ from torch import nn
 from test_tiling import REL_TOL, LiveTensorBytes, close, image
 from tolerances import rounding_atol, vae_depth
 from zturbo import VAE, ModelConfig
+from zturbo.distill.prune import prune_into, site_graph
+from zturbo.errors import UsageError
 from zturbo.model.blocks import Attention, ResnetBlock2D
 from zturbo.model.plan import PlanBuilder
 from zturbo.tiling.memory import coder_plan, tiled_peak_bytes, untiled_peak_bytes
@@ -46,8 +48,9 @@ def base() -> VAE:
     return VAE(ModelConfig(**TINY)).eval()
 
 
-def variant() -> VAE:
-    """The TINY model with layers added in its module tree only (the config does not describe them)."""
+def variant(local: bool = True) -> VAE:
+    """The TINY model with layers added in its module tree only (the config does not describe them);
+    with ``local``, a layer of the ``local`` kind in each coder too."""
     vae = base()
     g = TINY["norm_num_groups"]
     torch.manual_seed(1)
@@ -55,10 +58,11 @@ def variant() -> VAE:
     last = dec.up_blocks[-1].resnets  # full resolution, 8 channels: widen to 32 and back
     last.append(ResnetBlock2D(8, 32, g, vae.kernels))
     last.append(ResnetBlock2D(32, 8, g, vae.kernels))
-    dec.up_blocks[1].resnets.insert(1, TwoConvs(16))
     dec.mid_block.attentions.append(Attention(16, g, vae.kernels))
     enc.down_blocks[0].resnets.append(ResnetBlock2D(8, 8, g, vae.kernels))
-    enc.down_blocks[0].resnets.append(TwoConvs(8))
+    if local:
+        dec.up_blocks[1].resnets.insert(1, TwoConvs(16))
+        enc.down_blocks[0].resnets.append(TwoConvs(8))
     for module in vae.modules():  # scale the new weights like the rest, so the variant's outputs stay O(1)
         if isinstance(module, nn.Conv2d) and module.weight.abs().max() > 1:
             module.weight.data.mul_(0.1)
@@ -166,3 +170,24 @@ def test_parallel_decode_in_one_process_follows_the_variant():
     with torch.no_grad():
         close(decode_parallel(vae, z), vae.decode(z))
 
+
+
+def test_pruning_follows_the_variant():
+    """The site graph lists the added layers, and pruning the variant to its own widths keeps it exactly."""
+    teacher = variant(local=False)
+    graph = site_graph(teacher.decoder)
+    assert "mid_block.attentions.1.to_q" in graph.layers and "up_blocks.2.resnets.3.conv_shortcut" in graph.layers
+    student = variant(local=False)
+    for p in student.parameters():
+        p.data.normal_()
+    with torch.no_grad():
+        prune_into(teacher.decoder, student.decoder, TINY["norm_num_groups"])
+        prune_into(teacher.encoder, student.encoder, TINY["norm_num_groups"])
+        z, x = latent(), image(2, 32, 32)
+        assert torch.equal(student.decoder(z), teacher.decoder(z))
+        assert torch.equal(student.encoder(x), teacher.encoder(x))
+
+
+def test_pruning_names_a_layer_it_cannot_read():
+    with pytest.raises(UsageError, match=r"up_blocks.1.resnets.1 is a local layer"):
+        site_graph(variant().decoder)

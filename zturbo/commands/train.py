@@ -76,7 +76,7 @@ def _int_list(text: str) -> list[int]:
 
 # Every setting flag of `zturbo train`, with the seed script's underscore spellings.
 FLAGS = [
-    Flag("--data --data_path --data-path", "data.data_dir", Path, "Image folder or `zturbo prepare` output."),
+    Flag("--data", "data.data_dir", Path, "Image folder or `zturbo prepare` output."),
     Flag("--output --output_dir --output-dir -o", "train.output_dir", Path, "Run folder."),
     # The model's nominal size follows the training size unless set elsewhere.
     Flag("--image-size --image_size", "data.image_size model.sample_size", int, "Training crop size."),
@@ -107,11 +107,11 @@ FLAGS = [
          bool),
     Flag("--device", "train.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("--seed", "train.seed", int),
-    Flag("--checkpoint-every --save_steps", "train.checkpoint_every", int),
+    Flag("--checkpoint-every", "train.checkpoint_every", int),
     Flag("--keep-last", "train.keep_last", int),
     Flag("--sample-every", "train.sample_every", int),
     Flag("--log-every", "train.log_every", int),
-    # Distillation into an existing VAE's latent space (zturbo.train.distill).
+    # Distillation into an existing VAE's latent space (zturbo.distill).
     Flag("--teacher", "distill.teacher", Path,
          "Distil into this VAE's latent space (model, diffusers or pipeline folder)."),
     Flag("--distill", "distill.mode", str, "decoder (default) | encoder | both: what the student trains."),
@@ -160,6 +160,10 @@ def register(app: typer.Typer) -> None:
         if teacher is not None:  # the library takes the teacher's model folder; find it in what was given
             overrides["distill"]["teacher"] = require(teacher, TORCH_KINDS, "train --teacher").model_dir
         settings = settings_from(profile, config, overrides)
+        if settings.distill.teacher is not None:  # a student's settings: the teacher's config, the student's widths
+            from zturbo.distill import student_settings
+
+            settings = student_settings(settings)
         dist_ctx = DistContext.from_env(os.environ)
         if dry_run:
             plan = {

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from zturbo.data import IMAGE_EXTENSIONS
+from zturbo.data.batch import TrainBatch
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
 from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
 from zturbo.console import warn
@@ -135,6 +136,10 @@ class ImageFolderDataset(Dataset):
             return self._transform(image, generator)
         raise InputError("no readable image in the dataset", "check the files in the data folder")
 
+    def collate(self, items: list[torch.Tensor | EncodedImage]) -> TrainBatch:
+        """The loader's batch of these items (still-encoded JPEGs with ``device_decode``)."""
+        return TrainBatch(collate_encoded(items) if self.device_decode else default_collate(items))
+
     def _report(self, exc: ImageReadError) -> None:
         if exc.path not in self._reported:
             self._reported.add(exc.path)
@@ -205,8 +210,7 @@ def make_loader(
     num_workers: int,
     pin_memory: bool,
 ) -> DataLoader:
-    """Full batches only (drop_last), workers kept alive across epochs."""
-    device_decode = getattr(dataset, "device_decode", False)
+    """``TrainBatch`` objects (the dataset's ``collate``), full batches only (drop_last), workers kept alive across epochs."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -217,7 +221,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),  # keeps the global RNG out of loader start-up
-        collate_fn=collate_encoded if device_decode else None,
+        collate_fn=dataset.collate,
     )
 
 
