@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from zturbo.bench.timing import synchronize, time_interleaved, time_once
     from zturbo.config import load_settings
     from zturbo.model import VAE
-    from zturbo.model.flops import vae_flops
+    from zturbo.bench.flops import vae_flops
     from zturbo.model.kernels import Kernels
     from zturbo.utils import resolve_device, resolve_dtype
 

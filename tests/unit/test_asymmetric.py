@@ -9,7 +9,7 @@ import torch
 
 from zturbo.model import VAE, ModelConfig
 from zturbo.model.diffusers import config_from_diffusers, config_to_diffusers
-from zturbo.model.flops import parameter_count, vae_flops
+from zturbo.bench.flops import parameter_count, vae_flops
 from zturbo.model.vae import patchify_latents
 from zturbo.artifacts import TORCH_KINDS, require
 

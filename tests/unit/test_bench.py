@@ -25,7 +25,7 @@ from zturbo.bench.timing import percentile, time_interleaved, time_rounds
 from zturbo.cli import run
 from zturbo.config import ModelConfig, load_settings
 from zturbo.errors import UsageError
-from zturbo.model.flops import vae_flops
+from zturbo.bench.flops import vae_flops
 
 TINY = """
 [model]

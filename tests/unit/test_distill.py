@@ -16,7 +16,7 @@ from zturbo.distill import DistillForward, build_student, load_student, student_
 from zturbo.distill.prune import channel_importance, kept_channels, prune_vae, site_graph
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.train.engine import TrainEngine
 
 TEACHER = ModelConfig(

@@ -2,7 +2,7 @@
 
 Layers, lowest first: model < tiling < helpers < data < distill < train / export < artifacts
 < backends < eval / bench / serve < commands. The helpers (config, errors, utils, console,
-environment, version, profiles_table) cut across and import nothing above tiling.
+environment, version) cut across and import nothing above tiling.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ LAYERS = {
     "utils": 2,
     "console": 2,
     "environment": 2,
-    "profiles_table": 2,
     "data": 3,
     "perceptual": 3,  # the LPIPS network, used by the training loss and the eval metric
     "adapters": 3,  # the model behind the interface diffusers pipelines call

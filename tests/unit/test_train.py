@@ -46,7 +46,7 @@ def tiny_vae() -> VAE:
 
 
 def _grads_for(loss_cfg: LossConfig, perceptual=None, with_disc=False):
-    from zturbo.model.discriminator import NLayerDiscriminator
+    from zturbo.train.discriminator import NLayerDiscriminator
     from zturbo.data.batch import TrainBatch
     from zturbo.train.engine import TrainForward
 
@@ -117,7 +117,7 @@ def test_adaptive_weight_balances_gradients_and_clamps():
 
 
 def test_discriminator_step_leaves_vae_gradients_alone():
-    from zturbo.model.discriminator import NLayerDiscriminator
+    from zturbo.train.discriminator import NLayerDiscriminator
 
     vae = tiny_vae()
     disc = NLayerDiscriminator(n_layers=2)

@@ -8,7 +8,7 @@ from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.backends.base import Backend
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import resolve_device, resolve_dtype
 
 

@@ -2,7 +2,7 @@
 
 The reader of the on-disk format is ``zturbo.data.latent_shards`` (the format is the encoder's,
 ``zturbo.serve.store``); what belongs to distillation is the check that a latent folder is the
-teacher's, by its encoder fingerprint (``zturbo.model.fingerprint``) or, for an index written
+teacher's, by its encoder fingerprint (``zturbo.distill.fingerprint``) or, for an index written
 before fingerprints were recorded, by re-encoding one of its images.
 """
 
@@ -16,7 +16,7 @@ import torch
 from zturbo.data.latent_shards import LatentIndex, LatentPairDataset, bucket_image
 from zturbo.errors import InputError, UsageError
 from zturbo.model import VAE
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 
 ENCODE_HINT = "encode the images with the teacher: zturbo serve-batch encode TEACHER --input DATA --output DIR"
 

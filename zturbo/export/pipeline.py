@@ -30,7 +30,7 @@ from zturbo.export.onnx import check_onnx, export_part, io_shapes
 from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
 from zturbo.export.verify import sample_images
 from zturbo.model import VAE, load_pretrained
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import atomic_write_json
 from zturbo.version import __version__
 

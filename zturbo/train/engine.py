@@ -35,7 +35,7 @@ from zturbo.data.datasets import to_unit_range
 from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
 from zturbo.model import VAE
-from zturbo.model.discriminator import NLayerDiscriminator
+from zturbo.train.discriminator import NLayerDiscriminator
 from zturbo.model.kernels import probe_triton_group_norm
 from zturbo.perceptual import load_lpips
 from zturbo.train.compile import CompileWatch, resolve_compile
