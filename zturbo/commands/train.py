@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from zturbo.commands._common import (
+    LATENT_FAMILY_HELP,
     ConfigOpt,
     Flag,
     JsonOpt,
@@ -113,7 +114,9 @@ FLAGS = [
     Flag("--log-every", "train.log_every", int),
     # Distillation into an existing VAE's latent space (zturbo.train.distill).
     Flag("--teacher", "distill.teacher", Path,
-         "Distil into this VAE's latent space (model, diffusers or pipeline folder)."),
+         "Distil into this VAE's latent space (a single .safetensors file such as ae.safetensors, a model, "
+         "diffusers or pipeline folder, a run)."),
+    Flag("--latent-family", "distill.latent_family", str, LATENT_FAMILY_HELP),
     Flag("--distill", "distill.mode", str, "decoder (default) | encoder | both: what the student trains."),
     Flag("--decoder-channels", "distill.decoder_channels", str, "Student decoder widths, e.g. 96,192,384,384.",
          parse=lambda text: parse_int_list(text, "--decoder-channels")),
@@ -156,10 +159,16 @@ def register(app: typer.Typer) -> None:
             profile = choose_profile() if _interactive() else None  # None: the default profile (fast)
         if resume not in (None, "auto"):
             require(resume, RESUME_KINDS, "train --resume")
-        teacher = overrides.get("distill", {}).get("teacher")
-        if teacher is not None:  # the library takes the teacher's model folder; find it in what was given
-            overrides["distill"]["teacher"] = require(teacher, TORCH_KINDS, "train --teacher").model_dir
         settings = settings_from(profile, config, overrides)
+        if settings.distill.teacher is not None:  # the library takes the teacher's weights: a model folder or a file
+            teacher = require(settings.distill.teacher, TORCH_KINDS, "train --teacher", settings.distill.latent_family)
+            settings.distill.teacher = teacher.source
+            if teacher.single_file is not None and not quiet:
+                from rich.markup import escape
+
+                from zturbo.console import info
+
+                info(escape(teacher.single_file.note))
         dist_ctx = DistContext.from_env(os.environ)
         if dry_run:
             plan = {

@@ -46,20 +46,25 @@ from zturbo.model import VAE, load_pretrained
 from zturbo.model.config import ModelConfig, format_validation_error
 from zturbo.model.fingerprint import encoder_fingerprint
 from zturbo.model.prune import copy_except, prune_vae
+from zturbo.model.single_file import read_single_file
 
 TRAINED = {"decoder": ("decoder", "post_quant_conv"), "encoder": ("encoder", "quant_conv")}
 ENCODE_HINT = "encode the images with the teacher: zturbo serve-batch encode TEACHER --input DATA --output DIR"
 
 
-def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu") -> VAE:
-    """The teacher from its model folder (ours or diffusers', AutoencoderKL or AutoencoderKLFlux2).
+def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu", latent_family: str | None = None) -> VAE:
+    """The teacher from its model folder (ours or diffusers', AutoencoderKL or AutoencoderKLFlux2) or
+    single .safetensors file (``latent_family``: its factors where its shapes fit several families).
 
     ``zturbo train --teacher`` also takes run, step-N and pipeline folders: ``zturbo.artifacts``
     finds the model folder in them before settings reach the library.
     """
     path = Path(path)
     try:
-        teacher = load_pretrained(path, map_location=device)
+        if path.is_file():
+            teacher = read_single_file(path, latent_family, map_location=device)
+        else:
+            teacher = load_pretrained(path, map_location=device)
     except CheckpointError as exc:
         raise CheckpointError(f"teacher {path}: {exc.message}", exc.hint) from exc
     return teacher.eval().requires_grad_(False)
@@ -235,7 +240,7 @@ class Distillation:
         log = log or (lambda message: None)
         if d.latents_dir is not None and d.mode != "decoder":
             raise UsageError("--latents trains a decoder alone", "use --distill decoder with --latents")
-        self.teacher = load_teacher(d.teacher, device)
+        self.teacher = load_teacher(d.teacher, device, d.latent_family)
         config = student_config(self.teacher.config, settings)
         factor = config.downsample_factor
         if settings.data.image_size % factor:
