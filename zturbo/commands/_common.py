@@ -42,17 +42,24 @@ def model_arg(path: Any, latent_family: str | None, job: str, quiet: bool = Fals
     Says in one line on stderr what the file holds and where its latent factors come from.
     Folders and exports pass through untouched: the job resolves them itself.
     """
-    from rich.markup import escape
-
     from zturbo.artifacts import ALL_KINDS, require
-    from zturbo.console import info
 
     if path is None or not Path(path).is_file():
         return path
     artifact = require(path, ALL_KINDS, job, latent_family)
     if artifact.single_file is not None:
-        info(escape(artifact.single_file.note), quiet)
+        say_line(artifact.single_file.note, quiet)
     return artifact
+
+
+def say_line(message: str, quiet: bool = False) -> None:
+    """``message`` on stderr as one line (no wrapping, no markup), unless ``quiet``."""
+    from rich.markup import escape
+
+    from zturbo.console import stderr
+
+    if not quiet:
+        stderr.print(escape(message), highlight=False, soft_wrap=True)
 
 
 def parse_int_list(text: str | None, name: str) -> list[int] | None:

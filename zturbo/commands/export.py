@@ -16,6 +16,7 @@ from zturbo.commands._common import (
     QuietOpt,
     model_arg,
     parse_list,
+    say_line,
     settings_from,
     with_flags,
 )
@@ -112,8 +113,6 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Import a VAE (a single file such as ae.safetensors, or a diffusers folder) as a zturbo model folder."""
-        from rich.markup import escape
-
         from zturbo.artifacts import TORCH_KINDS, require
         from zturbo.console import info, print_json, stdout
         from zturbo.errors import UsageError
@@ -126,7 +125,7 @@ def register(app: typer.Typer) -> None:
             teacher = model_arg(encoder_from, latent_family, "import --encoder-from", quiet)
             single = open_single_file(source, latent_family, require(teacher, TORCH_KINDS, "import --encoder-from")
                                       .load_vae())
-            info(escape(single.note), quiet)
+            say_line(single.note, quiet)
             vae, weights = single.load(), source
         else:
             artifact = require(model_arg(source, latent_family, "import", quiet), TORCH_KINDS, "import")

@@ -17,6 +17,7 @@ from zturbo.commands._common import (
     ProfileOpt,
     QuietOpt,
     parse_int_list,
+    say_line,
     settings_from,
     with_flags,
 )
@@ -163,12 +164,8 @@ def register(app: typer.Typer) -> None:
         if settings.distill.teacher is not None:  # the library takes the teacher's weights: a model folder or a file
             teacher = require(settings.distill.teacher, TORCH_KINDS, "train --teacher", settings.distill.latent_family)
             settings.distill.teacher = teacher.source
-            if teacher.single_file is not None and not quiet:
-                from rich.markup import escape
-
-                from zturbo.console import info
-
-                info(escape(teacher.single_file.note))
+            if teacher.single_file is not None:
+                say_line(teacher.single_file.note, quiet)
         dist_ctx = DistContext.from_env(os.environ)
         if dry_run:
             plan = {

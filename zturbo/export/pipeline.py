@@ -112,7 +112,6 @@ def export_model(
     source = Path(model_dir)
     vae = (vae if vae is not None else load_pretrained(source)).float().eval()
     if cfg.format == "single-file":
-        log(f"model {source} ({vae.num_parameters / 1e6:.1f} M parameters)")
         return export_single_file(vae, Path(out_dir), cfg.layout, cfg.precision, cfg.force, cfg.verify, source, log)
     if cfg.format == "diffusers":  # refuse a model diffusers cannot hold before any folder is made
         check_diffusers_class(vae.config)

@@ -32,7 +32,13 @@ from zturbo.model.fingerprint import encoder_fingerprint
 from zturbo.model.latent_families import fitting_families
 from zturbo.model.ldm_layout import as_conv1x1, to_ldm_name
 from zturbo.model.safetensors_header import SAFETENSORS_SUFFIXES
-from zturbo.model.single_file import META_CONFIG, META_FINGERPRINT, META_LAYOUT, META_VERSION, open_single_file
+from zturbo.model.single_file import (
+    META_CONFIG,
+    META_FINGERPRINT,
+    META_LAYOUT,
+    META_VERSION,
+    open_single_file,
+)
 from zturbo.version import __version__
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,8 +60,8 @@ def loader_limits(config: ModelConfig, layout: str = "ldm") -> list[str]:
     """
     if layout == "diffusers":
         if config.patch_size is None and config.decoder_channels != config.block_out_channels:
-            return [f"diffusers' AutoencoderKL has one width list, and this decoder's {config.decoder_channels} "
-                    f"differ from the encoder's {config.block_out_channels}"]
+            return [(f"diffusers' AutoencoderKL has one width list, and this decoder's {config.decoder_channels} "
+                     f"differ from the encoder's {config.block_out_channels}")]
         return []
     limits = []
     tools = "ComfyUI and stable-diffusion.cpp"
@@ -110,7 +116,8 @@ def export_single_file(
     limits = loader_limits(vae.config, layout)
     if limits and not force:
         raise UsageError(
-            f"the tools that read a {layout} single file could not load this model: {'; '.join(limits)}",
+            f"the tools that read {'an LDM/BFL' if layout == 'ldm' else 'a diffusers'}-layout single file cannot "
+            f"load this model: {'; '.join(limits)}",
             "--force writes it anyway (zturbo reads it back whatever its shape)",
         )
     tensors = single_file_tensors(vae, layout, precision)

@@ -104,7 +104,7 @@ def open_single_file(path: str | Path, latent_family: str | None = None, encoder
     prefix = _vae_prefix(names)
     layout, keys = _our_names(path, prefix, names)
     shapes = {ours: _our_shape(ours, header.tensors[theirs].shape) for ours, theirs in keys.items()}
-    theirs = lambda ours: _file_name(ours, layout, prefix, keys, names)  # noqa: E731 - names in refusals
+    theirs = lambda ours: _file_name(ours, layout, prefix, keys, names)
     has_encoder = any(k.startswith(("encoder.", "quant_conv.")) for k in keys)
     if not has_encoder:
         return _join_decoder(path, layout, prefix, keys, shapes, encoder, theirs)
@@ -214,8 +214,8 @@ def _choose_factors(path: Path, fields: dict, meta: ModelConfig | None, family_n
         if not family.fits(latent, quant, bn):
             raise UsageError(f"--latent-family {family_name} does not fit {path}: the file has {shape}, "
                              f"{family.label} latents have {family.latent_channels} channels")
-        return _with_family(path, meta or fields, family), f"latent factors of {family.label} ({family.factors}), " \
-                                                           "from --latent-family"
+        how = f"latent factors of {family.label} ({family.factors}), from --latent-family"
+        return _with_family(path, meta or fields, family), how
     if meta is not None:
         return meta, (f"config and latent factors from zturbo's metadata in the file "
                       f"(scaling {meta.scaling_factor:g}, shift {meta.shift_factor:g})")
