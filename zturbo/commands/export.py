@@ -151,7 +151,8 @@ def _print_summary(meta: dict, out: Path) -> None:
     from zturbo.console import stdout
 
     if meta.get("format") == "single-file":
-        stdout.print(f"wrote {out} ({meta['layout']} layout, {meta['precision']}, {meta['bytes'] / 1e6:.1f} MB; "
+        layout = {"ldm": "LDM/BFL", "bfl-flux2": "BFL FLUX.2", "diffusers": "diffusers"}[meta["layout"]]
+        stdout.print(f"wrote {out} ({layout} layout, {meta['precision']}, {meta['bytes'] / 1e6:.1f} MB; "
                      f"scaling {meta['scaling_factor']:g}, shift {meta['shift_factor']:g})", highlight=False)
         if meta["loader_limits"]:
             stdout.print(f"  written with --force; other tools cannot load it: {'; '.join(meta['loader_limits'])}",

@@ -133,7 +133,7 @@ def export_single_file(
         "zturbo_shift_factor": repr(config.shift_factor),
         "zturbo_precision": precision,
     }
-    (log or (lambda _: None))(f"writing {out} ({layout} layout, {precision}, {len(tensors)} tensors)")
+    (log or (lambda _: None))(f"writing {out} ({len(tensors)} tensors, {precision})")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
