@@ -156,7 +156,7 @@ def _print_summary(meta: dict, out: Path) -> None:
                      f"scaling {meta['scaling_factor']:g}, shift {meta['shift_factor']:g})", highlight=False)
         if meta["loader_limits"]:
             stdout.print(f"  written with --force; other tools cannot load it: {'; '.join(meta['loader_limits'])}",
-                         highlight=False)
+                         highlight=False, soft_wrap=True)
         if meta.get("verify"):
             stdout.print(f"  read back: {meta['verify']['read_back']}", highlight=False)
         return

@@ -234,7 +234,7 @@ def _choose_factors(path: Path, fields: dict, meta: ModelConfig | None, family_n
                                                   "scaling 1, shift 0")
     choices = "; ".join(f"{f.name} ({f.label}: {f.factors})" for f in fits)
     raise UsageError(
-        f"{path} does not hold its latent factors, and {shape} fit several families: {choices}",
+        f"{path} does not hold its latent factors, and its latent shape ({shape}) fits several families: {choices}",
         f"name the one it is: --latent-family {' or --latent-family '.join(f.name for f in fits)}",
     )
 
