@@ -122,6 +122,9 @@ class DistillConfig(Section):
     teacher_weight: float = Field(0.0, ge=0, description="weight of an L1 term to the teacher's reconstruction")
     latents_dir: Path | None = Field(None, description="`serve-batch encode` output of the teacher (decoder mode)")
     latent_channels: int | None = Field(None, ge=1, description="when set, must equal the teacher's")
+    latent_family: str | None = Field(
+        None, description="a single-file teacher's latent family when its shapes fit several (flux1, sd3, sdxl, ...)"
+    )
 
     def student_widths(self, base: ModelConfig) -> tuple[list[int], list[int]]:
         """The student's (encoder, decoder) widths over ``base``: this section's for the side its mode
@@ -238,9 +241,11 @@ class BenchConfig(Tiling):
 
 
 class ExportConfig(Section):
-    format: Literal["onnx", "trt", "diffusers"] = "onnx"
+    format: Literal["onnx", "trt", "diffusers", "single-file"] = "onnx"
     parts: list[Literal["encoder", "decoder"]] = Field(default_factory=lambda: ["encoder", "decoder"])
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="bf16: single-file only")
+    layout: Literal["ldm", "diffusers"] = Field("ldm", description="single-file key names: LDM/BFL or diffusers")
+    force: bool = Field(False, description="single-file: write what the other tools' loaders cannot express")
     opset: int = Field(18, ge=18, le=23, description="ONNX opset; the torch.export-based exporter needs >= 18")
     batch: tuple[int, int, int] = Field((1, 8, 24), description="min:opt:max batch of the dynamic axes / TRT profile")
     size: tuple[int, int, int] = Field((256, 1024, 2048), description="min:opt:max image side in pixels")
@@ -259,6 +264,12 @@ class ExportConfig(Section):
         if not 1 <= lo <= opt <= hi:
             raise ValueError(f"needs 1 <= min <= opt <= max, got {lo}:{opt}:{hi}")
         return value
+
+    @model_validator(mode="after")
+    def _bf16_is_single_file(self):
+        if self.precision == "bf16" and self.format != "single-file":
+            raise ValueError(f"precision bf16 is for --format single-file; {self.format} takes fp32 or fp16")
+        return self
 
 
 class ServeConfig(Tiling):

@@ -104,9 +104,10 @@ def test_help_lists_exactly_the_registered_commands(capsys):
     from zturbo.cli import build_app
 
     expected = {
-        "prepare", "train", "eval", "bench", "export", "import-diffusers", "serve-batch", "config", "info",
+        "prepare", "train", "eval", "bench", "export", "import", "serve-batch", "config", "info",
     }
-    assert set(typer.main.get_command(build_app()).commands) == expected
+    # import-diffusers: import's former name, still registered, left out of the help.
+    assert set(typer.main.get_command(build_app()).commands) == expected | {"import-diffusers"}
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
     section = out.split("Commands", 1)[1]
@@ -161,3 +162,13 @@ def test_a_folder_named_like_a_profile_does_not_hide_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_settings("demo").profile == "demo"
     assert load_settings("mine.toml").train.batch_size == 3  # a file is still read as a config
+
+
+def test_profile_help_names_every_packaged_profile():
+    from zturbo.commands._common import ProfileOpt
+    from zturbo.config import available_profiles
+
+    text = ProfileOpt.__metadata__[0].help
+    names = available_profiles()
+    assert {"flux-decoder-fast", "flux-decoder-ultrafast", "demo"} <= set(names)
+    assert all(name in text.split("(")[1].split(")")[0].split(", ") for name in names), text

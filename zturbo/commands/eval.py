@@ -11,8 +11,10 @@ from zturbo.commands._common import (
     ConfigOpt,
     Flag,
     JsonOpt,
+    LatentFamilyOpt,
     ProfileOpt,
     QuietOpt,
+    model_arg,
     parse_list,
     settings_from,
     tile_flags,
@@ -100,7 +102,8 @@ def register(app: typer.Typer) -> None:
         overrides: dict,
         checkpoint: Annotated[
             Path,
-            typer.Argument(help="Model, run, step-N, diffusers or pipeline folder, or an ONNX / TensorRT export."),
+            typer.Argument(help="Model, run, step-N, diffusers or pipeline folder, a single .safetensors file, or an "
+                                "ONNX / TensorRT export."),
         ],
         data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included).")],
         compare: Annotated[
@@ -120,6 +123,7 @@ def register(app: typer.Typer) -> None:
                 help="With --latent-stats: store them in the model's config.json (FLUX.2 layout: in its bn statistics).",
             )
         ] = False,
+        latent_family: LatentFamilyOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -130,6 +134,8 @@ def register(app: typer.Typer) -> None:
         from zturbo.eval import evaluate, render_tables, report_json, write_report
 
         settings = settings_from(profile, config, overrides)
+        checkpoint = model_arg(checkpoint, latent_family, "eval", quiet)
+        compare = model_arg(compare, latent_family, "eval --compare", quiet)
         if latent_stats or write:
             _latent_stats(checkpoint, data, settings.eval, write, json_out, quiet)
             return

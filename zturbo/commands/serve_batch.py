@@ -14,8 +14,10 @@ from zturbo.commands._common import (
     ConfigOpt,
     Flag,
     JsonOpt,
+    LatentFamilyOpt,
     ProfileOpt,
     QuietOpt,
+    model_arg,
     settings_from,
     tile_flags,
     with_flags,
@@ -167,10 +169,12 @@ def register(app: typer.Typer) -> None:
     @with_flags(ENCODE_FLAGS)
     def encode(
         overrides: dict,
-        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
+        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint, single .safetensors file "
+                                                  "or export.")],
         input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images or a manifest listing them.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for shards, index.json, report.json.")],
         shard: ShardOpt = None,
+        latent_family: LatentFamilyOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -181,6 +185,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
+        model = model_arg(model, latent_family, "serve-batch", quiet or part.rank != 0)
         with _process_group(part.world_size) as barrier, _progress("encode", quiet or part.rank != 0) as progress:
             report = encode_collection(model, input, output, cfg, part, device=dev, barrier=barrier, progress=progress)
         if part.rank == 0:
@@ -190,12 +195,14 @@ def register(app: typer.Typer) -> None:
     @with_flags(DECODE_FLAGS)
     def decode(
         overrides: dict,
-        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
+        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint, single .safetensors file "
+                                                  "or export.")],
         input: Annotated[
             Path, typer.Option("--input", "-i", help="Encode output, shards, or .safetensors / .npy files.")
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images.")],
         shard: ShardOpt = None,
+        latent_family: LatentFamilyOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -206,6 +213,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
+        model = model_arg(model, latent_family, "serve-batch", quiet or part.rank != 0)
         with _progress("decode", quiet or part.rank != 0) as progress:
             report = decode_collection(model, input, output, cfg, part, device=dev, progress=progress)
         if part.rank == 0:

@@ -10,12 +10,14 @@ from typing import Annotated
 import typer
 
 from zturbo.commands._common import (
+    LATENT_FAMILY_HELP,
     ConfigOpt,
     Flag,
     JsonOpt,
     ProfileOpt,
     QuietOpt,
     parse_int_list,
+    say_line,
     settings_from,
     with_flags,
 )
@@ -113,7 +115,9 @@ FLAGS = [
     Flag("--log-every", "train.log_every", int),
     # Distillation into an existing VAE's latent space (zturbo.distill).
     Flag("--teacher", "distill.teacher", Path,
-         "Distil into this VAE's latent space (model, diffusers or pipeline folder)."),
+         "Distil into this VAE's latent space (a single .safetensors file such as ae.safetensors, a model, "
+         "diffusers or pipeline folder, a run)."),
+    Flag("--latent-family", "distill.latent_family", str, LATENT_FAMILY_HELP),
     Flag("--distill", "distill.mode", str, "decoder (default) | encoder | both: what the student trains."),
     Flag("--decoder-channels", "distill.decoder_channels", str, "Student decoder widths, e.g. 96,192,384,384.",
          parse=lambda text: parse_int_list(text, "--decoder-channels")),
@@ -156,14 +160,15 @@ def register(app: typer.Typer) -> None:
             profile = choose_profile() if _interactive() else None  # None: the default profile (fast)
         if resume not in (None, "auto"):
             require(resume, RESUME_KINDS, "train --resume")
-        teacher = overrides.get("distill", {}).get("teacher")
-        if teacher is not None:  # the library takes the teacher's model folder; find it in what was given
-            overrides["distill"]["teacher"] = require(teacher, TORCH_KINDS, "train --teacher").model_dir
         settings = settings_from(profile, config, overrides)
-        if settings.distill.teacher is not None:  # a student's settings: the teacher's config, the student's widths
+        if settings.distill.teacher is not None:  # the library takes the teacher's weights: a model folder or a file
+            teacher = require(settings.distill.teacher, TORCH_KINDS, "train --teacher", settings.distill.latent_family)
+            settings.distill.teacher = teacher.source
+            if teacher.single_file is not None:
+                say_line(teacher.single_file.note, quiet)
             from zturbo.distill import student_settings
 
-            settings = student_settings(settings)
+            settings = student_settings(settings)  # the teacher's config, the student's widths
         dist_ctx = DistContext.from_env(os.environ)
         if dry_run:
             plan = {

@@ -25,29 +25,36 @@ from zturbo.distill.prune import copy_except, prune_vae
 from zturbo.errors import CheckpointError, ConfigError, UsageError
 from zturbo.model import VAE, ModelConfig, load_pretrained
 from zturbo.model.diffusers import config_from_diffusers, read_config
+from zturbo.model.single_file import open_single_file, read_single_file
 
 TRAINED = {"decoder": ("decoder", "post_quant_conv"), "encoder": ("encoder", "quant_conv")}
 CALIBRATION_SIZE = 256  # the largest calibration crop: convolutions are local, and the refit's memory grows with it
 
 
-def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu") -> VAE:
-    """The teacher from its model folder (ours or diffusers', AutoencoderKL or AutoencoderKLFlux2).
+def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu", latent_family: str | None = None) -> VAE:
+    """The teacher from its model folder (ours or diffusers', AutoencoderKL or AutoencoderKLFlux2) or single
+    .safetensors file (``latent_family``: its factors where its shapes fit several families).
 
     ``zturbo train --teacher`` also takes run, step-N and pipeline folders: ``zturbo.artifacts``
     finds the model folder in them before settings reach the library.
     """
     path = Path(path)
     try:
-        teacher = load_pretrained(path, map_location=device)
+        if path.is_file():
+            teacher = read_single_file(path, latent_family, map_location=device)
+        else:
+            teacher = load_pretrained(path, map_location=device)
     except CheckpointError as exc:
         raise CheckpointError(f"teacher {path}: {exc.message}", exc.hint) from exc
     return teacher.eval().requires_grad_(False)
 
 
-def teacher_config(path: str | os.PathLike) -> ModelConfig:
-    """The teacher's model config, from its config.json alone (no weights read)."""
+def teacher_config(path: str | os.PathLike, latent_family: str | None = None) -> ModelConfig:
+    """The teacher's model config, from its config.json or its single file's header alone (no weights read)."""
     path = Path(path)
     try:
+        if path.is_file():
+            return open_single_file(path, latent_family).config
         if not path.is_dir():
             raise CheckpointError(f"model folder not found: {path}")
         return config_from_diffusers(read_config(path))
@@ -80,7 +87,7 @@ def student_settings(settings: Settings) -> Settings:
         raise UsageError("--latents trains a decoder alone", "use --distill decoder with --latents")
     if d.latents_dir is not None and settings.data.data_dir is None:
         raise UsageError("--latents needs the images they were encoded from", "pass --data DIR")
-    config = student_config(teacher_config(d.teacher), settings)
+    config = student_config(teacher_config(d.teacher, d.latent_family), settings)
     factor = config.downsample_factor
     if settings.data.image_size % factor:
         raise ConfigError(f"data.image_size={settings.data.image_size} must be divisible by the teacher's {factor}")
@@ -139,7 +146,7 @@ def load_student(settings: Settings, device: torch.device, train_paths: list[Pat
     """The student of ``settings`` (made by ``student_settings``) on ``device``; ``train_paths`` are the
     training images, the calibration images among them."""
     d, config = settings.distill, settings.model
-    teacher = load_teacher(d.teacher, device)
+    teacher = load_teacher(d.teacher, device, d.latent_family)
     expected = student_config(teacher.config, settings)
     if config != expected:
         raise UsageError(f"settings.model is not the student of {d.teacher}",
