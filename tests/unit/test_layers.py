@@ -1,7 +1,7 @@
 """The import graph of the package: no cycles, no import up the layers, none hidden in a function.
 
 Layers, lowest first: model < helpers < data < train / export < artifacts < backends
-< eval / bench / serve < commands. The helpers (config, errors, utils, console,
+< eval / bench / serve < commands. The helpers (config, errors, utils, paths, console,
 environment, version, profiles_table) cut across and may import the model only.
 """
 
@@ -18,6 +18,7 @@ LAYERS = {
     "errors": 1,
     "config": 1,
     "utils": 1,
+    "paths": 1,
     "console": 1,
     "environment": 1,
     "profiles_table": 1,
