@@ -161,6 +161,7 @@ def register(app: typer.Typer) -> None:
             overrides["distill"]["teacher"] = require(teacher, TORCH_KINDS, "train --teacher").model_dir
         settings = settings_from(profile, config, overrides)
         dist_ctx = DistContext.from_env(os.environ)
+        _check_before_loading(settings, dist_ctx.world_size, profile is None and config is None)
         if dry_run:
             plan = {
                 "profile": settings.profile,
@@ -192,6 +193,26 @@ def register(app: typer.Typer) -> None:
             print_json(result.to_dict())
         elif not quiet:
             _summary(result)
+
+
+def _check_before_loading(settings, world_size: int, default_profile: bool) -> None:
+    """What can be checked in a moment, before any model (a teacher takes a while) is loaded:
+    the run folder can be one, and the data holds at least one batch."""
+    from zturbo.data.datasets import check_batch_fits
+    from zturbo.errors import InputError
+    from zturbo.paths import check_output_folder
+
+    check_output_folder(settings.train.output_dir)
+    if settings.data.data_dir is None:
+        return  # the trainer says so
+    try:
+        check_batch_fits(settings.data.data_dir, settings.data.val_images, settings.train.batch_size, world_size)
+    except InputError as exc:
+        if not default_profile:
+            raise
+        raise InputError(exc.message, f"{exc.hint} (no --profile was given: the default profile "
+                         f"'{settings.profile}' trains with batch {settings.train.batch_size}; "
+                         "`zturbo config profiles` lists the others)") from None
 
 
 def _summary(result) -> None:
