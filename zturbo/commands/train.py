@@ -161,7 +161,6 @@ def register(app: typer.Typer) -> None:
             overrides["distill"]["teacher"] = require(teacher, TORCH_KINDS, "train --teacher").model_dir
         settings = settings_from(profile, config, overrides)
         dist_ctx = DistContext.from_env(os.environ)
-        _check_before_loading(settings, dist_ctx.world_size, profile is None and config is None)
         if dry_run:
             plan = {
                 "profile": settings.profile,
@@ -186,6 +185,7 @@ def register(app: typer.Typer) -> None:
 
         from zturbo.train import train as run_training
 
+        _check_before_loading(settings, dist_ctx.world_size, profile is None and config is None)
         result = run_training(settings, resume=resume, dist_ctx=dist_ctx, quiet=quiet)
         if not dist_ctx.is_main:
             return
@@ -199,20 +199,16 @@ def _check_before_loading(settings, world_size: int, default_profile: bool) -> N
     """What can be checked in a moment, before any model (a teacher takes a while) is loaded:
     the run folder can be one, and the data holds at least one batch."""
     from zturbo.data.datasets import check_batch_fits
-    from zturbo.errors import InputError
     from zturbo.paths import check_output_folder
 
     check_output_folder(settings.train.output_dir)
     if settings.data.data_dir is None:
         return  # the trainer says so
-    try:
-        check_batch_fits(settings.data.data_dir, settings.data.val_images, settings.train.batch_size, world_size)
-    except InputError as exc:
-        if not default_profile:
-            raise
-        raise InputError(exc.message, f"{exc.hint} (no --profile was given: the default profile "
-                         f"'{settings.profile}' trains with batch {settings.train.batch_size}; "
-                         "`zturbo config profiles` lists the others)") from None
+    hint = "add images or lower --batch-size"
+    if default_profile:
+        hint += (f" (no --profile was given: the default profile '{settings.profile}' trains with batch "
+                 f"{settings.train.batch_size}; `zturbo config profiles` lists the others)")
+    check_batch_fits(settings.data.data_dir, settings.data.val_images, settings.train.batch_size, world_size, hint)
 
 
 def _summary(result) -> None:
