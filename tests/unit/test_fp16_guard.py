@@ -58,9 +58,9 @@ def test_layers_past_the_threshold_and_only_those_are_kept(overflowing):
     guard = plan_guard(vae, ranges)
     assert guard.max_activation > 65504 and guard.kept
     for name, layer in guard_layers(vae).items():
-        inner = [max(ranges[f"{name}.{s}" if s else name]) for s, _ in layer.named_modules()
-                 if (f"{name}.{s}" if s else name) in ranges]
-        peak = ranges[name][0] if isinstance(layer, torch.nn.GroupNorm) else max(inner, default=0.0)
+        inside = [max(ranges[f"{name}.{sub}" if sub else name]) for sub, _ in layer.named_modules()
+                  if (f"{name}.{sub}" if sub else name) in ranges]
+        peak = ranges[name][0] if isinstance(layer, torch.nn.GroupNorm) else max(inside, default=0.0)
         assert (name in guard.kept) == (peak > guard.threshold), name
     assert "decoder.up_blocks.0.resnets.0" in guard.kept and not any(k.startswith("encoder") for k in guard.kept)
 

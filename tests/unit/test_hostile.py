@@ -299,7 +299,7 @@ def test_eval_fails_images_whose_reconstruction_is_not_finite(tiny_model, tmp_pa
 def test_train_teacher_without_profile_checks_the_batch_before_loading_it(tiny_model, tmp_path, capsys,
                                                                          monkeypatch):
     """It fell back to the 'fast' profile and failed 44 s later, after loading the teacher, for its batch of 24."""
-    import zturbo.train.distill as distill
+    from zturbo.train import distill
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("the teacher was loaded before the data was checked")

@@ -113,17 +113,15 @@ def plan_guard(vae: VAE, ranges: dict[str, tuple[float, float]], headroom: float
         guard.max_at, (peak_in, peak_out) = max(ranges.items(), key=lambda kv: max(kv[1]))
         guard.max_activation = max(peak_in, peak_out)
     for name, layer in guard_layers(vae).items():
-        peak = ranges.get(name, (0.0, 0.0))[0] if isinstance(layer, nn.GroupNorm) else _peak_within(name, layer, ranges)
+        peak = ranges.get(name, (0.0, 0.0))[0] if isinstance(layer, nn.GroupNorm) else _peak_within(name, ranges)
         if peak > guard.threshold:
             guard.kept[name] = peak
     return guard
 
 
-def _peak_within(name: str, layer: nn.Module, ranges: dict[str, tuple[float, float]]) -> float:
-    """The largest |x| into or out of ``layer`` or any module inside it."""
-    peaks = [max(ranges[f"{name}.{sub}" if sub else name]) for sub, _ in layer.named_modules()
-             if (f"{name}.{sub}" if sub else name) in ranges]
-    return max(peaks, default=0.0)
+def _peak_within(name: str, ranges: dict[str, tuple[float, float]]) -> float:
+    """The largest |x| into or out of the module ``name`` or any module inside it."""
+    return max((max(r) for n, r in ranges.items() if n == name or n.startswith(f"{name}.")), default=0.0)
 
 
 def _cast_inputs(dtype: torch.dtype):

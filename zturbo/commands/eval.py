@@ -128,7 +128,6 @@ def register(app: typer.Typer) -> None:
         """Measure PSNR, SSIM / MS-SSIM, LPIPS and rFID of reconstructions, optionally against another model."""
         from zturbo.console import info, print_json, progress, stderr, stdout, warn
         from zturbo.eval import evaluate, render_tables, report_json, write_report
-
         from zturbo.paths import check_output_folder
 
         settings = settings_from(profile, config, overrides)

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from zturbo.config import PrepareConfig
 from zturbo.data import demo_dir
 from zturbo.data.prepare_image import RenderOptions, output_name, split_for
