@@ -6,8 +6,8 @@ inside the folder it belongs to (:func:`inside`, :func:`resolve_inside`). Names 
 files a job writes are derived from keys by :func:`safe_name`, which re-roots ``..``,
 absolute and drive parts the way ``zipfile`` extraction does, so a name joined to an
 output folder cannot leave it; :func:`unique_names` makes colliding names distinct.
-:func:`publish_new` puts a finished temp file in place without ever replacing a file
-that exists, and :func:`ensure_output_folder` refuses, in one line, an output path that
+:func:`write_new` and :func:`publish_new` put a finished temp file in place without
+ever replacing a file that exists, and :func:`ensure_output_folder` refuses, in one line, an output path that
 is a file or a dangling symlink.
 """
 
@@ -17,7 +17,8 @@ import errno
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from zturbo.errors import InputError
@@ -120,6 +121,34 @@ def prepare_parent(root: Path, rel: str) -> Path:
     if not inside(path.parent, root):  # replaced by a symlink between the check and the mkdir
         raise EscapeError(f"{rel}: a folder on its path leads outside {root} (a symlink)")
     return path
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: setting and restoring the umask while writer threads create files would race.
+_UMASK = _read_umask()
+
+
+def write_new(path: Path, write: Callable[[Path], None]) -> bool:
+    """Write a file at ``path`` through ``write(tmp)`` on a temp file beside it, then :func:`publish_new` it.
+
+    Returns False, writing nothing there, when ``path`` exists. The file gets the mode a plain
+    ``open()`` would give it (the temp file is created 0600).
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return publish_new(tmp, path)
 
 
 def publish_new(tmp: Path, path: Path) -> bool:

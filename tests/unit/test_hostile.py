@@ -165,6 +165,31 @@ def test_sources_differing_only_in_extension_decode_to_distinct_names(tiny_model
     assert (tmp_path / "dec" / "a_png.png").read_bytes() == b"already here"
 
 
+def test_a_full_disk_during_decode_stops_cleanly_and_keeps_whole_images(tiny_model, latents, tmp_path, capsys,
+                                                                          monkeypatch):
+    import errno
+
+    save = Image.Image.save
+    calls = {"n": 0}
+
+    def save_then_fill_disk(self, fp, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            Path(fp).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_fill_disk)
+    code, _, err = _cli(capsys, "serve-batch", "decode", tiny_model, "-i", latents, "-o", tmp_path / "dec", "-q",
+                        "-b", "1")
+    assert code == 1 and "no space left" in err and "Traceback" not in err
+    left = sorted(p.name for p in (tmp_path / "dec").iterdir())
+    assert len(left) == 1 and not left[0].startswith(".")  # one whole image, no temp file
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert _cli(capsys, "serve-batch", "decode", tiny_model, "-i", latents, "-o", tmp_path / "dec", "-q")[0] == 0
+    assert len(list((tmp_path / "dec").iterdir())) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad latent inputs: one line naming the file, exit 2
 

@@ -155,7 +155,7 @@ def _check_shards(items: list[LatentItem]) -> None:
         try:
             with safe_open(str(file), framework="pt") as fh:
                 shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        except Exception as exc:
+        except Exception as exc:  # safetensors raises its own error type for a damaged file
             raise InputError(f"cannot read shard {file}: {_first_line(exc)}",
                              "the file is damaged or not a safetensors shard; re-encode its sources") from exc
         for it in members:
@@ -247,7 +247,7 @@ class LatentReader:
         """The latent as float32; an InputError naming the file when it cannot be read (changed since listed)."""
         try:
             return self._load(item)
-        except Exception as exc:
+        except Exception as exc:  # numpy and safetensors raise their own error types
             where = f"{item.file}" + (f"[{item.tensor}]" if item.tensor else "")
             raise InputError(f"cannot read latent {where}: {_first_line(exc)}",
                              "the file changed or is damaged; decode the rest, then re-encode its sources") from exc

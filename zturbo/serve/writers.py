@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import abc
 import errno
-import os
 import queue
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zturbo.paths import EscapeError, prepare_parent, publish_new
+from zturbo.paths import EscapeError, prepare_parent, write_new
 from zturbo.serve import store
 from zturbo.serve.inputs import Failure, Probed
 from zturbo.serve.latents import LatentItem
@@ -218,15 +216,8 @@ class ImageWriter(Writer):
             im = im.resize(size, Image.Resampling.LANCZOS)
         try:
             path = prepare_parent(self.out_dir, f"{name}.{image_suffix(self.fmt)}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                im.save(tmp, format=self.fmt.upper(), **options)
-                os.chmod(tmp, 0o644)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            if not publish_new(Path(tmp), path) and not path.is_file():
+            written = write_new(path, lambda tmp: im.save(tmp, format=self.fmt.upper(), **options))
+            if not written and not path.is_file():
                 return Failure(name, "unwritable", f"{path} exists and is not a file")
         except EscapeError as exc:
             return Failure(name, "outside-output", exc.message)
