@@ -2,7 +2,7 @@
 
 Layers, lowest first: model < tiling < helpers < data < distill < train / export < artifacts
 < backends < eval / bench / serve < commands. The helpers (config, errors, utils, console,
-environment, version) cut across and import nothing above tiling.
+environment, version, paths) cut across and import nothing above tiling.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ LAYERS = {
     "errors": 2,
     "config": 2,
     "utils": 2,
+    "paths": 2,  # paths read from data files, kept inside the folder they belong to
     "console": 2,
     "environment": 2,
     "data": 3,

@@ -132,6 +132,7 @@ def register(app: typer.Typer) -> None:
         """Measure PSNR, SSIM / MS-SSIM, LPIPS and rFID of reconstructions, optionally against another model."""
         from zturbo.console import info, print_json, progress, stderr, stdout, warn
         from zturbo.eval import evaluate, render_tables, report_json, write_report
+        from zturbo.paths import check_output_folder
 
         settings = settings_from(profile, config, overrides)
         checkpoint = model_arg(checkpoint, latent_family, "eval", quiet)
@@ -139,6 +140,8 @@ def register(app: typer.Typer) -> None:
         if latent_stats or write:
             _latent_stats(checkpoint, data, settings.eval, write, json_out, quiet)
             return
+        if out is not None:
+            check_output_folder(out, "--out")  # before the evaluation, not after it
         with progress(quiet or json_out) as bar:
             task = bar.add_task("eval", total=None)
             report = evaluate(
@@ -160,12 +163,20 @@ def register(app: typer.Typer) -> None:
             payload = report_json(report)
             payload["written"] = {k: str(v) for k, v in written.items()}
             print_json(payload)
-            return
-        render_tables(report, stdout)
-        if written:
-            info(f"wrote {', '.join(str(p) for p in written.values())}", quiet)
-        elif not quiet:
-            stderr.print("[dim]add --out DIR for the per-image CSV, summary.json and the contact sheet[/]")
+        else:
+            render_tables(report, stdout)
+            if written:
+                info(f"wrote {', '.join(str(p) for p in written.values())}", quiet)
+            elif not quiet:
+                stderr.print("[dim]add --out DIR for the per-image CSV, summary.json and the contact sheet[/]")
+        failed = report.data["failed"]
+        if failed:
+            from rich.markup import escape
+
+            stderr.print(f"[bold red]error:[/] {len(failed)} image(s) failed and are left out of every metric "
+                         f"({escape(failed[0]['name'])}: {escape(failed[0]['detail'])})", highlight=False,
+                         soft_wrap=True)
+            raise typer.Exit(1)
 
 
 def _latent_stats(checkpoint, data, ecfg, write: bool, json_out: bool, quiet: bool) -> None:

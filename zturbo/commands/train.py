@@ -194,6 +194,7 @@ def register(app: typer.Typer) -> None:
 
         from zturbo.train import train as run_training
 
+        _check_before_loading(settings, dist_ctx.world_size, profile is None and config is None)
         result = run_training(settings, resume=resume, dist_ctx=dist_ctx, quiet=quiet)
         if not dist_ctx.is_main:
             return
@@ -201,6 +202,22 @@ def register(app: typer.Typer) -> None:
             print_json(result.to_dict())
         elif not quiet:
             _summary(result)
+
+
+def _check_before_loading(settings, world_size: int, default_profile: bool) -> None:
+    """What can be checked in a moment, before any model (a teacher takes a while) is loaded:
+    the run folder can be one, and the data holds at least one batch."""
+    from zturbo.data.datasets import check_batch_fits
+    from zturbo.paths import check_output_folder
+
+    check_output_folder(settings.train.output_dir)
+    if settings.data.data_dir is None:
+        return  # the trainer says so
+    hint = "add images or lower --batch-size"
+    if default_profile:
+        hint += (f" (no --profile was given: the default profile '{settings.profile}' trains with batch "
+                 f"{settings.train.batch_size}; `zturbo config profiles` lists the others)")
+    check_batch_fits(settings.data.data_dir, settings.data.val_images, settings.train.batch_size, world_size, hint)
 
 
 def _summary(result) -> None:

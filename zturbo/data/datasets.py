@@ -229,6 +229,19 @@ def steps_per_epoch(num_images: int, world_size: int, per_rank_batch: int) -> in
     return math.ceil(num_images / world_size) // per_rank_batch
 
 
+def check_batch_fits(data_dir: str | Path, val_images: int, batch_size: int, world_size: int,
+                     hint: str = "add images or lower --batch-size") -> int:
+    """The number of training images under ``data_dir``; an InputError (with ``hint``) when they are fewer
+    than one per-process batch. Cheap (it lists files), so a run can check it before loading any model."""
+    train = split_data(data_dir, val_images).train
+    per_rank = max(1, batch_size // max(1, world_size))
+    if steps_per_epoch(len(train), world_size, per_rank) == 0:
+        raise InputError(
+            f"{len(train)} training images in {data_dir} are fewer than the per-process batch of {per_rank}", hint
+        )
+    return len(train)
+
+
 def load_batch(paths: list[Path], image_size: int) -> torch.Tensor:
     """A fixed, unaugmented batch (centre crops), e.g. for the sample grid."""
     dataset = ImageFolderDataset(paths, image_size, random_crop=False, random_flip=False)
