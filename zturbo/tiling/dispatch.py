@@ -38,9 +38,9 @@ MODES = ("exact", "fast")
 
 
 def default_halo(factor: int) -> int:
-    """The fast mode's halo: 8 latent pixels, two thirds of the decoder's full-resolution receptive field
-    (about 12 latent pixels). Fast profile, 512 px, 128 px tiles: 78 dB PSNR against the exact decode
-    with 8 latent pixels, 37 dB with 4."""
+    """The fast mode's halo: 8 latent pixels, which covers what the per-tile layers (those above the
+    latent's resolution) read. Fast profile, 512 px, 128 px tiles, full-size statistics: 124.5 dB PSNR
+    against the untiled decode with 8 latent pixels (rounding alone), 68.3 dB with 4."""
     return 8 * factor
 
 
