@@ -21,7 +21,8 @@ from zturbo.config import ServeConfig
 from zturbo.errors import InputError
 from zturbo.paths import check_output_folder
 from zturbo.serve import store
-from zturbo.serve.inputs import Failure, Partition, Probed, bucket_sizes, discover_sources, probe_all
+from zturbo.serve import tar_output
+from zturbo.serve.inputs import Failure, Inputs, Partition, Probed, Source, bucket_sizes, discover_inputs, probe_all
 from zturbo.serve.plan import plan_batches, reader_threads, resolve_batch_size
 from zturbo.serve.readers import ImageSource
 from zturbo.serve.run import RunReport, open_reader, reading_mode, run_batches
@@ -42,10 +43,13 @@ def encode_collection(
     backend=None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> RunReport:
-    """Encode every image under ``input_path`` (a folder or manifest) into latent shards in ``output_dir``.
+    """Encode every image ``input_path`` names (a folder, a manifest, or WebDataset / Parquet shards) into
+    latent shards in ``output_dir``, in ``cfg.output_format`` ("zturbo" safetensors shards plus
+    index.json, or "webdataset" tars: :mod:`zturbo.serve.tar_output`).
 
     Exactly once: sources already in a complete shard are skipped, so a rerun after any
-    crash only does what is missing. With ``partition`` this process takes only its part
+    crash only does what is missing. Damaged input shards are listed in the report's
+    ``damaged``; their readable images and every other shard are encoded. With ``partition`` this process takes only its part
     (``--shard I/N`` across machines, rank/world size under torchrun); ``barrier`` (e.g.
     ``torch.distributed.barrier``) lets rank 0 wait for the others before merging the index.
     ``progress(total, done)`` may return a callback advanced by the number of images handled.
@@ -54,21 +58,21 @@ def encode_collection(
     partition = partition or Partition()
     out_dir = check_output_folder(output_dir)
     t_start = time.perf_counter()
-    sources, _ = discover_sources(input_path)
-    if not sources:
+    inputs = discover_inputs(input_path, cfg.image_column)
+    if not inputs.sources:
         raise InputError(f"no images found in {input_path}", "supported: .png .jpg .jpeg .webp .bmp .tif .tiff .gif")
-    mine = [s for s in sources if partition.owns(s.key)]
+    mine = [s for s in inputs.sources if partition.owns_source(s)]
 
     backend = backend or load_backend(model, cfg, device)
     mode = reading_mode(cfg, backend.device)
     size = cfg.size or model_sample_size(backend)
     buckets = bucket_sizes(size, backend.downsample_factor, cfg.resize)
-    store.check_settings(out_dir, _latent_settings(model, backend, cfg, size))
-    store.remove_temp_files(out_dir, partition.name)
-    done = store.scan_shards(out_dir, set_aside_unreadable=partition.rank == 0).sources
-    todo = [s for s in mine if s.key not in done]
+    settings = latent_settings(model, backend, cfg, size)
+    store.check_settings(out_dir, settings)
+    todo = pending_sources(out_dir, inputs, mine, cfg.output_format, partition)
     report = RunReport("encode", str(out_dir), total=len(mine), already_done=len(mine) - len(todo),
-                       backend=backend.describe(), partition=partition.name)
+                       backend=backend.describe(), partition=partition.name, damaged=inputs.damaged,
+                       output_format=cfg.output_format)
 
     if len(buckets) == 1:  # one size for all: no need to read headers first; readers report failures
         probed = [Probed(s, 0, 0, buckets[0]) for s in todo]
@@ -78,7 +82,12 @@ def encode_collection(
     header_failures = [p for p in probed if isinstance(p, Failure)]
     failures = {f["source"]: f for f in _part_failures(out_dir, partition.name)}
     failures.update({f.key: f.to_dict() for f in header_failures})
-    writer = ShardWriter(out_dir, partition.name, cfg.shard_size, items, failures)
+    if cfg.output_format == "webdataset":
+        groups = tar_output.plan_groups(out_dir, inputs, todo, items, partition.name, cfg.shard_size)
+        tar_output.remove_temp_tars(out_dir, groups)
+        writer = tar_output.TarShardWriter(out_dir, partition.name, groups, items, failures, settings, cfg.latent_file)
+    else:
+        writer = ShardWriter(out_dir, partition.name, cfg.shard_size, items, failures)
     report.failed = len(header_failures)
     report.failures = [f.to_dict() for f in header_failures]
 
@@ -90,7 +99,10 @@ def encode_collection(
             step.encode(torch.zeros(b, 3, largest[1], largest[0], device=backend.device), ["probe"] * b)
 
         report.batch_size = resolve_batch_size(cfg, trial, backend.device, len(items))
-        plans = plan_batches([p.bucket for p in items], report.batch_size)
+        if cfg.output_format == "webdataset":
+            plans = tar_output.group_plans(groups, items, report.batch_size)
+        else:
+            plans = plan_batches([p.bucket for p in items], report.batch_size)
         reader = open_reader(mode, ImageSource(items, cfg.max_pixels), plans, backend.device, cfg, reader_threads())
         advance = progress(len(mine), report.already_done + len(header_failures)) if progress else None
         run_batches(reader, step, writer, report, advance)
@@ -102,7 +114,7 @@ def encode_collection(
         t0 = time.perf_counter()
         barrier()
         waited = time.perf_counter() - t0
-    if partition.rank == 0 or barrier is None:
+    if cfg.output_format == "zturbo" and (partition.rank == 0 or barrier is None):
         index = store.build_index([out_dir])
         report.index = str(out_dir / store.INDEX_NAME)
         report.index_count = index["count"]
@@ -113,11 +125,21 @@ def encode_collection(
     return report
 
 
-def _latent_settings(model: Any, backend, cfg: ServeConfig, size: int) -> dict:
+def pending_sources(out_dir: Path, inputs: Inputs, mine: list[Source], output_format: str,
+                    partition: Partition) -> list[Source]:
+    """The sources of ``mine`` no finished output holds (after removing the part's leftover temp files)."""
+    if output_format == "webdataset":
+        return tar_output.pending_sources(out_dir, inputs, mine)
+    store.remove_temp_files(out_dir, partition.name)
+    done = store.scan_shards(out_dir, set_aside_unreadable=partition.rank == 0).sources
+    return [s for s in mine if s.key not in done]
+
+
+def latent_settings(model: Any, backend, cfg: ServeConfig, size: int) -> dict:
     """What the latents depend on (recorded in serve.json and checked on every rerun)."""
     vae_cfg = getattr(getattr(backend, "vae", None), "config", None)
     return {
-        "format": store.FORMAT,
+        "format": store.FORMAT if cfg.output_format == "zturbo" else tar_output.FORMAT,
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
         "encoder_fingerprint": backend.fingerprint,
         "latent_channels": backend.latent_channels,
