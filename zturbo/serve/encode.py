@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,45 +67,29 @@ def encode_collection(
     backend = backend or load_backend(model, cfg, device)
     mode = reading_mode(cfg, backend.device)
     size = cfg.size or model_sample_size(backend)
-    buckets = bucket_sizes(size, backend.downsample_factor, cfg.resize)
     settings = latent_settings(model, backend, cfg, size)
     store.check_settings(out_dir, settings)
-    todo = pending_sources(out_dir, inputs, mine, cfg.output_format, partition)
-    report = RunReport("encode", str(out_dir), total=len(mine), already_done=len(mine) - len(todo),
-                       backend=backend.describe(), partition=partition.name, damaged=inputs.damaged,
-                       output_format=cfg.output_format)
-
-    if len(buckets) == 1:  # one size for all: no need to read headers first; readers report failures
-        probed = [Probed(s, 0, 0, buckets[0]) for s in todo]
-    else:
-        probed = probe_all(todo, buckets, cfg.max_pixels, reader_threads())
-    items = [p for p in probed if isinstance(p, Probed)]
-    header_failures = [p for p in probed if isinstance(p, Failure)]
-    failures = {f["source"]: f for f in _part_failures(out_dir, partition.name)}
-    failures.update({f.key: f.to_dict() for f in header_failures})
-    if cfg.output_format == "webdataset":
-        groups = tar_output.plan_groups(out_dir, inputs, todo, items, partition.name, cfg.shard_size)
-        tar_output.remove_temp_tars(out_dir, groups)
-        writer = tar_output.TarShardWriter(out_dir, partition.name, groups, items, failures, settings, cfg.latent_file)
-    else:
-        writer = ShardWriter(out_dir, partition.name, cfg.shard_size, items, failures)
-    report.failed = len(header_failures)
-    report.failures = [f.to_dict() for f in header_failures]
-
     step = DeviceStep(backend, "encode", cfg.latent_mode, cfg.seed)
-    if items:
-        largest = max((p.bucket for p in items), key=lambda b: b[0] * b[1])
 
-        def trial(b: int) -> None:
-            step.encode(torch.zeros(b, 3, largest[1], largest[0], device=backend.device), ["probe"] * b)
+    def trial(b: int, bucket: tuple[int, int]) -> None:
+        step.encode(torch.zeros(b, 3, bucket[1], bucket[0], device=backend.device), ["probe"] * b)
 
-        report.batch_size = resolve_batch_size(cfg, trial, backend.device, len(items))
-        if cfg.output_format == "webdataset":
-            plans = tar_output.group_plans(groups, items, report.batch_size)
-        else:
-            plans = plan_batches([p.bucket for p in items], report.batch_size)
-        reader = open_reader(mode, ImageSource(items, cfg.max_pixels), plans, backend.device, cfg, reader_threads())
-        advance = progress(len(mine), report.already_done + len(header_failures)) if progress else None
+    plan = plan_encode(out_dir, inputs, mine, cfg, partition, bucket_sizes(size, backend.downsample_factor, cfg.resize),
+                       lambda n, bucket: resolve_batch_size(cfg, lambda b: trial(b, bucket), backend.device, n))
+    report = RunReport("encode", str(out_dir), total=len(mine), already_done=len(plan.done),
+                       backend=backend.describe(), partition=partition.name, damaged=inputs.damaged,
+                       output_format=cfg.output_format, batch_size=plan.batch_size)
+    if plan.groups is not None:
+        writer = tar_output.TarShardWriter(out_dir, partition.name, plan.groups, plan.items, plan.failures, settings,
+                                           cfg.latent_file)
+    else:
+        writer = ShardWriter(out_dir, partition.name, cfg.shard_size, plan.items, plan.failures)
+    report.failed = len(plan.header_failures)
+    report.failures = [f.to_dict() for f in plan.header_failures]
+    if plan.batches:
+        reader = open_reader(mode, ImageSource(plan.items, cfg.max_pixels), plan.batches, backend.device, cfg,
+                             reader_threads())
+        advance = progress(len(mine), report.already_done + len(plan.header_failures)) if progress else None
         run_batches(reader, step, writer, report, advance)
     else:
         writer.start()
@@ -125,14 +110,54 @@ def encode_collection(
     return report
 
 
-def pending_sources(out_dir: Path, inputs: Inputs, mine: list[Source], output_format: str,
-                    partition: Partition) -> list[Source]:
-    """The sources of ``mine`` no finished output holds (after removing the part's leftover temp files)."""
-    if output_format == "webdataset":
-        return tar_output.pending_sources(out_dir, inputs, mine)
-    store.remove_temp_files(out_dir, partition.name)
-    done = store.scan_shards(out_dir, set_aside_unreadable=partition.rank == 0).sources
-    return [s for s in mine if s.key not in done]
+@dataclass
+class EncodePlan:
+    """What a run computes: ``batches`` of indices into ``items``, composed as an uninterrupted run composes
+    them (all of this part's images are planned, then what is done is left out), so a rerun after a crash
+    computes every remaining latent in the same batch as an uninterrupted run, and gets the same bits."""
+
+    items: list[Probed]
+    done: set[str]  # source keys of this part already in a finished output
+    header_failures: list[Failure]
+    failures: dict[str, dict]  # the part's failure list: earlier runs' and the header probe's, by source key
+    batch_size: int = 0
+    batches: list[list[int]] = field(default_factory=list)
+    groups: list[tar_output.Group] | None = None  # webdataset output: the tars to write
+
+
+def plan_encode(out_dir: Path, inputs: Inputs, mine: list[Source], cfg: ServeConfig, partition: Partition,
+                buckets: list[tuple[int, int]], batch_size: Callable[[int, tuple[int, int]], int]) -> EncodePlan:
+    """Plan a run of this part (``batch_size(items, largest bucket)`` resolves the batch size); removes the
+    part's leftover temp files."""
+    if cfg.output_format == "webdataset":
+        done = tar_output.done_sources(out_dir, inputs, mine)
+    else:
+        store.remove_temp_files(out_dir, partition.name)
+        done = store.scan_shards(out_dir, set_aside_unreadable=partition.rank == 0).sources & {s.key for s in mine}
+    whole_shards = cfg.output_format == "webdataset" and inputs.units is not None
+    to_probe = [s for s in mine if s.key not in done] if whole_shards else mine
+    if len(buckets) == 1:  # one size for all: no need to read headers first; readers report failures
+        probed = [Probed(s, 0, 0, buckets[0]) for s in to_probe]
+    else:
+        probed = probe_all(to_probe, buckets, cfg.max_pixels, reader_threads())
+    items = [p for p in probed if isinstance(p, Probed)]
+    header_failures = [p for p in probed if isinstance(p, Failure) and p.key not in done]
+    failures = {f["source"]: f for f in _part_failures(out_dir, partition.name)}
+    failures.update({f.key: f.to_dict() for f in header_failures})
+    plan = EncodePlan(items, done, header_failures, failures)
+    if cfg.output_format == "webdataset":
+        plan.groups = tar_output.plan_groups(out_dir, inputs, to_probe, items, done, partition.name, cfg.shard_size)
+        tar_output.remove_temp_tars(out_dir, plan.groups)
+    if not items:
+        return plan
+    plan.batch_size = batch_size(len(items), max((p.bucket for p in items), key=lambda b: b[0] * b[1]))
+    if plan.groups is not None:
+        plan.batches = tar_output.group_plans(plan.groups, items, plan.batch_size)
+    else:
+        batches = [[i for i in b if items[i].source.key not in done]
+                   for b in plan_batches([p.bucket for p in items], plan.batch_size)]
+        plan.batches = [b for b in batches if b]
+    return plan
 
 
 def latent_settings(model: Any, backend, cfg: ServeConfig, size: int) -> dict:

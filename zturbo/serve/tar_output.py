@@ -44,21 +44,23 @@ def unit_tar_name(unit: str) -> str:
     return f"{safe_name(unit)}.tar"
 
 
-def pending_sources(out_dir: Path, inputs: Inputs, mine: list[Source]) -> list[Source]:
-    """The sources of ``mine`` that no finished tar holds: whole input shards whose tar is missing, or the
-    images of a folder that no tar lists."""
+def done_sources(out_dir: Path, inputs: Inputs, mine: list[Source]) -> set[str]:
+    """The source keys of ``mine`` that finished tars hold: every image of an input shard whose tar exists,
+    or the images of a folder that a tar lists."""
     tars = latent_tars(out_dir)
     if inputs.units is not None:
-        done = {p.relative_to(out_dir / store.SHARD_DIR).as_posix() for p in tars}
-        return [s for s in mine if unit_tar_name(s.unit) not in done]
+        written = {p.relative_to(out_dir / store.SHARD_DIR).as_posix() for p in tars}
+        return {s.key for s in mine if unit_tar_name(s.unit) in written}
     held = {latent.meta.get("source") for tar in tars for latent in read_latent_tar(tar)}
-    return [s for s in mine if s.key not in held]
+    return {s.key for s in mine} & held
 
 
-def plan_groups(out_dir: Path, inputs: Inputs, sources: list[Source], items: list[Probed], part: str,
+def plan_groups(out_dir: Path, inputs: Inputs, sources: list[Source], items: list[Probed], done: set[str], part: str,
                 shard_size: int) -> list[Group]:
-    """One group per input shard (every pending one, even when none of its images could be read: its tar
-    then says so), or the folder's items in tars of ``shard_size``, numbered on from the part's last tar."""
+    """One group per pending input shard (``sources`` are theirs; a group is written even when none of its
+    images could be read: its tar then says so), or the folder's items (all of the part's, so the groups are
+    those of an uninterrupted run) in tars of ``shard_size``, less those done, numbered on from the part's
+    last tar."""
     if inputs.units is not None:
         position = {p.source.key: i for i, p in enumerate(items)}
         groups: dict[str, Group] = {}
@@ -68,8 +70,9 @@ def plan_groups(out_dir: Path, inputs: Inputs, sources: list[Source], items: lis
                 group.items.append(position[s.key])
         return list(groups.values())
     seq = next_tar_sequence(out_dir, part)
-    return [Group(f"{part}-{seq + n:06d}.tar", list(range(i, min(i + shard_size, len(items)))))
-            for n, i in enumerate(range(0, len(items), shard_size))]
+    chunks = [[k for k in range(i, min(i + shard_size, len(items))) if items[k].source.key not in done]
+              for i in range(0, len(items), shard_size)]
+    return [Group(f"{part}-{seq + n:06d}.tar", chunk) for n, chunk in enumerate(c for c in chunks if c)]
 
 
 def next_tar_sequence(out_dir: Path, part: str) -> int:
