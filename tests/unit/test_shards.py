@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from serve_helpers import encode_folder
-from shard_helpers import corrupt_header, image_bytes, make_parquet, make_tar_shards, truncate_inside, write_tar
+from shard_helpers import (
+    corrupt_header,
+    image_bytes,
+    make_parquet,
+    make_tar_shards,
+    truncate_inside,
+    write_tar,
+)
 
 from zturbo.data.datasets import ImageFolderDataset, ResumableSampler, shard_blocks, split_data
 from zturbo.data.images import open_image
@@ -187,8 +194,9 @@ def test_bad_inputs_exit_2_in_one_line(tiny_model, tmp_path, capsys):
 
 
 def test_training_reads_shards_and_refuses_damaged_ones(tmp_path, tiny_config, capsys):
-    from zturbo.cli import run
     from train_helpers import train_argv
+
+    from zturbo.cli import run
 
     make_tar_shards(tmp_path / "s", 3, 2, size=(40, 32))
     assert run(train_argv(tiny_config, tmp_path / "s", tmp_path / "run", "--max-steps", "2", "--quiet")) == 0
@@ -215,3 +223,32 @@ def test_eval_and_prepare_read_shards(tiny_model, tmp_path, capsys):
     capsys.readouterr()
     assert run(["prepare", f"{tmp_path}/s/*.tar", str(tmp_path / "prep"), "--size", "16", "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["written"] == 0  # a rerun finds them up to date
+
+
+def test_train_latents_pairs_webdataset_latents_with_shard_samples(tmp_path):
+    """`train --latents` with shards as --data: the teacher's webdataset latents, matched by source key."""
+    from zturbo.config import ServeConfig, load_settings
+    from zturbo.distill import load_student, student_settings
+    from zturbo.model import VAE
+    from zturbo.serve import encode_collection
+
+    torch.manual_seed(0)
+    teacher = VAE(block_out_channels=[16, 32], norm_num_groups=4, layers_per_block=1, latent_channels=4,
+                  sample_size=32).save_pretrained(tmp_path / "teacher")
+    make_tar_shards(tmp_path / "s", 2, 2)
+    data = f"{tmp_path}/s/*.tar"
+    latents = tmp_path / "latents"
+    encode_collection(teacher, data, latents, ServeConfig(size=32, device="cpu", batch_size=2, reading="phased",
+                                                          output_format="webdataset"))
+    s = student_settings(load_settings("demo", None, {
+        "data": {"data_dir": data, "image_size": 32, "val_images": 0, "num_workers": 0},
+        "train": {"output_dir": tmp_path / "run", "batch_size": 2, "max_steps": 1},
+        "distill": {"teacher": teacher, "decoder_channels": [8, 16], "latents_dir": latents,
+                    "calibration_images": 0}}))
+    train = split_data(data, 0).train
+    dataset = load_student(s, torch.device("cpu"), train).dataset(train, Path(data), 32)
+    assert len(dataset) == 4
+    image, latent = dataset[1]
+    expected = [e for e in read_latent_index(latents).entries if e.source == train[1].source][0]
+    assert torch.equal(latent, expected.stored.load().float())
+    assert torch.equal(image, ImageFolderDataset([train[1]], 32, random_crop=False, random_flip=False)[0])
