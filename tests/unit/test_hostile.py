@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from train_helpers import TINY as TRAIN_TINY
-from train_helpers import write_small_data
+from train_helpers import write_demo_photos
 
 from zturbo.backends.torch_backend import TorchBackend
 from zturbo.cli import run
@@ -258,7 +258,8 @@ def test_an_output_that_is_a_file_or_a_dangling_link_is_refused(tiny_model, late
     photos = _sources(tmp_path / "photos")
     (tmp_path / "tiny.toml").write_text(TRAIN_TINY)
     argv = {
-        "train": ["train", "-c", tmp_path / "tiny.toml", "--data", write_small_data(tmp_path / "data"), "-o", target],
+        "train": ["train", "-c", tmp_path / "tiny.toml", "--data", write_demo_photos(tmp_path / "data", count=6, size=48),
+                  "-o", target],
         "eval": ["eval", tiny_model, "--data", photos, "--out", target, "--metrics", "psnr", "--size", "32"],
         "encode": ["serve-batch", "encode", tiny_model, "-i", photos, "-o", target, "--size", "32"],
         "decode": ["serve-batch", "decode", tiny_model, "-i", latents, "-o", target],
@@ -324,14 +325,14 @@ def test_eval_fails_images_whose_reconstruction_is_not_finite(tiny_model, tmp_pa
 def test_train_teacher_without_profile_checks_the_batch_before_loading_it(tiny_model, tmp_path, capsys,
                                                                          monkeypatch):
     """It fell back to the 'fast' profile and failed 44 s later, after loading the teacher, for its batch of 24."""
-    from zturbo.train import distill
+    from zturbo.distill import student
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("the teacher was loaded before the data was checked")
 
-    monkeypatch.setattr(distill, "load_teacher", no_loading)
-    code, _, err = _cli(capsys, "train", "--teacher", tiny_model, "--data", write_small_data(tmp_path / "data"),
-                        "-o", tmp_path / "run", "-q")
+    monkeypatch.setattr(student, "load_teacher", no_loading)
+    data = write_demo_photos(tmp_path / "data", count=6, size=48)
+    code, _, err = _cli(capsys, "train", "--teacher", tiny_model, "--data", data, "-o", tmp_path / "run", "-q")
     assert code == 2
     _one_clean_line(err, "6 training images", "per-process batch of 24", "default profile 'fast'")
 
