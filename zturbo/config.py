@@ -7,7 +7,7 @@ Precedence, lowest to highest::
 Settings are resolved once at the command boundary (``load_settings``) and passed
 down as typed objects; library code never reads the environment itself.
 
-One module of about 480 lines on purpose: every section, the layering and profile reading
+One module of about 500 lines on purpose: every section, the layering and profile reading
 are the one place a setting is defined, which a split across modules would scatter.
 """
 
