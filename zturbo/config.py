@@ -7,7 +7,7 @@ Precedence, lowest to highest::
 Settings are resolved once at the command boundary (``load_settings``) and passed
 down as typed objects; library code never reads the environment itself.
 
-One module of about 480 lines on purpose: every section, the layering and profile reading
+One module of about 500 lines on purpose: every section, the layering and profile reading
 are the one place a setting is defined, which a split across modules would scatter.
 """
 
@@ -40,6 +40,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     data_dir: Path | None = None
+    image_column: str | None = Field(None, description="Parquet data: the image column (None: auto-detected)")
     image_size: int = Field(1024, ge=8, le=16384)
     num_workers: int = Field(4, ge=0, le=256)
     random_flip: bool = True
@@ -156,6 +157,7 @@ class PrepareConfig(Section):
     workers: int | None = Field(None, ge=1, le=1024, description="None: all usable cores")
     dedupe: bool = False
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
+    image_column: str | None = Field(None, description="Parquet input: the image column (None: auto-detected)")
 
 
 class Tiling(Section):
@@ -213,6 +215,7 @@ class EvalConfig(Tiling):
     sheet_images: int = Field(4, ge=0, le=32, description="worst and best images each on the contact sheet")
     inception_weights: Path | None = Field(None, description="torch-fidelity Inception weights file for rFID")
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
+    image_column: str | None = Field(None, description="Parquet data: the image column (None: auto-detected)")
 
     @field_validator("size")
     @classmethod
@@ -307,6 +310,13 @@ class ServeConfig(Tiling):
     max_batch_size: int = Field(256, ge=1, description="upper bound for batch_size=auto")
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb limit (pixels)")
     seed: int = Field(0, description="seed of the per-image noise for latent_mode=sample")
+    image_column: str | None = Field(None, description="Parquet inputs: the image column (None: auto-detected)")
+    output_format: Literal["zturbo", "webdataset"] = Field(
+        "zturbo", description="encode: zturbo (safetensors shards + index.json) or webdataset (a tar per input shard)"
+    )
+    latent_file: Literal["safetensors", "npy"] = Field("safetensors", description="webdataset output: latent files")
+    engine: Literal["native", "ray"] = Field("native", description="encode: this process (native) or Ray Data")
+    ray_address: str | None = Field(None, description="engine ray: the cluster to join (None: start a local one)")
 
 
 _LAYERS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("zturbo_config_layers", default={})

@@ -91,6 +91,7 @@ FLAGS = [
     Flag("--device", "eval.device", str, "auto, cpu, cuda, cuda:N or mps."),
     Flag("--precision", "eval.precision", str, "fp32, bf16 or fp16."),
     Flag("--max-images -n", "eval.max_images", int, "Evaluate the first N."),
+    Flag("--image-column", "eval.image_column", str, "Parquet data: the column holding the image bytes."),
     *tile_flags("eval"),
 ]
 
@@ -105,7 +106,9 @@ def register(app: typer.Typer) -> None:
             typer.Argument(help="Model, run, step-N, diffusers or pipeline folder, a single .safetensors file, or an "
                                 "ONNX / TensorRT export."),
         ],
-        data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included).")],
+        data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included), or shards: "
+                                           ".tar (WebDataset) or .parquet files, a folder of them, a glob or a brace "
+                                           "pattern.")],
         compare: Annotated[
             Path | None, typer.Option("--compare", help="A second model evaluated on the same images.")
         ] = None,

@@ -28,6 +28,7 @@ FLAGS = [
     Flag("--workers -j", "prepare.workers", int, "Worker processes (default: all cores)."),
     Flag("--dedupe/--no-dedupe", "prepare.dedupe", bool, "Drop exact duplicates (same bytes) (default: keep)."),
     Flag("--max-pixels", "prepare.max_pixels", int, "Skip images with more pixels (decompression bombs)."),
+    Flag("--image-column", "prepare.image_column", str, "Parquet input: the column holding the image bytes."),
 ]
 
 
@@ -37,7 +38,8 @@ def register(app: typer.Typer) -> None:
     def prepare(
         overrides: dict,
         input_dir: Annotated[
-            Path | None, typer.Argument(metavar="INPUT", help="Folder of images (recursed).")
+            Path | None, typer.Argument(metavar="INPUT", help="Folder of images (recursed), or shards: .tar "
+                                        "(WebDataset) or .parquet files, a folder of them, a glob or a brace pattern.")
         ] = None,
         output_dir: Annotated[
             Path | None,
@@ -90,6 +92,15 @@ def register(app: typer.Typer) -> None:
         else:
             _print_summary(report)
         _warn_skipped(report, quiet)
+        if report.damaged:
+            from rich.markup import escape
+
+            from zturbo.console import stderr
+
+            more = f" (and {len(report.damaged) - 1} more)" if len(report.damaged) > 1 else ""
+            stderr.print(f"[bold red]error:[/] damaged input shard {escape(report.damaged[0])}{more}; everything "
+                         "readable was prepared", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
 
 
 def _paths(

@@ -63,7 +63,18 @@ ENCODE_FLAGS = [
     Flag("--mean/--sample", "serve.latent_mode", bool, "Store the posterior mean, or a sample of it.",
          parse=lambda mean: "mean" if mean else "sample"),
     Flag("--resize", "serve.resize", str, "aspect (size buckets) or square (center-crop)."),
-    Flag("--shard-size", "serve.shard_size", int, "Latents per shard file."),
+    Flag("--shard-size", "serve.shard_size", int, "Latents per shard file (webdataset output of a folder: per tar)."),
+    Flag("--output-format", "serve.output_format", str,
+         "zturbo (safetensors shards + index.json, the default) or webdataset (one tar of KEY.latent.safetensors + "
+         "KEY.json per input shard)."),
+    Flag("--latent-file", "serve.latent_file", str, "webdataset output: safetensors (default) or npy latent files."),
+    Flag("--image-column", "serve.image_column", str, "Parquet input: the column holding the image bytes "
+         "(default: the one bytes column, or Hugging Face's {bytes, path} struct)."),
+    Flag("--engine", "serve.engine", str,
+         "native (default: this process; --shard / torchrun for more) or ray (a Ray Data pipeline: pip install "
+         "'zturbo[ray]')."),
+    Flag("--ray-address", "serve.ray_address", str,
+         "--engine ray: the Ray cluster to join (e.g. HEAD:6379, or auto); default: start a local one."),
     *_COMMON,
 ]
 DECODE_FLAGS = [
@@ -169,11 +180,17 @@ _OUTPUT_FAILURES = {"non-finite", "unwritable", "outside-output"}
 
 
 def _exit_status(report) -> None:
-    """Exit 1, after the report, when an image's output could not be made (``_OUTPUT_FAILURES``)."""
+    """After the report: exit 2 when input shards were damaged (their readable images, and every other shard,
+    were encoded), exit 1 when an image's output could not be made (``_OUTPUT_FAILURES``)."""
     from rich.markup import escape
 
     from zturbo.console import stderr
 
+    if getattr(report, "damaged", None):
+        more = f" (and {len(report.damaged) - 1} more)" if len(report.damaged) > 1 else ""
+        stderr.print(f"[bold red]error:[/] damaged input shard {escape(report.damaged[0])}{more}; everything "
+                     "readable was encoded", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     failed = [f for f in report.failures if f["reason"] in _OUTPUT_FAILURES]
     if failed:
         first = f"{failed[0]['reason']}: {failed[0]['source']}{', ...' if len(failed) > 1 else ''}"
@@ -194,7 +211,9 @@ def register(app: typer.Typer) -> None:
         overrides: dict,
         model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint, single .safetensors file "
                                                   "or export.")],
-        input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images or a manifest listing them.")],
+        input: Annotated[str, typer.Option("--input", "-i", help="Folder of images, a manifest listing them, or "
+                                           "shards: .tar (WebDataset) or .parquet files, a folder of them, a glob "
+                                           "or a brace pattern such as 'shards/{000000..000099}.tar'.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for shards, index.json, report.json.")],
         shard: ShardOpt = None,
         latent_family: LatentFamilyOpt = None,
@@ -203,10 +222,23 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
-        """Encode every image to a latent; writes safetensors shards plus index.json. Reruns do only what is missing."""
+        """Encode every image to a latent; writes safetensors shards plus index.json, or WebDataset tars. Reruns do
+        only what is missing."""
+        cfg = settings_from(profile, config, overrides).serve
+        if cfg.engine == "ray":
+            from zturbo.serve.ray_engine import encode_with_ray
+
+            if shard is not None:
+                from zturbo.errors import UsageError
+
+                raise UsageError("--shard is for the native engine; Ray spreads the work over its cluster itself")
+            model = model_arg(model, latent_family, "serve-batch", quiet)
+            report = encode_with_ray(model, input, output, cfg, address=cfg.ray_address, quiet=quiet)
+            _print_report(report, json_out)
+            _exit_status(report)
+            return
         from zturbo.serve import encode_collection
 
-        cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
         model = model_arg(model, latent_family, "serve-batch", quiet or part.rank != 0)
         with _process_group(part.world_size) as barrier, _progress("encode", quiet or part.rank != 0) as progress:

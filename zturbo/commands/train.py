@@ -78,7 +78,9 @@ def _int_list(text: str) -> list[int]:
 
 # Every setting flag of `zturbo train`, with the seed script's underscore spellings.
 FLAGS = [
-    Flag("--data", "data.data_dir", Path, "Image folder or `zturbo prepare` output."),
+    Flag("--data", "data.data_dir", Path, "Image folder, `zturbo prepare` output, or shards: .tar (WebDataset) or "
+         ".parquet files, a folder of them, a glob or a brace pattern such as 'shards/{000000..000099}.tar'."),
+    Flag("--image-column", "data.image_column", str, "Parquet data: the column holding the image bytes."),
     Flag("--output --output_dir --output-dir -o", "train.output_dir", Path, "Run folder."),
     # The model's nominal size follows the training size unless set elsewhere.
     Flag("--image-size --image_size", "data.image_size model.sample_size", int, "Training crop size."),
@@ -217,7 +219,8 @@ def _check_before_loading(settings, world_size: int, default_profile: bool) -> N
     if default_profile:
         hint += (f" (no --profile was given: the default profile '{settings.profile}' trains with batch "
                  f"{settings.train.batch_size}; `zturbo config profiles` lists the others)")
-    check_batch_fits(settings.data.data_dir, settings.data.val_images, settings.train.batch_size, world_size, hint)
+    check_batch_fits(settings.data.data_dir, settings.data.val_images, settings.train.batch_size, world_size, hint,
+                     settings.data.image_column)
 
 
 def _summary(result) -> None:

@@ -1,9 +1,13 @@
 """Training datasets and loaders.
 
-Works on a prepared folder (``train/`` and ``val/`` from ``zturbo prepare``) or any
-folder of images. Augmentation randomness is derived from (seed, epoch, image
-index) rather than from worker RNG state, so the sample stream is the same for
-any worker count and a resumed run sees exactly what an uninterrupted one did.
+Works on a prepared folder (``train/`` and ``val/`` from ``zturbo prepare``), any
+folder of images, or image shards (WebDataset tars, Parquet files: ``zturbo.data.shards``).
+Augmentation randomness is derived from (seed, epoch, image index) rather than from
+worker RNG state, so the sample stream is the same for any worker count and a resumed
+run sees exactly what an uninterrupted one did. From shards the order is too: shards
+(Parquet: row groups) are shuffled from (seed, epoch), then the samples of a few at a
+time among themselves (``ResumableSampler(blocks=...)``), so a reader holds only those
+few while the whole set is still mixed over the epoch.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.data.batch import TrainBatch
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
 from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
+from zturbo.data.shards import block_of, check_undamaged, find_shards, index_shards
 from zturbo.console import warn
 from zturbo.errors import InputError
+
+# Shards (or Parquet row groups) whose samples are shuffled together: what one reader has in flight.
+BLOCKS_IN_FLIGHT = 4
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -40,17 +48,25 @@ def list_images(root: str | Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class DataSplit:
-    train: list[Path]
-    val: list[Path]
-    layout: str  # "prepared" (train/ + val/) or "folder"
+    train: list  # image files (Path), or samples in shards (``zturbo.data.shards``)
+    val: list
+    layout: str  # "prepared" (train/ + val/), "folder" or "shards"
 
 
-def split_data(data_dir: str | Path, val_images: int) -> DataSplit:
+def split_data(data_dir: str | Path, val_images: int, image_column: str | None = None) -> DataSplit:
     """Training images and the fixed validation images for the sample grid.
 
-    A prepared folder uses its ``val/`` split; a plain folder holds out
-    ``val_images`` evenly spaced images (kept when there are too few to spare).
+    A prepared folder uses its ``val/`` split; a plain folder, or shards, hold out
+    ``val_images`` evenly spaced images (kept when there are too few to spare). Damaged
+    shards are an InputError: training would silently see less than asked for.
     """
+    shards = find_shards(data_dir)
+    if shards is not None:
+        index = index_shards(shards, image_column)
+        check_undamaged(index, "repair or leave out the damaged shard (a glob or brace pattern can name the others)")
+        return _hold_out([s for unit in index.units for s in unit.samples], val_images, "shards")
+    if image_column is not None:
+        raise InputError(f"data.image_column is for Parquet data; {data_dir} is not Parquet shards")
     root = Path(data_dir)
     if not root.is_dir():
         raise InputError(
@@ -63,15 +79,32 @@ def split_data(data_dir: str | Path, val_images: int) -> DataSplit:
             val = train[:: max(1, len(train) // val_images)][:val_images]
         layout = "prepared"
     else:
-        images = list_images(root)
-        step = max(1, len(images) // val_images) if val_images else 0
-        val = images[::step][:val_images] if val_images else []
-        held = set(val)
-        train = [p for p in images if p not in held] if len(images) - len(held) >= len(held) else images
-        layout = "folder"
+        split = _hold_out(list_images(root), val_images, "folder")
+        train, val, layout = split.train, split.val, split.layout
     if not train:
         raise InputError(f"no images found in {root}", f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
     return DataSplit(train=train, val=val, layout=layout)
+
+
+def _hold_out(images: list, val_images: int, layout: str) -> DataSplit:
+    step = max(1, len(images) // val_images) if val_images else 0
+    val = images[::step][:val_images] if val_images else []
+    held = set(val)
+    train = [p for p in images if p not in held] if len(images) - len(held) >= len(held) else images
+    return DataSplit(train=train, val=val, layout=layout)
+
+
+def shard_blocks(samples: list) -> list[list[int]]:
+    """Indices of ``samples`` in runs that share a shard (or Parquet row group): the sampler's blocks."""
+    blocks: list[list[int]] = []
+    last = None
+    for i, sample in enumerate(samples):
+        block = block_of(sample)
+        if block != last:
+            blocks.append([])
+            last = block
+        blocks[-1].append(i)
+    return blocks
 
 
 def augment_seed(seed: int, epoch: int, index: int) -> int:
@@ -96,7 +129,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(
         self,
-        paths: list[Path],
+        paths: list,  # image files, or samples in shards (objects with read_bytes(): zturbo.data.shards)
         image_size: int,
         random_crop: bool = True,
         random_flip: bool = True,
@@ -169,22 +202,40 @@ class ResumableSampler(DistributedSampler):
     """A DistributedSampler that yields (index, augmentation seed) and can start mid-epoch.
 
     ``set_epoch`` fixes the shuffle; ``skip`` drops the first samples of the next
-    pass only (what a resumed run already consumed of the current epoch).
+    pass only (what a resumed run already consumed of the current epoch). With ``blocks``
+    (index runs that share a shard: ``shard_blocks``) the epoch's order is the blocks
+    shuffled, then ``blocks_in_flight`` blocks at a time shuffled among themselves, all from
+    (seed, epoch); ranks take every ``num_replicas``-th index of it, as DistributedSampler does.
     """
 
     def __init__(
-        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+        blocks: list[list[int]] | None = None, blocks_in_flight: int = BLOCKS_IN_FLIGHT,
     ):
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
         self._skip = 0
+        self.blocks, self.blocks_in_flight = blocks, max(1, blocks_in_flight)
 
     def skip(self, samples: int) -> None:
         self._skip = samples
 
+    def _epoch_indices(self) -> list[int]:
+        if self.blocks is None:
+            return list(super().__iter__())
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        blocks = [self.blocks[i] for i in torch.randperm(len(self.blocks), generator=g)] if self.shuffle \
+            else self.blocks
+        order: list[int] = []
+        for c in range(0, len(blocks), self.blocks_in_flight):
+            chunk = [i for block in blocks[c : c + self.blocks_in_flight] for i in block]
+            order += [chunk[k] for k in torch.randperm(len(chunk), generator=g)] if self.shuffle else chunk
+        order += (order * math.ceil(self.total_size / len(order)))[: self.total_size - len(order)]  # pad as upstream
+        return order[self.rank : self.total_size : self.num_replicas]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        indices = list(super().__iter__())[self._skip :]
+        indices = self._epoch_indices()[self._skip :]
         self._skip = 0
         for index in indices:
             yield index, augment_seed(self.seed, self.epoch, index)
@@ -230,10 +281,11 @@ def steps_per_epoch(num_images: int, world_size: int, per_rank_batch: int) -> in
 
 
 def check_batch_fits(data_dir: str | Path, val_images: int, batch_size: int, world_size: int,
-                     hint: str = "add images or lower --batch-size") -> int:
+                     hint: str = "add images or lower --batch-size", image_column: str | None = None) -> int:
     """The number of training images under ``data_dir``; an InputError (with ``hint``) when they are fewer
-    than one per-process batch. Cheap (it lists files), so a run can check it before loading any model."""
-    train = split_data(data_dir, val_images).train
+    than one per-process batch. Cheap (it lists files, or indexes shards once for the run), so a run can
+    check it before loading any model."""
+    train = split_data(data_dir, val_images, image_column).train
     per_rank = max(1, batch_size // max(1, world_size))
     if steps_per_epoch(len(train), world_size, per_rank) == 0:
         raise InputError(
@@ -242,7 +294,7 @@ def check_batch_fits(data_dir: str | Path, val_images: int, batch_size: int, wor
     return len(train)
 
 
-def load_batch(paths: list[Path], image_size: int) -> torch.Tensor:
+def load_batch(paths: list, image_size: int) -> torch.Tensor:
     """A fixed, unaugmented batch (centre crops), e.g. for the sample grid."""
     dataset = ImageFolderDataset(paths, image_size, random_crop=False, random_flip=False)
     return torch.stack([dataset[i] for i in range(len(dataset))])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,21 +97,28 @@ def check_pixels(path: str | Path, im: Image.Image, max_pixels: int) -> None:
         raise ImageReadError(path, "too-large", f"{w}x{h} exceeds {max_pixels} pixels")
 
 
-def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+def readable(path) -> str | os.PathLike | io.BytesIO:
+    """What ``Image.open`` reads for ``path``: a file path as it is, or the bytes of a sample in a shard (an
+    object with ``read_bytes()``, such as ``zturbo.data.tar_shards.TarMember``, named by its ``str``)."""
+    return path if isinstance(path, (str, os.PathLike)) else io.BytesIO(path.read_bytes())
+
+
+def open_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Open, apply EXIF orientation, and return 8-bit sRGB RGB; raise ImageReadError on any failure.
 
-    ``draft_size`` lets JPEG decoding happen at a reduced scale when the image is much
-    larger than needed (the final resize still antialiases).
+    ``path`` is a file or a sample in a shard (see :func:`readable`). ``draft_size`` lets JPEG
+    decoding happen at a reduced scale when the image is much larger than needed (the final
+    resize still antialiases).
     """
     return open_image_sized(path, max_pixels, draft_size)[0]
 
 
 def open_image_sized(
-    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+    path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """``open_image`` plus the image's displayed size (after EXIF rotation) before any JPEG draft scaling."""
-    path = Path(path)
-    with image_read_errors(path), Image.open(path) as im:
+    path = Path(path) if isinstance(path, str) else path
+    with image_read_errors(path), Image.open(readable(path)) as im:
         check_pixels(path, im, max_pixels)
         w, h = im.size
         if getattr(im, "n_frames", 1) > 1:

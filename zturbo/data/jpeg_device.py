@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zturbo.data.images import DEFAULT_MAX_PIXELS, _may_carry_orientation
+from zturbo.data.images import DEFAULT_MAX_PIXELS, _may_carry_orientation, readable
 from zturbo.errors import DeviceError, UsageError
 
 _EXIF_ORIENTATION = 0x0112
@@ -52,14 +52,14 @@ def device_decodable(path: Path, image_size: int, max_pixels: int) -> bool:
     if path.suffix.lower() not in (".jpg", ".jpeg"):
         return False
     try:
-        with Image.open(path) as im:  # reads the header only
+        with Image.open(readable(path)) as im:  # reads the header only
             w, h = im.size
             if im.format != "JPEG" or im.mode not in ("RGB", "L") or "icc_profile" in im.info or w * h > max_pixels:
                 return False
             if min(w, h) != image_size:
                 return False
             return not (_may_carry_orientation(im) and im.getexif().get(_EXIF_ORIENTATION, 1) != 1)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError):
         return False  # the CPU path reports what is wrong with it
 
 
@@ -89,8 +89,9 @@ def decode_on_device(mode: str, device: torch.device, paths: Sequence[Path], ima
 def read_encoded(path: Path, image_size: int, random_crop: bool, random_flip: bool,
                  generator: torch.Generator | None) -> EncodedImage:
     """The file's bytes and the crop and flip the CPU path would draw from ``generator`` (same order)."""
-    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    with Image.open(path) as im:
+    raw = path.read_bytes()
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    with Image.open(io.BytesIO(raw)) as im:
         w, h = im.size
     if random_crop and generator is not None:
         left = int(torch.randint(0, w - image_size + 1, (1,), generator=generator))

@@ -1,7 +1,8 @@
 """Training pairs from `zturbo serve-batch encode` output: (image, stored latent).
 
-Reads the on-disk format (``index.json`` of format ``zturbo-latents`` version 1,
-safetensors shards) that ``zturbo.serve.store`` writes; the format's names live here, in
+Reads both on-disk formats: ``index.json`` of format ``zturbo-latents`` version 1 with
+safetensors shards (what ``zturbo.serve.store`` writes), and WebDataset tars of
+``KEY.latent.safetensors`` + ``KEY.json`` (``zturbo.data.latent_webdataset``); the format's names live here, in
 the lower layer, and the image preparation is the encoder's own (``data.images.resize_to_bucket``).
 Each image is prepared as the encoder saw it: opened as sRGB RGB with EXIF rotation,
 scaled (Lanczos, antialiased) to cover its size bucket and centre-cropped to it. When
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, default_collate
 
 from zturbo.data.batch import TrainBatch
 from zturbo.data.images import DEFAULT_MAX_PIXELS, open_image_sized, pil_to_tensor, resize_to_bucket
+from zturbo.data.latent_webdataset import StoredLatent, latent_tars, read_latent_tar
 from zturbo.errors import InputError, UsageError
 
 # The on-disk latents format, shared with the writer (zturbo.serve.store).
@@ -35,6 +37,7 @@ class LatentEntry:
     tensor: str
     shape: tuple[int, int, int]  # (C, h, w)
     bucket: tuple[int, int]  # (width, height) the image was scaled and cropped to
+    stored: StoredLatent | None = None  # a latent in a WebDataset tar (then ``shard`` is the tar)
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,12 @@ class LatentIndex:
 
 
 def read_latent_index(folder: str | Path) -> LatentIndex:
-    """The index of an encode output folder (``serve-batch encode`` writes it when it finishes)."""
+    """The latents of an encode output folder: its ``index.json`` (format zturbo, written when the run finishes),
+    or its WebDataset tars (format webdataset)."""
     folder = Path(folder)
     path = folder / INDEX_NAME
+    if not path.is_file() and latent_tars(folder):
+        return _index_of_tars(folder)
     if not path.is_file():
         raise InputError(f"no {INDEX_NAME} in {folder}", "give the output folder of `zturbo serve-batch encode`")
     try:
@@ -74,16 +80,43 @@ def read_latent_index(folder: str | Path) -> LatentIndex:
         raise InputError(f"cannot read latent index {path}: {exc}") from exc
 
 
-def bucket_image(path: str | Path, bucket: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def _index_of_tars(folder: Path) -> LatentIndex:
+    """A LatentIndex of WebDataset latent tars, from each latent's ``KEY.json`` (all must agree on the encoder)."""
+    stored = [latent for tar in latent_tars(folder) for latent in read_latent_tar(tar)]
+    if not stored:
+        raise InputError(f"the latent shards in {folder} hold no latents", "encode the images first")
+    first = stored[0].meta
+    fields = ("encoder_fingerprint", "latent_channels", "downsample_factor", "latent_mode", "precision")
+    for latent in stored:
+        odd = [k for k in fields if latent.meta.get(k) != first.get(k)]
+        if odd:
+            raise InputError(f"{latent.tar}: {latent.meta.get('source')!r} was encoded with other settings ({odd[0]}: "
+                             f"{latent.meta.get(odd[0])!r}, not {first.get(odd[0])!r})",
+                             "keep one encoder's latents per folder")
+    try:
+        entries = [LatentEntry(m.meta["source"], m.tar, m.member, tuple(m.meta["shape"]), tuple(m.meta["bucket"]), m)
+                   for m in stored]
+        return LatentIndex(folder, int(first["latent_channels"]), int(first["downsample_factor"]),
+                           first.get("scaling_factor"), first.get("shift_factor"), str(first.get("latent_mode")),
+                           str(first.get("precision")), first.get("model"), first.get("encoder_fingerprint"), entries)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"a latent's metadata in {folder} is malformed: {exc}") from exc
+
+
+def bucket_image(path, bucket: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The image as `serve-batch encode` fed it to the encoder: (3, bucket_h, bucket_w) in [-1, 1]."""
     im, _ = open_image_sized(path, max_pixels, draft_size=max(bucket))
     return pil_to_tensor(resize_to_bucket(im, bucket)[0])
 
 
 class LatentPairDataset(Dataset):
-    """(image crop (3, S, S), latent crop (C, S/f, S/f)) pairs; keys as ``ImageFolderDataset``'s."""
+    """(image crop (3, S, S), latent crop (C, S/f, S/f)) pairs; keys as ``ImageFolderDataset``'s.
 
-    def __init__(self, index: LatentIndex, image_root: str | Path, entries: list[LatentEntry], image_size: int):
+    An entry's image is ``image_root / source``, or ``images[source]`` (samples in shards) when given.
+    """
+
+    def __init__(self, index: LatentIndex, image_root: str | Path, entries: list[LatentEntry], image_size: int,
+                 images: dict | None = None):
         f = index.downsample_factor
         if image_size % f:
             raise UsageError(f"image size {image_size} is not a multiple of the latents' downsampling factor {f}")
@@ -97,12 +130,15 @@ class LatentPairDataset(Dataset):
         if not entries:
             raise InputError(f"no latents in {index.folder} for the training images")
         self.index, self.root, self.entries, self.image_size = index, Path(image_root), entries, image_size
+        self.images = images
         self._open: dict[Path, object] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def latent(self, entry: LatentEntry) -> torch.Tensor:
+        if entry.stored is not None:
+            return entry.stored.load().float()
         from safetensors import safe_open
 
         fh = self._open.get(entry.shard)
@@ -113,7 +149,8 @@ class LatentPairDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         entry = self.entries[index]
-        image, latent = bucket_image(self.root / entry.source, entry.bucket), self.latent(entry)
+        source = self.images[entry.source] if self.images is not None else self.root / entry.source
+        image, latent = bucket_image(source, entry.bucket), self.latent(entry)
         f, size = self.index.downsample_factor, self.image_size // self.index.downsample_factor
         _, h, w = latent.shape
         if seed is not None:

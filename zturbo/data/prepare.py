@@ -1,4 +1,5 @@
-"""Dataset preparation: any folder of images -> ``size`` x ``size`` 8-bit sRGB train/val folders.
+"""Dataset preparation: any folder of images, or image shards (WebDataset tars, Parquet files:
+``zturbo.data.shards``) -> ``size`` x ``size`` 8-bit sRGB train/val folders.
 
 Usable from Python without the CLI::
 
@@ -37,6 +38,7 @@ from zturbo.data import demo_dir
 from zturbo.data.prepare_image import RenderOptions, output_name, split_for
 from zturbo.data.prepare_pool import run_tasks
 from zturbo.data.prepare_scan import Candidate, ScanResult, image_extensions, is_inside, scan
+from zturbo.data.shards import ShardIndex, find_shards, index_shards
 from zturbo.data.prepare_state import (
     SPLITS,
     Journal,
@@ -47,7 +49,7 @@ from zturbo.data.prepare_state import (
     write_jsonl,
 )
 from zturbo.errors import InputError, UsageError
-from zturbo.paths import ensure_output_folder
+from zturbo.paths import ensure_output_folder, safe_name
 from zturbo.utils import atomic_write_bytes, usable_cores
 
 PIPELINE_VERSION = 2  # bump when the same settings would render different pixels
@@ -92,6 +94,7 @@ class PrepareReport:
     ignored: int = 0
     elapsed_s: float = 0.0
     images_per_s: float = 0.0
+    damaged: list[str] = field(default_factory=list)  # damaged input shards, one line each (the rest is prepared)
 
     @property
     def skipped_total(self) -> int:
@@ -158,7 +161,9 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     opts = render_options(config)
-    input_root, output_root = _open_folders(Path(input_dir), Path(output_dir))
+    shards = find_shards(input_dir)
+    index = index_shards(shards, config.image_column) if shards is not None else None
+    input_root, output_root = _open_folders(shards.root if shards else Path(input_dir), Path(output_dir), index is None)
     report = PrepareReport(
         input=str(input_root.resolve()),
         output=str(output_root.resolve()),
@@ -171,7 +176,8 @@ def prepare_dataset(
     )
     with OutputLock(output_root):
         remove_temp_files(output_root)
-        found = scan(input_root, exclude=output_root)
+        found = scan(input_root, exclude=output_root) if index is None else shard_candidates(index)
+        report.damaged = index.damaged if index is not None else []
         records = _bring_outputs_up_to_date(found, opts, config.dedupe, output_root, on_progress, report)
         _count(report, found, records, started)
         write_json(output_root / REPORT_NAME, report.to_dict())
@@ -179,12 +185,25 @@ def prepare_dataset(
     return report
 
 
-def _open_folders(input_root: Path, output_root: Path) -> tuple[Path, Path]:
+def shard_candidates(index: ShardIndex) -> ScanResult:
+    """The samples of shards as prepare's sources: named ``<shard>/<key><ext>`` (made safe: a hostile key
+    cannot lead outside OUTPUT), dated by their shard file."""
+    found = ScanResult()
+    for unit in index.units:
+        mtime = unit.path.stat().st_mtime_ns
+        for sample in unit.samples:
+            found.candidates.append(Candidate(sample, safe_name(sample.source) + sample.suffix, sample.size_hint,
+                                              mtime))
+    found.candidates.sort(key=lambda c: c.rel)
+    return found
+
+
+def _open_folders(input_root: Path, output_root: Path, is_folder: bool = True) -> tuple[Path, Path]:
     """Check INPUT is a folder and OUTPUT a folder outside it, and create OUTPUT."""
-    if not input_root.is_dir():
+    if is_folder and not input_root.is_dir():
         what = "is not a folder" if input_root.exists() else "does not exist"
         raise InputError(f"input folder {input_root} {what}", "pass the folder that holds your images")
-    if is_inside(output_root, input_root):
+    if is_folder and is_inside(output_root, input_root):
         raise UsageError(
             f"output folder {output_root} is inside the input folder {input_root}",
             "choose an OUTPUT outside INPUT, otherwise prepared images would be read back as sources",

@@ -52,12 +52,13 @@ def split_for(sha256: str, val_fraction: float) -> str:
 
 
 def output_name(rel_source: str, fmt: str) -> str:
-    """``a/b/photo.jpg`` -> ``a/b/photo_jpg.png``: keeps the folder layout, unique per source file."""
+    """``a/b/photo.jpg`` -> ``a/b/photo_jpg.png``: keeps the folder layout, unique per source file (a sample
+    of a Parquet shard has no extension: ``shard/000017`` -> ``shard/000017.png``)."""
     p = PurePosixPath(rel_source)
-    return str(p.with_name(f"{p.stem}_{p.suffix[1:]}{OUTPUT_EXT[fmt]}"))
+    return str(p.with_name(f"{p.stem}_{p.suffix[1:]}{OUTPUT_EXT[fmt]}" if p.suffix else f"{p.name}{OUTPUT_EXT[fmt]}"))
 
 
-def process_file(source: str, rel: str, output_root: str, opts: RenderOptions) -> dict[str, Any]:
+def process_file(source, rel: str, output_root: str, opts: RenderOptions) -> dict[str, Any]:
     """Read, hash, decode, fit and write one image; never raises for bad input.
 
     Returns a record: ``status`` is "written" (with output, split, sha256, source_size)
@@ -87,8 +88,16 @@ def process_file(source: str, rel: str, output_root: str, opts: RenderOptions) -
     return record
 
 
-def _read(source: str) -> tuple[bytes | None, os.stat_result, str]:
-    """The file's bytes (None when large), its stat at read time and its sha256."""
+def _read(source) -> tuple[bytes | None, os.stat_result, str]:
+    """The file's bytes (None when large), its stat at read time and its sha256. A sample in a shard
+    (``zturbo.data.shards``) is read whole; its stat is its size and its shard file's time."""
+    if not isinstance(source, str):
+        with image_read_errors(source):
+            data = source.read_bytes()
+            stat = _SampleStat(source.size_hint, os.stat(source.file).st_mtime_ns)
+        if not data:
+            raise ImageReadError(source, "empty", "zero-byte sample")
+        return data, stat, hashlib.sha256(data).hexdigest()
     try:
         with open(source, "rb") as fh:
             stat = os.fstat(fh.fileno())
@@ -113,7 +122,14 @@ def _read(source: str) -> tuple[bytes | None, os.stat_result, str]:
         raise ImageReadError(source, "unreadable", exc.strerror or type(exc).__name__) from exc
 
 
-def _decode(source: str, data: bytes | None, opts: RenderOptions) -> tuple[Image.Image, tuple[int, int]]:
+class _SampleStat:
+    """The two fields of a stat result prepare records for a sample in a shard."""
+
+    def __init__(self, size: int, mtime_ns: int):
+        self.st_size, self.st_mtime_ns = size, mtime_ns
+
+
+def _decode(source, data: bytes | None, opts: RenderOptions) -> tuple[Image.Image, tuple[int, int]]:
     """Decode upright, in the file's own mode; JPEGs at the smallest DCT scale that still covers the target."""
     # Not a `with` block: closing would free the pixels we return. The bytes are in memory, and
     # Pillow closes a file it opened itself once a single-frame image is loaded.

@@ -80,8 +80,13 @@ def _check_by_reencoding(index: LatentIndex, teacher: VAE, image_root: Path, dev
         )
 
 
-def latent_pairs(index: LatentIndex, paths: list[Path], data_dir: Path, image_size: int) -> LatentPairDataset:
-    """The (image, latent) pairs of ``index`` whose images are among ``paths`` (the training images)."""
+def latent_pairs(index: LatentIndex, paths: list, data_dir: Path, image_size: int) -> LatentPairDataset:
+    """The (image, latent) pairs of ``index`` whose images are among ``paths`` (the training images: files, or
+    samples in shards, matched by their source key ``shard/key``)."""
+    if paths and not isinstance(paths[0], Path):
+        by_source = {p.source: p for p in paths}
+        entries = [e for e in index.entries if e.source in by_source]
+        return LatentPairDataset(index, data_dir, entries, image_size, images=by_source)
     wanted = {p.resolve() for p in paths}
     entries = [e for e in index.entries if (data_dir / e.source).resolve() in wanted]
     return LatentPairDataset(index, data_dir, entries, image_size)

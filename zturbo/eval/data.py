@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.data.images import ImageReadError, open_image
+from zturbo.data.shards import check_undamaged, find_shards, index_shards
 from zturbo.errors import InputError
 
 
@@ -32,15 +33,25 @@ class ImageBatch:
 @dataclass
 class ImageSet:
     root: Path
-    paths: list[Path]
+    paths: list  # image files, or samples in shards (zturbo.data.shards), named by their source key
     skipped: list[Skipped] = field(default_factory=list)
 
-    def name(self, path: Path) -> str:
+    def name(self, path) -> str:
+        if not isinstance(path, Path):
+            return path.source
         return path.name if self.root.is_file() else path.relative_to(self.root).as_posix()
 
 
-def find_images(data_dir: str | Path, max_images: int | None = None) -> ImageSet:
-    """Image files under ``data_dir`` (recursive, hidden entries skipped), sorted by path."""
+def find_images(data_dir: str | Path, max_images: int | None = None, image_column: str | None = None) -> ImageSet:
+    """Image files under ``data_dir`` (recursive, hidden entries skipped), sorted by path; or the samples of
+    shards (``zturbo.data.shards``: a tar or Parquet file, a folder of them, a glob or a brace pattern), in
+    shard order. Damaged shards are an InputError: the figures would be of fewer images than asked for."""
+    shards = find_shards(data_dir)
+    if shards is not None:
+        index = index_shards(shards, image_column)
+        check_undamaged(index, "repair or leave out the damaged shard (a glob or brace pattern can name the others)")
+        samples = [s for unit in index.units for s in unit.samples]
+        return ImageSet(shards.root, samples[:max_images] if max_images is not None else samples)
     root = Path(data_dir)
     if not root.exists():
         raise InputError(f"data folder not found: {root}", "give --data a folder of images")
@@ -63,7 +74,7 @@ def find_images(data_dir: str | Path, max_images: int | None = None) -> ImageSet
     return ImageSet(root, paths)
 
 
-def load_pixels(path: Path, size: int | str, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def load_pixels(path, size: int | str, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 (3, H, W): the image as is ('native') or shorter side resized to ``size`` and center-cropped."""
     im = open_image(path, max_pixels=max_pixels, draft_size=None if size == "native" else int(size))
     original_size = im.size

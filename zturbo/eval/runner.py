@@ -206,7 +206,7 @@ def evaluate(
     """
     config = config or EvalConfig()
     wall_start = time.perf_counter()
-    images = find_images(data_dir, config.max_images)
+    images = find_images(data_dir, config.max_images, config.image_column)
     device = resolve_device(config.device)
     models = _open_models(checkpoint, compare, config, device)
     if metric_suite is None:

@@ -6,10 +6,12 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zturbo.data import IMAGE_EXTENSIONS
+from zturbo.data.images import readable
+from zturbo.data.shards import find_shards, index_shards
 from zturbo.errors import InputError, UsageError
 
 # Aspect ratios (width / height) of the buckets in "aspect" mode, portrait to landscape.
@@ -19,10 +21,44 @@ MANIFEST_SUFFIXES = (".txt", ".lst", ".jsonl", ".json")
 
 @dataclass(frozen=True)
 class Source:
-    """One input image: ``key`` is its name in the index (relative path), ``path`` where to read it."""
+    """One input image: ``key`` is its name in the index (relative path, or ``shard/key`` for a sample in a
+    shard), ``path`` where to read it (a file, or a sample in a shard: see ``zturbo.data.images.readable``)."""
 
     key: str
     path: Path
+    unit: str | None = None  # the shard it is in (shard inputs); a shard is placed and written as a whole
+
+
+@dataclass
+class Inputs:
+    """What an input names: its images, and for shards the shards (``units``: name -> source keys, in file
+    order) and the damaged ones (one line each)."""
+
+    sources: list[Source]
+    duplicates: int = 0
+    kind: str = "files"  # "files" (a folder or manifest), "webdataset" or "parquet"
+    units: dict[str, list[str]] | None = None
+    damaged: list[str] = field(default_factory=list)
+
+
+def discover_inputs(input_path: str | os.PathLike, image_column: str | None = None) -> Inputs:
+    """The images a folder, a manifest or shards (tar / Parquet: a file, a folder of them, a glob or a brace
+    pattern) hold; see :func:`discover_sources` and :mod:`zturbo.data.shards`."""
+    shards = find_shards(input_path)
+    if shards is None:
+        if image_column is not None:
+            raise UsageError(f"--image-column is for Parquet shards; {input_path} is not one")
+        return Inputs(*discover_sources(input_path))
+    index = index_shards(shards, image_column)
+    units: dict[str, list[str]] = {}
+    sources: list[Source] = []
+    for unit in index.units:
+        keys = units.setdefault(unit.name, [])
+        for sample in unit.samples:
+            sources.append(Source(sample.source, sample, unit.name))
+            keys.append(sample.source)
+    unique = list({s.key: s for s in sources}.values())  # a key twice in one Parquet key column: the first kept
+    return Inputs(unique, len(sources) - len(unique), shards.kind, units, index.damaged)
 
 
 @dataclass(frozen=True)
@@ -61,6 +97,10 @@ class Partition:
     @property
     def name(self) -> str:
         return f"s{self.index}of{self.count}-r{self.rank}of{self.world_size}"
+
+    def owns_source(self, source: Source) -> bool:
+        """Samples of a shard go where their shard goes: the shard is written as one output."""
+        return self.owns(source.unit if source.unit is not None else source.key)
 
     def owns(self, key: str) -> bool:
         # A hash of the key, not the position in a listing: adding files later never moves
@@ -186,7 +226,7 @@ def probe(source: Source, buckets: list[tuple[int, int]], max_pixels: int) -> Pr
     from PIL import Image
 
     try:
-        with Image.open(source.path) as im:
+        with Image.open(readable(source.path)) as im:
             width, height = im.size
             try:
                 orientation = im.getexif().get(0x0112, 1)
@@ -200,7 +240,7 @@ def probe(source: Source, buckets: list[tuple[int, int]], max_pixels: int) -> Pr
         return Failure(source.key, "not-an-image")
     except Image.DecompressionBombError as exc:
         return Failure(source.key, "too-large", str(exc))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return Failure(source.key, "corrupt", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     if width * height > max_pixels:
         return Failure(source.key, "too-large", f"{width}x{height} exceeds {max_pixels} pixels")

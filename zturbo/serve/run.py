@@ -52,6 +52,10 @@ class RunReport:
     index: str | None = None
     index_count: int | None = None
     duplicates_dropped: int = 0
+    output_format: str = "zturbo"  # "zturbo" (safetensors shards + index.json) or "webdataset" (tars)
+    damaged: list[str] = field(default_factory=list)  # damaged input shards, one line each (their readable
+    # images are encoded; the command exits 2 after the report)
+    engine: str = "native"  # "native" (this process, or --shard / torchrun parts) or "ray" (a Ray Data pipeline)
 
     @property
     def images_per_second(self) -> float:

@@ -160,7 +160,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"{path} is corrupt: {exc}", "move the output folder aside and start again") from exc
-        keys = ("latent_channels", "downsample_factor", "size", "resize", "latent_mode", "precision", "seed")
+        keys = ("format", "latent_channels", "downsample_factor", "size", "resize", "latent_mode", "precision", "seed")
         diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
         if _fingerprints_differ(old, settings):
             diff.append(f"model: {old.get('model')} -> {settings.get('model')} (other encoder weights)")

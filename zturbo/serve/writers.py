@@ -147,8 +147,10 @@ class ShardWriter(Writer):
                 "height": height,
                 "bucket": list(item.bucket),
             })
-            if len(self.entries) >= self.shard_size:
-                self._flush()
+        # Shards end at batch boundaries (a shard may pass shard_size by less than a batch): the latents on disk
+        # are then whole batches, and a rerun computes the remaining ones in the batches an uninterrupted run would.
+        if len(self.entries) >= self.shard_size:
+            self._flush()
 
     def _flush(self) -> None:
         if self.entries:

@@ -32,6 +32,7 @@ from zturbo.data.datasets import (
     ResumableSampler,
     load_batch,
     make_loader,
+    shard_blocks,
     split_data,
     steps_per_epoch,
 )
@@ -139,7 +140,7 @@ class Trainer:
             raise UsageError(
                 "no training data given", "pass --data DIR (a folder of images or `zturbo prepare` output)"
             )
-        return split_data(dcfg.data_dir, dcfg.val_images)
+        return split_data(dcfg.data_dir, dcfg.val_images, dcfg.image_column)
 
     def _per_rank_batch(self) -> int:
         batch_size = self.settings.train.batch_size
@@ -168,7 +169,10 @@ class Trainer:
                 f"{len(dataset)} training images are fewer than the per-process batch of {self.per_rank_batch}",
                 "add images or lower --batch-size",
             )
-        self.sampler = ResumableSampler(dataset, self.dist.world_size, self.dist.rank, seed=self.settings.train.seed)
+        # From shards: read a few shards at a time (the images of a distillation's latent pairs are not in file order).
+        blocks = shard_blocks(train) if self.split.layout == "shards" and self.student is None else None
+        self.sampler = ResumableSampler(dataset, self.dist.world_size, self.dist.rank, seed=self.settings.train.seed,
+                                        blocks=blocks)
         self.loader = make_loader(
             dataset, self.sampler, self.per_rank_batch, dcfg.num_workers, pin_memory=self.device.type == "cuda"
         )
