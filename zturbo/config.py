@@ -442,7 +442,8 @@ def load_settings(
     if chosen is not None:
         layers = read_profile(chosen)
     if config_file is not None:
-        layers = deep_merge(layers, read_config_file(config_file))
+        from_file = read_config_file(config_file)
+        layers = deep_merge(_one_architecture(layers, from_file), from_file)
     given = _drop_none(overrides or {})
     layers = _one_architecture(layers, given)
     train_given = given.get("train", {})
@@ -459,12 +460,14 @@ def load_settings(
     return _derived_defaults(settings)
 
 
-def _one_architecture(layers: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """The layers without their model section when the flags ask for another architecture: the fields
-    of one family mean nothing to the other (``--architecture tiny`` over a profile's AutoencoderKL)."""
-    wanted = given.get("model", {}).get("architecture")
+def _one_architecture(layers: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``layers`` without their model section when the layer ``over`` them (a config file, the flags) names
+    another architecture: the fields of one family mean nothing to the other (``--architecture tiny`` over
+    a profile's AutoencoderKL)."""
+    model = over.get("model")
+    wanted = model.get("architecture") if isinstance(model, dict) else None
     below = layers.get("model", {})
-    if wanted is None or below.get("architecture", "kl") == wanted:
+    if wanted is None or not isinstance(below, dict) or below.get("architecture", "kl") == wanted:
         return layers
     return {k: v for k, v in layers.items() if k != "model"}
 
