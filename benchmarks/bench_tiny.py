@@ -16,6 +16,10 @@ The tiny model decodes the teacher's latent as a diffusion model would see it, `
 and its input clamp (``tanh(z / 3) * 3``) assumes latents of about unit variance. A teacher whose
 config says scale 1, shift 0 (the demo model's) gets its factors measured first on the training
 photos (``zturbo eval --latent-stats``), in a copy under ``--work``; the teacher itself is not touched.
+
+``--layout-only RES`` times instead the TAEF1-shape decoder at RES px as the model computes it
+(channels-last) against the same layers on NCHW maps, interleaved (why ``zturbo/model/tiny.py``
+converts to channels-last).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from zturbo.data.datasets import ImageFolderDataset, augment_seed, load_batch, s
 from zturbo.distill import load_student, load_teacher, student_settings
 from zturbo.eval.latent_stats import latent_statistics, write_latent_stats
 from zturbo.eval.metrics import psnr_uint8, ssim_uint8
+from zturbo.bench.timing import time_interleaved
+from zturbo.model import TinyConfig, TinyVAE
 from zturbo.train.engine import TrainEngine
 
 
@@ -64,9 +70,27 @@ def normalised_teacher(teacher: Path, work: Path, size: int) -> tuple[Path, dict
     return copy, {"measured": True, "scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor}
 
 
+@torch.inference_mode()
+def layout_speed(resolution: int, repeats: int) -> dict:
+    """Median decode ms of a 16-channel TAESD decoder in channels-last (its own forward) and in NCHW."""
+    torch.manual_seed(0)
+    decoder = TinyVAE(TinyConfig(latent_channels=16)).eval().decoder
+    z = torch.randn(1, 16, resolution // 8, resolution // 8)
+
+    def nchw() -> torch.Tensor:
+        x = z
+        for module in decoder.chain():
+            x = module(x)
+        return x
+
+    cl, plain = time_interleaved([lambda: decoder(z), nchw], torch.device("cpu"), warmup=1, repeats=repeats)
+    return {"resolution": resolution, "channels_last_ms": round(cl.median_ms, 1), "nchw_ms": round(plain.median_ms, 1),
+            "speedup": round(plain.median_ms / cl.median_ms, 3), "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", type=Path, required=True, help="the trained demo model, e.g. runs/demo/final")
+    p.add_argument("--teacher", type=Path, help="the trained demo model, e.g. runs/demo/final")
     p.add_argument("--work", type=Path, default=Path("runs/bench-tiny"))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
@@ -80,8 +104,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ema", type=float, default=0.99,
                    help="EMA decay (the demo profile's); the curve scores the EMA weights, what a run's final/ holds")
+    p.add_argument("--layout-only", type=int, metavar="RES", help="time channels-last against NCHW decode instead")
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    if args.layout_only:
+        result = layout_speed(args.layout_only, args.repeats)
+        print(result, flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
+    if args.teacher is None:
+        p.error("--teacher is required (the trained demo model, e.g. runs/demo/final)")
     device = torch.device(args.device)
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
