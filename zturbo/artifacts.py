@@ -9,8 +9,8 @@ The kinds, told apart by their contents (never by name alone):
 
 - model folder: ``config.json`` with a ``_zturbo_version`` key (every folder our
   ``save_pretrained`` writes has it) next to its weights;
-- diffusers folder: an AutoencoderKL ``config.json`` without that key (written by
-  diffusers itself) next to its weights;
+- diffusers folder: an AutoencoderKL, AutoencoderKLFlux2 or AutoencoderTiny ``config.json``
+  without that key (written by diffusers itself) next to its weights;
 - diffusers pipeline folder: no ``config.json`` of its own, the VAE in ``vae/``;
 - run folder: ``final/`` or ``checkpoints/step-N/`` (the training run layout);
 - step-N checkpoint: ``ema/`` and/or ``model/`` model folders (the EMA weights are
@@ -41,8 +41,8 @@ import torch
 from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.errors import CheckpointError
 from zturbo.export.layout import META_NAME, read_export_meta
-from zturbo.model import VAE, load_pretrained
-from zturbo.model.diffusers import CONFIG_NAME, FLUX2_CLASS, read_config, weight_files
+from zturbo.model import Autoencoder, load_pretrained
+from zturbo.model.diffusers import CLASS_NAMES, CONFIG_NAME, read_config, weight_files
 from zturbo.model.safetensors_header import pickle_refusal, sniff
 from zturbo.model.single_file import SingleFile, open_single_file
 from zturbo.train.layout import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
@@ -113,7 +113,7 @@ class Artifact:
         """The backend that runs this artifact as it is: torch, onnx or trt."""
         return {Kind.ONNX: "onnx", Kind.TRT: "trt"}.get(self.kind, "torch")
 
-    def load_vae(self, map_location: str | torch.device = "cpu") -> VAE:
+    def load_vae(self, map_location: str | torch.device = "cpu") -> Autoencoder:
         if self.single_file is not None:
             return self.single_file.load(map_location)
         if self.model_dir is None:
@@ -192,8 +192,9 @@ def require(
 
 def load_vae(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", latent_family: str | None = None
-) -> VAE:
-    """A VAE from a model, run, step-N, diffusers or diffusers pipeline folder, or a single .safetensors file."""
+) -> Autoencoder:
+    """A model (either family) from a model, run, step-N, diffusers or diffusers pipeline folder, or a single
+    .safetensors file."""
     return require(path, TORCH_KINDS, "load_vae", latent_family).load_vae(map_location)
 
 
@@ -211,12 +212,13 @@ def _resolve_file(path: Path, latent_family: str | None) -> Artifact:
 
 
 def _model_kind(folder: Path) -> Kind:
-    """MODEL or DIFFUSERS for a folder with config.json, once seen to hold an AutoencoderKL with weights."""
+    """MODEL or DIFFUSERS for a folder with config.json, once seen to hold a model zturbo reads, with weights."""
     config = read_config(folder)
     cls_name = config.get("_class_name", "AutoencoderKL")
-    if cls_name not in ("AutoencoderKL", FLUX2_CLASS):
+    if cls_name not in CLASS_NAMES:
         raise NotAnArtifact(
-            folder, f"a folder whose {CONFIG_NAME} describes a '{cls_name}', not an AutoencoderKL or {FLUX2_CLASS}"
+            folder, f"a folder whose {CONFIG_NAME} describes a '{cls_name}', not an {', '.join(CLASS_NAMES[:-1])} "
+                    f"or {CLASS_NAMES[-1]}"
         )
     try:
         weight_files(folder)

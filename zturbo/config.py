@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from zturbo.errors import ConfigError
-from zturbo.model.config import ModelConfig, format_validation_error
+from zturbo.model.config import AnyModelConfig, ModelConfig, format_validation_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -244,11 +244,11 @@ class BenchConfig(Tiling):
 
 
 class ExportConfig(Section):
-    format: Literal["onnx", "trt", "diffusers", "single-file"] = "onnx"
+    format: Literal["onnx", "trt", "diffusers", "single-file", "taesd"] = "onnx"
     parts: list[Literal["encoder", "decoder"]] = Field(default_factory=lambda: ["encoder", "decoder"])
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="bf16: single-file only")
     layout: Literal["ldm", "diffusers"] = Field("ldm", description="single-file key names: LDM/BFL or diffusers")
-    force: bool = Field(False, description="single-file: write what the other tools' loaders cannot express")
+    force: bool = Field(False, description="single-file, taesd: write what the other tools' loaders cannot express")
     opset: int = Field(18, ge=18, le=23, description="ONNX opset; the torch.export-based exporter needs >= 18")
     batch: tuple[int, int, int] = Field((1, 8, 24), description="min:opt:max batch of the dynamic axes / TRT profile")
     size: tuple[int, int, int] = Field((256, 1024, 2048), description="min:opt:max image side in pixels")
@@ -341,7 +341,7 @@ class Settings(BaseSettings):
 
     profile: str | None = Field(None, description="name or path of the profile applied")
     description: str = ""
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: AnyModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -364,10 +364,7 @@ class Settings(BaseSettings):
         factor = self.model.downsample_factor
         for where, size in (("data.image_size", self.data.image_size), ("model.sample_size", self.model.sample_size)):
             if size % factor:
-                raise ValueError(
-                    f"{where}={size} must be divisible by {factor} "
-                    f"(2^(levels-1) for {len(self.model.block_out_channels)} levels)"
-                )
+                raise ValueError(f"{where}={size} must be divisible by the model's downsampling factor {factor}")
         return self
 
 
@@ -455,8 +452,10 @@ def load_settings(
     if chosen is not None:
         layers = read_profile(chosen)
     if config_file is not None:
-        layers = deep_merge(layers, read_config_file(config_file))
+        from_file = read_config_file(config_file)
+        layers = deep_merge(_one_architecture(layers, from_file), from_file)
     given = _drop_none(overrides or {})
+    layers = _one_architecture(layers, given)
     train_given = given.get("train", {})
     if "epochs" in train_given and "max_steps" not in train_given:
         # An explicit epoch count beats a step count from a lower layer (profile, file, environment).
@@ -471,6 +470,18 @@ def load_settings(
     return _derived_defaults(settings)
 
 
+def _one_architecture(layers: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``layers`` without their model section when the layer ``over`` them (a config file, the flags) names
+    another architecture: the fields of one family mean nothing to the other (``--architecture tiny`` over
+    a profile's AutoencoderKL)."""
+    model = over.get("model")
+    wanted = model.get("architecture") if isinstance(model, dict) else None
+    below = layers.get("model", {})
+    if wanted is None or not isinstance(below, dict) or below.get("architecture", "kl") == wanted:
+        return layers
+    return {k: v for k, v in layers.items() if k != "model"}
+
+
 def _derived_defaults(settings: Settings) -> Settings:
     """Defaults that follow other settings, filled in once here so no caller patches them later."""
     data, prepare, model = settings.data, settings.prepare, settings.model
@@ -481,9 +492,10 @@ def _derived_defaults(settings: Settings) -> Settings:
     # Without a teacher, [model] is the shape of one and the model is its student, with the [distill]
     # widths: a distillation profile states them once, there. With a teacher, the student is the
     # teacher's config with those widths (zturbo.distill.student_settings).
-    widths = settings.distill.student_widths(model)
-    if settings.distill.teacher is None and widths != (model.block_out_channels, model.decoder_channels):
-        model = with_widths(model, *widths)
+    if isinstance(model, ModelConfig):
+        widths = settings.distill.student_widths(model)
+        if settings.distill.teacher is None and widths != (model.block_out_channels, model.decoder_channels):
+            model = with_widths(model, *widths)
     return settings.model_copy(update={"data": data, "prepare": prepare, "model": model})
 
 

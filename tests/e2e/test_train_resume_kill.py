@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import subprocess_env, train_argv
+from train_helpers import TINY, subprocess_env, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +32,42 @@ def _train_cmd(config: Path, data: Path, output: Path, *extra: str) -> list[str]
 
 
 def test_resume_after_sigkill_is_bit_identical(tiny_config, small_data, tmp_path):
+    assert_resume_after_sigkill_is_bit_identical(tiny_config, small_data, tmp_path)
+
+
+TINY_STUDENT = """
+[model]
+architecture = "tiny"
+encoder_block_out_channels = [8, 8, 8, 8]
+decoder_block_out_channels = [8, 8, 8, 8]
+num_encoder_blocks = [1, 1, 1, 1]
+num_decoder_blocks = [1, 1, 1, 1]
+""" + "[data]" + TINY.split("[data]", 1)[1]  # the shared training settings, after the KL model section
+
+
+def test_tiny_distillation_resumes_bit_identically_after_sigkill(small_data, tmp_path):
+    """Both coders of a tiny student learning from a teacher on the fly (its encode in every step)."""
+    from zturbo.model import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    teacher = VAE(ModelConfig(block_out_channels=[8, 8, 8, 8], norm_num_groups=4, layers_per_block=1,
+                              latent_channels=4, mid_block_add_attention=False, scaling_factor=0.7,
+                              shift_factor=0.05)).save_pretrained(tmp_path / "teacher")
+    config = tmp_path / "tiny-student.toml"
+    config.write_text(TINY_STUDENT)
+    assert_resume_after_sigkill_is_bit_identical(config, small_data, tmp_path, "--teacher", str(teacher),
+                                                 "--distill", "both")
+
+
+def assert_resume_after_sigkill_is_bit_identical(config: Path, data: Path, tmp_path: Path, *extra: str) -> None:
+    """A run of ``config`` on ``data`` killed after its step-3 checkpoint and resumed ends bit-identical to an
+    uninterrupted one: weights, EMA, optimizer state, position and the metrics log."""
     from zturbo.model.diffusers import read_weights
 
+    tiny_config, small_data = config, data
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = subprocess_env()
-    proc = subprocess.Popen(_train_cmd(tiny_config, small_data, killed), env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_train_cmd(tiny_config, small_data, killed, *extra), env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "step-3").is_dir():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -48,9 +79,9 @@ def test_resume_after_sigkill_is_bit_identical(tiny_config, small_data, tmp_path
     assert not (killed / "final").exists(), "the run finished before it could be killed"
 
     # The uninterrupted reference runs meanwhile in another process; then the killed run resumes.
-    ref = subprocess.Popen(_train_cmd(tiny_config, small_data, straight), env=env, stderr=subprocess.PIPE)
+    ref = subprocess.Popen(_train_cmd(tiny_config, small_data, straight, *extra), env=env, stderr=subprocess.PIPE)
     resumed = subprocess.run(
-        _train_cmd(tiny_config, small_data, killed, "--resume", "auto"),
+        _train_cmd(tiny_config, small_data, killed, *extra, "--resume", "auto"),
         env=env,
         capture_output=True,
         text=True,

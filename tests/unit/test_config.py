@@ -126,8 +126,13 @@ def test_profiles_table_json(capsys):
     assert run(["config", "profiles", "--json"]) == 0
     rows = {r["profile"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {
-        "ultrafast", "fast", "highres", "ultra", "standard", "demo", "flux-decoder-fast", "flux-decoder-ultrafast"
+        "ultrafast", "fast", "highres", "ultra", "standard", "demo", "flux-decoder-fast", "flux-decoder-ultrafast",
+        "tiny-flux", "tiny-sdxl",
     }
+    # The tiny tier in FLUX.1's latent space decodes 1024 px in at most a tenth of FLUX.1's decoder FLOPs (counted).
+    tiny = rows["tiny-flux"]
+    assert tiny["resolution"] == rows["standard"]["resolution"] == 1024 and tiny["architecture"] == "tiny"
+    assert tiny["decode_gflops"] <= rows["standard"]["decode_gflops"] / 10
     # A slim decoder in FLUX.1's latent space: FLUX.1's encoder (same encode FLOPs), fast's decoder widths.
     distilled = rows["flux-decoder-fast"]
     assert distilled["decoder_block_out_channels"] == [96, 192, 384, 384]

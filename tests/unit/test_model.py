@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zturbo import VAE, ModelConfig
+from zturbo.model import TinyConfig, build_model
 from tolerances import rounding_atol, vae_depth
 from zturbo.config import available_profiles, load_settings
 from zturbo.errors import CheckpointError
@@ -23,9 +24,16 @@ VARIANTS = {
 TINY = dict(block_out_channels=[32, 64], latent_channels=4, layers_per_block=1, sample_size=64)
 
 
-def reference(cfg: ModelConfig):
+def reference(cfg: ModelConfig | TinyConfig):
     """diffusers' model for ``cfg``: AutoencoderKL, or AutoencoderKLFlux2 (whose BatchNorm has buffers
-    only, no parameters) where the decoder's widths differ from the encoder's."""
+    only, no parameters) where the decoder's widths differ from the encoder's; AutoencoderTiny for a tiny one."""
+    if isinstance(cfg, TinyConfig):
+        return diffusers.AutoencoderTiny(
+            encoder_block_out_channels=tuple(cfg.encoder_block_out_channels),
+            decoder_block_out_channels=tuple(cfg.decoder_block_out_channels),
+            num_encoder_blocks=tuple(cfg.num_encoder_blocks), num_decoder_blocks=tuple(cfg.num_decoder_blocks),
+            latent_channels=cfg.latent_channels,
+        )
     n = len(cfg.block_out_channels)
     if cfg.decoder_channels != cfg.block_out_channels:
         return diffusers.AutoencoderKLFlux2(
@@ -51,14 +59,14 @@ def reference(cfg: ModelConfig):
 def test_profile_parameter_count_matches_diffusers_and_round_trips(name):
     cfg = load_settings(name).model
     with torch.device("meta"):
-        ours = sum(p.numel() for p in VAE(cfg).parameters())
+        ours = sum(p.numel() for p in build_model(cfg).parameters())
         theirs = sum(p.numel() for p in reference(cfg).parameters())
     assert ours == theirs
     if name == "standard":
         assert ours == 83_819_683  # the published FLUX.1 VAE parameter count
     # A tiny input through the real model gives the right shapes.
     torch.manual_seed(0)
-    vae = VAE(cfg).eval()
+    vae = build_model(cfg).eval()
     f = cfg.downsample_factor
     x = torch.rand(1, 3, 2 * f, 3 * f) * 2 - 1
     with torch.no_grad():

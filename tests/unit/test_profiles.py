@@ -3,15 +3,20 @@
 import pytest
 
 from zturbo.config import available_profiles, load_settings
+from zturbo.model import TinyConfig
+
+# The AutoencoderKL profiles (the tiny family has no GroupNorm).
+KL_PROFILES = [name for name in available_profiles() if not isinstance(load_settings(name).model, TinyConfig)]
 
 
 def test_the_packaged_profiles_are_all_found():
     # A profile missing here would go unchecked by the test below.
     assert {"ultrafast", "fast", "highres", "ultra", "standard", "demo", "flux-decoder-fast",
-            "flux-decoder-ultrafast"} <= set(available_profiles())
+            "flux-decoder-ultrafast", "tiny-flux", "tiny-sdxl"} <= set(available_profiles())
+    assert {"tiny-flux", "tiny-sdxl"}.isdisjoint(KL_PROFILES)
 
 
-@pytest.mark.parametrize("name", available_profiles())
+@pytest.mark.parametrize("name", KL_PROFILES)
 def test_every_level_keeps_several_channels_per_norm_group(name):
     """One channel per GroupNorm group is a per-image instance norm: at the decoder's last
     norm it removes each channel's mean, so the output's mean colour no longer follows the
@@ -27,3 +32,13 @@ def test_a_distillation_profile_states_its_decoder_widths_once():
         settings = load_settings(name)
         assert settings.distill.decoder_channels == widths
         assert settings.model.decoder_channels == widths and settings.model.block_out_channels == [128, 256, 512, 512]
+
+
+def test_the_tiny_presets_are_the_published_architecture_for_their_latent_channels():
+    """What diffusers' AutoencoderTiny, taesd.py and ComfyUI build (a tiny model's channels come from its teacher)."""
+    from zturbo.model.taesd_layout import published_architecture
+
+    for name, channels in (("tiny-flux", 16), ("tiny-sdxl", 4)):
+        model = load_settings(name).model
+        assert model.latent_channels == channels and published_architecture(model) == []
+

@@ -29,6 +29,7 @@ from torch import nn
 
 from zturbo.model import VAE, load_pretrained
 from zturbo.model.diffusers import config_to_diffusers
+from zturbo.model.errors import UsageError
 
 
 class PipelineConfig(dict):
@@ -85,6 +86,10 @@ class DiffusersVAE(nn.Module):
 
     def __init__(self, vae: VAE):
         super().__init__()
+        if not isinstance(vae, VAE):
+            raise UsageError("DiffusersVAE wraps AutoencoderKL-family models; a tiny model is diffusers' own "
+                             "AutoencoderTiny", "pipe.vae = AutoencoderTiny.from_pretrained(PATH) (export --format "
+                             "diffusers writes one)")
         self.vae = vae
         self.config = PipelineConfig(config_to_diffusers(vae.config))
 

@@ -22,7 +22,7 @@ from zturbo.backends.onnx_backend import OnnxBackend
 from zturbo.backends.tensorrt_backend import TensorRTBackend
 from zturbo.backends.torch_backend import CompiledTorchBackend, TorchBackend
 from zturbo.errors import CheckpointError, UsageError
-from zturbo.model import VAE
+from zturbo.model import Autoencoder
 
 AUTO = "auto"
 _REGISTRY: dict[str, type[Backend]] = {
@@ -57,7 +57,7 @@ def create_backend(name: str, model: Any, **options: Any) -> Backend:
 
 
 def open_backend(
-    model: str | os.PathLike | Artifact | VAE, backend: str = AUTO, *, job: str = "a backend", **options: Any
+    model: str | os.PathLike | Artifact | Autoencoder, backend: str = AUTO, *, job: str = "a backend", **options: Any
 ) -> Backend:
     """The backend for ``model``: the one its kind needs with ``backend="auto"``, else the one named.
 
@@ -65,7 +65,7 @@ def open_backend(
     cannot run is refused in one line naming both (``job`` says who asked, e.g.
     ``"eval"``). ``options`` go to the backend (device, precision, ...).
     """
-    if isinstance(model, VAE):
+    if isinstance(model, Autoencoder):
         return create_backend("torch" if backend == AUTO else backend, model, **options)
     artifact = require(model, ALL_KINDS, job)
     name = artifact.backend if backend == AUTO else backend

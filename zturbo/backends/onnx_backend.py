@@ -18,7 +18,7 @@ from zturbo.config import ExportConfig
 from zturbo.errors import MissingDependencyError, UsageError, require
 from zturbo.export.layout import META_NAME
 from zturbo.export.pipeline import build_files
-from zturbo.model import VAE
+from zturbo.model import Autoencoder
 from zturbo.utils import atomic_write_json, resolve_device, usable_cores
 
 _PROVIDERS = {
@@ -67,14 +67,14 @@ class ExportedBackend(Backend):
 
 
 def resolve_export(
-    model: str | os.PathLike | Artifact | VAE, job: str, **export_options: Any
+    model: str | os.PathLike | Artifact | Autoencoder, job: str, **export_options: Any
 ) -> tuple[Artifact, tempfile.TemporaryDirectory | None]:
     """An export of ``model``: itself when it is one, or an export made now into a temporary folder.
 
     ``export_options`` are ExportConfig fields (default: fp32 ONNX). Returns the
     export and the object keeping a temporary folder alive (or None).
     """
-    if isinstance(model, VAE):
+    if isinstance(model, Autoencoder):
         # A copy on the CPU in fp32: the caller's model stays where and what it is.
         return _export_now(copy.deepcopy(model).float().cpu().eval(), Path("<in-memory>"), export_options)
     artifact = require_artifact(model, ALL_KINDS, job)
@@ -84,7 +84,7 @@ def resolve_export(
 
 
 def _export_now(
-    vae: VAE, source: Path, export_options: dict[str, Any]
+    vae: Autoencoder, source: Path, export_options: dict[str, Any]
 ) -> tuple[Artifact, tempfile.TemporaryDirectory]:
     keep = tempfile.TemporaryDirectory(prefix="zturbo-export-")
     root = Path(keep.name)

@@ -8,7 +8,7 @@ from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.backends.base import Backend
 from zturbo.backends.fp16_guard import Fp16Guard, guard_fp16
 from zturbo.errors import UsageError
-from zturbo.model import VAE, ModelConfig
+from zturbo.model import Autoencoder, ModelConfig
 from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import resolve_device, resolve_dtype
 
@@ -107,7 +107,7 @@ class TorchBackend(Backend):
     ):
         """``model``: a VAE, or a path / Artifact of a torch kind (model, run, step-N, diffusers folder)."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        vae = model if isinstance(model, VAE) else require(model, TORCH_KINDS, f"the {cls.name} backend").load_vae()
+        vae = model if isinstance(model, Autoencoder) else require(model, TORCH_KINDS, f"the {cls.name} backend").load_vae()
         return cls(vae, dev, resolve_dtype(precision), channels_last=channels_last, **options)
 
     def _encode_impl(self, x: torch.Tensor) -> torch.Tensor:

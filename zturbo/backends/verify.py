@@ -16,7 +16,7 @@ from zturbo.config import ExportConfig
 from zturbo.errors import ZTurboError
 from zturbo.export.pipeline import Log, export_model
 from zturbo.export.verify import sample_images, verify_backend
-from zturbo.model import VAE
+from zturbo.model import Autoencoder
 
 
 def _nolog(_: str) -> None:
@@ -41,7 +41,7 @@ def export_checkpoint(
     )
 
 
-def verify_export(vae: VAE, folder: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
+def verify_export(vae: Autoencoder, folder: Path, cfg: ExportConfig, log: Log) -> dict[str, Any]:
     """Run the export in ``folder`` against torch on photos; raise (nothing published) when a part fails."""
     f = vae.config.downsample_factor
     side = min(max(256, cfg.size[0]), cfg.size[2]) // f * f

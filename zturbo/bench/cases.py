@@ -1,4 +1,5 @@
-"""What is benchmarked: subjects (our VAE, a baseline config, diffusers' AutoencoderKL) and their engines.
+"""What is benchmarked: subjects (our model, a baseline config, diffusers' AutoencoderKL or AutoencoderTiny)
+and their engines.
 
 A *subject* is a model architecture with weights in host memory; an *engine*
 is that subject made runnable on one backend, device and precision, exposing
@@ -21,7 +22,8 @@ from zturbo.backends import available_backends, create_backend
 from zturbo.backends.torch_backend import TorchBackend
 from zturbo.config import load_settings
 from zturbo.errors import MissingDependencyError, UsageError, ZTurboError
-from zturbo.model import VAE, ModelConfig
+from zturbo.model import ModelConfig, TinyConfig, build_model, parse_model_config
+from zturbo.model.diffusers import config_to_diffusers
 from zturbo.utils import resolve_dtype
 
 SubjectKind = Literal["zturbo", "diffusers"]
@@ -38,7 +40,7 @@ class Subject:
     name: str
     role: Literal["ours", "against"]
     kind: SubjectKind
-    config: ModelConfig
+    config: ModelConfig | TinyConfig
     model: torch.nn.Module
     artifact: Artifact | None = None
 
@@ -61,16 +63,16 @@ class SkipCase(Exception):
     """A case that cannot run here; the message is the reason shown to the user."""
 
 
-def our_subject(config: ModelConfig, name: str, model_path: Path | None = None) -> Subject:
+def our_subject(config: ModelConfig | TinyConfig, name: str, model_path: Path | None = None) -> Subject:
     """Our VAE: the artifact at ``model_path`` when given, else randomly initialised (timing needs no training)."""
     if model_path is None:
         torch.manual_seed(0)
-        return Subject(name=name, role="ours", kind="zturbo", config=config, model=VAE(config).eval())
+        return Subject(name=name, role="ours", kind="zturbo", config=config, model=build_model(config).eval())
     artifact = require(model_path, ALL_KINDS, "bench --model")
     if artifact.is_export:
-        config = ModelConfig(**artifact.export_meta["model"])
+        config = parse_model_config(artifact.export_meta["model"])
         with torch.device("meta"):
-            shape_only = VAE(config)
+            shape_only = build_model(config)
         return Subject(name=name, role="ours", kind="zturbo", config=config, model=shape_only, artifact=artifact)
     vae = artifact.load_vae()
     return Subject(name=name, role="ours", kind="zturbo", config=vae.config, model=vae.eval(), artifact=artifact)
@@ -85,7 +87,8 @@ def against_subject(against: str, ours: Subject) -> Subject:
     if name == ours.name:
         raise UsageError(f"--against {against} compares the profile with itself", "choose another profile or diffusers")
     torch.manual_seed(1)
-    return Subject(name=name, role="against", kind="zturbo", config=settings.model, model=VAE(settings.model).eval())
+    return Subject(name=name, role="against", kind="zturbo", config=settings.model,
+                   model=build_model(settings.model).eval())
 
 
 def diffusers_config(config: ModelConfig) -> dict[str, Any]:
@@ -110,8 +113,11 @@ def diffusers_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def build_diffusers_model(config: ModelConfig) -> torch.nn.Module:
+def build_diffusers_model(config: ModelConfig | TinyConfig) -> torch.nn.Module:
     diffusers = _import_diffusers()
+    if isinstance(config, TinyConfig):  # its config.json's public keys are AutoencoderTiny's arguments
+        return diffusers.AutoencoderTiny(**{k: v for k, v in config_to_diffusers(config).items()
+                                            if not k.startswith("_")})
     kwargs = diffusers_config(config)
     if config.decoder_channels == config.block_out_channels and config.patch_size is None:
         return diffusers.AutoencoderKL(**kwargs)
@@ -136,6 +142,11 @@ def diffusers_subject(ours: Subject) -> Subject:
     return Subject(name="diffusers", role="against", kind="diffusers", config=ours.config, model=model.eval())
 
 
+def diffusers_latent(encoded: Any) -> torch.Tensor:
+    """The latent of a diffusers model's ``encode`` output: AutoencoderTiny's ``latents``, else the posterior mean."""
+    return encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
+
+
 def _import_diffusers():
     try:
         import diffusers
@@ -149,12 +160,12 @@ def _import_diffusers():
 
 
 class DiffusersEngine(TorchBackend):
-    """diffusers' AutoencoderKL on one device and precision, eager or compiled like our backends."""
+    """diffusers' AutoencoderKL (or AutoencoderTiny) on one device and precision, eager or compiled like our backends."""
 
     name = "diffusers"
 
     def _encode_impl(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x).latent_dist.mean
+        return diffusers_latent(self.vae.encode(x))
 
     def _decode_impl(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z, return_dict=False)[0]

@@ -18,9 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from zturbo.bench.timing import time_interleaved
-from zturbo.model import ModelConfig
+from zturbo.model import Autoencoder, ModelConfig, TinyConfig, build_model
 from zturbo.model.kernels import Kernels
-from zturbo.model.vae import VAE
 
 
 def count_flops(fn, *args) -> int:
@@ -29,16 +28,16 @@ def count_flops(fn, *args) -> int:
     return int(counter.get_total_flops())
 
 
-def meta_vae(config: ModelConfig, kernels: Kernels | None = None) -> VAE:
+def meta_vae(config: ModelConfig | TinyConfig, kernels: Kernels | None = None) -> Autoencoder:
     """The model on the meta device (shapes, no memory), computing with ``kernels`` (default: the defaults)."""
     with torch.device("meta"):
-        vae = VAE(config)
+        vae = build_model(config)
     if kernels is not None:
         vae.set_kernels(**kernels.as_dict())
     return vae
 
 
-def vae_flops(config: ModelConfig, resolution: int, batch: int = 1, kernels: Kernels | None = None) -> dict[str, int]:
+def vae_flops(config: ModelConfig | TinyConfig, resolution: int, batch: int = 1, kernels: Kernels | None = None) -> dict[str, int]:
     """FLOPs of encode (to the posterior) and decode for one batch at ``resolution``, computed with ``kernels``."""
     vae = meta_vae(config, kernels).eval()
     with torch.device("meta"):
@@ -51,14 +50,14 @@ def vae_flops(config: ModelConfig, resolution: int, batch: int = 1, kernels: Ker
     return {"encode": encode, "decode": decode}
 
 
-def parameter_count(config: ModelConfig) -> int:
+def parameter_count(config: ModelConfig | TinyConfig) -> int:
     with torch.device("meta"):
-        vae = VAE(config)
+        vae = build_model(config)
     return sum(p.numel() for p in vae.parameters())
 
 
 
-def flops_per_image(config: ModelConfig, resolution: int, kernels: Kernels | None = None) -> dict[str, int]:
+def flops_per_image(config: ModelConfig | TinyConfig, resolution: int, kernels: Kernels | None = None) -> dict[str, int]:
     """{'encode': ..., 'decode': ..., 'train': ...} FLOPs for one image at ``resolution``, computed with
     ``kernels`` (the model's choice of upsampling and attention; default: the defaults).
 
@@ -70,7 +69,7 @@ def flops_per_image(config: ModelConfig, resolution: int, kernels: Kernels | Non
     return counts
 
 
-def vae_train_flops(config: ModelConfig, resolution: int, kernels: Kernels | None = None) -> int:
+def vae_train_flops(config: ModelConfig | TinyConfig, resolution: int, kernels: Kernels | None = None) -> int:
     vae = meta_vae(config, kernels).train()
     with torch.device("meta"):
         x = torch.empty(1, config.in_channels, resolution, resolution)

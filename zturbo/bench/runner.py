@@ -31,6 +31,7 @@ from zturbo.bench.cases import (
     against_subject,
     build_diffusers_model,
     build_engine,
+    diffusers_latent,
     our_subject,
     skip_reason,
 )
@@ -246,7 +247,7 @@ def _diffusers_flops(subject: Subject, resolution: int) -> dict[str, int]:
     lat = resolution // cfg.downsample_factor
     build = lambda: build_diffusers_model(cfg)
     return {
-        "encode": module_flops(build, lambda m, x: m.encode(x).latent_dist.mean, (1, cfg.in_channels, resolution,
+        "encode": module_flops(build, lambda m, x: diffusers_latent(m.encode(x)), (1, cfg.in_channels, resolution,
                                                                                  resolution)),
         "decode": module_flops(build, lambda m, z: m.decode(z).sample, (1, cfg.latent_channels, lat, lat)),
     }

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from zturbo.bench.cases import Subject
+from zturbo.bench.cases import SkipCase, Subject
 from zturbo.bench.timing import percentile
 from zturbo.config import Settings
+from zturbo.model import TinyConfig
 from zturbo.train import benchmark_step
 
 
@@ -32,6 +33,9 @@ class TrainMeasurement:
 def time_train_step(settings: Settings, ours: Subject, device: torch.device, resolution: int, precision: str,
                     warmup: int, repeats: int) -> TrainMeasurement:
     """Median time of one optimizer step at the profile's batch size and ``resolution``."""
+    if isinstance(ours.config, TinyConfig):
+        raise SkipCase("a tiny model trains by distillation, with its teacher in the step: time it with "
+                       "benchmarks/bench_tiny.py")
     local = settings.model_copy(deep=True)
     local.model = ours.config
     local.data.image_size = resolution

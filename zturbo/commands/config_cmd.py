@@ -61,7 +61,10 @@ def register(app: typer.Typer) -> None:
 
 
 def _widths(row: dict) -> str:
-    """Encoder widths, and the decoder's after a '|' when they differ."""
+    """Encoder widths, and the decoder's after a '|' when they differ; a tiny model's blocks per level."""
     enc, dec = row["block_out_channels"], row["decoder_block_out_channels"]
+    if row["architecture"] == "tiny":
+        blocks = {side: "-".join(map(str, row[f"num_{side}_blocks"])) for side in ("encoder", "decoder")}
+        return f"tiny {enc[0]} x {blocks['encoder']} | dec {dec[0]} x {blocks['decoder']}"
     text = "/".join(map(str, enc))
     return text if dec == enc else f"{text} | dec {'/'.join(map(str, dec))}"

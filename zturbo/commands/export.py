@@ -40,12 +40,12 @@ def _triple(text: str | None, name: str) -> tuple[int, int, int] | None:
 
 FLAGS = [
     Flag("--format -f", "export.format", str, "onnx | trt | diffusers | single-file (one .safetensors for ComfyUI, "
-         "Forge, InvokeAI, diffusers)."),
+         "Forge, InvokeAI, diffusers) | taesd (a tiny model's TAESD files and ComfyUI's combined file)."),
     Flag("--part", "export.parts", str, "encoder,decoder (default both).", parse=parse_list),
     Flag("--precision", "export.precision", str, "fp32 | fp16 (| bf16 for single-file)."),
     Flag("--layout", "export.layout", str, "single-file key names: ldm (LDM/BFL, default) | diffusers."),
     Flag("--force/--no-force", "export.force", bool,
-         "single-file: write a model the other tools' loaders cannot express (zturbo still reads it)."),
+         "single-file, taesd: write a model the other tools' loaders cannot express (zturbo still reads it)."),
     Flag("--opset", "export.opset", int, "ONNX opset (18-23)."),
     Flag("--batch", "export.batch", str, "MIN:OPT:MAX batch (TRT profile).", parse=lambda t: _triple(t, "--batch")),
     Flag("--size", "export.size", str, "MIN:OPT:MAX image side in pixels.", parse=lambda t: _triple(t, "--size")),
@@ -157,6 +157,15 @@ def _print_summary(meta: dict, out: Path) -> None:
         if meta["loader_limits"]:
             stdout.print(f"  written with --force; other tools cannot load it: {'; '.join(meta['loader_limits'])}",
                          highlight=False, soft_wrap=True)
+        if meta.get("verify"):
+            stdout.print(f"  read back: {meta['verify']['read_back']}", highlight=False)
+        return
+    if meta.get("format") == "taesd":
+        names = ", ".join(Path(p).name for p in meta["files"].values())
+        stdout.print(f"wrote {names} to {out} (vae_scale {meta['vae_scale']:g}, vae_shift {meta['vae_shift']:g})",
+                     highlight=False)
+        if not meta["published_architecture"]:
+            stdout.print("  written with --force: taesd.py and ComfyUI build another architecture", highlight=False)
         if meta.get("verify"):
             stdout.print(f"  read back: {meta['verify']['read_back']}", highlight=False)
         return

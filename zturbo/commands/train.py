@@ -121,6 +121,8 @@ FLAGS = [
          "diffusers or pipeline folder, a run)."),
     Flag("--latent-family", "distill.latent_family", str, LATENT_FAMILY_HELP),
     Flag("--distill", "distill.mode", str, "decoder (default) | encoder | both: what the student trains."),
+    Flag("--architecture", "model.architecture", str,
+         "kl (the teacher's architecture, other widths) | tiny (a TAESD-class AutoencoderTiny); default: the profile's."),
     Flag("--decoder-channels", "distill.decoder_channels", str, "Student decoder widths, e.g. 96,192,384,384.",
          parse=lambda text: parse_int_list(text, "--decoder-channels")),
     Flag("--encoder-channels", "distill.encoder_channels", str, "Student encoder widths (encoder / both).",

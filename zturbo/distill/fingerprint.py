@@ -26,15 +26,18 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from zturbo.model.config import ModelConfig
+from zturbo.model.config import ModelConfig, TinyConfig
 
 # The state-dict prefixes and config fields that determine encode(x).mean.
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 ENCODER_FIELDS = ("in_channels", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
                   "mid_block_add_attention", "use_quant_conv")
+TINY_ENCODER_FIELDS = ("architecture", "in_channels", "encoder_block_out_channels", "num_encoder_blocks",
+                       "latent_channels")
 
 
-def encoder_fingerprint(state: Mapping[str, torch.Tensor] | torch.nn.Module, config: ModelConfig | None = None) -> str:
+def encoder_fingerprint(state: Mapping[str, torch.Tensor] | torch.nn.Module,
+                        config: ModelConfig | TinyConfig | None = None) -> str:
     """``sha256:<hex>`` of the encoder-side tensors (as float32 values) and config fields.
 
     ``state``: a module with our (diffusers') key layout, or its state dict with ``config``.
@@ -45,7 +48,8 @@ def encoder_fingerprint(state: Mapping[str, torch.Tensor] | torch.nn.Module, con
     if config is None:
         raise ValueError("encoder_fingerprint needs the model's config with a state dict")
     digest = hashlib.sha256()
-    fields = {name: getattr(config, name) for name in ENCODER_FIELDS}
+    names = TINY_ENCODER_FIELDS if isinstance(config, TinyConfig) else ENCODER_FIELDS
+    fields = {name: getattr(config, name) for name in names}
     digest.update(json.dumps(fields, sort_keys=True).encode())
     for name in sorted(k for k in state if k.startswith(ENCODER_PREFIXES)):
         values = state[name].detach().to("cpu", torch.float32)

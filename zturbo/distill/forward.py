@@ -1,4 +1,5 @@
-"""Distillation's training forward and its losses: what the engine runs per micro-batch instead of the VAE's."""
+"""Distillation's training forward and its losses (a student of the teacher's family, or a tiny one): what the
+engine runs per micro-batch instead of the VAE's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zturbo.data.batch import ForwardResult, TrainBatch
-from zturbo.model import VAE
+from zturbo.model import VAE, TinyVAE
 
 
 class DistillForward(nn.Module):
@@ -56,3 +57,50 @@ class DistillForward(nn.Module):
             terms["teacher"] = match.detach()
             extra = extra + self.teacher_weight * match
         return ForwardResult(recon, z, torch.zeros_like(z), extra, terms)
+
+
+class TinyDistillForward(nn.Module):
+    """A tiny student's (``TinyVAE``) reconstruction of a micro-batch and the losses distillation adds.
+
+    The target is the teacher's posterior mean (stored in ``batch.latents``, or encoded here) as the
+    diffusion model sees it, ``(z - vae_shift) * vae_scale``: the latent the tiny model decodes and
+    encodes to. ``decoder`` and ``both``: the decoder decodes the target; ``encoder`` and ``both``: the
+    encoder regresses it (MSE, the ``latent`` term). In ``encoder`` mode the reconstruction, logged
+    only, is the teacher's decode of the student's latent. ``teacher_weight`` adds an L1 term to the
+    teacher's own reconstruction.
+    """
+
+    def __init__(self, student: TinyVAE, teacher: VAE | None, mode: str, teacher_weight: float):
+        super().__init__()
+        self.vae = student
+        self.teacher = teacher  # frozen; None only when decoding stored latents with no teacher term
+        self.mode = mode
+        self.teacher_weight = teacher_weight
+
+    def forward(self, batch: TrainBatch, noise: torch.Tensor | None = None) -> ForwardResult:
+        x = batch.images
+        if batch.latents is None:
+            with torch.no_grad():
+                raw = self.teacher.encode(x).mean
+        else:
+            raw = batch.latents.to(x.dtype)
+        target = self.vae.from_teacher_latents(raw)
+        terms: dict[str, torch.Tensor] = {}
+        extra = torch.zeros((), device=x.device)
+        if self.mode != "decoder":
+            latent = self.vae.encode(x).mean
+            loss = F.mse_loss(latent.float(), target.float())
+            terms["latent"] = loss.detach()
+            extra = extra + loss
+        if self.mode == "encoder":
+            with torch.no_grad():
+                recon = self.teacher.decode(self.vae.to_teacher_latents(latent))
+        else:
+            recon = self.vae.decode(target)
+        if self.teacher_weight > 0 and self.mode != "encoder":
+            with torch.no_grad():
+                reference = self.teacher.decode(raw)
+            match = F.l1_loss(recon.float(), reference.float())
+            terms["teacher"] = match.detach()
+            extra = extra + self.teacher_weight * match
+        return ForwardResult(recon, target, torch.zeros_like(target), extra, terms)

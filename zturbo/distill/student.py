@@ -1,10 +1,12 @@
 """A student from a teacher: its settings (from the teacher's config alone), then its weights.
 
 ``student_settings`` is what a distillation trains with, settled before training is set up:
-the teacher's model config with the student's widths, the KL weight 0, and in encoder mode
-no image losses. ``load_student`` then builds the student on a device: the teacher's
-weights, pruned (and refit on calibration images) or random, the forward the training
-engine runs, and the stored-latent pairs when training from ``--latents``.
+the teacher's model config with the student's widths (or, when the model section is a tiny
+one, that tiny architecture in the teacher's latent space), the KL weight 0, and in encoder
+mode no image losses. ``load_student`` then builds the student on a device: the teacher's
+weights, pruned (and refit on calibration images) or random (a tiny student always starts
+random), the forward the training engine runs, and the stored-latent pairs when training
+from ``--latents``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import torch
 from zturbo.config import Settings, with_widths
 from zturbo.data.datasets import load_batch
 from zturbo.data.latent_shards import LatentIndex, LatentPairDataset, read_latent_index
-from zturbo.distill.forward import DistillForward
+from zturbo.distill.forward import DistillForward, TinyDistillForward
 from zturbo.distill.latents import check_latents, latent_pairs
 from zturbo.distill.prune import copy_except, prune_vae
 from zturbo.errors import CheckpointError, ConfigError, UsageError
-from zturbo.model import VAE, ModelConfig, load_pretrained
+from zturbo.model import VAE, ModelConfig, TinyConfig, TinyVAE, load_pretrained
 from zturbo.model.diffusers import config_from_diffusers, read_config
 from zturbo.model.single_file import open_single_file, read_single_file
 
@@ -62,15 +64,34 @@ def teacher_config(path: str | os.PathLike, latent_family: str | None = None) ->
         raise CheckpointError(f"teacher {path}: {exc.message}", exc.hint) from exc
 
 
-def student_config(teacher: ModelConfig, settings: Settings) -> ModelConfig:
-    """The teacher's config with the student's widths (and everything else, statistics included, kept)."""
+def student_config(teacher: ModelConfig, settings: Settings) -> ModelConfig | TinyConfig:
+    """The teacher's config with the student's widths (and everything else, statistics included, kept);
+    with a tiny model section, that tiny architecture in the teacher's latent space (``tiny_student_config``)."""
     d = settings.distill
     if d.latent_channels is not None and d.latent_channels != teacher.latent_channels:
         raise UsageError(
             f"--distill {d.mode}: latent channels {d.latent_channels} differ from the teacher's {teacher.latent_channels}",
             "a distilled model keeps the teacher's latent space; drop --z-channels",
         )
+    if isinstance(settings.model, TinyConfig):
+        return tiny_student_config(teacher, settings.model, settings.data.image_size)
     return with_widths(teacher, *d.student_widths(teacher), sample_size=settings.data.image_size)
+
+
+def tiny_student_config(teacher: ModelConfig, tiny: TinyConfig, image_size: int) -> TinyConfig:
+    """``tiny``'s architecture with the teacher's latent channels, in the latent space its diffusion model
+    sees: ``vae_scale`` / ``vae_shift`` are the teacher's scaling and shift factors."""
+    if teacher.patch_size is not None:
+        raise UsageError("a tiny student learns a latent normalised by the teacher's scaling and shift factors; "
+                         "this teacher normalises by FLUX.2's patchified BatchNorm statistics",
+                         "distil FLUX.2 with a student of its own architecture (drop --architecture tiny)")
+    if tiny.downsample_factor != teacher.downsample_factor:
+        raise UsageError(f"the teacher downsamples by {teacher.downsample_factor}, the tiny model by "
+                         f"{tiny.downsample_factor} ({len(tiny.encoder_block_out_channels)} levels)",
+                         "give the tiny model as many levels as the teacher has (model.*_block_out_channels, "
+                         "model.num_*_blocks)")
+    return tiny.model_copy(update={"latent_channels": teacher.latent_channels, "vae_scale": teacher.scaling_factor,
+                                   "vae_shift": teacher.shift_factor, "sample_size": image_size})
 
 
 def student_settings(settings: Settings) -> Settings:
@@ -94,7 +115,8 @@ def student_settings(settings: Settings) -> Settings:
     loss = settings.loss.model_copy(update={"kl_weight": 0.0})
     if d.mode == "encoder":
         loss = loss.model_copy(update={"perceptual_weight": 0.0, "disc_weight": 0.0})
-    return settings.model_copy(update={"model": config, "loss": loss})
+    distill = d.model_copy(update={"init": "random"}) if isinstance(config, TinyConfig) else d  # nothing to prune from
+    return settings.model_copy(update={"model": config, "loss": loss, "distill": distill})
 
 
 def calibration_batch(settings: Settings, train_paths: list[Path], device: torch.device) -> torch.Tensor | None:
@@ -108,13 +130,19 @@ def calibration_batch(settings: Settings, train_paths: list[Path], device: torch
     return load_batch(picked, min(settings.data.image_size, CALIBRATION_SIZE)).to(device)
 
 
-def build_student(teacher: VAE, config: ModelConfig, mode: str, init: str, seed: int = 0,
-                  calibration: torch.Tensor | None = None) -> VAE:
+def build_student(teacher: VAE, config: ModelConfig | TinyConfig, mode: str, init: str, seed: int = 0,
+                  calibration: torch.Tensor | None = None) -> VAE | TinyVAE:
     """The student VAE: trained parts pruned from the teacher (or random), the rest the teacher's, frozen.
+    A tiny student (``config`` a TinyConfig) starts random; the coder its mode does not train stays frozen.
 
     ``calibration`` (training images) refits the pruned layers to the teacher (``zturbo.distill.prune_fit``).
     """
     torch.manual_seed(seed)
+    if isinstance(config, TinyConfig):
+        tiny = TinyVAE(config).to(next(teacher.parameters()).device)
+        for name, module in tiny.named_children():
+            module.requires_grad_(mode == "both" or name == mode)
+        return tiny
     student = VAE(config).to(next(teacher.parameters()).device)
     trained = TRAINED["decoder"] + TRAINED["encoder"] if mode == "both" else TRAINED[mode]
     coders = tuple(p for p in trained if p in ("encoder", "decoder"))
@@ -132,8 +160,8 @@ class Student:
     """What training needs of a distillation: the student's settings, the student, its forward, its data."""
 
     settings: Settings
-    model: VAE
-    forward: DistillForward
+    model: VAE | TinyVAE
+    forward: DistillForward | TinyDistillForward
     index: LatentIndex | None  # the stored latents (--latents), checked against the teacher
 
     def dataset(self, paths: list[Path], data_dir: Path, image_size: int) -> LatentPairDataset | None:
@@ -158,9 +186,28 @@ def load_student(settings: Settings, device: torch.device, train_paths: list[Pat
         index = read_latent_index(d.latents_dir)
         check_latents(index, teacher, str(d.teacher), Path(settings.data.data_dir), device)
     needs_teacher = d.mode != "decoder" or d.teacher_weight > 0
-    forward = DistillForward(student, teacher if needs_teacher else None, d.mode, d.teacher_weight)
+    if isinstance(student, TinyVAE):
+        needs_teacher = needs_teacher or index is None  # the tiny student has no copy of the teacher's encoder
+        forward = TinyDistillForward(student, teacher if needs_teacher else None, d.mode, d.teacher_weight)
+    else:
+        forward = DistillForward(student, teacher if needs_teacher else None, d.mode, d.teacher_weight)
     if log is not None:
-        trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        log(f"distilling the {d.mode} of {d.teacher} ({d.init} init): encoder {config.block_out_channels}, "
-            f"decoder {config.decoder_channels}, {trained / 1e6:.2f} M trained parameters")
+        log(_describe(student, d.mode, d.init, str(d.teacher)))
     return Student(settings, student, forward, index)
+
+
+def _describe(student: VAE | TinyVAE, mode: str, init: str, teacher: str) -> str:
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    config = student.config
+    if isinstance(config, TinyConfig):
+        line = (f"distilling a tiny {mode} from {teacher}: encoder {config.encoder_block_out_channels} x "
+                f"{config.num_encoder_blocks} blocks, decoder {config.decoder_block_out_channels} x "
+                f"{config.num_decoder_blocks}, {trained / 1e6:.2f} M trained parameters, latent (z - {config.vae_shift:g})"
+                f" * {config.vae_scale:g}")
+        if (config.vae_scale, config.vae_shift) == (1.0, 0.0):
+            line += ("; the teacher's scaling factor is 1 and shift 0: if its latents are not of about unit "
+                     "variance, the tiny decoder's clamp to (-3, 3) cuts them (zturbo eval TEACHER --latent-stats "
+                     "--write sets its factors)")
+        return line
+    return (f"distilling the {mode} of {teacher} ({init} init): encoder {config.block_out_channels}, "
+            f"decoder {config.decoder_channels}, {trained / 1e6:.2f} M trained parameters")

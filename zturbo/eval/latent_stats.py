@@ -31,6 +31,7 @@ import torch
 from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.errors import UsageError
 from zturbo.eval.data import find_images, iter_batches
+from zturbo.model import TinyConfig
 from zturbo.model.diffusers import CONFIG_NAME, config_from_diffusers, read_config, update_weights
 from zturbo.model.vae import patchify_latents
 from zturbo.utils import atomic_write_text
@@ -78,6 +79,9 @@ def latent_statistics(
     """Statistics of ``model``'s posterior mean over the images under ``data`` (shorter side to ``size``)."""
     artifact = require(model, TORCH_KINDS, "eval --latent-stats")
     vae = artifact.load_vae(map_location=device).float().eval()
+    if isinstance(vae.config, TinyConfig):
+        raise UsageError(f"{model} is a tiny model: its latent is its teacher's, already as the diffusion model "
+                         "sees it (its factors are the teacher's)", "measure the teacher's latents instead")
     f = vae.config.downsample_factor
     if size % f:
         raise UsageError(f"--size {size} must be a multiple of the model's downsampling factor {f}")

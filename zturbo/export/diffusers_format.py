@@ -1,8 +1,8 @@
-"""diffusers' AutoencoderKL folder format, both ways.
+"""diffusers' model folder format, both ways.
 
-Export: the EMA weights as a folder ``diffusers.AutoencoderKL.from_pretrained``
-loads (config.json with scaling and shift factors + safetensors). Our state
-dict already uses diffusers' key layout, so this is a save with a check.
+Export: the EMA weights as a folder ``diffusers.AutoencoderKL.from_pretrained`` (or
+``AutoencoderKLFlux2``, ``AutoencoderTiny``) loads (config.json with scaling and shift factors +
+safetensors). Our state dict already uses diffusers' key layout, so this is a save with a check.
 
 Import: a diffusers VAE folder (for example FLUX.1's ``vae/``, in fp32, fp16 or
 bf16, safetensors or a weights-only .bin, old or new attention key names), or any
@@ -25,7 +25,7 @@ import torch
 from zturbo.errors import UsageError, require
 from zturbo.export.layout import prepare_out_dir
 from zturbo.export.verify import compare, sample_images
-from zturbo.model import load_pretrained
+from zturbo.model import TinyConfig, load_pretrained
 from zturbo.model.diffusers import CONFIG_NAME, diffusers_class
 
 _COMPARE_SIZE = 64
@@ -131,6 +131,10 @@ def import_model(
 
 def check_single_file_verifiable(config) -> None:
     """diffusers' ``from_single_file`` reads AutoencoderKL files with one width list only."""
+    if isinstance(config, TinyConfig):
+        raise UsageError("--verify loads the file with diffusers' from_single_file, which reads no TAESD file",
+                         "import without --verify; `zturbo import DIR_WRITTEN --out ... --verify` compares the folder "
+                         "with diffusers' AutoencoderTiny")
     if config.patch_size is not None or config.decoder_channels != config.block_out_channels:
         raise UsageError(
             "--verify loads the file with diffusers' AutoencoderKL.from_single_file, which reads neither FLUX.2 "
@@ -152,7 +156,8 @@ def compare_with_diffusers(vae, folder: Path, single_file: Path | None = None) -
     images = sample_images(max(f, _COMPARE_SIZE // f * f), 2)
     with torch.inference_mode():
         ours_z = vae.float().eval().encode(images).mean
-        their_z = theirs.encode(images).latent_dist.mean
+        encoded = theirs.encode(images)
+        their_z = encoded.latents if isinstance(vae.config, TinyConfig) else encoded.latent_dist.mean
         ours_x = vae.decode(ours_z)
         their_x = theirs.decode(ours_z).sample
     return {"encoder": compare(their_z, ours_z), "decoder": compare(their_x, ours_x, data_range=2.0)}

@@ -28,9 +28,10 @@ from zturbo.export.fp16 import activation_ranges, convert_to_fp16, plan_fp16
 from zturbo.export.layout import INPUT_NAMES, META_NAME, OUTPUT_NAMES, prepare_out_dir
 from zturbo.export.onnx import check_onnx, export_part, io_shapes
 from zturbo.export.single_file import export_single_file
+from zturbo.export.taesd import export_taesd
 from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
 from zturbo.export.verify import sample_images
-from zturbo.model import VAE, load_pretrained
+from zturbo.model import Autoencoder, load_pretrained
 from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import atomic_write_json
 from zturbo.version import __version__
@@ -77,7 +78,7 @@ def _calibration_feeds(vae, part: str, cfg: ExportConfig) -> list:
     return [z[None].contiguous().numpy() for z in latents]
 
 
-Verifier = Callable[[VAE, Path], dict[str, Any]]
+Verifier = Callable[[Autoencoder, Path], dict[str, Any]]
 
 
 def export_model(
@@ -86,7 +87,7 @@ def export_model(
     cfg: ExportConfig | None = None,
     log: Log | None = None,
     verifier: Verifier | None = None,
-    vae: VAE | None = None,
+    vae: Autoencoder | None = None,
 ) -> dict[str, Any]:
     """Export the model folder ``model_dir`` (or ``vae``, loaded from there already) to ``out_dir``.
 
@@ -111,6 +112,8 @@ def export_model(
         require_tensorrt()
     source = Path(model_dir)
     vae = (vae if vae is not None else load_pretrained(source)).float().eval()
+    if cfg.format == "taesd":
+        return export_taesd(vae, Path(out_dir), cfg.force, cfg.verify, source, log)
     if cfg.format == "single-file":
         return export_single_file(vae, Path(out_dir), cfg.layout, cfg.precision, cfg.force, cfg.verify, source, log)
     if cfg.format == "diffusers":  # refuse a model diffusers cannot hold before any folder is made

@@ -109,6 +109,9 @@ def export_single_file(
 ) -> dict[str, Any]:
     """Write ``vae`` to ``out`` (atomically); with ``verify``, read it back and check every tensor and the config."""
     out = Path(out)
+    if not isinstance(vae, VAE):
+        raise UsageError("--format single-file writes AutoencoderKL-family VAEs; a tiny model's files are TAESD's",
+                         "use --format taesd (ComfyUI's combined file and madebyollin's two files)")
     if out.is_dir():
         raise UsageError(f"{out} is a folder; --format single-file writes one file", "give --out NAME.safetensors")
     if out.suffix.lower() not in SAFETENSORS_SUFFIXES:

@@ -1,4 +1,5 @@
-"""diffusers' AutoencoderKL format, both ways: config.json fields and weight files.
+"""diffusers' model folder format, both ways: config.json fields (AutoencoderKL, AutoencoderKLFlux2,
+AutoencoderTiny) and weight files.
 
 Our state dict already uses diffusers' key layout, so converting is a matter of
 the config mapping and of reading every weight-file form diffusers writes
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zturbo.model.config import ModelConfig, format_validation_error
+from zturbo.model.config import ModelConfig, TinyConfig, format_validation_error
 from zturbo.model.errors import CheckpointError
 from zturbo.model.files import atomic_path
 
@@ -27,7 +28,11 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 AUTOENCODER_KL_CLASS = "AutoencoderKL"
 FLUX2_CLASS = "AutoencoderKLFlux2"
-CLASS_NAMES = (AUTOENCODER_KL_CLASS, FLUX2_CLASS)
+TINY_CLASS = "AutoencoderTiny"
+CLASS_NAMES = (AUTOENCODER_KL_CLASS, FLUX2_CLASS, TINY_CLASS)
+# AutoencoderTiny's settings that this implementation has one value of.
+_TINY_FIXED = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2}
+_TINY_OWN = ("vae_scale", "vae_shift", "sample_size")  # TinyConfig's fields AutoencoderTiny does not take
 _FLUX2_DEFAULTS: dict[str, Any] = {
     "block_out_channels": [128, 256, 512, 512],
     "layers_per_block": 2,
@@ -49,11 +54,15 @@ def _package_version() -> str:
         return "unknown"
 
 
-def config_from_diffusers(data: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig from a diffusers (or zturbo) config.json mapping: AutoencoderKL or AutoencoderKLFlux2."""
+def config_from_diffusers(data: dict[str, Any]) -> ModelConfig | TinyConfig:
+    """Our config from a diffusers (or zturbo) config.json mapping: AutoencoderKL or AutoencoderKLFlux2
+    (a ModelConfig), or AutoencoderTiny (a TinyConfig)."""
     cls_name = data.get("_class_name", "AutoencoderKL")
     if cls_name not in CLASS_NAMES:
-        raise CheckpointError(f"config.json describes a '{cls_name}', not an AutoencoderKL or AutoencoderKLFlux2")
+        raise CheckpointError(f"config.json describes a '{cls_name}', not an AutoencoderKL, AutoencoderKLFlux2 "
+                              "or AutoencoderTiny")
+    if cls_name == TINY_CLASS:
+        return _tiny_config_from_diffusers(data)
     if cls_name == FLUX2_CLASS:
         # AutoencoderKLFlux2's own defaults for keys a config.json may leave out.
         data = {**_FLUX2_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
@@ -79,12 +88,57 @@ def config_from_diffusers(data: dict[str, Any]) -> ModelConfig:
         raise CheckpointError(f"config.json is not a valid model config: {format_validation_error(exc)}") from exc
 
 
-def diffusers_class(cfg: ModelConfig) -> str:
-    """The diffusers class that holds ``cfg``: AutoencoderKLFlux2 with FLUX.2's latent normaliser."""
+def _tiny_config_from_diffusers(data: dict[str, Any]) -> TinyConfig:
+    for key, expected in _TINY_FIXED.items():
+        if data.get(key, expected) != expected:
+            raise CheckpointError(f"unsupported {key} {data[key]!r} in an AutoencoderTiny config.json (only {expected!r})")
+    data = {**data, **{name: data[f"_{name}"] for name in _TINY_OWN if f"_{name}" in data}}
+    fields = {k: v for k, v in data.items() if k in TinyConfig.model_fields and k != "architecture" and v is not None}
+    for key in ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks", "num_decoder_blocks"):
+        if key in fields:
+            fields[key] = list(fields[key])
+    if isinstance(fields.get("sample_size"), (list, tuple)):
+        fields["sample_size"] = int(fields["sample_size"][0])
+    try:
+        return TinyConfig(**fields)
+    except ValidationError as exc:
+        raise CheckpointError(f"config.json is not a valid model config: {format_validation_error(exc)}") from exc
+
+
+def diffusers_class(cfg: ModelConfig | TinyConfig) -> str:
+    """The diffusers class that holds ``cfg``: AutoencoderTiny for the tiny family, AutoencoderKLFlux2 with
+    FLUX.2's latent normaliser, else AutoencoderKL."""
+    if isinstance(cfg, TinyConfig):
+        return TINY_CLASS
     return FLUX2_CLASS if cfg.patch_size is not None else AUTOENCODER_KL_CLASS
 
 
-def config_to_diffusers(cfg: ModelConfig) -> dict[str, Any]:
+def tiny_config_to_diffusers(cfg: TinyConfig) -> dict[str, Any]:
+    """The config.json ``diffusers.AutoencoderTiny.from_pretrained`` reads for ``cfg``, plus the teacher's
+    factors and the sample size under ``_vae_scale``, ``_vae_shift``, ``_sample_size``."""
+    return {
+        "_class_name": TINY_CLASS,
+        "_diffusers_version": "0.30.0",
+        "_zturbo_version": _package_version(),
+        **_TINY_FIXED,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "encoder_block_out_channels": list(cfg.encoder_block_out_channels),
+        "decoder_block_out_channels": list(cfg.decoder_block_out_channels),
+        "num_encoder_blocks": list(cfg.num_encoder_blocks),
+        "num_decoder_blocks": list(cfg.num_decoder_blocks),
+        "latent_channels": cfg.latent_channels,
+        "latent_magnitude": cfg.latent_magnitude,
+        "latent_shift": cfg.latent_shift,
+        "force_upcast": False,
+        "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor,
+        # Fields AutoencoderTiny has not: diffusers skips keys that start with "_" without a warning.
+        **{f"_{name}": getattr(cfg, name) for name in _TINY_OWN},
+    }
+
+
+def config_to_diffusers(cfg: ModelConfig | TinyConfig) -> dict[str, Any]:
     """The config.json that ``diffusers.<diffusers_class(cfg)>.from_pretrained`` reads for ``cfg``.
 
     An AutoencoderKL whose decoder widths differ from its encoder's has no diffusers class:
@@ -93,6 +147,8 @@ def config_to_diffusers(cfg: ModelConfig) -> dict[str, Any]:
     weights (their shapes do not match) rather than loading something else. Pipelines take
     such a model through ``zturbo.adapters.DiffusersVAE``.
     """
+    if isinstance(cfg, TinyConfig):
+        return tiny_config_to_diffusers(cfg)
     n = len(cfg.block_out_channels)
     out = {
         "_class_name": diffusers_class(cfg),

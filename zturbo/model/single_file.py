@@ -9,7 +9,9 @@ Layouts read (``zturbo.model.ldm_layout`` has the key table):
 - the original LDM / BFL keys: FLUX.1's and Z-Image's ``ae.safetensors``, SD / SDXL VAE files;
 - BFL's FLUX.2 files (``bn.*``, ``encoder.quant_conv``, ``decoder.post_quant_conv``);
 - diffusers' key names in one file (older attention names too);
-- the VAE inside a full checkpoint, under ``first_stage_model.`` or ``vae.`` (the rest is left unread).
+- the VAE inside a full checkpoint, under ``first_stage_model.`` or ``vae.`` (the rest is left unread);
+- ComfyUI's combined TAESD file (``taesd_encoder.*``, ``taesd_decoder.*``, ``vae_scale``, ``vae_shift``),
+  a tiny model (``zturbo.model.taesd_layout``), its factors the file's own.
 
 The architecture comes from the tensor shapes (``zturbo.model.shape_config``). The latent
 factors are not in these files; they come from, in this order: ``latent_family`` (the
@@ -31,12 +33,14 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from zturbo.model.config import ModelConfig, format_validation_error
+from zturbo.model import taesd_layout
+from zturbo.model.config import ModelConfig, TinyConfig, format_validation_error
 from zturbo.model.errors import CheckpointError, UsageError
 from zturbo.model.latent_families import LatentFamily, family_names, find_family, fitting_families
 from zturbo.model.ldm_layout import as_linear, decoder_levels, from_ldm_name, to_ldm_name
 from zturbo.model.safetensors_header import read_header
 from zturbo.model.shape_config import DECODER_SIDE, architecture, check_shapes, decoder_fields
+from zturbo.model.tiny import TinyVAE
 from zturbo.model.vae import VAE, load_state_dict_strict
 
 PREFIXES = ("first_stage_model.", "vae.")
@@ -55,7 +59,7 @@ _CONTEXT = (
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 _DIFFUSERS_MARKERS = (".down_blocks.", ".up_blocks.", ".mid_block.")
 _LDM_MARKERS = (".down.", ".up.", ".mid.")
-LAYOUTS = {"ldm": "LDM/BFL", "bfl-flux2": "BFL FLUX.2", "diffusers": "diffusers"}
+LAYOUTS = {"ldm": "LDM/BFL", "bfl-flux2": "BFL FLUX.2", "diffusers": "diffusers", "taesd": "ComfyUI TAESD"}
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,12 @@ class SingleFile:
     layout: str
     prefix: str
     keys: dict[str, str] = field(repr=False)
-    config: ModelConfig = field(repr=False)
+    config: ModelConfig | TinyConfig = field(repr=False)
     note: str = ""
     # Tensors from another model (--encoder-from) completing a decoder-only file.
     base: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
-    def load(self, map_location: str | torch.device = "cpu") -> VAE:
+    def load(self, map_location: str | torch.device = "cpu") -> VAE | TinyVAE:
         try:
             with safe_open(str(self.path), framework="pt", device=str(map_location)) as fh:
                 state = {ours: as_linear(ours, fh.get_tensor(theirs)) for ours, theirs in self.keys.items()}
@@ -82,14 +86,14 @@ class SingleFile:
         if "bn.running_mean" in state and "bn.num_batches_tracked" not in state:
             state["bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long, device=map_location)
         with torch.device("meta"):
-            vae = VAE(self.config)
+            vae = TinyVAE(self.config) if isinstance(self.config, TinyConfig) else VAE(self.config)
         vae = vae.to_empty(device=map_location)
         load_state_dict_strict(vae, state, str(self.path))
         return vae.eval()
 
 
 def read_single_file(path: str | Path, latent_family: str | None = None,
-                     map_location: str | torch.device = "cpu") -> VAE:
+                     map_location: str | torch.device = "cpu") -> VAE | TinyVAE:
     return open_single_file(path, latent_family).load(map_location)
 
 
@@ -101,6 +105,8 @@ def open_single_file(path: str | Path, latent_family: str | None = None, encoder
     path = Path(path)
     header = read_header(path)
     names = list(header.tensors)
+    if taesd_layout.is_combined(names):
+        return _open_taesd(path, header)
     prefix = _vae_prefix(names)
     layout, keys = _our_names(path, prefix, names)
     shapes = {ours: _our_shape(ours, header.tensors[theirs].shape) for ours, theirs in keys.items()}
@@ -283,3 +289,40 @@ def _join_decoder(path: Path, layout: str, prefix: str, keys: dict[str, str], sh
             f"model's encoder {config.block_out_channels} and its latent factors (scaling "
             f"{config.scaling_factor:g}, shift {config.shift_factor:g})")
     return SingleFile(path, layout, prefix, keys, config, note, base=base)
+
+
+def _open_taesd(path: Path, header) -> SingleFile:
+    """ComfyUI's combined TAESD file: the architecture from its shapes, the factors from its tensors, the
+    rest (sample size, 8-bit range) from zturbo's metadata when it wrote the file."""
+    keys, unknown = taesd_layout.our_names(list(header.tensors))
+    if unknown:
+        raise CheckpointError(f"{path} is no TAESD file zturbo reads: first unexpected key '{unknown[0]}'",
+                              "zturbo reads the architecture of madebyollin's taesd.py (not TAEF2's mid-block "
+                              "GroupNorm variant)")
+    shapes = {ours: tuple(header.tensors[theirs].shape) for ours, theirs in keys.items()}
+    try:
+        fields = taesd_layout.config_from_shapes(shapes)
+        with safe_open(str(path), framework="pt") as fh:
+            factors = {key: float(fh.get_tensor(key)) for key in (taesd_layout.SCALE_KEY, taesd_layout.SHIFT_KEY)
+                       if key in header.tensors}
+    except KeyError as exc:
+        raise CheckpointError(f"{path} is no TAESD file zturbo reads: {exc.args[0]}") from exc
+    except Exception as exc:  # safetensors raises its own error type on a damaged file
+        raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+    text = header.metadata.get(META_CONFIG)
+    try:
+        written = json.loads(text) if text is not None else {}
+        # The file's 0-d tensors are float32; zturbo's metadata keeps the value they were rounded from.
+        factors = {k: written[k] if _as_float32(written.get(k)) == v else v for k, v in factors.items()}
+        config = TinyConfig(**{**written, **fields, **factors})
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and ValidationError are ValueErrors
+        detail = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise CheckpointError(f"{path} holds a TAESD model zturbo cannot build: {detail}") from exc
+    note = (f"{path.name}: {LAYOUTS['taesd']} layout, {config.latent_channels} latent channels, decoding "
+            f"(z - {config.vae_shift:g}) * {config.vae_scale:g} of the teacher's latent z")
+    return SingleFile(path, "taesd", "", keys, config, note)
+
+
+def _as_float32(value) -> float | None:
+    return float(torch.tensor(value, dtype=torch.float32)) if isinstance(value, (int, float)) else None
+

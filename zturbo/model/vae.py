@@ -134,22 +134,79 @@ class Decoder(_Coder):
 
 
 class Tiler(Protocol):
-    """What ``encode`` / ``decode`` with ``tile=`` call: ``zturbo.tiling`` installs itself as ``VAE.tiler``."""
+    """What ``encode`` / ``decode`` with ``tile=`` call: ``zturbo.tiling`` installs itself as ``Autoencoder.tiler``."""
 
     def encode_moments(self, vae: nn.Module, x: torch.Tensor, tile: int | str, mode: str, **options: Any) -> torch.Tensor: ...
 
     def decode(self, vae: nn.Module, z: torch.Tensor, tile: int | str, mode: str, **options: Any) -> torch.Tensor: ...
 
 
-class VAE(nn.Module):
+class Autoencoder(nn.Module):
+    """What every family shares (``VAE``, ``zturbo.model.tiny.TinyVAE``): a ``config``, ``kernels``, an
+    ``encoder`` and a ``decoder`` with layer plans, the tiled passes, and diffusers' folder layout."""
+
+    # The tiled engines live above the model (``zturbo.tiling``, which sets this when the package is imported).
+    tiler: ClassVar[Tiler | None] = None
+    config_class: ClassVar[type]
+    kernels: Kernels
+
+    def _tiler(self) -> Tiler:
+        if self.tiler is None:
+            raise UsageError("tiled encode and decode need the zturbo.tiling package: import zturbo")
+        return self.tiler
+
+    def set_kernels(self, **choices: str) -> dict[str, str]:
+        """Choose how this model computes upsampling, attention and GroupNorm (``Kernels``); returns the
+        previous choices."""
+        return self.kernels.set(**choices)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def diffusers_config(self) -> dict[str, Any]:
+        return config_to_diffusers(self.config)
+
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers' layout), atomically.
+
+        Weights first, config last: a folder with a config.json always has its weights.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = state_dict if state_dict is not None else self.state_dict()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.diffusers_config(), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
+        """Load a folder written by ``save_pretrained`` here or by diffusers (any of its weight-file forms)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"model folder not found: {directory}")
+        config = config_from_diffusers(read_config(directory))
+        if not isinstance(config, cls.config_class):
+            raise CheckpointError(f"{directory} holds a {config_to_diffusers(config)['_class_name']}, not a model "
+                                  f"{cls.__name__} loads", "load it with zturbo.model.load_pretrained")
+        state = read_weights(directory, map_location)
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=map_location)
+        load_state_dict_strict(model, state, str(directory))
+        return model.eval()
+
+
+class VAE(Autoencoder):
     """AutoencoderKL with diffusers-identical parameter names and shapes.
 
     ``kernels`` (``zturbo.model.kernels.Kernels``) says how this model computes its upsampling,
     attention and GroupNorm; ``set_kernels`` changes it for every layer at once.
     """
 
-    # The tiled engines live above the model (``zturbo.tiling``, which sets this when the package is imported).
-    tiler: ClassVar[Tiler | None] = None
+    config_class = ModelConfig
 
     def __init__(self, config: ModelConfig | dict[str, Any] | None = None, **overrides: Any):
         super().__init__()
@@ -159,6 +216,9 @@ class VAE(nn.Module):
             config = ModelConfig(**{**config, **overrides})
         elif overrides:
             config = ModelConfig(**{**config.model_dump(), **overrides})
+        if not isinstance(config, ModelConfig):
+            raise UsageError(f"VAE takes an AutoencoderKL config, not a {type(config).__name__}",
+                             "build any family's model with zturbo.model.build_model")
         self.config = config
         lat = config.latent_channels
         self.kernels = Kernels()
@@ -207,16 +267,6 @@ class VAE(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
 
-    def _tiler(self) -> Tiler:
-        if self.tiler is None:
-            raise UsageError("tiled encode and decode need the zturbo.tiling package: import zturbo")
-        return self.tiler
-
-    def set_kernels(self, **choices: str) -> dict[str, str]:
-        """Choose how this model computes upsampling, attention and GroupNorm (``Kernels``); returns the
-        previous choices."""
-        return self.kernels.set(**choices)
-
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latent as a diffusion model sees it: (z - shift) * scale."""
         return (z - self.config.shift_factor) * self.config.scaling_factor
@@ -255,42 +305,6 @@ class VAE(nn.Module):
             if isinstance(module, ResnetBlock2D):
                 module.checkpoint_norms = enabled
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    # -- persistence -----------------------------------------------------------------------------------
-    def diffusers_config(self) -> dict[str, Any]:
-        return config_to_diffusers(self.config)
-
-    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers' layout), atomically.
-
-        Weights first, config last: a folder with a config.json always has its weights.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = state_dict if state_dict is not None else self.state_dict()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.diffusers_config(), indent=2) + "\n")
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> VAE:
-        """Load a folder written by ``save_pretrained`` here or by diffusers (any of its weight-file forms)."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointError(f"model folder not found: {directory}")
-        config = config_from_diffusers(read_config(directory))
-        state = read_weights(directory, map_location)
-        with torch.device("meta"):
-            vae = cls(config)
-        vae = vae.to_empty(device=map_location)
-        load_state_dict_strict(vae, state, str(directory))
-        return vae.eval()
-
 
 def patchify_latents(z: torch.Tensor, patch: list[int]) -> torch.Tensor:
     """(B, C, H, W) -> (B, C*ph*pw, H/ph, W/pw), channel-major then row then column, as FLUX.2's pipelines."""
@@ -324,8 +338,3 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], so
             parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
         raise CheckpointError(f"weights in {source} do not match its config: " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
-
-
-def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> VAE:
-    """A model folder (ours or diffusers') as a VAE in eval mode."""
-    return VAE.from_pretrained(directory, map_location=map_location)

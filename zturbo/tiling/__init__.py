@@ -6,12 +6,12 @@ Importing the package makes ``VAE.encode(x, tile=...)`` and ``VAE.decode(z, tile
 interface and knows nothing of the engines above it.
 """
 
-from zturbo.model.vae import VAE
+from zturbo.model.vae import Autoencoder
 from zturbo.tiling.dispatch import Tiling, decode_tiled, default_halo, encode_moments
 from zturbo.tiling.memory import TilePlan, coder_plan, plan_tiling, tiled_peak_bytes, untiled_peak_bytes
 from zturbo.tiling.parallel import decode_parallel
 
-VAE.tiler = Tiling()
+Autoencoder.tiler = Tiling()
 
 __all__ = [
     "TilePlan",

@@ -33,22 +33,22 @@ import psutil
 import torch
 from torch import nn
 
-from zturbo.model.config import ModelConfig
+from zturbo.model import build_model
+from zturbo.model.config import ModelConfig, TinyConfig
 from zturbo.model.errors import UsageError
 from zturbo.model.plan import Layer, plan_factor
-from zturbo.model.vae import VAE
 from zturbo.tiling.maps import K_CHUNK, Q_CHUNK
 from zturbo.tiling.recompute import recompute_plan
 
 TILE_CANDIDATES = (1024, 512, 256, 128, 64, 32, 16, 8)
 
 
-def coder_plan(model: nn.Module | ModelConfig, direction: str) -> list[Layer]:
+def coder_plan(model: nn.Module | ModelConfig | TinyConfig, direction: str) -> list[Layer]:
     """The encoder's (``direction`` "encode") or decoder's plan of a model, or of a config's model
     (built on the meta device: shapes only, no memory)."""
-    if isinstance(model, ModelConfig):
+    if isinstance(model, (ModelConfig, TinyConfig)):
         with torch.device("meta"):
-            model = VAE(model)
+            model = build_model(model)
     return (model.encoder if direction == "encode" else model.decoder).plan()
 
 

@@ -34,7 +34,7 @@ from zturbo.data.batch import ForwardResult, TrainBatch
 from zturbo.data.datasets import to_unit_range
 from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
-from zturbo.model import VAE
+from zturbo.model import build_model
 from zturbo.train.discriminator import NLayerDiscriminator
 from zturbo.model.kernels import probe_triton_group_norm
 from zturbo.perceptual import load_lpips
@@ -137,7 +137,7 @@ class TrainEngine:
         """The trained model on the device, in training mode (the same initial weights on every rank)."""
         tcfg = self.settings.train
         torch.manual_seed(tcfg.seed)
-        vae = (model if model is not None else VAE(self.settings.model)).to(self.device)
+        vae = (model if model is not None else build_model(self.settings.model)).to(self.device)
         if tcfg.gradient_checkpointing and hasattr(vae, "enable_gradient_checkpointing"):
             vae.enable_gradient_checkpointing()
         if self.channels_last:
@@ -221,7 +221,7 @@ class TrainEngine:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _latent_noise(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        f = 2 ** (len(self.settings.model.block_out_channels) - 1)
+        f = self.settings.model.downsample_factor
         shape = (x.shape[0], self.settings.model.latent_channels, x.shape[2] // f, x.shape[3] // f)
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(shape, generator=gen)

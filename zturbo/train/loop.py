@@ -40,7 +40,7 @@ from zturbo.data.images import tensor_to_uint8
 from zturbo.data.jpeg_device import decode_on_device
 from zturbo.distill import load_student, student_settings
 from zturbo.errors import CheckpointError, InputError, UsageError
-from zturbo.model import load_state_dict_strict
+from zturbo.model import TinyConfig, load_state_dict_strict
 from zturbo.model.diffusers import config_from_diffusers
 from zturbo.train import checkpoint as ckpt
 from zturbo.train import distributed
@@ -93,6 +93,8 @@ class Trainer:
         which ``zturbo train`` applies; settings it made come back equal), resolved before
         anything reads them.
         """
+        if settings.distill.teacher is None and isinstance(settings.model, TinyConfig):
+            raise UsageError("a tiny model learns a teacher's latent space", "pass --teacher MODEL (the VAE it distils)")
         self.settings = student_settings(settings) if settings.distill.teacher is not None else settings
         self.dist = dist_ctx or DistContext()
         self.quiet = quiet or not self.dist.is_main
