@@ -213,7 +213,9 @@ def _check_before_loading(settings, world_size: int, default_profile: bool) -> N
     the run folder can be one, and the data holds at least one batch."""
     from zturbo.data.datasets import check_batch_fits
     from zturbo.paths import check_output_folder
+    from zturbo.train.loop import check_tiny_has_teacher
 
+    check_tiny_has_teacher(settings)
     check_output_folder(settings.train.output_dir)
     if settings.data.data_dir is None:
         return  # the trainer says so

@@ -76,6 +76,12 @@ class TrainResult:
         return asdict(self)
 
 
+def check_tiny_has_teacher(settings: Settings) -> None:
+    """A tiny model has no latent space of its own: it is only ever trained as a teacher's student."""
+    if settings.distill.teacher is None and isinstance(settings.model, TinyConfig):
+        raise UsageError("a tiny model learns a teacher's latent space", "pass --teacher MODEL (the VAE it distils)")
+
+
 class Trainer:
     def __init__(
         self,
@@ -93,8 +99,7 @@ class Trainer:
         which ``zturbo train`` applies; settings it made come back equal), resolved before
         anything reads them.
         """
-        if settings.distill.teacher is None and isinstance(settings.model, TinyConfig):
-            raise UsageError("a tiny model learns a teacher's latent space", "pass --teacher MODEL (the VAE it distils)")
+        check_tiny_has_teacher(settings)
         self.settings = student_settings(settings) if settings.distill.teacher is not None else settings
         self.dist = dist_ctx or DistContext()
         self.quiet = quiet or not self.dist.is_main
