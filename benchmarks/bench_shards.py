@@ -8,8 +8,10 @@
   as files in a folder and once into WebDataset tars (and a Parquet file) of ``--per-shard``
   images. Each pass reads every image the way ``serve-batch encode`` reads it
   (``ImageSource.read``: open, decode, resize to its bucket), on ``--threads`` threads; the
-  passes are interleaved (zturbo.bench.timing.time_interleaved) and the figure is the ratio of
-  medians, images/s of the shards over images/s of the folder.
+  passes are interleaved (zturbo.bench.timing.time_interleaved) and the figure is the median
+  over rounds of each round's ratio, images/s of the shards over images/s of the folder (the
+  passes of one round ran back to back, so load from other processes mostly cancels); the
+  median images/s of each reader is printed beside it.
 * ``ray``: the same images encoded by ``encode_collection`` (native) and ``encode_with_ray``
   (a local Ray instance on every core, started before timing), ``--repeats`` times each in
   turn, into fresh output folders; images/s from each run's report (wall time without the

@@ -339,15 +339,16 @@ def test_train_hook_offers_what_the_train_case_calls():
 def test_against_diffusers_uses_the_same_config_and_weights(configs, monkeypatch):
     pytest.importorskip("diffusers", reason="--against diffusers needs diffusers")
     from zturbo.bench import cases
+    from zturbo.model import build_model
 
-    class TextbookVAE(cases.VAE):  # our model computing its upsampling as diffusers does
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.set_kernels(upsample="nearest")
+    def textbook_model(config):  # our model computing its upsampling as diffusers does
+        model = build_model(config)
+        model.set_kernels(upsample="nearest")
+        return model
 
     settings = tiny_settings(configs, what=["decode"], batch_sizes=[1], backends=["torch", "trt"], against="diffusers")
     with monkeypatch.context() as patch:
-        patch.setattr(cases, "VAE", TextbookVAE)
+        patch.setattr(cases, "build_model", textbook_model)
         (textbook,) = run_bench(settings, profile_name="tiny")["comparisons"]
     assert textbook["flop_ratio"] == pytest.approx(1.0)  # same architecture and ops, counted independently
     report = run_bench(settings, profile_name="tiny")
