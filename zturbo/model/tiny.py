@@ -16,6 +16,7 @@ too; only the small latent and 3-channel image are converted.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from fractions import Fraction
 from typing import Any
 
@@ -108,8 +109,9 @@ class _TinyCoder(nn.Module):
     gradient_checkpointing = False
     kernels: Kernels
 
+    @abstractmethod
     def chain(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The layers in order, the pointwise maps at either end included."""
 
     def plan(self) -> list[Layer]:
         b = PlanBuilder(self)
