@@ -182,9 +182,7 @@ class _Sink:
             if group:
                 plan.groups.append(tar_output.Group("", group))
             self.seq = store.next_sequence(out_dir, PART)
-        self.group_of = {i: g for g, group in enumerate(plan.groups) for i in group.items}
-        self.left = [len(group.items) for group in plan.groups]
-        self.rows: list[list] = [[] for _ in plan.groups]
+        self.tally = tar_output.GroupTally(plan.groups)
         self.keys = {p.source.key: i for i, p in enumerate(plan.items)}
 
     def add(self, row: dict) -> None:
@@ -209,17 +207,14 @@ class _Sink:
                     self.report.failed += 1
                     self.report.failures.append(failure.to_dict())
                 else:
-                    self.rows[self.group_of[index]].append((item.source.key, tuple(size), item.bucket, latent))
+                    self.tally.add(index, (item.source.key, tuple(size), item.bucket, latent))
                     self.report.processed += 1
                 handled.append(index)
-        for index in handled:
-            g = self.group_of[index]
-            self.left[g] -= 1
-            if self.left[g] == 0:
-                self._write(g)
+        for g in self.tally.complete(handled):
+            self._write(g)
 
     def _write(self, g: int) -> None:
-        rows, group = sorted(self.rows[g], key=lambda r: r[0]), self.plan.groups[g]
+        rows, group = self.tally.take(g), self.plan.groups[g]
         if self.cfg.output_format == "webdataset":
             tar_output.write_latent_tar(self.out_dir / store.SHARD_DIR / group.name,
                                         tar_output.tar_samples(rows, self.settings, self.cfg.latent_file, group.prefix))
@@ -229,14 +224,13 @@ class _Sink:
                         "height": size[1], "bucket": list(bucket)} for n, (source, size, bucket, latent) in enumerate(rows)]
             store.write_shard(store.shard_path(self.out_dir, PART, self.seq), tensors, entries)
             self.seq += 1
-        self.rows[g] = []
         for source, *_ in rows:
             self.plan.failures.pop(source, None)
         if self.plan.failures or store.failure_path(self.out_dir, PART).exists():
             store.write_failures(self.out_dir, PART, self.plan.failures)
 
     def finish(self) -> None:
-        for g, left in enumerate(self.left):
+        for g, left in enumerate(self.tally.left):
             if left == 0 and self.plan.groups[g].name and not (self.out_dir / store.SHARD_DIR /
                                                                 self.plan.groups[g].name).exists():
                 self._write(g)  # an input shard with no readable image: an empty tar marks it done

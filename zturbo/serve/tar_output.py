@@ -40,6 +40,35 @@ class Group:
     prefix: str = ""  # what the source keys start with and the tar's keys leave out: "<input shard>/"
 
 
+class GroupTally:
+    """Rows by output group, and which groups are complete: a group is written once, when the
+    last of its items has been computed or has failed (batches arrive in any order)."""
+
+    def __init__(self, groups: list[Group]):
+        self.group_of = {i: g for g, group in enumerate(groups) for i in group.items}
+        self.left = [len(group.items) for group in groups]
+        self.rows: list[list] = [[] for _ in groups]
+
+    def add(self, index: int, row: tuple) -> None:
+        """Keep ``row`` (source key first) for item ``index``'s group."""
+        self.rows[self.group_of[index]].append(row)
+
+    def complete(self, handled: list[int]) -> list[int]:
+        """Count the items ``handled``; the groups they completed."""
+        done = []
+        for index in handled:
+            g = self.group_of[index]
+            self.left[g] -= 1
+            if self.left[g] == 0:
+                done.append(g)
+        return done
+
+    def take(self, g: int) -> list:
+        """Group ``g``'s rows in source-key order (whatever order the batches came in), released."""
+        rows, self.rows[g] = sorted(self.rows[g], key=lambda r: r[0]), []
+        return rows
+
+
 def unit_tar_name(unit: str) -> str:
     return f"{safe_name(unit)}.tar"
 
@@ -130,10 +159,8 @@ class TarShardWriter(Writer):
         super().__init__()
         self.out_dir, self.part, self.groups, self.items = out_dir, part, groups, items
         self.failures, self.settings, self.latent_file = failures, settings, latent_file
-        self.group_of = {i: g for g, group in enumerate(groups) for i in group.items}
         self.index_of = {p.source.key: i for i, p in enumerate(items)}
-        self.left = [len(group.items) for group in groups]
-        self.rows: list[list] = [[] for _ in groups]
+        self.tally = GroupTally(groups)
         self.done = [False] * len(groups)
         self.written = 0
 
@@ -152,20 +179,17 @@ class TarShardWriter(Writer):
                     self.failures[item.source.key] = failure.to_dict()
                     self.failed.append(failure.to_dict())
                 else:
-                    self.rows[self.group_of[index]].append((item.source.key, size, item.bucket, host[row].clone()))
+                    self.tally.add(index, (item.source.key, size, item.bucket, host[row].clone()))
                 handled.append(index)
-        for index in handled:
-            g = self.group_of[index]
-            self.left[g] -= 1
-            if self.left[g] == 0:
-                self._write(g)
+        for g in self.tally.complete(handled):
+            self._write(g)
 
     def _write(self, g: int) -> None:
-        rows = sorted(self.rows[g], key=lambda r: r[0])  # in key order, whatever order the batches came in
+        rows = self.tally.take(g)
         write_latent_tar(self.out_dir / store.SHARD_DIR / self.groups[g].name,
                          tar_samples(rows, self.settings, self.latent_file, self.groups[g].prefix))
         self.written += len(rows)
-        self.rows[g], self.done[g] = [], True
+        self.done[g] = True
         for source, *_ in rows:
             self.failures.pop(source, None)
         path = store.failure_path(self.out_dir, self.part)
@@ -174,5 +198,5 @@ class TarShardWriter(Writer):
 
     def close(self) -> None:
         for g, done in enumerate(self.done):
-            if not done and self.left[g] == 0:  # groups with no readable image: an empty tar marks them done
+            if not done and self.tally.left[g] == 0:  # groups with no readable image: an empty tar marks them done
                 self._write(g)
