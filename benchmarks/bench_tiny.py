@@ -95,10 +95,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--mode", choices=["decoder", "both"], default="decoder")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=128, help="training crop")
     p.add_argument("--val-size", type=int, default=128)
+    p.add_argument("--teacher-weight", type=float, default=0.0,
+                   help="weight of the L1 term to the teacher's reconstruction (distill.teacher_weight)")
+    p.add_argument("--grad-clip", type=float, default=None, help="train.grad_clip (default: the demo profile's)")
     p.add_argument("--margin-db", type=float, default=1.5, help="the target: teacher PSNR minus this")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=1)
@@ -127,8 +130,9 @@ def main() -> None:
         "model": {"architecture": "tiny"},
         "data": {"data_dir": demo_dir(), "image_size": args.size, "num_workers": 0},
         "train": {"output_dir": args.work / "run", "batch_size": args.batch, "max_steps": args.steps,
-                  "warmup_steps": 10, "learning_rate": args.lr, "ema_decay": args.ema, "seed": args.seed},
-        "distill": {"teacher": teacher_dir, "mode": args.mode},
+                  "warmup_steps": 10, "learning_rate": args.lr, "ema_decay": args.ema, "seed": args.seed,
+                  **({} if args.grad_clip is None else {"grad_clip": args.grad_clip})},
+        "distill": {"teacher": teacher_dir, "mode": args.mode, "teacher_weight": args.teacher_weight},
     })
     student = load_student(student_settings(settings), device, split.train)
     tiny, teacher = student.model, load_teacher(teacher_dir, device)
@@ -138,7 +142,7 @@ def main() -> None:
         z = tiny.from_teacher_latents(teacher.encode(val).mean)
         report = {"teacher": {"path": str(args.teacher), "factors": factors, **scores(teacher(val), val)},
                   "tiny": {"config": tiny.config.model_dump(mode="json"), "parameters": tiny.num_parameters},
-                  "settings": {k: getattr(args, k) for k in ("steps", "mode", "lr", "batch", "size", "val_size", "seed", "ema")}}
+                  "settings": {k: getattr(args, k) for k in ("steps", "mode", "lr", "batch", "size", "val_size", "seed", "ema", "teacher_weight", "grad_clip")}}
     target = report["teacher"]["psnr"] - args.margin_db
     print(f"teacher {report['teacher']}; target {target:.2f} dB", flush=True)
 
