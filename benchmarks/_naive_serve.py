@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from zturbo.data.images import open_image, pil_to_tensor, tensor_to_uint8
-from zturbo.data.images import resize_to_bucket
+from zturbo.data.images import open_image, pil_to_tensor, resize_to_bucket, tensor_to_uint8
 
 
 def naive_encode(backend, paths: list[Path], out_dir: str | Path, size: int) -> list[Path]:

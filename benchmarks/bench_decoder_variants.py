@@ -74,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from zturbo.bench.flops import measure_matmul_peak
+    from zturbo.bench.flops import measure_matmul_peak, vae_flops
     from zturbo.bench.timing import synchronize, time_interleaved, time_once
     from zturbo.config import load_settings
     from zturbo.model import VAE
-    from zturbo.bench.flops import vae_flops
     from zturbo.model.kernels import Kernels
     from zturbo.utils import resolve_device, resolve_dtype
 

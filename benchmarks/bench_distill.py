@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from zturbo.bench.flops import vae_flops
 from zturbo.bench.timing import time_interleaved
 from zturbo.config import load_settings
 from zturbo.data import demo_dir
@@ -37,7 +38,6 @@ from zturbo.data.datasets import ImageFolderDataset, augment_seed, load_batch, s
 from zturbo.distill import Student, load_student, load_teacher, student_settings
 from zturbo.eval.metrics import psnr_uint8, ssim_uint8
 from zturbo.model import VAE, ModelConfig
-from zturbo.bench.flops import vae_flops
 from zturbo.train.engine import TrainEngine
 
 # The demo profile's model at twice its widths, with the demo's 4 GroupNorm groups: the half-width

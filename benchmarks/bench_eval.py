@@ -68,12 +68,12 @@ def main() -> int:
     args = parser.parse_args()
 
     from zturbo.backends import create_backend
+    from zturbo.bench.flops import vae_flops
     from zturbo.bench.timing import time_rounds
     from zturbo.config import EvalConfig, load_settings
     from zturbo.data import demo_images
     from zturbo.eval import MetricSuite, evaluate
     from zturbo.model import VAE
-    from zturbo.bench.flops import vae_flops
     from zturbo.perceptual import backbone_weights_path
 
     variants = [v for v in args.variants.split(",") if v]

@@ -40,13 +40,12 @@ from _naive_serve import naive_decode, naive_encode
 from PIL import Image
 
 from zturbo.backends import create_backend
+from zturbo.bench.flops import vae_flops
 from zturbo.bench.timing import time_once
 from zturbo.config import ServeConfig
-from zturbo.data.images import open_image
+from zturbo.data.images import open_image, resize_to_bucket
 from zturbo.model import VAE
-from zturbo.bench.flops import vae_flops
 from zturbo.serve import compute_streams, decode_collection, encode_collection
-from zturbo.data.images import resize_to_bucket
 from zturbo.serve.latents import LatentReader, enumerate_latents
 
 CPU = {

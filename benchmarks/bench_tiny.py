@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
+from zturbo.bench.timing import time_interleaved
 from zturbo.config import load_settings
 from zturbo.data import demo_dir
 from zturbo.data.datasets import ImageFolderDataset, augment_seed, load_batch, split_data
 from zturbo.distill import load_student, load_teacher, student_settings
 from zturbo.eval.latent_stats import latent_statistics, write_latent_stats
 from zturbo.eval.metrics import psnr_uint8, ssim_uint8
-from zturbo.bench.timing import time_interleaved
 from zturbo.model import TinyConfig, TinyVAE
 from zturbo.train.engine import TrainEngine
 

@@ -6,4 +6,4 @@ from zturbo.model import VAE, ModelConfig
 from zturbo.tiling import Tiling  # noqa: F401 - importing the package installs the tiled engines on VAE
 from zturbo.version import __version__
 
-__all__ = ["VAE", "ModelConfig", "Settings", "load_settings", "load_vae", "__version__"]
+__all__ = ["VAE", "ModelConfig", "Settings", "__version__", "load_settings", "load_vae"]

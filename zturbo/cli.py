@@ -72,7 +72,7 @@ def build_app() -> typer.Typer:
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"zturbo.commands.{name}")
-        except Exception as exc:  # noqa: BLE001 - any import failure is reported with the module's name
+        except Exception as exc:
             raise CommandImportError(name, exc) from exc
         module.register(app)
     return app
@@ -113,7 +113,7 @@ def run(argv: list[str] | None = None) -> int:
         return _fail("interrupted", None, 130)
     except MemoryError:
         return _fail("out of memory", "use a smaller batch or image size", 1)
-    except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
+    except Exception as exc:
         if isinstance(exc, torch.OutOfMemoryError):
             return _fail(f"out of GPU memory: {str(exc).splitlines()[0]}", "use a smaller batch or image size", 1)
         if _debug():

@@ -360,7 +360,7 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _LayeredSource(settings_cls))
 
     @model_validator(mode="after")
-    def _image_size_fits_model(self) -> "Settings":
+    def _image_size_fits_model(self) -> Settings:
         factor = self.model.downsample_factor
         for where, size in (("data.image_size", self.data.image_size), ("model.sample_size", self.model.sample_size)):
             if size % factor:

@@ -59,7 +59,7 @@ def ensure_backbone_weights(
     socket.setdefaulttimeout(timeout_s)
     try:
         torch.hub.download_url_to_file(BACKBONE_URLS[net], str(path), progress=False)
-    except Exception as exc:  # noqa: BLE001 - any network failure means the same thing to the user
+    except Exception as exc:
         with contextlib.suppress(OSError):
             path.unlink()
         raise MissingWeightsError(

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from zturbo.artifacts import TORCH_KINDS, require
+from zturbo.bench.flops import parameter_count, vae_flops
 from zturbo.model import VAE, ModelConfig
 from zturbo.model.diffusers import config_from_diffusers, config_to_diffusers
-from zturbo.bench.flops import parameter_count, vae_flops
 from zturbo.model.vae import patchify_latents
-from zturbo.artifacts import TORCH_KINDS, require
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -19,13 +19,12 @@ from zturbo.bench import (
     to_markdown,
     validate_report,
 )
-from zturbo.bench.flops import flops_per_image
+from zturbo.bench.flops import flops_per_image, vae_flops
 from zturbo.bench.runner import CPU_DEFAULTS
 from zturbo.bench.timing import percentile, time_interleaved, time_rounds
 from zturbo.cli import run
 from zturbo.config import ModelConfig, load_settings
 from zturbo.errors import UsageError
-from zturbo.bench.flops import vae_flops
 
 TINY = """
 [model]

@@ -13,10 +13,10 @@ from zturbo.config import load_settings
 from zturbo.data.batch import TrainBatch
 from zturbo.data.datasets import split_data
 from zturbo.distill import DistillForward, build_student, load_student, student_settings
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.distill.prune import channel_importance, kept_channels, prune_vae, site_graph
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
-from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.train.engine import TrainEngine
 
 TEACHER = ModelConfig(

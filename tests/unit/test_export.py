@@ -14,14 +14,15 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from tolerances import rounding_atol, vae_depth
+
+from zturbo import VAE, load_vae
 from zturbo.backends import create_backend
 from zturbo.backends.verify import export_checkpoint
 from zturbo.cli import run
 from zturbo.config import ExportConfig
 from zturbo.errors import UsageError
 from zturbo.export import META_NAME, export_model, read_export_meta
-from tolerances import rounding_atol, vae_depth
-from zturbo import VAE, load_vae
 
 TINY = {"block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 4, "sample_size": 64}
 

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-
-from zturbo import VAE, ModelConfig
-from zturbo.model import TinyConfig, build_model
 from tolerances import rounding_atol, vae_depth
+
+from zturbo import VAE, ModelConfig, load_vae
 from zturbo.config import available_profiles, load_settings
 from zturbo.errors import CheckpointError
-from zturbo import load_vae
+from zturbo.model import TinyConfig, build_model
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-
 from test_tiling import REL_TOL, LiveTensorBytes, close, image
 from tolerances import rounding_atol, vae_depth
+from torch import nn
+
 from zturbo import VAE, ModelConfig
 from zturbo.distill.prune import prune_into, site_graph
 from zturbo.errors import UsageError

@@ -20,8 +20,8 @@ from prepare_helpers import manifest, noise, output_tree, prepare_json, smooth, 
 from zturbo.cli import run
 from zturbo.config import PrepareConfig
 from zturbo.data.prepare import prepare_dataset, prepared_images
-from zturbo.data.prepare_pool import run_tasks
 from zturbo.data.prepare_image import TMP_SUFFIX
+from zturbo.data.prepare_pool import run_tasks
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers

@@ -16,7 +16,7 @@ from zturbo.backends import create_backend
 from zturbo.cli import run
 from zturbo.config import ServeConfig
 from zturbo.data import demo_images
-from zturbo.data.images import open_image, pil_to_tensor
+from zturbo.data.images import open_image, pil_to_tensor, resize_to_bucket
 from zturbo.errors import UsageError
 from zturbo.model import VAE
 from zturbo.serve import (
@@ -29,7 +29,6 @@ from zturbo.serve import (
     reading_mode,
     store,
 )
-from zturbo.data.images import resize_to_bucket
 from zturbo.serve.inputs import bucket_sizes, nearest_bucket
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")

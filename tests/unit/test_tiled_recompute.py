@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from test_tiling import TINY, close, model
 from tolerances import rounding_atol, vae_depth
+
 from zturbo import ModelConfig
 from zturbo.errors import UsageError
 from zturbo.tiling.memory import coder_plan, plan_tiling, tiled_peak_bytes

@@ -5,10 +5,10 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import rounding_atol
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tolerances import rounding_atol
 from zturbo import VAE, ModelConfig
 from zturbo.errors import UsageError
 from zturbo.tiling import maps

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
 from tolerances import rounding_atol, vae_depth
+
 from zturbo import VAE
 from zturbo.backends import open_backend
 from zturbo.cli import run

@@ -46,8 +46,8 @@ def tiny_vae() -> VAE:
 
 
 def _grads_for(loss_cfg: LossConfig, perceptual=None, with_disc=False):
-    from zturbo.train.discriminator import NLayerDiscriminator
     from zturbo.data.batch import TrainBatch
+    from zturbo.train.discriminator import NLayerDiscriminator
     from zturbo.train.engine import TrainForward
 
     vae = tiny_vae().train()

@@ -25,7 +25,7 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, model, **options) -> "Backend":
+    def load(cls, model, **options) -> Backend:
         """Build the backend from a model path (or an in-memory model where supported)."""
 
     @abstractmethod

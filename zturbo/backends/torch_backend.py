@@ -7,9 +7,9 @@ import torch
 from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.backends.base import Backend
 from zturbo.backends.fp16_guard import Fp16Guard, guard_fp16
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.errors import UsageError
 from zturbo.model import VAE, Autoencoder, ModelConfig
-from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import resolve_device, resolve_dtype
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from torch.utils.flop_counter import FlopCounterMode
 
 from zturbo.bench.timing import time_interleaved

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from zturbo.config import available_profiles, load_settings
 from zturbo.bench.flops import parameter_count, vae_flops
+from zturbo.config import available_profiles, load_settings
 from zturbo.model import TinyConfig
 
 

@@ -7,23 +7,23 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from zturbo.config import Settings, available_profiles, load_settings
 
 ProfileOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--profile", "-p", help=f"Profile name ({', '.join(available_profiles())}) or .toml path."),
 ]
 LATENT_FAMILY_HELP = (
     "A single .safetensors file's latent family when its shapes fit several and it carries no zturbo metadata: "
     "flux1 (FLUX.1, Z-Image), sd3, sdxl, sd1 (SD1/SD2), flux2."
 )
-LatentFamilyOpt = Annotated[Optional[str], typer.Option("--latent-family", help=LATENT_FAMILY_HELP)]
+LatentFamilyOpt = Annotated[str | None, typer.Option("--latent-family", help=LATENT_FAMILY_HELP)]
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="Config file (TOML, JSON or YAML) over the profile.")
+    Path | None, typer.Option("--config", "-c", help="Config file (TOML, JSON or YAML) over the profile.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
@@ -129,7 +129,7 @@ def with_flags(table: Sequence[Flag]):
             params.append(
                 inspect.Parameter(
                     flag.dest, inspect.Parameter.KEYWORD_ONLY, default=None,
-                    annotation=Annotated[Optional[flag.type], option],
+                    annotation=Annotated[flag.type | None, option],
                 )
             )
 

@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
     @group.command("profiles")
     def profiles(json_out: JsonOpt = False) -> None:
         """List the profiles: resolution, batch, channels, z, parameters and GFLOPs per image."""
-        from zturbo.console import print_json, stdout
         from zturbo.bench.profiles_table import profile_rows
+        from zturbo.console import print_json, stdout
 
         rows = profile_rows()
         if json_out:

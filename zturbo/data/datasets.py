@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from zturbo.console import warn
 from zturbo.data import IMAGE_EXTENSIONS
 from zturbo.data.batch import TrainBatch
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
 from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
 from zturbo.data.shards import block_of, check_undamaged, find_shards, index_shards
-from zturbo.console import warn
 from zturbo.errors import InputError
 
 # Shards (or Parquet row groups) whose samples are shuffled together: what one reader has in flight.

@@ -38,7 +38,6 @@ from zturbo.data import demo_dir
 from zturbo.data.prepare_image import RenderOptions, output_name, split_for
 from zturbo.data.prepare_pool import run_tasks
 from zturbo.data.prepare_scan import Candidate, ScanResult, image_extensions, is_inside, scan
-from zturbo.data.shards import ShardIndex, find_shards, index_shards
 from zturbo.data.prepare_state import (
     SPLITS,
     Journal,
@@ -48,6 +47,7 @@ from zturbo.data.prepare_state import (
     write_json,
     write_jsonl,
 )
+from zturbo.data.shards import ShardIndex, find_shards, index_shards
 from zturbo.errors import InputError, UsageError
 from zturbo.paths import ensure_output_folder, safe_name
 from zturbo.utils import atomic_write_bytes, usable_cores

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from zturbo.data.latent_shards import LatentIndex, LatentPairDataset, bucket_image
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.errors import InputError, UsageError
 from zturbo.model import VAE
-from zturbo.distill.fingerprint import encoder_fingerprint
 
 ENCODE_HINT = "encode the images with the teacher: zturbo serve-batch encode TEACHER --input DATA --output DIR"
 

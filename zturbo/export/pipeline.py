@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from zturbo.config import ExportConfig
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.errors import ConfigError, UsageError
 from zturbo.export import layout
 from zturbo.export.diffusers_format import check_diffusers_class, export_diffusers
@@ -32,7 +33,6 @@ from zturbo.export.taesd import export_taesd
 from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
 from zturbo.export.verify import sample_images
 from zturbo.model import Autoencoder, load_pretrained
-from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import atomic_write_json
 from zturbo.version import __version__
 

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.errors import UsageError, ZTurboError
 from zturbo.model import VAE
 from zturbo.model.config import ModelConfig
 from zturbo.model.files import atomic_path
-from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.model.latent_families import fitting_families
 from zturbo.model.ldm_layout import as_conv1x1, to_ldm_name
 from zturbo.model.safetensors_header import SAFETENSORS_SUFFIXES

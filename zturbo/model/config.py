@@ -62,7 +62,7 @@ class ModelConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _groups_divide_channels(self) -> "ModelConfig":
+    def _groups_divide_channels(self) -> ModelConfig:
         for name in ("block_out_channels", "decoder_block_out_channels"):
             bad = [c for c in getattr(self, name) or [] if c % self.norm_num_groups]
             if bad:
@@ -144,7 +144,7 @@ class TinyConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _levels_match(self) -> "TinyConfig":
+    def _levels_match(self) -> TinyConfig:
         for side in ("encoder", "decoder"):
             widths, blocks = getattr(self, f"{side}_block_out_channels"), getattr(self, f"num_{side}_blocks")
             if len(widths) != len(blocks):

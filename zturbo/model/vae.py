@@ -19,7 +19,15 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, ResnetBlock2D, UpDecoderBlock, add_block, norm_silu
+from zturbo.model.blocks import (
+    NORM_EPS,
+    DownEncoderBlock,
+    MidBlock,
+    ResnetBlock2D,
+    UpDecoderBlock,
+    add_block,
+    norm_silu,
+)
 from zturbo.model.config import ModelConfig
 from zturbo.model.diffusers import (
     CONFIG_NAME,

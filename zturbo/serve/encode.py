@@ -21,9 +21,17 @@ import torch
 from zturbo.config import ServeConfig
 from zturbo.errors import InputError
 from zturbo.paths import check_output_folder
-from zturbo.serve import store
-from zturbo.serve import tar_output
-from zturbo.serve.inputs import Failure, Inputs, Partition, Probed, Source, bucket_sizes, discover_inputs, probe_all
+from zturbo.serve import store, tar_output
+from zturbo.serve.inputs import (
+    Failure,
+    Inputs,
+    Partition,
+    Probed,
+    Source,
+    bucket_sizes,
+    discover_inputs,
+    probe_all,
+)
 from zturbo.serve.plan import plan_batches, reader_threads, resolve_batch_size
 from zturbo.serve.readers import ImageSource
 from zturbo.serve.run import RunReport, open_reader, reading_mode, run_batches

@@ -29,8 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from zturbo.data.images import ImageReadError, open_image_sized
-from zturbo.data.images import resize_to_bucket
+from zturbo.data.images import ImageReadError, open_image_sized, resize_to_bucket
 from zturbo.serve.inputs import Failure, Probed
 from zturbo.serve.latents import LatentItem, LatentReader
 from zturbo.serve.step import DeviceStep, StepResult

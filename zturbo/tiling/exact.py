@@ -153,7 +153,7 @@ class Runner:
             out = layer.module(x.region(a0, a1, b0, b1, self.device))
             return out[:, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
 
-        lowest = lambda y: local_window(y, y + 1, height, layer)[0]  # noqa: E731 - the first input row a row reads
+        lowest = lambda y: local_window(y, y + 1, height, layer)[0]
         return self.produce(out_grid(layer, x.grid), tile, release=[(x, lowest)], into=into)
 
     def layer(self, layer: Layer, x: TiledMap, into: torch.Tensor | None = None) -> TiledMap | None:

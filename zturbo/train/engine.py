@@ -35,10 +35,10 @@ from zturbo.data.datasets import to_unit_range
 from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
 from zturbo.model import build_model
-from zturbo.train.discriminator import NLayerDiscriminator
 from zturbo.model.kernels import probe_triton_group_norm
 from zturbo.perceptual import load_lpips
 from zturbo.train.compile import CompileWatch, resolve_compile
+from zturbo.train.discriminator import NLayerDiscriminator
 from zturbo.train.distributed import DistContext, any_true
 from zturbo.train.ema import EMA
 from zturbo.train.losses import VAELoss, check_lpips_size, discriminator_loss, generator_loss
