@@ -33,7 +33,9 @@ from zturbo.eval.sheet import SheetCollector
 from zturbo.utils import resolve_device
 
 MODEL_KEYS = ("model", "other")
-_RANK_PREFERENCE = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_alex_random", "lpips_vgg_random")
+_RANK_PREFERENCE = (
+    "psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_alex_random", "lpips_vgg_random", "chroma_outlier"
+)
 
 
 @dataclass

@@ -1,0 +1,285 @@
+"""Where coloured blobs ("droplets") in reconstructions come from, and what removes them.
+
+    # per-layer activation spikes of a trained model on one photo
+    python benchmarks/bench_droplets.py layers runs/demo/final --image zturbo/data/demo/gravel.png
+    # the outlier metric per demo photo for one or more models (run folders, step-N, model folders)
+    python benchmarks/bench_droplets.py score runs/demo runs/demo/checkpoints/step-250/ema
+    # train a demo variant, changing one thing, then score it (in-process, same photos)
+    OMP_NUM_THREADS=1 python benchmarks/bench_droplets.py ablate --name groups8 --set model.norm_num_groups=8
+    OMP_NUM_THREADS=1 python benchmarks/bench_droplets.py ablate --name replicate --padding replicate --upsample nearest
+
+``layers`` hooks every layer of the encoder and decoder and reports, for its output on
+the photo's 128 px centre crop (what eval scores), the largest activation as a z-score
+within its channel (how many of that channel's standard deviations the largest value
+lies from its mean: a Gaussian map of 16k pixels rarely passes 5, a learned spike reaches
+tens), its position in photo pixels, and the share of the channel's variance that the
+3x3 neighbourhood of that position holds: GroupNorm divides the whole group by that
+variance, so a spike that holds most of it sets the scale of everything else.
+
+``score`` prints ``chroma_outlier`` (``zturbo.eval.chroma``) per demo photo with PSNR.
+
+``ablate`` trains the demo profile (``--set`` overrides as in bench_demo_quality.py)
+with one change: a profile value, the border padding of every 3x3 convolution and of the
+encoder's downsampling (``--padding``; training-time only, applied to the live model, so it
+is scored here and not saved for diffusers), or the upsampling kernel (``--upsample``).
+It scores the EMA model at every checkpoint, so one run shows whether the blobs grow with
+steps, and appends one JSON line per checkpoint to ``--log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zturbo.config import load_settings
+from zturbo.data import demo_dir
+from zturbo.data.images import DEFAULT_MAX_PIXELS
+from zturbo.eval.chroma import chroma_outlier, chroma_outlier_map
+from zturbo.eval.data import find_images, load_pixels
+from zturbo.eval.metrics import psnr_uint8
+from zturbo.model import set_kernels
+from zturbo.model.blocks import Downsample2D
+from zturbo.model.vae import VAE, load_pretrained
+from zturbo.train import Trainer
+
+SIZE = 128
+
+
+def load_model(path: Path) -> VAE:
+    """A model folder, a step-N checkpoint (its EMA weights) or a run folder (its final model)."""
+    for candidate in (path, path / "ema", path / "final"):
+        if (candidate / "config.json").is_file():
+            return load_pretrained(candidate).eval()
+    raise SystemExit(f"{path}: no model folder (config.json) there, in ema/ or in final/")
+
+
+def photos(size: int = SIZE) -> tuple[list[str], torch.Tensor]:
+    """The demo photos' centre crops as eval takes them: names and uint8 (N, 3, size, size)."""
+    paths = find_images(demo_dir(), None).paths
+    return [p.name for p in paths], torch.stack([load_pixels(p, size, DEFAULT_MAX_PIXELS)[0] for p in paths])
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, pixels: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """uint8 -> the model's mode reconstruction, clamped and rounded to 8 bits as eval does."""
+    model.eval()
+    out = []
+    for chunk in pixels.split(batch):
+        x = chunk.float() / 127.5 - 1.0
+        recon = model.decode(model.encode(x).mode()).clamp(-1, 1)
+        out.append(((recon + 1.0) * 127.5).round())
+    return torch.cat(out)
+
+
+def score(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    recon = reconstruct(model, pixels)
+    return {"chroma_outlier": chroma_outlier(recon, pixels.float()), "psnr": psnr_uint8(recon, pixels.float())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-layer spikes
+
+
+def spike_stats(a: torch.Tensor, scale: int) -> dict:
+    """The largest within-channel z-score of a (1, C, H, W) map, where it is and how much of its
+    channel's variance the 3x3 neighbourhood around it holds."""
+    a = a[0].double()
+    c, h, w = a.shape
+    dev = a - a.mean(dim=(1, 2), keepdim=True)
+    std = dev.flatten(1).std(dim=1).clamp(min=1e-12)
+    z = dev.abs() / std[:, None, None]
+    flat = int(z.flatten().argmax())
+    ch, y, x = flat // (h * w), (flat // w) % h, flat % w
+    sq = dev[ch].pow(2)
+    share = float(sq[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].sum() / sq.sum())
+    return {
+        "shape": [c, h, w], "max_abs": float(a.abs().max()), "z": float(z[ch, y, x]), "channel": ch,
+        "at": [y * scale + scale // 2, x * scale + scale // 2], "var_share_3x3": share,
+    }
+
+
+@torch.no_grad()
+def layer_report(model: VAE, pixels: torch.Tensor) -> list[dict]:
+    """spike_stats of every leaf layer and block output, in call order."""
+    rows: list[dict] = []
+    hooks = []
+    side = pixels.shape[-1]
+
+    def hook(name):
+        def record(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                rows.append({"layer": name, **spike_stats(output, side // output.shape[-1])})
+        return record
+
+    for name, module in model.named_modules():
+        if name and (not list(module.children()) or type(module).__name__ in ("ResnetBlock2D", "Attention")):
+            if isinstance(module, (nn.Dropout, nn.SiLU)):
+                continue
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        x = pixels.float() / 127.5 - 1.0
+        model.eval()
+        recon = model.decode(model.encode(x).mode()).clamp(-1, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    recon_u8 = ((recon + 1.0) * 127.5).round()
+    outlier = chroma_outlier_map(recon_u8, pixels.float())[0]
+    flat = int(outlier.flatten().argmax())
+    half = 2  # the map's positions are 5x5 windows; report their centres
+    rows.append({"layer": "chroma_outlier", "value": float(outlier.max()),
+                 "at": [flat // outlier.shape[1] + half, flat % outlier.shape[1] + half]})
+    return rows
+
+
+def cmd_layers(args) -> None:
+    model = load_model(args.model)
+    pixels = load_pixels(args.image, args.size, DEFAULT_MAX_PIXELS)[0][None]
+    rows = layer_report(model, pixels)
+    print(f"{args.image.name} at {args.size} px, {args.model}")
+    print(f"{'layer':<44}{'shape':>14}{'max|a|':>9}{'z':>8}{'ch':>4}{'at (y,x)':>11}{'var 3x3':>9}")
+    for r in rows:
+        if r["layer"] == "chroma_outlier":
+            print(f"chroma_outlier {r['value']:.1f} levels at {tuple(r['at'])}")
+            continue
+        flag = "  <-" if r["z"] >= args.flag_z else ""
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['layer']:<44}{shape:>14}{r['max_abs']:>9.2f}{r['z']:>8.1f}{r['channel']:>4}"
+              f"{str(tuple(r['at'])):>11}{r['var_share_3x3']:>9.3f}{flag}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores per photo
+
+
+def cmd_score(args) -> None:
+    names, pixels = photos(args.size)
+    table = {str(path): score(load_model(path), pixels) for path in args.models}
+    print(f"{'photo':<34}" + "".join(f"{Path(k).name[-22:]:>24}" for k in table))
+    for i, name in enumerate(names):
+        print(f"{name:<34}" + "".join(f"{v['chroma_outlier'][i]:>14.1f}{v['psnr'][i]:>8.2f} dB" for v in table.values()))
+    print(f"{'mean':<34}" + "".join(f"{v['chroma_outlier'].mean():>14.1f}{v['psnr'].mean():>8.2f} dB"
+                                     for v in table.values()))
+    print(f"{'max':<34}" + "".join(f"{v['chroma_outlier'].max():>14.1f}{'':>11}" for v in table.values()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ablations
+
+
+def _downsample_replicate(self: Downsample2D, x: torch.Tensor) -> torch.Tensor:
+    return self.conv(F.pad(x, (0, 1, 0, 1), mode="replicate"))
+
+
+def apply_padding(model: nn.Module, mode: str) -> None:
+    """Border padding of every padded convolution (read at call time) and of the downsampling pad."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.padding != (0, 0):
+            module.padding_mode = mode
+    if mode == "replicate":
+        Downsample2D.forward = _downsample_replicate
+
+
+def parse_set(items: list[str]) -> dict:
+    import tomllib
+
+    tree: dict = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        if not name or not raw:
+            raise SystemExit(f"--set wants section.key=value, got {item!r}")
+        tree.setdefault(section, {})[name] = tomllib.loads(f"v = {raw}")["v"]
+    return tree
+
+
+def cmd_ablate(args) -> None:
+    if args.upsample:
+        set_kernels(upsample=args.upsample)
+    overrides = parse_set(args.set)
+    train = overrides.setdefault("train", {})
+    train.setdefault("output_dir", str(Path(args.runs) / args.name))
+    train.setdefault("checkpoint_every", args.score_every)
+    train.setdefault("keep_last", 1)
+    overrides.setdefault("data", {}).setdefault("data_dir", str(demo_dir()))
+    settings = load_settings(args.profile, None, overrides)
+    names, pixels = photos(args.size)
+    trainer = Trainer(settings, quiet=True)
+    if args.padding != "zeros":
+        if args.upsample != "nearest":
+            raise SystemExit("--padding other than zeros needs --upsample nearest (the per-phase kernel pads with zeros)")
+        apply_padding(trainer.engine.vae, args.padding)
+        apply_padding(trainer.engine.ema.model, args.padding)
+    scoring = 0.0
+    records = []
+
+    def on_step(step: int, result) -> None:
+        nonlocal scoring
+        if step % args.score_every and step != trainer.total_steps:
+            return
+        t = time.perf_counter()
+        values = score(trainer.engine.ema.model, pixels)
+        row = {
+            "name": args.name, "step": step, "set": args.set, "padding": args.padding, "upsample": args.upsample,
+            "profile": args.profile,
+            "chroma_outlier_mean": float(values["chroma_outlier"].mean()),
+            "chroma_outlier_max": float(values["chroma_outlier"].max()),
+            "psnr_mean": float(values["psnr"].mean()),
+            "per_photo": {n: [round(float(c), 2), round(float(p), 2)]
+                          for n, c, p in zip(names, values["chroma_outlier"], values["psnr"], strict=True)},
+        }
+        records.append(row)
+        scoring += time.perf_counter() - t
+        print(f"{args.name} step {step}: chroma_outlier mean {row['chroma_outlier_mean']:.1f} max "
+              f"{row['chroma_outlier_max']:.1f}, PSNR {row['psnr_mean']:.2f} dB", flush=True)
+
+    trainer.on_step = on_step
+    result = trainer.fit()
+    print(f"{args.name}: {result.steps} steps in {result.wall_s - scoring:.0f} s of training "
+          f"(OMP threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f})")
+    if args.log:
+        with open(args.log, "a", encoding="utf-8") as fh:
+            for row in records:
+                fh.write(json.dumps({**row, "train_s": round(result.wall_s - scoring, 1)}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("layers", help="per-layer activation spikes on one photo")
+    p.add_argument("model", type=Path)
+    p.add_argument("--image", type=Path, default=demo_dir() / "gravel.png")
+    p.add_argument("--size", type=int, default=SIZE)
+    p.add_argument("--flag-z", type=float, default=12.0, help="mark layers whose largest z-score reaches this")
+    p.add_argument("--json", type=Path)
+    p.set_defaults(run=cmd_layers)
+    p = sub.add_parser("score", help="chroma_outlier and PSNR per demo photo")
+    p.add_argument("models", type=Path, nargs="+")
+    p.add_argument("--size", type=int, default=SIZE)
+    p.set_defaults(run=cmd_score)
+    p = sub.add_parser("ablate", help="train a demo variant with one change and score it")
+    p.add_argument("--name", required=True)
+    p.add_argument("--profile", default="demo")
+    p.add_argument("--set", action="append", default=[], help="profile override, e.g. model.norm_num_groups=8")
+    p.add_argument("--padding", choices=("zeros", "replicate"), default="zeros")
+    p.add_argument("--upsample", choices=("subpixel", "nearest"))
+    p.add_argument("--score-every", type=int, default=250)
+    p.add_argument("--size", type=int, default=SIZE)
+    p.add_argument("--runs", default="runs/droplets")
+    p.add_argument("--log", type=Path, default=Path("runs/droplets/log.jsonl"))
+    p.set_defaults(run=cmd_ablate)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
