@@ -102,6 +102,8 @@ def spike_stats(a: torch.Tensor, scale: int) -> dict:
     return {
         "shape": [c, h, w], "max_abs": float(a.abs().max()), "z": float(z[ch, y, x]), "channel": ch,
         "at": [y * scale + scale // 2, x * scale + scale // 2], "var_share_3x3": share,
+        # How many times its fair share (9 of h*w pixels) of the channel's variance the neighbourhood holds.
+        "concentration": share * h * w / 9,
     }
 
 
@@ -144,15 +146,15 @@ def cmd_layers(args) -> None:
     pixels = load_pixels(args.image, args.size, DEFAULT_MAX_PIXELS)[0][None]
     rows = layer_report(model, pixels)
     print(f"{args.image.name} at {args.size} px, {args.model}")
-    print(f"{'layer':<44}{'shape':>14}{'max|a|':>9}{'z':>8}{'ch':>4}{'at (y,x)':>11}{'var 3x3':>9}")
+    print(f"{'layer':<44}{'shape':>14}{'max|a|':>9}{'z':>8}{'ch':>4}{'at (y,x)':>11}{'var 3x3':>9}{'x fair':>8}")
     for r in rows:
         if r["layer"] == "chroma_outlier":
             print(f"chroma_outlier {r['value']:.1f} levels at {tuple(r['at'])}")
             continue
-        flag = "  <-" if r["z"] >= args.flag_z else ""
+        flag = "  <-" if r["concentration"] >= args.flag else ""
         shape = "x".join(map(str, r["shape"]))
         print(f"{r['layer']:<44}{shape:>14}{r['max_abs']:>9.2f}{r['z']:>8.1f}{r['channel']:>4}"
-              f"{str(tuple(r['at'])):>11}{r['var_share_3x3']:>9.3f}{flag}")
+              f"{tuple(r['at'])!s:>11}{r['var_share_3x3']:>9.3f}{r['concentration']:>8.0f}{flag}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
@@ -161,9 +163,38 @@ def cmd_layers(args) -> None:
 # Scores per photo
 
 
+def outlier_sheet(path: Path, pixels: torch.Tensor, recon: torch.Tensor, full_scale: float = 40.0) -> None:
+    """Rows of photo | reconstruction | outlier map (full_scale chroma levels white), with the
+    largest outlier's 5x5 window boxed in red on the reconstruction."""
+    from PIL import Image, ImageDraw
+
+    outlier = chroma_outlier_map(recon, pixels.float())
+    pad = (pixels.shape[-1] - outlier.shape[-1]) // 2
+    heat = F.pad(outlier / full_scale, (pad, pad, pad, pad)).clamp(0, 1).mul(255).round()
+    tiles = []
+    for i in range(len(pixels)):
+        row = torch.cat([pixels[i].float(), recon[i], heat[i].expand(3, -1, -1)], dim=2)
+        tile = Image.fromarray(row.permute(1, 2, 0).to(torch.uint8).numpy())
+        flat = int(outlier[i].flatten().argmax())
+        y, x = flat // outlier.shape[-1], flat % outlier.shape[-1]
+        w = pixels.shape[-1]
+        ImageDraw.Draw(tile).rectangle([w + x - 1, y - 1, w + x + 5, y + 5], outline=(255, 0, 0))
+        tiles.append(tile)
+    sheet = Image.new("RGB", (tiles[0].width, sum(t.height for t in tiles)))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, (0, i * tile.height))
+    sheet.save(path)
+
+
 def cmd_score(args) -> None:
     names, pixels = photos(args.size)
-    table = {str(path): score(load_model(path), pixels) for path in args.models}
+    table = {}
+    for path in args.models:
+        model = load_model(path)
+        table[str(path)] = score(model, pixels)
+        if args.sheet:
+            folder = args.sheet / path.as_posix().replace("/", "_")
+            outlier_sheet(folder.with_suffix(".png"), pixels, reconstruct(model, pixels))
     print(f"{'photo':<34}" + "".join(f"{Path(k).name[-22:]:>24}" for k in table))
     for i, name in enumerate(names):
         print(f"{name:<34}" + "".join(f"{v['chroma_outlier'][i]:>14.1f}{v['psnr'][i]:>8.2f} dB" for v in table.values()))
@@ -172,8 +203,48 @@ def cmd_score(args) -> None:
     print(f"{'max':<34}" + "".join(f"{v['chroma_outlier'].max():>14.1f}{'':>11}" for v in table.values()))
 
 
+def grey_mask(pixels: torch.Tensor) -> torch.Tensor:
+    """Which photos are grey (R = G = B everywhere): on those any chroma at all is invented."""
+    return (pixels[:, 0] == pixels[:, 1]).flatten(1).all(1) & (pixels[:, 1] == pixels[:, 2]).flatten(1).all(1)
+
+
+def spike_summary(model: VAE, photo: torch.Tensor) -> dict:
+    """The latent's spike (quant_conv output) and the most concentrated GroupNorm input of encoder and decoder."""
+    rows = {r["layer"]: r for r in layer_report(model, photo) if r["layer"] != "chroma_outlier"}
+    out = {"latent": rows["quant_conv"]}
+    for part in ("encoder", "decoder"):
+        norms = [r for name, r in rows.items() if name.startswith(part) and ".norm" in name]
+        out[part] = max(norms, key=lambda r: r["concentration"])
+    return out
+
+
+def cmd_steps(args) -> None:
+    """How the spike and the outliers grow over a run's checkpoints."""
+    from zturbo.train.checkpoint import step_folders
+
+    names, pixels = photos(args.size)
+    grey = grey_mask(pixels)
+    probe = pixels[names.index(args.image)][None]
+    folders = [(step, folder / "ema") for step, folder in step_folders(args.run / "checkpoints")]
+    print(f"{args.run}: spike on {args.image} (concentration: x its fair share of variance), chroma_outlier")
+    print(f"{'step':>6}{'latent':>9}{'enc GN':>9}{'dec GN':>9}  {'dec GN layer':<36}{args.image:>12}"
+          f"{'grey mean':>10}{'all mean':>9}{'PSNR':>7}")
+    for step, folder in folders:
+        model = load_model(folder)
+        spikes = spike_summary(model, probe)
+        values = score(model, pixels)
+        outlier = values["chroma_outlier"]
+        print(f"{step:>6}{spikes['latent']['concentration']:>9.0f}{spikes['encoder']['concentration']:>9.0f}"
+              f"{spikes['decoder']['concentration']:>9.0f}  {spikes['decoder']['layer']:<36}"
+              f"{outlier[names.index(args.image)]:>12.1f}{outlier[grey].mean():>10.1f}{outlier.mean():>9.1f}"
+              f"{values['psnr'].mean():>7.2f}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Ablations
+
+
+_DOWNSAMPLE_ZEROS = Downsample2D.forward
 
 
 def _downsample_replicate(self: Downsample2D, x: torch.Tensor) -> torch.Tensor:
@@ -237,6 +308,10 @@ def cmd_ablate(args) -> None:
             "per_photo": {n: [round(float(c), 2), round(float(p), 2)]
                           for n, c, p in zip(names, values["chroma_outlier"], values["psnr"], strict=True)},
         }
+        if step == trainer.total_steps:
+            spikes = spike_summary(trainer.engine.ema.model, pixels[names.index("gravel.png")][None])
+            row["spike_gravel"] = {k: round(v["concentration"], 1) for k, v in spikes.items()}
+            row["spike_gravel"]["decoder_layer"] = spikes["decoder"]["layer"]
         records.append(row)
         scoring += time.perf_counter() - t
         print(f"{args.name} step {step}: chroma_outlier mean {row['chroma_outlier_mean']:.1f} max "
@@ -248,8 +323,97 @@ def cmd_ablate(args) -> None:
           f"(OMP threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f})")
     if args.log:
         with open(args.log, "a", encoding="utf-8") as fh:
-            for row in records:
-                fh.write(json.dumps({**row, "train_s": round(result.wall_s - scoring, 1)}) + "\n")
+            fh.writelines(json.dumps({**row, "train_s": round(result.wall_s - scoring, 1)}) + "\n" for row in records)
+
+
+GREY_PHOTOS = ("brick.png", "camera.png", "cell.png", "clock_motion.png", "grass.png", "gravel.png")
+
+
+SPIKED = 100.0  # a decoder GroupNorm input whose 3x3 neighbourhood holds 100x its fair share of variance
+
+
+def spikes_per_photo(model: VAE, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per photo: the latent's and the decoder GroupNorm inputs' largest spike concentration."""
+    rows = [spike_summary(model, pixels[i : i + 1]) for i in range(len(pixels))]
+    return {part: torch.tensor([r[part]["concentration"] for r in rows]) for part in ("latent", "encoder", "decoder")}
+
+
+def load_variant(folder: Path, row: dict) -> VAE:
+    """A saved ablation model, computed the way it was trained (upsampling kernel and padding)."""
+    set_kernels(upsample=row["upsample"] or "subpixel")
+    Downsample2D.forward = _DOWNSAMPLE_ZEROS
+    model = load_model(folder)
+    if row["padding"] != "zeros":
+        apply_padding(model, row["padding"])
+    return model
+
+
+def cmd_table(args) -> None:
+    """The ablation log as a table: each run's last record, with spikes measured on its saved final model
+    over all fifteen photos (median concentration; photos whose decoder spike passes SPIKED)."""
+    last: dict[str, dict] = {}
+    for line in args.log.read_text().splitlines():
+        row = json.loads(line)
+        last[row["name"]] = row
+    names, pixels = photos()
+    print(f"{'run':<18}{'steps':>6}{'latent':>7}{'dec GN':>7}{'spiked':>7}{'gravel':>8}{'grey':>7}{'all':>7}"
+          f"{'max':>7}{'PSNR':>7}{'train s':>8}")
+    for name, row in last.items():
+        final = args.log.parent / name / "final"
+        if not final.is_dir():
+            continue
+        spikes = spikes_per_photo(load_variant(final, row), pixels)
+        grey = [row["per_photo"][n][0] for n in GREY_PHOTOS]
+        print(f"{name:<18}{row['step']:>6}{spikes['latent'].median():>7.0f}{spikes['decoder'].median():>7.0f}"
+              f"{int((spikes['decoder'] >= SPIKED).sum()):>4}/{len(names)}"
+              f"{row['per_photo']['gravel.png'][0]:>8.1f}{sum(grey) / len(grey):>7.1f}"
+              f"{row['chroma_outlier_mean']:>7.1f}{row['chroma_outlier_max']:>7.1f}{row['psnr_mean']:>7.2f}"
+              f"{row['train_s']:>8.0f}", flush=True)
+
+
+def cmd_grid(args) -> None:
+    """One row per ablation run: the chosen photos' reconstructions side by side (the photos on top)."""
+    from PIL import Image
+
+    last: dict[str, dict] = {}
+    for line in args.log.read_text().splitlines():
+        row = json.loads(line)
+        last[row["name"]] = row
+    names, pixels = photos()
+    pick = torch.stack([pixels[names.index(n)] for n in args.photos])
+    rows = [pick.float()]
+    for name in args.runs or list(last):
+        rows.append(reconstruct(load_variant(args.log.parent / name / "final", last[name]), pick))
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    image = Image.fromarray(grid.permute(1, 2, 0).to(torch.uint8).numpy())
+    image.resize((image.width * args.zoom, image.height * args.zoom), Image.Resampling.NEAREST).save(args.out)
+    print(f"{args.out}: rows photos, {', '.join(args.runs or list(last))}")
+
+
+def cmd_speed(args) -> None:
+    """Training step time of the profile's model against a variant (--set), interleaved in one process."""
+    from zturbo.bench.timing import time_interleaved
+
+    torch.manual_seed(0)
+    variants = {"profile": load_settings(args.profile, None, {}),
+                "variant": load_settings(args.profile, None, parse_set(args.set))}
+    batch = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
+    steps = []
+    for settings in variants.values():
+        model = VAE(settings.model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            recon = model.decode(model.encode(batch).mode())
+            F.mse_loss(recon, batch).backward()
+            optimizer.step()
+        steps.append(step)
+    timings = time_interleaved(steps, torch.device("cpu"), warmup=2, repeats=args.repeats, alternate=True)
+    for name, timing in zip(variants, timings, strict=True):
+        print(f"{name:<8} {timing.median_ms:8.1f} ms per step (median of {args.repeats})")
+    print(f"variant / profile: {timings[1].median_ms / timings[0].median_ms:.3f} ({', '.join(args.set)}; "
+          f"{args.profile}, batch {args.batch}, {args.size} px, {torch.get_num_threads()} threads)")
 
 
 def main() -> None:
@@ -259,13 +423,38 @@ def main() -> None:
     p.add_argument("model", type=Path)
     p.add_argument("--image", type=Path, default=demo_dir() / "gravel.png")
     p.add_argument("--size", type=int, default=SIZE)
-    p.add_argument("--flag-z", type=float, default=12.0, help="mark layers whose largest z-score reaches this")
+    p.add_argument("--flag", type=float, default=50.0,
+                   help="mark layers whose spike neighbourhood holds this many times its fair share of variance")
     p.add_argument("--json", type=Path)
-    p.set_defaults(run=cmd_layers)
+    p.set_defaults(handler=cmd_layers)
     p = sub.add_parser("score", help="chroma_outlier and PSNR per demo photo")
     p.add_argument("models", type=Path, nargs="+")
     p.add_argument("--size", type=int, default=SIZE)
-    p.set_defaults(run=cmd_score)
+    p.add_argument("--sheet", type=Path, help="write photo | reconstruction | outlier map sheets into this folder")
+    p.set_defaults(handler=cmd_score)
+    p = sub.add_parser("steps", help="spike and outliers at every checkpoint of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--image", default="gravel.png")
+    p.add_argument("--size", type=int, default=SIZE)
+    p.set_defaults(handler=cmd_steps)
+    p = sub.add_parser("table", help="the ablation log as a table")
+    p.add_argument("--log", type=Path, default=Path("runs/droplets/log.jsonl"))
+    p.set_defaults(handler=cmd_table)
+    p = sub.add_parser("grid", help="the ablation runs' reconstructions of chosen photos, one row per run")
+    p.add_argument("runs", nargs="*", help="run names from the log (default: all)")
+    p.add_argument("--photos", nargs="+", default=["brick.png", "clock_motion.png", "grass.png", "gravel.png",
+                                                   "cell.png", "chelsea.png"])
+    p.add_argument("--log", type=Path, default=Path("runs/droplets/log.jsonl"))
+    p.add_argument("--zoom", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("runs/droplets/grid.png"))
+    p.set_defaults(handler=cmd_grid)
+    p = sub.add_parser("speed", help="training step time of the profile against a variant, interleaved")
+    p.add_argument("--profile", default="demo")
+    p.add_argument("--set", action="append", default=[], help="the variant, e.g. model.norm_num_groups=2")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--size", type=int, default=SIZE)
+    p.add_argument("--repeats", type=int, default=20)
+    p.set_defaults(handler=cmd_speed)
     p = sub.add_parser("ablate", help="train a demo variant with one change and score it")
     p.add_argument("--name", required=True)
     p.add_argument("--profile", default="demo")
@@ -276,9 +465,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=SIZE)
     p.add_argument("--runs", default="runs/droplets")
     p.add_argument("--log", type=Path, default=Path("runs/droplets/log.jsonl"))
-    p.set_defaults(run=cmd_ablate)
+    p.set_defaults(handler=cmd_ablate)
     args = parser.parse_args()
-    args.run(args)
+    args.handler(args)
 
 
 if __name__ == "__main__":
