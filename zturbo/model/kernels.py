@@ -108,9 +108,7 @@ def group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool) -> to
     Triton does not support, say), eager calls warn once and use PyTorch's GroupNorm from
     then on.
     """
-    # A GroupNorm with hooks runs as a module, so the hooks see its input (zturbo.train.spikes).
-    hooked = bool(norm._forward_pre_hooks or norm._forward_hooks)
-    if norm.affine and not hooked and use_triton_group_norm(x):
+    if norm.affine and use_triton_group_norm(x):
         args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
         try:
             if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):

@@ -43,7 +43,6 @@ from zturbo.train.ema import EMA
 from zturbo.train.losses import VAELoss, check_lpips_size, discriminator_loss, generator_loss
 from zturbo.train.memory import does_not_fit
 from zturbo.train.schedule import make_scheduler
-from zturbo.train.spikes import SpikePenalty
 
 
 class NonFiniteLossError(ZTurboError):
@@ -137,7 +136,6 @@ class TrainEngine:
         if perceptual is None and lcfg.perceptual_weight > 0:
             perceptual = load_lpips(lcfg.perceptual_net, device, random_backbone=lpips_random_backbone)
         self.loss = VAELoss(lcfg, perceptual)
-        self.spikes = SpikePenalty(self.vae) if lcfg.spike_weight > 0 else None
 
         self.disc: nn.Module | None = None
         if lcfg.disc_weight > 0:
@@ -291,18 +289,13 @@ class TrainEngine:
             with sync:
                 with self._autocast():
                     inputs = () if latent_chunks[i] is None else (latent_chunks[i].to(self.device, non_blocking=True),)
-                    with self.spikes.recording() if self.spikes else contextlib.nullcontext():
-                        recon, mean, logvar, *distill = self.forward(x, noise, *inputs)
+                    recon, mean, logvar, *distill = self.forward(x, noise, *inputs)
                     nll, kl, terms = self.reconstruction_terms(x, recon, mean, logvar, crop)
                     g = None
                     if use_disc:
                         self.disc.requires_grad_(False)
                         g = self.generator_term(recon)
                     total = self.loss.combine(nll, kl, terms, g, last_layer if use_disc else None)
-                    if self.spikes is not None:
-                        spike = self.spikes.collect()
-                        total = total + self.settings.loss.spike_weight * spike
-                        terms["spike"] = spike.detach()
                     if distill:  # distillation's own terms: (added loss, logged values)
                         total = total + distill[0]
                         terms.update(distill[1])
