@@ -117,6 +117,18 @@ def group_kurtosis(x: torch.Tensor, groups: int) -> torch.Tensor:
     return d.pow(4).mean(dim=2) / second.pow(2).clamp(min=1e-30)
 
 
+def offset_share(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, G) share of each GroupNorm group's variance that lies between its channels' means.
+
+    Near 1: the group's channels sit at different constant levels and those offsets, not the
+    image, set the normalising deviation (GroupNorm then scales the image's features by a
+    nearly fixed amount). Near 0: the image's own variation sets it, and a spike can steer it.
+    """
+    d = x.double().reshape(x.shape[0], groups, x.shape[1] // groups, -1)
+    total = d.flatten(2).var(dim=2, unbiased=False)
+    return d.mean(dim=3).var(dim=2, unbiased=False) / total.clamp(min=1e-30)
+
+
 @torch.no_grad()
 def layer_report(model: VAE, pixels: torch.Tensor) -> list[dict]:
     """spike_stats of every leaf layer and block output, in call order."""
@@ -130,6 +142,7 @@ def layer_report(model: VAE, pixels: torch.Tensor) -> list[dict]:
                 rows.append({"layer": name, **spike_stats(output, side // output.shape[-1])})
                 if isinstance(module, nn.GroupNorm):
                     rows[-1]["kurtosis"] = float(group_kurtosis(inputs[0], module.num_groups).max())
+                    rows[-1]["offset_share"] = float(offset_share(inputs[0], module.num_groups).mean())
         return record
 
     for name, module in model.named_modules():
@@ -228,6 +241,7 @@ def spike_summary(model: VAE, photo: torch.Tensor) -> dict:
         norms = [r for name, r in rows.items() if name.startswith(part) and "kurtosis" in r]
         out[part] = max(norms, key=lambda r: r["concentration"])
         out[f"{part}_kurtosis"] = max(norms, key=lambda r: r["kurtosis"])
+        out[f"{part}_offset_share"] = sum(r["offset_share"] for r in norms) / len(norms)
     return out
 
 
@@ -400,6 +414,7 @@ def spikes_per_photo(model: VAE, pixels: torch.Tensor) -> dict[str, torch.Tensor
     out = {"latent": torch.tensor([r["latent"]["concentration"] for r in rows])}
     for part in ("encoder", "decoder"):
         out[part] = torch.tensor([r[f"{part}_kurtosis"]["kurtosis"] for r in rows])
+    out["offset_share"] = torch.tensor([r["decoder_offset_share"] for r in rows])
     return out
 
 
@@ -415,23 +430,29 @@ def load_variant(folder: Path, row: dict) -> VAE:
 
 def cmd_table(args) -> None:
     """The ablation log as a table: each run's last record, with spikes measured on its saved final model
-    over all fifteen photos (median concentration; photos whose decoder spike passes SPIKED)."""
+    over all fifteen photos: the latent's median spike concentration, the median of the largest GroupNorm
+    kurtosis in encoder and decoder, how many photos pass SPIKED in the decoder (the droplet's way out), and the decoder's mean offset
+    share on the four texture photos (brick, grass, gravel, clock)."""
     last: dict[str, dict] = {}
     for line in args.log.read_text().splitlines():
         row = json.loads(line)
         last[row["name"]] = row
     names, pixels = photos()
-    print(f"{'run':<18}{'steps':>6}{'latent':>7}{'enc k':>7}{'dec k':>7}{'spiked':>8}{'gravel':>8}{'grey':>7}"
-          f"{'all':>7}{'max':>7}{'PSNR':>7}{'train s':>8}")
+    textures = [names.index(n) for n in ("brick.png", "grass.png", "gravel.png", "clock_motion.png")]
+    print(f"{'run':<22}{'steps':>6}{'latent':>7}{'enc k':>7}{'dec k':>7}{'spiked':>8}{'offsets':>8}{'gravel':>8}"
+          f"{'grey':>7}{'all':>7}{'max':>7}{'PSNR':>7}{'train s':>8}")
     for name, row in last.items():
         final = args.log.parent / name / "final"
+        if args.runs and name not in args.runs:
+            continue
         if not final.is_dir():
             continue
         spikes = spikes_per_photo(load_variant(final, row), pixels)
-        spiked = int(((spikes["decoder"] >= SPIKED) | (spikes["encoder"] >= SPIKED)).sum())
+        spiked = int((spikes["decoder"] >= SPIKED).sum())
         grey = [row["per_photo"][n][0] for n in GREY_PHOTOS]
-        print(f"{name:<18}{row['step']:>6}{spikes['latent'].median():>7.0f}{spikes['encoder'].median():>7.0f}"
+        print(f"{name:<22}{row['step']:>6}{spikes['latent'].median():>7.0f}{spikes['encoder'].median():>7.0f}"
               f"{spikes['decoder'].median():>7.0f}{spiked:>5}/{len(names)}"
+              f"{spikes['offset_share'][textures].mean():>8.2f}"
               f"{row['per_photo']['gravel.png'][0]:>8.1f}{sum(grey) / len(grey):>7.1f}"
               f"{row['chroma_outlier_mean']:>7.1f}{row['chroma_outlier_max']:>7.1f}{row['psnr_mean']:>7.2f}"
               f"{row['train_s']:>8.0f}", flush=True)
@@ -499,6 +520,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=SIZE)
     p.set_defaults(handler=cmd_steps)
     p = sub.add_parser("table", help="the ablation log as a table")
+    p.add_argument("runs", nargs="*", help="run names from the log (default: all)")
     p.add_argument("--log", type=Path, default=Path("runs/droplets/log.jsonl"))
     p.set_defaults(handler=cmd_table)
     p = sub.add_parser("grid", help="the ablation runs' reconstructions of chosen photos, one row per run")

@@ -22,16 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zturbo.data.images import chroma_planes as chroma
+
 OUTLIER_WINDOW = 5
 OUTLIER_REACH = 4
-# Full-range BT.601 (JPEG): rows Cb, Cr from R, G, B.
-_CHROMA = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=torch.float64)
-
-
-def chroma(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB in 0..255 -> (B, 2, H, W) Cb, Cr in levels around 0 (neutral grey is 0)."""
-    weights = _CHROMA.to(device=pixels.device, dtype=torch.float32)
-    return torch.einsum("kc,bchw->bkhw", weights, pixels.float())
 
 
 def chroma_outlier_map(
