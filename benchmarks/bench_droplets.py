@@ -253,16 +253,18 @@ def cmd_steps(args) -> None:
     grey = grey_mask(pixels)
     probe = pixels[names.index(args.image)][None]
     folders = [(step, folder / "ema") for step, folder in step_folders(args.run / "checkpoints")]
-    print(f"{args.run}: spike on {args.image} (concentration: x its fair share of variance), chroma_outlier")
-    print(f"{'step':>6}{'latent':>9}{'enc GN':>9}{'dec GN':>9}  {'dec GN layer':<36}{args.image:>12}"
+    print(f"{args.run}: spike on {args.image} (concentration: x its fair share of variance; largest decoder "
+          "GroupNorm kurtosis; decoder offset share), chroma_outlier")
+    print(f"{'step':>6}{'latent':>8}{'enc GN':>8}{'dec GN':>8}{'dec k':>7}{'offsets':>8}{args.image:>12}"
           f"{'grey mean':>10}{'all mean':>9}{'PSNR':>7}")
     for step, folder in folders:
         model = load_model(folder)
         spikes = spike_summary(model, probe)
         values = score(model, pixels)
         outlier = values["chroma_outlier"]
-        print(f"{step:>6}{spikes['latent']['concentration']:>9.0f}{spikes['encoder']['concentration']:>9.0f}"
-              f"{spikes['decoder']['concentration']:>9.0f}  {spikes['decoder']['layer']:<36}"
+        print(f"{step:>6}{spikes['latent']['concentration']:>8.0f}{spikes['encoder']['concentration']:>8.0f}"
+              f"{spikes['decoder']['concentration']:>8.0f}{spikes['decoder_kurtosis']['kurtosis']:>7.0f}"
+              f"{spikes['decoder_offset_share']:>8.2f}"
               f"{outlier[names.index(args.image)]:>12.1f}{outlier[grey].mean():>10.1f}{outlier.mean():>9.1f}"
               f"{values['psnr'].mean():>7.2f}", flush=True)
 
@@ -354,7 +356,7 @@ def cmd_ablate(args) -> None:
     overrides.setdefault("data", {}).setdefault("data_dir", str(demo_dir()))
     settings = load_settings(args.profile, None, overrides)
     names, pixels = photos(args.size)
-    trainer = Trainer(settings, quiet=True)
+    trainer = Trainer(settings, quiet=True, resume=args.resume)
     if args.padding != "zeros":
         if args.upsample != "nearest":
             raise SystemExit("--padding other than zeros needs --upsample nearest (the per-phase kernel pads with zeros)")
@@ -383,20 +385,35 @@ def cmd_ablate(args) -> None:
         }
         if step == trainer.total_steps:
             spikes = spike_summary(trainer.engine.ema.model, pixels[names.index("gravel.png")][None])
-            row["spike_gravel"] = {k: round(v["concentration"], 1) for k, v in spikes.items()}
+            row["spike_gravel"] = {k: round(spikes[k]["concentration"], 1) for k in ("latent", "encoder", "decoder")}
             row["spike_gravel"]["decoder_layer"] = spikes["decoder"]["layer"]
+            row["spike_gravel"]["decoder_kurtosis"] = round(spikes["decoder_kurtosis"]["kurtosis"], 1)
+            row["spike_gravel"]["decoder_offset_share"] = round(spikes["decoder_offset_share"], 3)
         records.append(row)
         scoring += time.perf_counter() - t
         print(f"{args.name} step {step}: chroma_outlier mean {row['chroma_outlier_mean']:.1f} max "
               f"{row['chroma_outlier_max']:.1f}, PSNR {row['psnr_mean']:.2f} dB", flush=True)
 
-    trainer.on_step = on_step
-    result = trainer.fit()
-    print(f"{args.name}: {result.steps} steps in {result.wall_s - scoring:.0f} s of training "
-          f"(OMP threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f})")
+    class StopEarly(Exception):
+        pass
+
+    def on_step_or_stop(step: int, result) -> None:
+        on_step(step, result)
+        if args.stop_at and step >= args.stop_at:
+            raise StopEarly
+
+    trainer.on_step = on_step_or_stop
+    train_s = None
+    try:
+        result = trainer.fit()
+        train_s = round(result.wall_s - scoring, 1)
+        print(f"{args.name}: {result.steps} steps in {train_s:.0f} s of training "
+              f"(OMP threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f})")
+    except StopEarly:
+        print(f"{args.name}: stopped at step {args.stop_at} (checkpoints in {settings.train.output_dir})")
     if args.log:
         with open(args.log, "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps({**row, "train_s": round(result.wall_s - scoring, 1)}) + "\n" for row in records)
+            fh.writelines(json.dumps({**row, "train_s": train_s}) + "\n" for row in records)
 
 
 GREY_PHOTOS = ("brick.png", "camera.png", "cell.png", "clock_motion.png", "grass.png", "gravel.png")
@@ -455,7 +472,7 @@ def cmd_table(args) -> None:
               f"{spikes['offset_share'][textures].mean():>8.2f}"
               f"{row['per_photo']['gravel.png'][0]:>8.1f}{sum(grey) / len(grey):>7.1f}"
               f"{row['chroma_outlier_mean']:>7.1f}{row['chroma_outlier_max']:>7.1f}{row['psnr_mean']:>7.2f}"
-              f"{row['train_s']:>8.0f}", flush=True)
+              f"{row['train_s'] or float('nan'):>8.0f}", flush=True)
 
 
 def cmd_grid(args) -> None:
@@ -545,6 +562,8 @@ def main() -> None:
     p.add_argument("--padding", choices=("zeros", "replicate"), default="zeros")
     p.add_argument("--upsample", choices=("subpixel", "nearest"))
     p.add_argument("--spike-weight", type=float, default=0.0, help="weight of SpikePenalty in the loss (0: off)")
+    p.add_argument("--stop-at", type=int, help="stop after this step (the schedule still spans max_steps)")
+    p.add_argument("--resume", help="continue the run from its newest checkpoint ('auto') or a step-N folder")
     p.add_argument("--score-every", type=int, default=250)
     p.add_argument("--size", type=int, default=SIZE)
     p.add_argument("--runs", default="runs/droplets")

@@ -127,3 +127,23 @@ def test_cli_accepts_chroma_outlier(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)["summary"]["model"]["chroma_outlier"]
     assert math.isfinite(summary["mean"]) and summary["mean"] >= 0
+
+
+def test_chroma_loss_sees_colour_errors_only():
+    from zturbo.config import LossConfig
+    from zturbo.train.losses import VAELoss, chroma_loss
+
+    target = torch.rand(2, 3, 16, 16) * 2 - 1
+    grey_error = target + 0.1  # the same shift in R, G and B: luma only
+    assert chroma_loss(grey_error, target).item() == pytest.approx(0.0, abs=1e-12)
+    tinted = target.clone()
+    tinted[:, 1] += 0.1  # green up by 0.1: Cb -0.0331264, Cr -0.0418688 everywhere
+    expected = (0.0331264**2 + 0.0418688**2) / 2
+    assert chroma_loss(tinted, target).item() == pytest.approx(expected, rel=1e-4)
+    mean, logvar = torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    base = VAELoss(LossConfig(perceptual_weight=0, kl_weight=0, reconstruction_loss="l2"))
+    weighted = VAELoss(LossConfig(perceptual_weight=0, kl_weight=0, reconstruction_loss="l2", chroma_weight=4.0))
+    nll0, _, terms0 = base.reconstruction_terms(target, tinted, mean, logvar)
+    nll4, _, terms4 = weighted.reconstruction_terms(target, tinted, mean, logvar)
+    assert "chroma" not in terms0 and terms4["chroma"].item() == pytest.approx(expected, rel=1e-4)
+    assert (nll4 - nll0).item() == pytest.approx(4.0 * expected, rel=1e-4)
