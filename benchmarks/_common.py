@@ -6,6 +6,8 @@ plain name: Python puts a script's own folder first on ``sys.path``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from zturbo.model import ModelConfig
@@ -41,3 +43,46 @@ def profiler_us(event, field: str) -> float:
         if hasattr(event, name):
             return float(getattr(event, name))
     return 0.0
+
+
+def is_cuda_event(event) -> bool:
+    return str(getattr(event, "device_type", "")).endswith("CUDA")
+
+
+def profile_calls(fn: Callable[[], object], steps: int, cuda: bool):
+    """A torch.profiler trace of ``steps`` calls of ``fn`` (CPU operators, and CUDA kernels on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
+
+
+def summarise_profile(prof, steps: int, top: int, cuda: bool, kind: Callable[[str], str] | None = None) -> dict:
+    """Per call of the profiled function: the total self time of its CUDA kernels (CPU operators on a CPU),
+    the ``top`` of them by self time with their share and, with ``kind`` (a name -> kind function), the
+    time summed by kind."""
+    if cuda:
+        timed = [(e.key, e.count, profiler_us(e, "self_device_time_total")) for e in prof.key_averages() if is_cuda_event(e)]
+    else:
+        timed = [(e.key, e.count, float(e.self_cpu_time_total)) for e in prof.key_averages()]
+    timed = sorted((t for t in timed if t[2] > 0), key=lambda t: -t[2])
+    total = sum(us for _, _, us in timed) or 1.0
+    summary: dict = {
+        "ms_per_call": total / 1000 / steps,
+        "top": [{"name": name, "calls": calls // steps, "ms": us / 1000 / steps, "share": us / total}
+                for name, calls, us in timed[:top]],
+    }
+    if kind is not None:
+        kinds: dict[str, float] = {}
+        for name, _, us in timed:
+            kinds[kind(name)] = kinds.get(kind(name), 0.0) + us
+        summary["kinds"] = {k: {"ms": us / 1000 / steps, "share": us / total}
+                            for k, us in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        for row in summary["top"]:
+            row["kind"] = kind(row["name"])
+    return summary

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import model_input, profiler_us
+from _common import is_cuda_event, model_input, profile_calls, profiler_us, summarise_profile
 
 # A family's time is the inclusive time of the outermost op of that family in each call tree
 # (a bias add inside a convolution counts as convolution), so the shares add up to 100%;
@@ -33,41 +33,25 @@ FAMILY_ROOTS = {
 _FAMILY_OF = {op: fam for fam, ops in FAMILY_ROOTS.items() for op in ops}
 
 
-def summarise(prof, use_cuda: bool, steps: int, top: int) -> dict:
-    averages = list(prof.key_averages())
-    if use_cuda:
-        leaves = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
-        total = sum(profiler_us(e, "self_device_time_total") for e in leaves)
-        inclusive = "device_time_total"
-        ranked = sorted(leaves, key=lambda e: profiler_us(e, "self_device_time_total"), reverse=True)
-        self_of = lambda e: profiler_us(e, "self_device_time_total")
-    else:
-        total = sum(e.self_cpu_time_total for e in averages)
-        inclusive = "cpu_time_total"
-        ranked = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
-        self_of = lambda e: float(e.self_cpu_time_total)
-    total = total or 1.0
+def op_families(prof, use_cuda: bool, steps: int, total_ms: float) -> dict:
+    """Time per call by op family (the outermost family op of each call tree, inclusive), and each one's share."""
+    inclusive = "device_time_total" if use_cuda else "cpu_time_total"
     families = dict.fromkeys(FAMILY_ROOTS, 0.0)
 
     def walk(event) -> None:
         fam = _FAMILY_OF.get(event.name)
         if fam is not None:
-            families[fam] += profiler_us(event, inclusive)
+            families[fam] += profiler_us(event, inclusive) / 1000 / steps
             return
         for child in event.cpu_children:
             walk(child)
 
     for event in prof.events():
-        if event.cpu_parent is None and not str(getattr(event, "device_type", "CPU")).endswith("CUDA"):
+        if event.cpu_parent is None and not is_cuda_event(event):
             walk(event)
-    families["other"] = max(total - sum(families.values()), 0.0)
-    return {
-        "ms_per_call": total / 1000 / steps,
-        "families": {k: v / 1000 / steps for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
-        "shares": {k: v / total for k, v in families.items()},
-        "top": [{"op": e.key, "calls": e.count // steps, "ms_per_call": self_of(e) / 1000 / steps,
-                 "share": self_of(e) / total} for e in ranked[:top]],
-    }
+    families["other"] = max(total_ms - sum(families.values()), 0.0)
+    total_ms = total_ms or 1.0
+    return {k: {"ms": v, "share": v / total_ms} for k, v in sorted(families.items(), key=lambda kv: -kv[1])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", type=Path, help="write a Chrome trace here")
     args = parser.parse_args(argv)
 
-    from torch.profiler import ProfilerActivity, profile
-
     from zturbo.config import load_settings
     from zturbo.model import VAE
     from zturbo.utils import resolve_device, resolve_dtype
@@ -103,31 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     fn = vae.decode if args.part == "decode" else (lambda t: vae.encode(t).mean)
 
     use_cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
     with torch.inference_mode():
         for _ in range(2):
             fn(x)
         if use_cuda:
             torch.cuda.synchronize()
-        with profile(activities=activities) as prof:
-            for _ in range(args.steps):
-                fn(x)
-            if use_cuda:
-                torch.cuda.synchronize()
+        prof = profile_calls(lambda: fn(x), args.steps, use_cuda)
 
-    summary = summarise(prof, use_cuda, args.steps, args.top)
+    summary = summarise_profile(prof, args.steps, args.top, use_cuda)
+    summary["families"] = op_families(prof, use_cuda, args.steps, summary["ms_per_call"])
     clock = "CUDA" if use_cuda else "CPU"
     title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision}"
              f"{' channels_last' if args.channels_last else ''} on {device}: "
              f"{summary['ms_per_call']:.2f} ms of {clock} time per call (profiled)")
     print(title)
     print(f"{'family':<12} {'ms/call':>9} {'share':>7}")
-    for fam, ms in summary["families"].items():
-        print(f"{fam:<12} {ms:>9.2f} {summary['shares'][fam] * 100:>6.1f}%")
+    for fam, v in summary["families"].items():
+        print(f"{fam:<12} {v['ms']:>9.2f} {v['share'] * 100:>6.1f}%")
     print(f"\ntop {len(summary['top'])} {'kernels' if use_cuda else 'ops'} by self {clock} time")
     print(f"{'name':<90} {'calls':>6} {'ms/call':>9} {'share':>7}")
     for row in summary["top"]:
-        print(f"{row['op'][:90]:<90} {row['calls']:>6} {row['ms_per_call']:>9.3f} {row['share'] * 100:>6.1f}%")
+        print(f"{row['name'][:90]:<90} {row['calls']:>6} {row['ms']:>9.3f} {row['share'] * 100:>6.1f}%")
     if args.json:
         args.json.write_text(json.dumps({"title": title, "clock": clock, **summary}, indent=2) + "\n")
     if args.trace:

@@ -3,7 +3,7 @@
     python benchmarks/bench_decoder_variants.py --device cuda                       # fast, 1024 px, b8, bf16
     python benchmarks/bench_decoder_variants.py --device cpu --resolution 256 --batch 1 --precision fp32 --compile none
 
-Variants (see ``zturbo.model.blocks.set_kernels``; the function computed is the same):
+Variants (see ``zturbo.model.kernels.Kernels``; the function computed is the same):
 
     baseline     nearest x2 + 3x3 conv, scaled_dot_product_attention, F.group_norm
     subpixel     the upsample conv as a 2x2 conv per output phase (16/36 of the multiply-adds)
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import model_input, profiler_us
+from _common import model_input, profile_calls, summarise_profile
 
 VARIANTS = {
     "baseline": {"upsample": "nearest", "attention": "sdpa", "group_norm": "torch"},
@@ -59,32 +59,6 @@ def classify(name: str) -> str:
     return "other"
 
 
-def kernel_profile(fn, steps: int = 3, top: int = 12) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    kernels = []
-    for e in prof.key_averages():
-        if not str(getattr(e, "device_type", "")).endswith("CUDA"):
-            continue
-        us = profiler_us(e, "self_device_time_total")
-        if us > 0:
-            kernels.append((e.key, e.count // steps, us / 1000 / steps))
-    total = sum(k[2] for k in kernels) or 1.0
-    kinds: dict[str, float] = {}
-    for name, _, ms in kernels:
-        kinds[classify(name)] = kinds.get(classify(name), 0.0) + ms
-    kernels.sort(key=lambda k: -k[2])
-    return {
-        "ms_per_call": total,
-        "kinds": {k: {"ms": round(v, 3), "share": round(v / total, 4)} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-        "top": [{"kernel": n[:140], "kind": classify(n), "calls": c, "ms": round(ms, 3)} for n, c, ms in kernels[:top]],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -104,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     from zturbo.bench.timing import synchronize, time_interleaved, time_once
     from zturbo.config import load_settings
     from zturbo.model import VAE
-    from zturbo.model.blocks import set_kernels
-    from zturbo.model.flops import vae_flops
+    from zturbo.bench.flops import vae_flops
+    from zturbo.model.kernels import Kernels
     from zturbo.utils import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -121,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = measure_matmul_peak(device, torch.bfloat16, 8192) if cuda else None
     flops = {}
     for name, kernels in VARIANTS.items():
-        previous = set_kernels(**kernels)
-        flops[name] = vae_flops(cfg, args.resolution, batch=args.batch)[args.part]
-        set_kernels(**previous)
+        flops[name] = vae_flops(cfg, args.resolution, batch=args.batch, kernels=Kernels(**kernels))[args.part]
     # "auto" attention only differs from sdpa in how, not how much: the counter counts both alike.
 
     def row(name: str, layout: str, backend: str, ms: float) -> dict:
@@ -145,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             fns, outs = [], {}
             for name, kernels in VARIANTS.items():
                 def fn(name=name, kernels=kernels, x=x, outs=outs):
-                    set_kernels(**kernels)
+                    vae.set_kernels(**kernels)
                     outs[name] = call(x)
                 fns.append(fn)
             timings = time_interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
-            set_kernels(**VARIANTS["all"])
+            vae.set_kernels(**VARIANTS["all"])
             ref = outs["baseline"].float()
             scale = ref.abs().max().item() or 1.0
             for (name, _), t in zip(VARIANTS.items(), timings):
@@ -163,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         vae.to(memory_format=torch.channels_last)
         x = x0.contiguous(memory_format=torch.channels_last)
         for name in names:
-            set_kernels(**VARIANTS[name])
+            vae.set_kernels(**VARIANTS[name])
             torch._dynamo.reset()
             fn = torch.compile(call, dynamic=False)
             # Compiling is host work: timed by the host clock, up to the end of the warm-up calls.
@@ -175,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
             if cuda and name == names[-1]:
-                compiled_profile = kernel_profile(lambda fn=fn: fn(x))
-        set_kernels(**VARIANTS["all"])
+                trace = profile_calls(lambda fn=fn: fn(x), 3, cuda=True)
+                compiled_profile = summarise_profile(trace, 3, 12, cuda=True, kind=classify)
+        vae.set_kernels(**VARIANTS["all"])
 
     title = (f"{args.profile} {args.part} {args.resolution}px b{args.batch} {args.precision} on "
              f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}"
@@ -193,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, v in compiled_profile["kinds"].items():
             print(f"  {kind:<26} {v['ms']:>9.2f} ms {v['share']:>7.1%}")
         for k in compiled_profile["top"]:
-            print(f"  {k['ms']:>8.2f} ms x{k['calls']:<3} [{k['kind']}] {k['kernel'][:110]}")
+            print(f"  {k['ms']:>8.2f} ms x{k['calls']:<3} [{k['kind']}] {k['name'][:110]}")
     if args.json:
         args.json.write_text(json.dumps({"title": title, "peak": peak.to_dict() if peak else None, "rows": rows,
                                          "compiled_profile": compiled_profile}, indent=2) + "\n")

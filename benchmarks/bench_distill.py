@@ -32,11 +32,12 @@ import torch
 from zturbo.bench.timing import time_interleaved
 from zturbo.config import load_settings
 from zturbo.data import demo_dir
+from zturbo.data.batch import TrainBatch
 from zturbo.data.datasets import ImageFolderDataset, augment_seed, load_batch, split_data
+from zturbo.distill import Student, load_student, load_teacher, student_settings
 from zturbo.eval.metrics import psnr_uint8, ssim_uint8
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.flops import vae_flops
-from zturbo.train.distill import Distillation, load_teacher
+from zturbo.bench.flops import vae_flops
 from zturbo.train.engine import TrainEngine
 
 # The demo profile's model at twice its widths, with the demo's 4 GroupNorm groups: the half-width
@@ -57,6 +58,11 @@ def settings_for(out: Path, steps: int, size: int, lr: float, **distill):
         "distill": distill,
     }
     return load_settings("demo", None, overrides)
+
+
+def student_for(settings, train: list[Path], device: torch.device) -> Student:
+    """The student as `zturbo train` builds it, calibrated on the training photos ``train``."""
+    return load_student(student_settings(settings), device, train)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -105,15 +111,14 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def memory(teacher_dir: Path, work: Path, size: int, device: torch.device) -> dict:
+def memory(teacher_dir: Path, work: Path, train: list[Path], size: int, device: torch.device) -> dict:
     x = torch.rand(4, 3, size, size, device=device) * 2 - 1
     s = settings_for(work / "mem", 1, size, 1e-3, teacher=teacher_dir, decoder_channels=STUDENT_DECODER)
-    d = Distillation(s, device)
+    d = student_for(s, train, device)
     teacher = load_teacher(teacher_dir, device).train().requires_grad_(True)
 
     def student_step():
-        recon, *_ = d.forward(x, None)
-        recon.float().abs().mean().backward()
+        d.forward(TrainBatch(x)).recon.float().abs().mean().backward()
 
     def teacher_step():
         teacher(x).float().abs().mean().backward()
@@ -206,9 +211,9 @@ def main() -> None:
             s = settings_for(args.work / name, args.student_steps, args.size, args.student_lr, teacher=teacher_dir,
                              decoder_channels=widths, init=init, **extra)
             t_init = time.perf_counter()
-            d = Distillation(s, device)
+            d = student_for(s, split.train, device)
             init_s = time.perf_counter() - t_init
-            engine = TrainEngine(d.settings, device, model=d.student, forward_module=d.forward,
+            engine = TrainEngine(d.settings, device, model=d.model, forward_module=d.forward,
                                  total_steps=args.student_steps, warmup_steps=10)
             curve = train(engine, split.train, args.size, args.student_steps, 1, val, args.eval_every)
             report[name] = {"curve": curve, "steps_to_teacher_minus_1db": steps_to(curve, target),
@@ -217,7 +222,7 @@ def main() -> None:
                   f"{report[name]['steps_to_teacher_minus_1db']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         p_steps, r_steps = report["prune"]["steps_to_teacher_minus_1db"], report["random"]["steps_to_teacher_minus_1db"]
         report["target_met"] = p_steps is not None and (r_steps is None or p_steps <= r_steps / 2)
-        report["memory"] = memory(teacher_dir, args.work, args.size, device)
+        report["memory"] = memory(teacher_dir, args.work, split.train, args.size, device)
         print(f"memory: {report['memory']}", flush=True)
 
     student_cfg = teacher.config.model_copy(update={"decoder_block_out_channels": widths})

@@ -44,7 +44,6 @@ from zturbo.data.images import DEFAULT_MAX_PIXELS
 from zturbo.eval.chroma import chroma_outlier, chroma_outlier_map
 from zturbo.eval.data import find_images, load_pixels
 from zturbo.eval.metrics import psnr_uint8
-from zturbo.model import set_kernels
 from zturbo.model.blocks import Downsample2D
 from zturbo.model.vae import VAE, load_pretrained
 from zturbo.train import Trainer
@@ -346,8 +345,6 @@ class SpikePenalty:
 
 
 def cmd_ablate(args) -> None:
-    if args.upsample:
-        set_kernels(upsample=args.upsample)
     overrides = parse_set(args.set)
     train = overrides.setdefault("train", {})
     train.setdefault("output_dir", str(Path(args.runs) / args.name))
@@ -357,6 +354,9 @@ def cmd_ablate(args) -> None:
     settings = load_settings(args.profile, None, overrides)
     names, pixels = photos(args.size)
     trainer = Trainer(settings, quiet=True, resume=args.resume)
+    if args.upsample:  # the kernel choice is the model's: the trained one and its EMA copy
+        trainer.engine.vae.set_kernels(upsample=args.upsample)
+        trainer.engine.ema.model.set_kernels(upsample=args.upsample)
     if args.padding != "zeros":
         if args.upsample != "nearest":
             raise SystemExit("--padding other than zeros needs --upsample nearest (the per-phase kernel pads with zeros)")
@@ -437,9 +437,9 @@ def spikes_per_photo(model: VAE, pixels: torch.Tensor) -> dict[str, torch.Tensor
 
 def load_variant(folder: Path, row: dict) -> VAE:
     """A saved ablation model, computed the way it was trained (upsampling kernel and padding)."""
-    set_kernels(upsample=row["upsample"] or "subpixel")
     Downsample2D.forward = _DOWNSAMPLE_ZEROS
     model = load_model(folder)
+    model.set_kernels(upsample=row["upsample"] or "subpixel")
     if row["padding"] != "zeros":
         apply_padding(model, row["padding"])
     return model

@@ -40,7 +40,7 @@ VARIANTS = {
 
 
 def lpips_flops(net: str, size: int, random_backbone: bool) -> int:
-    from zturbo.model.flops import count_flops
+    from zturbo.bench.flops import count_flops
     from zturbo.perceptual import load_lpips
 
     with warnings.catch_warnings():
@@ -73,7 +73,7 @@ def main() -> int:
     from zturbo.data import demo_images
     from zturbo.eval import MetricSuite, evaluate
     from zturbo.model import VAE
-    from zturbo.model.flops import vae_flops
+    from zturbo.bench.flops import vae_flops
     from zturbo.perceptual import backbone_weights_path
 
     variants = [v for v in args.variants.split(",") if v]

@@ -29,7 +29,7 @@ from zturbo.bench.timing import synchronize, time_interleaved, time_once
 from zturbo.config import ExportConfig, load_settings
 from zturbo.export.pipeline import export_model
 from zturbo.model import VAE
-from zturbo.model.flops import vae_flops
+from zturbo.bench.flops import vae_flops
 
 
 def _inputs(vae: VAE, part: str, batch: int, size: int, device) -> torch.Tensor:

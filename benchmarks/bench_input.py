@@ -77,7 +77,8 @@ def loader_rate(paths: list[Path], size: int, batch: int, workers: int, repeats:
     used = (len(paths) // batch) * batch
 
     def run():
-        for b in loader:
+        for batch in loader:
+            b = batch.images
             x = b.decode(device) if isinstance(b, EncodedBatch) else to_unit_range(b.to(device, non_blocking=True))
             del x
 

@@ -44,7 +44,7 @@ from zturbo.bench.timing import time_once
 from zturbo.config import ServeConfig
 from zturbo.data.images import open_image
 from zturbo.model import VAE
-from zturbo.model.flops import vae_flops
+from zturbo.bench.flops import vae_flops
 from zturbo.serve import compute_streams, decode_collection, encode_collection
 from zturbo.data.images import resize_to_bucket
 from zturbo.serve.latents import LatentReader, enumerate_latents

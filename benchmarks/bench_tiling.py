@@ -32,7 +32,7 @@ from zturbo import VAE
 from zturbo.artifacts import load_vae
 from zturbo.bench.timing import measure_peak_memory, time_interleaved
 from zturbo.config import load_settings
-from zturbo.model.tiled_memory import tiled_peak_bytes, untiled_peak_bytes
+from zturbo.tiling.memory import coder_plan, tiled_peak_bytes, untiled_peak_bytes
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"
 
@@ -151,26 +151,26 @@ def cmd_child(args) -> dict:
 
 def cmd_memory(args) -> dict:
     cfg = load_settings(args.profile).model
-    f, report = cfg.downsample_factor, []
+    f, report, plan = cfg.downsample_factor, [], coder_plan(cfg, "decode")
     for size in args.sizes:
         for mode in args.modes:
             out = subprocess.run([sys.executable, __file__, "child", "--mode", mode, "--size", str(size),
                                   "--tile", str(args.tile), "--profile", args.profile, "--threads", str(args.threads),
                                   "--device", args.device], capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            est = (untiled_peak_bytes(cfg, "decode", 1, size // f, size // f, device_type=args.device)
+            est = (untiled_peak_bytes(plan, 1, size // f, size // f, device_type=args.device)
                    if mode == "untiled"
-                   else tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile,
+                   else tiled_peak_bytes(plan, 1, size // f, size // f, args.tile,
                                          recompute=mode == "recompute"))
             row["estimated"] = est
             report.append(row)
             print(json.dumps(row), file=sys.stderr)
     for size in args.extrapolate:
-        report.append({"size": size, "estimated_untiled": untiled_peak_bytes(cfg, "decode", 1, size // f, size // f),
-                       "estimated_exact": tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile),
-                       "estimated_exact_recompute": tiled_peak_bytes(cfg, "decode", 1, size // f, size // f, args.tile,
+        report.append({"size": size, "estimated_untiled": untiled_peak_bytes(plan, 1, size // f, size // f),
+                       "estimated_exact": tiled_peak_bytes(plan, 1, size // f, size // f, args.tile),
+                       "estimated_exact_recompute": tiled_peak_bytes(plan, 1, size // f, size // f, args.tile,
                                                                      recompute=True),
-                       "estimated_exact_offload_device": tiled_peak_bytes(cfg, "decode", 1, size // f, size // f,
+                       "estimated_exact_offload_device": tiled_peak_bytes(plan, 1, size // f, size // f,
                                                                           args.tile, offload=True)})
     return {"tile": args.tile, "rows": report}
 
@@ -178,7 +178,7 @@ def cmd_memory(args) -> dict:
 def cmd_capacity(args) -> dict:
     """Largest square decode (multiple of 64 px) each mode fits in the budget, by the estimates."""
     cfg = load_settings(args.profile).model
-    f, budget = cfg.downsample_factor, int(args.budget_gib * 2**30)
+    f, budget, plan = cfg.downsample_factor, int(args.budget_gib * 2**30), coder_plan(cfg, "decode")
     element = 2 if args.precision == "bf16" else 4
     weights = VAE(cfg).num_parameters * element
 
@@ -190,12 +190,12 @@ def cmd_capacity(args) -> dict:
 
     kw = {"element_size": element, "weight_bytes": weights}
     return {"budget_gib": args.budget_gib, "precision": args.precision, "estimated": True,
-            "untiled_px": largest(lambda s: untiled_peak_bytes(cfg, "decode", 1, s // f, s // f, device_type=args.device, **kw)),
-            "exact_px": largest(lambda s: tiled_peak_bytes(cfg, "decode", 1, s // f, s // f, args.tile, **kw)),
+            "untiled_px": largest(lambda s: untiled_peak_bytes(plan, 1, s // f, s // f, device_type=args.device, **kw)),
+            "exact_px": largest(lambda s: tiled_peak_bytes(plan, 1, s // f, s // f, args.tile, **kw)),
             "exact_recompute_px": largest(
-                lambda s: tiled_peak_bytes(cfg, "decode", 1, s // f, s // f, args.tile, recompute=True, **kw)),
+                lambda s: tiled_peak_bytes(plan, 1, s // f, s // f, args.tile, recompute=True, **kw)),
             "exact_offload_device_px": largest(
-                lambda s: tiled_peak_bytes(cfg, "decode", 1, s // f, s // f, args.tile, offload=True, **kw))}
+                lambda s: tiled_peak_bytes(plan, 1, s // f, s // f, args.tile, offload=True, **kw))}
 
 
 def cmd_speed(args) -> dict:

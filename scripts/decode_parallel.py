@@ -1,4 +1,4 @@
-"""Decode one latent across processes, each rank a band of rows (zturbo.model.tiled_parallel).
+"""Decode one latent across processes, each rank a band of rows (zturbo.tiling.parallel).
 
     torchrun --standalone --nproc_per_node 2 scripts/decode_parallel.py --profile fast --size 1024x768 --check
     torchrun --standalone --nproc_per_node 4 scripts/decode_parallel.py runs/fast --latent z.safetensors --output big.png
@@ -24,7 +24,7 @@ from safetensors import safe_open
 from zturbo import VAE, load_vae
 from zturbo.config import load_settings
 from zturbo.errors import InputError, UsageError, ZTurboError
-from zturbo.model.tiled_parallel import decode_parallel
+from zturbo.tiling.parallel import decode_parallel
 from zturbo.train.distributed import DistContext, setup, teardown
 from zturbo.utils import atomic_path
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from serve_helpers import make_photos, make_tiny_model
-from train_helpers import TINY, write_small_data
+from train_helpers import TINY, write_demo_photos
 
 # The suite runs on 2 cores; one intra-op thread per test process keeps runs predictable.
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -66,4 +66,5 @@ def tiny_config(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def small_data(tmp_path: Path) -> Path:
-    return write_small_data(tmp_path / "data")
+    """Six demo photos at 48 px."""
+    return write_demo_photos(tmp_path / "data", count=6, size=48)

@@ -37,22 +37,13 @@ disc_weight = 0.0
 """
 
 
-def write_small_data(folder: Path) -> Path:
-    """Six demo photos shrunk to 48 px, so decoding costs nothing."""
-    folder.mkdir()
-    for path in demo_images()[:6]:
-        with Image.open(path) as im:
-            im.convert("RGB").resize((48, 48)).save(folder / f"{path.stem}.png")
-    return folder
-
-
 def subprocess_env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def write_demo_photos(folder: Path, count: int = 4, size: int = 32) -> Path:
-    """The first ``count`` demo photos as ``size`` px PNGs in ``folder``."""
+    """The first ``count`` demo photos as ``size`` px square PNGs in a new ``folder``, so decoding costs nothing."""
     folder.mkdir(parents=True)
     for path in demo_images()[:count]:
         with Image.open(path) as im:

@@ -3,6 +3,7 @@
     artifact = resolve("runs/demo")          # Artifact(kind=Kind.RUN, root=..., model_dir=runs/demo/final)
     artifact = require("out/onnx", TORCH_KINDS, "export")   # "out/onnx is an ONNX export; export needs ..."
     vae = load_vae("runs/demo")
+    vae = load_vae("ae.safetensors", latent_family="flux1")
 
 The kinds, told apart by their contents (never by name alone):
 
@@ -15,10 +16,14 @@ The kinds, told apart by their contents (never by name alone):
 - step-N checkpoint: ``ema/`` and/or ``model/`` model folders (the EMA weights are
   the ones loaded);
 - ONNX export / TensorRT export: ``zturbo_export.json`` (its ``format`` says which;
-  a TensorRT export also holds the ONNX graphs it was built from).
+  a TensorRT export also holds the ONNX graphs it was built from);
+- single .safetensors file: a VAE in one file, in any layout ``zturbo.model.single_file``
+  reads (LDM/BFL, BFL FLUX.2, diffusers names, the VAE of a full checkpoint); a pickle
+  (.ckpt, .pt) is refused unread.
 
-The torch kinds hold a model folder to load (``model_dir``); the exports hold their
-metadata (``export_meta``). It sits above train and export (it knows both layouts)
+The torch kinds hold a model folder to load (``model_dir``) or a resolved single file
+(``single_file``: its architecture and latent factors, read from its header); the
+exports hold their metadata (``export_meta``). It sits above train and export (it knows both layouts)
 and below backends, which open an artifact with the engine that fits it.
 """
 
@@ -38,6 +43,8 @@ from zturbo.errors import CheckpointError
 from zturbo.export.layout import META_NAME, read_export_meta
 from zturbo.model import VAE, load_pretrained
 from zturbo.model.diffusers import CONFIG_NAME, FLUX2_CLASS, read_config, weight_files
+from zturbo.model.safetensors_header import pickle_refusal, sniff
+from zturbo.model.single_file import SingleFile, open_single_file
 from zturbo.train.layout import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
 
 ZTURBO_MARKER = "_zturbo_version"
@@ -53,6 +60,7 @@ class Kind(str, Enum):
     PIPELINE = "diffusers pipeline folder"
     ONNX = "ONNX export"
     TRT = "TensorRT export"
+    SINGLE_FILE = "single .safetensors file"
 
     @property
     def phrase(self) -> str:
@@ -60,7 +68,7 @@ class Kind(str, Enum):
         return f"{'an' if self.value[0] in 'AEIOU' else 'a'} {self.value}"
 
 
-TORCH_KINDS = (Kind.MODEL, Kind.RUN, Kind.STEP, Kind.DIFFUSERS, Kind.PIPELINE)
+TORCH_KINDS = (Kind.MODEL, Kind.RUN, Kind.STEP, Kind.DIFFUSERS, Kind.PIPELINE, Kind.SINGLE_FILE)
 EXPORT_KINDS = (Kind.ONNX, Kind.TRT)
 ALL_KINDS = TORCH_KINDS + EXPORT_KINDS
 RESUME_KINDS = (Kind.RUN, Kind.STEP)
@@ -68,17 +76,33 @@ RESUME_KINDS = (Kind.RUN, Kind.STEP)
 
 @dataclass(frozen=True)
 class Artifact:
-    """A resolved path. ``root``: the artifact's folder (a graph file given resolves to its export).
+    """A resolved path. ``root``: the artifact's folder or file (a graph file given resolves to its export).
 
-    ``model_dir``: for torch kinds, the folder with ``config.json`` + weights that
+    ``model_dir``: for torch folder kinds, the folder with ``config.json`` + weights that
     loads (a run's ``final/`` or its newest EMA weights, a step's ``ema/``, a
-    pipeline's ``vae/``). ``export_meta``: for exports, the parsed metadata.
+    pipeline's ``vae/``). ``single_file``: for a single file, what it holds and where its
+    latent factors come from (``note``). ``export_meta``: for exports, the parsed metadata.
+
+    An artifact stands for its path wherever one is taken (``os.fspath``, ``str``), so a
+    command can resolve a path once (with ``--latent-family``) and hand the result down.
     """
 
     kind: Kind
     root: Path
     model_dir: Path | None = None
     export_meta: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    single_file: SingleFile | None = field(default=None, compare=False, repr=False)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def source(self) -> Path:
+        """Where the weights that load are: the model folder, or the single file."""
+        return self.model_dir if self.model_dir is not None else self.root
 
     @property
     def is_export(self) -> bool:
@@ -90,6 +114,8 @@ class Artifact:
         return {Kind.ONNX: "onnx", Kind.TRT: "trt"}.get(self.kind, "torch")
 
     def load_vae(self, map_location: str | torch.device = "cpu") -> VAE:
+        if self.single_file is not None:
+            return self.single_file.load(map_location)
         if self.model_dir is None:
             raise CheckpointError(
                 f"{self.root} is {self.kind.phrase}; loading a torch model needs {phrase(TORCH_KINDS)}"
@@ -115,16 +141,18 @@ def _refusal(path: Path, found: str, expected: Iterable[Kind], job: str | None) 
     return f"{path} is {found}; {job or 'zturbo'} needs {phrase(expected)}"
 
 
-def resolve(path: str | os.PathLike) -> Artifact:
+def resolve(path: str | os.PathLike, latent_family: str | None = None) -> Artifact:
     """The artifact at ``path``; NotAnArtifact (one line: what is there, what was expected) otherwise.
 
-    A corrupt ``config.json`` or export metadata raises CheckpointError naming the file.
+    A corrupt ``config.json`` or export metadata, a truncated, pickled or unknown single
+    file raise CheckpointError naming the file. ``latent_family`` picks a single file's
+    latent factors where its shapes fit several families (``zturbo.model.single_file``).
     """
     path = Path(path)
     if not path.exists():
         raise NotAnArtifact(path, "not there (no such file or folder)")
     if path.is_file():
-        return _resolve_file(path)
+        return _resolve_file(path, latent_family)
     if (path / META_NAME).is_file():
         meta = read_export_meta(path)
         kind = Kind.TRT if meta.get("format") == "trt" else Kind.ONNX
@@ -145,14 +173,16 @@ def resolve(path: str | os.PathLike) -> Artifact:
     raise NotAnArtifact(path, _describe_folder(path))
 
 
-def require(path: str | os.PathLike | Artifact, accepted: Iterable[Kind], job: str) -> Artifact:
+def require(
+    path: str | os.PathLike | Artifact, accepted: Iterable[Kind], job: str, latent_family: str | None = None
+) -> Artifact:
     """``resolve(path)`` (or the Artifact given) when ``job`` accepts its kind; else one line naming both."""
     accepted = tuple(accepted)
     if isinstance(path, Artifact):
         artifact = path
     else:
         try:
-            artifact = resolve(path)
+            artifact = resolve(path, latent_family)
         except NotAnArtifact as exc:
             raise NotAnArtifact(exc.path, exc.found, accepted, job) from None
     if artifact.kind not in accepted:
@@ -160,17 +190,24 @@ def require(path: str | os.PathLike | Artifact, accepted: Iterable[Kind], job: s
     return artifact
 
 
-def load_vae(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VAE:
-    """A VAE from a model, run, step-N, diffusers or diffusers pipeline folder."""
-    return require(path, TORCH_KINDS, "load_vae").load_vae(map_location)
+def load_vae(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", latent_family: str | None = None
+) -> VAE:
+    """A VAE from a model, run, step-N, diffusers or diffusers pipeline folder, or a single .safetensors file."""
+    return require(path, TORCH_KINDS, "load_vae", latent_family).load_vae(map_location)
 
 
-def _resolve_file(path: Path) -> Artifact:
+def _resolve_file(path: Path, latent_family: str | None) -> Artifact:
     if path.suffix.lower() in _GRAPH_SUFFIXES:
         if (path.parent / META_NAME).is_file():
             return resolve(path.parent)  # one graph of an export: the backends need the whole folder
         raise NotAnArtifact(path, f"a lone {path.suffix} graph file (no {META_NAME} beside it)")
-    raise NotAnArtifact(path, f"a file ({path.suffix or 'no extension'}), not a folder")
+    found = sniff(path)
+    if found == "pickle":
+        raise pickle_refusal(path)
+    if found == "safetensors":
+        return Artifact(Kind.SINGLE_FILE, path, single_file=open_single_file(path, latent_family))
+    raise NotAnArtifact(path, f"a file ({path.suffix or 'no extension'}), not a model")
 
 
 def _model_kind(folder: Path) -> Kind:

@@ -7,7 +7,7 @@ Precedence, lowest to highest::
 Settings are resolved once at the command boundary (``load_settings``) and passed
 down as typed objects; library code never reads the environment itself.
 
-One module of about 475 lines on purpose: every section, the layering and profile reading
+One module of about 480 lines on purpose: every section, the layering and profile reading
 are the one place a setting is defined, which a split across modules would scatter.
 """
 
@@ -32,7 +32,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_PROFILE = "fast"
-PROFILE_NAMES = ("ultrafast", "fast", "highres", "ultra", "standard", "demo")
 
 
 class Section(BaseModel):
@@ -113,7 +112,7 @@ class LossConfig(Section):
 
 
 class DistillConfig(Section):
-    """Training a student in an existing VAE's latent space (zturbo.train.distill; docs/distillation.md)."""
+    """Training a student in an existing VAE's latent space (zturbo.distill; docs/distillation.md)."""
 
     teacher: Path | None = Field(None, description="the teacher VAE; None: no distillation")
     mode: Literal["decoder", "encoder", "both"] = "decoder"
@@ -126,6 +125,27 @@ class DistillConfig(Section):
     teacher_weight: float = Field(0.0, ge=0, description="weight of an L1 term to the teacher's reconstruction")
     latents_dir: Path | None = Field(None, description="`serve-batch encode` output of the teacher (decoder mode)")
     latent_channels: int | None = Field(None, ge=1, description="when set, must equal the teacher's")
+    latent_family: str | None = Field(
+        None, description="a single-file teacher's latent family when its shapes fit several (flux1, sd3, sdxl, ...)"
+    )
+
+    def student_widths(self, base: ModelConfig) -> tuple[list[int], list[int]]:
+        """The student's (encoder, decoder) widths over ``base``: this section's for the side its mode
+        trains, where given; ``base``'s otherwise."""
+        encoder = self.encoder_channels if self.mode != "decoder" and self.encoder_channels else base.block_out_channels
+        decoder = self.decoder_channels if self.mode != "encoder" and self.decoder_channels else base.decoder_channels
+        return list(encoder), list(decoder)
+
+
+def with_widths(base: ModelConfig, encoder: list[int], decoder: list[int], **update: Any) -> ModelConfig:
+    """``base`` with other encoder and decoder widths (and ``update``), validated; ConfigError names the problem."""
+    fields = base.model_dump()
+    fields.update(block_out_channels=list(encoder),
+                  decoder_block_out_channels=None if list(decoder) == list(encoder) else list(decoder), **update)
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as exc:
+        raise ConfigError(f"student widths: {format_validation_error(exc)}") from exc
 
 
 class PrepareConfig(Section):
@@ -142,7 +162,7 @@ class PrepareConfig(Section):
 
 
 class Tiling(Section):
-    """Tiled encode and decode (``zturbo.model.tiling``), for the jobs that run a model on images."""
+    """Tiled encode and decode (``zturbo.tiling``), for the jobs that run a model on images."""
 
     tile: int | Literal["auto"] | None = Field(
         None, description="tile side in pixels, 'auto' (tiles only when untiled would not fit), None: whole images"
@@ -224,9 +244,11 @@ class BenchConfig(Tiling):
 
 
 class ExportConfig(Section):
-    format: Literal["onnx", "trt", "diffusers"] = "onnx"
+    format: Literal["onnx", "trt", "diffusers", "single-file"] = "onnx"
     parts: list[Literal["encoder", "decoder"]] = Field(default_factory=lambda: ["encoder", "decoder"])
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="bf16: single-file only")
+    layout: Literal["ldm", "diffusers"] = Field("ldm", description="single-file key names: LDM/BFL or diffusers")
+    force: bool = Field(False, description="single-file: write what the other tools' loaders cannot express")
     opset: int = Field(18, ge=18, le=23, description="ONNX opset; the torch.export-based exporter needs >= 18")
     batch: tuple[int, int, int] = Field((1, 8, 24), description="min:opt:max batch of the dynamic axes / TRT profile")
     size: tuple[int, int, int] = Field((256, 1024, 2048), description="min:opt:max image side in pixels")
@@ -245,6 +267,12 @@ class ExportConfig(Section):
         if not 1 <= lo <= opt <= hi:
             raise ValueError(f"needs 1 <= min <= opt <= max, got {lo}:{opt}:{hi}")
         return value
+
+    @model_validator(mode="after")
+    def _bf16_is_single_file(self):
+        if self.precision == "bf16" and self.format != "single-file":
+            raise ValueError(f"precision bf16 is for --format single-file; {self.format} takes fp32 or fp16")
+        return self
 
 
 class ServeConfig(Tiling):
@@ -351,7 +379,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, JSON or YAML mapping; any problem becomes a ConfigError."""
+    """Read a TOML, JSON or YAML mapping of sections; any problem becomes a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", "check the path given to --config")
@@ -376,33 +404,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model, train, ...), not {type(data).__name__}")
-    return _from_seed_layout(data)
-
-
-def _from_seed_layout(data: dict[str, Any]) -> dict[str, Any]:
-    """Accept the seed guide's flat JSON keys (configs/*.json) next to our sectioned layout."""
-    flat_map = {
-        "image_size": ("data", "image_size"),
-        "batch_size": ("train", "batch_size"),
-        "learning_rate": ("train", "learning_rate"),
-        "z_channels": ("model", "latent_channels"),
-        "latent_channels": ("model", "latent_channels"),
-        "block_out_channels": ("model", "block_out_channels"),
-        "perceptual_weight": ("loss", "perceptual_weight"),
-        "reconstruction_weight": ("loss", "reconstruction_weight"),
-        "warmup_epochs": ("train", "warmup_epochs"),
-        "mixed_precision": ("train", "mixed_precision"),
-        "num_workers": ("data", "num_workers"),
-        "epochs": ("train", "epochs"),
-    }
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in flat_map and not isinstance(value, dict):
-            section, field = flat_map[key]
-            out.setdefault(section, {})[field] = value
-        else:
-            out[key] = deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
+    return data
 
 
 def profile_dir() -> Path:
@@ -464,12 +466,18 @@ def load_settings(
 
 def _derived_defaults(settings: Settings) -> Settings:
     """Defaults that follow other settings, filled in once here so no caller patches them later."""
-    data, prepare = settings.data, settings.prepare
+    data, prepare, model = settings.data, settings.prepare, settings.model
     if data.data_dir is None and settings.profile == "demo":
         data = data.model_copy(update={"data_dir": demo_data_dir()})  # the demo trains on the bundled photos
     if prepare.size is None:
         prepare = prepare.model_copy(update={"size": data.image_size})  # prepare for the size training uses
-    return settings.model_copy(update={"data": data, "prepare": prepare})
+    # Without a teacher, [model] is the shape of one and the model is its student, with the [distill]
+    # widths: a distillation profile states them once, there. With a teacher, the student is the
+    # teacher's config with those widths (zturbo.distill.student_settings).
+    widths = settings.distill.student_widths(model)
+    if settings.distill.teacher is None and widths != (model.block_out_channels, model.decoder_channels):
+        model = with_widths(model, *widths)
+    return settings.model_copy(update={"data": data, "prepare": prepare, "model": model})
 
 
 def demo_data_dir() -> Path:

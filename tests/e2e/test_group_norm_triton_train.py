@@ -67,7 +67,8 @@ _OP_GRADIENTS = _PRELUDE + textwrap.dedent("""
 
 _CHECKPOINT_AND_COMPILE = _PRELUDE + textwrap.dedent("""
     from zturbo.model.blocks import norm_silu
-    kernels.use_triton_group_norm = lambda x: True  # the CUDA-only gate: here the interpreter runs them on CPU
+    # The CUDA-only gate: here the interpreter runs them on CPU.
+    kernels.use_triton_group_norm = lambda x, choice="auto": True
     stats_calls = []
     real_stats = gnt._group_stats
     gnt._group_stats = lambda *a: stats_calls.append(1) or real_stats(*a)

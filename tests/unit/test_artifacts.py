@@ -20,6 +20,7 @@ from PIL import Image
 from zturbo.artifacts import Kind, NotAnArtifact, load_vae, resolve
 from zturbo.cli import run
 from zturbo.export.layout import FORMAT_VERSION, META_NAME
+from zturbo.export.single_file import export_single_file
 from zturbo.model import VAE, ModelConfig
 
 pytest.importorskip("onnxruntime")
@@ -33,7 +34,7 @@ TINY = ModelConfig(
     sample_size=32,
     mid_block_add_attention=False,
 )
-TORCH = ("model", "run", "step", "diffusers", "pipeline")
+TORCH = ("model", "run", "step", "diffusers", "pipeline", "single")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def arts(tmp_path_factory) -> dict[str, Path]:
     paths["pipeline"] = root / "pipeline"
     shutil.copytree(paths["diffusers"], paths["pipeline"] / "vae")
     (paths["pipeline"] / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    paths["single"] = root / "vae.safetensors"  # a shape no other tool builds: written with force
+    export_single_file(vae, paths["single"], force=True)
     # Metadata of a TensorRT export beside placeholder files (detection and refusal only, see the docstring).
     paths["trt"] = root / "trt"
     paths["trt"].mkdir()
@@ -111,12 +114,13 @@ KINDS = {
     "step": Kind.STEP,
     "diffusers": Kind.DIFFUSERS,
     "pipeline": Kind.PIPELINE,
+    "single": Kind.SINGLE_FILE,
     "onnx": Kind.ONNX,
     "trt": Kind.TRT,
 }
 FOUND = {
     "empty": "is an empty folder",
-    "file": "is a file (.txt), not a folder",
+    "file": "is a file (.txt), not a model",
     "images": "is a folder of 2 images, not a model",
     "missing": "is not there",
 }
@@ -126,7 +130,9 @@ FOUND = {
 def test_resolve_names_each_kind(path_of, name):
     artifact = resolve(path_of(name))
     assert artifact.kind is KINDS[name]
-    if name in TORCH:
+    if name == "single":
+        assert artifact.model_dir is None and artifact.source == artifact.root and artifact.backend == "torch"
+    elif name in TORCH:
         assert (artifact.model_dir / "config.json").is_file() and artifact.backend == "torch"
     else:
         assert artifact.export_meta["format"] == name and artifact.backend == name
@@ -200,7 +206,11 @@ def _export(path: Path, arts) -> list[str]:
 
 
 def _import(path: Path, arts) -> list[str]:
-    return ["import-diffusers", str(path), "--out", str(arts["empty"].parent / "imported" / path.name), "-q"]
+    return ["import", str(path), "--out", str(arts["empty"].parent / "imported" / path.name), "-q"]
+
+
+def _import_old_name(path: Path, arts) -> list[str]:
+    return ["import-diffusers", str(path), "--out", str(arts["empty"].parent / "imported-old" / path.name), "-q"]
 
 
 def _resume(path: Path, arts) -> list[str]:
@@ -230,26 +240,30 @@ COMMANDS = {
     "eval": (_eval, "eval", TORCH + ("onnx",)),
     "bench": (_bench, "bench --model", TORCH + ("onnx",)),
     "export": (_export, "export", TORCH),
-    "import-diffusers": (_import, "import-diffusers", TORCH),
+    "import": (_import, "import", TORCH),
+    "import-diffusers": (_import_old_name, "import", ("model", "single")),
     "train --resume": (_resume, "train --resume", ("run", "step")),
     "serve-batch": (_serve, "serve-batch", TORCH + ("onnx",)),
 }
+TORCH_PHRASE = ("a model folder, a run folder, a step-N checkpoint, a diffusers folder, a diffusers pipeline folder "
+                "or a single .safetensors file")
 ACCEPTS = {
     "eval": "a model folder, a run folder, a step-N checkpoint, a diffusers folder, a diffusers pipeline folder, "
-    "an ONNX export or a TensorRT export",
-    "export": "a model folder, a run folder, a step-N checkpoint, a diffusers folder or a diffusers pipeline folder",
-    "import-diffusers": "a model folder, a run folder, a step-N checkpoint, a diffusers folder or a diffusers "
-    "pipeline folder",
+    "a single .safetensors file, an ONNX export or a TensorRT export",
+    "export": TORCH_PHRASE,
+    "import": TORCH_PHRASE,
+    "import-diffusers": TORCH_PHRASE,
     "train --resume": "a run folder or a step-N checkpoint",
 }
 # Kinds each command refuses, by what the refusal names.
 REFUSED = [
     ("export", "onnx"),
     ("export", "trt"),
-    ("import-diffusers", "onnx"),
+    ("import", "onnx"),
     ("import-diffusers", "trt"),
     ("train --resume", "model"),
     ("train --resume", "diffusers"),
+    ("train --resume", "single"),
     ("train --resume", "onnx"),
     ("train --resume", "trt"),
 ]

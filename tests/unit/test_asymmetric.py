@@ -9,7 +9,7 @@ import torch
 
 from zturbo.model import VAE, ModelConfig
 from zturbo.model.diffusers import config_from_diffusers, config_to_diffusers
-from zturbo.model.flops import parameter_count, vae_flops
+from zturbo.bench.flops import parameter_count, vae_flops
 from zturbo.model.vae import patchify_latents
 from zturbo.artifacts import TORCH_KINDS, require
 
@@ -200,8 +200,8 @@ def test_bench_builds_diffusers_twins_of_asymmetric_models():
     ],
 )
 def test_diffusers_autoencoderkl_teachers_keep_their_factors_in_the_student(shape, tmp_path):
-    from zturbo.model.prune import prune_vae
-    from zturbo.train.distill import load_teacher
+    from zturbo.distill import load_teacher
+    from zturbo.distill.prune import prune_vae
 
     torch.manual_seed(0)
     theirs = diffusers.AutoencoderKL(

@@ -15,7 +15,7 @@ from tolerances import rounding_atol, vae_depth
 from zturbo.cli import run
 from zturbo.data.images import pil_to_tensor
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 
 # A slim decoder with attention in its mid block: the widths change at every level and in the attention.
 ASYMMETRIC = ModelConfig(block_out_channels=[16, 32], decoder_block_out_channels=[8, 16], norm_num_groups=4,

@@ -25,7 +25,7 @@ from zturbo.bench.timing import percentile, time_interleaved, time_rounds
 from zturbo.cli import run
 from zturbo.config import ModelConfig, load_settings
 from zturbo.errors import UsageError
-from zturbo.model.flops import vae_flops
+from zturbo.bench.flops import vae_flops
 
 TINY = """
 [model]
@@ -161,7 +161,7 @@ def test_markdown_summary_has_cases_speedups_and_skips(report):
 
 @pytest.mark.parametrize("upsample", ["nearest", "subpixel"])
 def test_flop_count_of_a_tiny_config_equals_a_hand_count(upsample):
-    from zturbo.model.blocks import set_kernels
+    from zturbo.model.kernels import Kernels
 
     cfg = ModelConfig(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32,
                       mid_block_add_attention=True, sample_size=16)
@@ -185,11 +185,7 @@ def test_flop_count_of_a_tiny_config_equals_a_hand_count(upsample):
     decode = (conv(4, 4, 1, r) + conv(4, 64, 3, r) + mid
               + 2 * resnet(64, 64, r) + upsample_conv  # up block 0: layers+1 resnets, then upsample conv
               + resnet(64, 32, R) + resnet(32, 32, R) + conv(32, 3, 3, R))
-    previous = set_kernels(upsample=upsample)
-    try:
-        counted = flops_per_image(cfg, R)
-    finally:
-        set_kernels(**previous)
+    counted = flops_per_image(cfg, R, Kernels(upsample=upsample))
     assert counted["encode"] == encode
     assert counted["decode"] == decode
     # Backward costs about twice the forward; the train count must sit near 3x, and above 2x.
@@ -340,16 +336,19 @@ def test_train_hook_offers_what_the_train_case_calls():
 
 
 @pytest.mark.slow
-def test_against_diffusers_uses_the_same_config_and_weights(configs):
+def test_against_diffusers_uses_the_same_config_and_weights(configs, monkeypatch):
     pytest.importorskip("diffusers", reason="--against diffusers needs diffusers")
-    from zturbo.model.blocks import set_kernels
+    from zturbo.bench import cases
+
+    class TextbookVAE(cases.VAE):  # our model computing its upsampling as diffusers does
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.set_kernels(upsample="nearest")
 
     settings = tiny_settings(configs, what=["decode"], batch_sizes=[1], backends=["torch", "trt"], against="diffusers")
-    previous = set_kernels(upsample="nearest")
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(cases, "VAE", TextbookVAE)
         (textbook,) = run_bench(settings, profile_name="tiny")["comparisons"]
-    finally:
-        set_kernels(**previous)
     assert textbook["flop_ratio"] == pytest.approx(1.0)  # same architecture and ops, counted independently
     report = run_bench(settings, profile_name="tiny")
     (row,) = report["comparisons"]

@@ -10,11 +10,13 @@ import torch
 from train_helpers import write_demo_photos
 
 from zturbo.config import load_settings
+from zturbo.data.batch import TrainBatch
+from zturbo.data.datasets import split_data
+from zturbo.distill import DistillForward, build_student, load_student, student_settings
+from zturbo.distill.prune import channel_importance, kept_channels, prune_vae, site_graph
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.fingerprint import encoder_fingerprint
-from zturbo.model.prune import channel_importance, kept_channels, prune_vae, site_graph
-from zturbo.train.distill import Distillation, DistillForward, build_student
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.train.engine import TrainEngine
 
 TEACHER = ModelConfig(
@@ -46,6 +48,14 @@ def settings(teacher: Path, data: Path, out: Path, **distill):
         "distill": {"teacher": teacher, "decoder_channels": [8, 16], **distill},
     }
     return load_settings("demo", None, overrides)
+
+
+def student(s, train_paths=None):
+    """The student of settings ``s`` on the CPU, as the trainer makes it (calibrated on the training photos)."""
+    s = student_settings(s)
+    if train_paths is None:
+        train_paths = split_data(s.data.data_dir, s.data.val_images).train
+    return load_student(s, torch.device("cpu"), train_paths)
 
 
 # -- pruning ------------------------------------------------------------------------------------------------
@@ -96,40 +106,70 @@ def test_prune_refuses_a_wider_student_and_other_shortcuts():
 
 def test_decoder_distillation_keeps_the_teachers_encoder_bit_for_bit(teacher_dir, photos, tmp_path):
     s = settings(teacher_dir, photos, tmp_path / "run", teacher_weight=0.5)
-    d = Distillation(s, torch.device("cpu"))
-    assert d.student.config.latents_mean == TEACHER.latents_mean and d.student.config.scaling_factor == 0.7
-    engine = TrainEngine(d.settings, torch.device("cpu"), model=d.student, forward_module=d.forward, total_steps=2)
+    d = student(s)
+    assert d.model.config.latents_mean == TEACHER.latents_mean and d.model.config.scaling_factor == 0.7
+    engine = TrainEngine(d.settings, torch.device("cpu"), model=d.model, forward_module=d.forward, total_steps=2)
     trained = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
-    assert trained == {id(p) for p in d.student.decoder.parameters()} | {id(p) for p in d.student.post_quant_conv.parameters()}
-    before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    assert trained == {id(p) for p in d.model.decoder.parameters()} | {id(p) for p in d.model.post_quant_conv.parameters()}
+    before = {k: v.clone() for k, v in d.model.state_dict().items()}
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     for step in range(2):
         result = engine.step(x, step)
     assert "teacher" in result.terms and not result.skipped
     teacher = VAE.from_pretrained(teacher_dir)
     with torch.no_grad():
-        for model in (d.student, engine.ema.model):
+        for model in (d.model, engine.ema.model):
             assert torch.equal(model.encode(x).mean, teacher.encode(x).mean)
-    after = d.student.state_dict()
+    after = d.model.state_dict()
     assert not torch.equal(after["decoder.conv_in.weight"], before["decoder.conv_in.weight"])
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
 
 
 def test_encoder_distillation_regresses_the_normalised_mean(teacher_dir, photos, tmp_path):
     s = settings(teacher_dir, photos, tmp_path / "run", mode="encoder", encoder_channels=[8, 16], decoder_channels=None)
-    d = Distillation(s, torch.device("cpu"))
-    assert d.student.config.decoder_channels == [16, 32] and d.student.config.block_out_channels == [8, 16]
-    assert not any(p.requires_grad for p in d.student.decoder.parameters())
+    d = student(s)
+    assert d.model.config.decoder_channels == [16, 32] and d.model.config.block_out_channels == [8, 16]
+    assert not any(p.requires_grad for p in d.model.decoder.parameters())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    *_, extra, terms = d.forward(x, None)
-    teacher = d.teacher
+    out = d.forward(TrainBatch(x))
+    extra, terms = out.extra_loss, out.terms
+    teacher = d.forward.teacher
     with torch.no_grad():
         want = torch.nn.functional.mse_loss(
-            (d.student.encode(x).mean - 0.05) * 0.7, (teacher.encode(x).mean - 0.05) * 0.7
+            (d.model.encode(x).mean - 0.05) * 0.7, (teacher.encode(x).mean - 0.05) * 0.7
         )
     torch.testing.assert_close(terms["latent"], want, rtol=1e-6, atol=0)
     extra.backward()
-    assert d.student.encoder.conv_in.weight.grad is not None
+    assert d.model.encoder.conv_in.weight.grad is not None
+
+
+def test_student_settings_are_complete_and_resolving_them_again_changes_nothing(teacher_dir, photos, tmp_path):
+    raw = settings(teacher_dir, photos, tmp_path / "run", teacher_weight=0.5)
+    resolved = student_settings(raw)
+    assert resolved.model.block_out_channels == [16, 32] and resolved.model.decoder_channels == [8, 16]
+    assert resolved.model.latents_std == TEACHER.latents_std and resolved.loss.kl_weight == 0
+    assert raw.model.block_out_channels == [16, 32, 64, 64]  # the caller's settings are left as they were
+    assert student_settings(resolved) == resolved
+    with pytest.raises(UsageError, match="not the student of"):  # weights for settings nobody resolved
+        load_student(raw, torch.device("cpu"), [])
+
+
+def test_trainer_resolves_the_student_before_it_reads_settings_and_splits_the_data_once(
+    teacher_dir, photos, tmp_path, monkeypatch
+):
+    from zturbo.train import loop
+
+    calls = []
+    real_split = loop.split_data
+    monkeypatch.setattr(loop, "split_data", lambda *a: calls.append(a) or real_split(*a))
+    raw = settings(teacher_dir, photos, tmp_path / "run")
+    trainer = loop.Trainer(raw, quiet=True)
+    assert len(calls) == 1
+    assert trainer.settings == student_settings(raw) and trainer.engine.settings is trainer.settings
+    assert trainer.engine.vae is trainer.student.model and trainer.student.model.config == trainer.settings.model
+    assert raw.model.block_out_channels == [16, 32, 64, 64]
+    result = trainer.fit()
+    assert result.steps == 2 and VAE.from_pretrained(result.final_dir).config.decoder_channels == [8, 16]
 
 
 # -- stored latents -----------------------------------------------------------------------------------------
@@ -142,15 +182,15 @@ def test_stored_latents_equal_on_the_fly_teacher_latents(teacher_dir, photos, tm
     latents = tmp_path / "latents"
     encode_collection(teacher_dir, photos, latents, ServeConfig(size=32, device="cpu", batch_size=2, reading="phased"))
     s = settings(teacher_dir, photos, tmp_path / "run", latents_dir=latents)
-    d = Distillation(s, torch.device("cpu"))
+    d = student(s)
     paths = sorted(photos.iterdir())
     dataset = d.dataset(paths, photos, 32)
     assert len(dataset) == 4
-    images, stored = zip(*(dataset[i] for i in range(4)))
-    x, stored = torch.stack(images), torch.stack(stored)
+    batch = dataset.collate([dataset[i] for i in range(4)])  # what the loader hands the engine
+    assert batch.latents.shape == (4, 4, 16, 16)
     with torch.no_grad():
-        recon_stored, z_stored, *_ = d.forward(x, None, stored)
-        recon_live, z_live, *_ = d.forward(x, None)
+        from_stored, live = d.forward(batch), d.forward(TrainBatch(batch.images))
+    recon_stored, z_stored, recon_live, z_live = from_stored.recon, from_stored.mean, live.recon, live.mean
     # The same fp32 convolutions on the same pixels; only the batch (4 here, 2 when encoded) may
     # change the summation order, a few fp32 ulps on values of order 1.
     torch.testing.assert_close(z_stored, z_live, atol=1e-5, rtol=0)
@@ -167,13 +207,13 @@ def test_latents_from_another_model_are_refused(teacher_dir, photos, tmp_path):
     encode_collection(other, photos, latents, ServeConfig(size=32, device="cpu", reading="phased"))
     s = settings(teacher_dir, photos, tmp_path / "run", latents_dir=latents)
     with pytest.raises(UsageError, match=f"come from model {other} .*not from the teacher {teacher_dir} "):
-        Distillation(s, torch.device("cpu"))
+        student(s)
     # An index written before fingerprints were recorded: the teacher re-encodes one entry instead.
     index = json.loads((latents / "index.json").read_text())
     del index["encoder_fingerprint"]
     (latents / "index.json").write_text(json.dumps(index))
     with pytest.raises(UsageError, match="not made by the teacher"):
-        Distillation(s, torch.device("cpu"))
+        student(s)
 
 
 def test_teacher_latents_are_accepted_by_fingerprint_alone(teacher_dir, photos, tmp_path):
@@ -187,7 +227,7 @@ def test_teacher_latents_are_accepted_by_fingerprint_alone(teacher_dir, photos, 
     data = tmp_path / "elsewhere"
     data.mkdir()
     s = settings(teacher_dir, data, tmp_path / "run", latents_dir=latents, calibration_images=0)
-    d = Distillation(s, torch.device("cpu"))
+    d = student(s, train_paths=[])
     assert d.index.fingerprint == encoder_fingerprint(VAE.from_pretrained(teacher_dir))
 
 
@@ -219,6 +259,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(teacher_dir, photos, tm
         assert not out.exists()
 
 
+def test_dry_run_shows_the_students_settings(teacher_dir, photos, tmp_path, capsys):
+    from zturbo.cli import run
+
+    assert run(["train", "--profile", "flux-decoder-ultrafast", "--teacher", str(teacher_dir), "--data", str(photos),
+                "--image-size", "32", "--decoder-channels", "8,16", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["settings"]
+    # The teacher's architecture and statistics with the student's decoder, not the profile's FLUX.1 shape.
+    assert plan["model"]["block_out_channels"] == [16, 32] and plan["model"]["decoder_block_out_channels"] == [8, 16]
+    assert plan["model"]["latents_mean"] == TEACHER.latents_mean and plan["loss"]["kl_weight"] == 0
+
+
 def test_random_init_copies_only_the_frozen_parts():
     torch.manual_seed(0)
     teacher = VAE(TEACHER)
@@ -226,8 +277,9 @@ def test_random_init_copies_only_the_frozen_parts():
     assert torch.equal(student.encoder.conv_in.weight, teacher.encoder.conv_in.weight)
     assert not student.encoder.conv_in.weight.requires_grad and student.decoder.conv_in.weight.requires_grad
     forward = DistillForward(student, None, "decoder", 0.0)
-    recon, z, logvar, extra, terms = forward(torch.zeros(1, 3, 32, 32), None)
-    assert recon.shape == (1, 3, 32, 32) and float(extra) == 0 and not terms
+    out = forward(TrainBatch(torch.zeros(1, 3, 32, 32)))
+    assert out.recon.shape == (1, 3, 32, 32) and float(out.extra_loss) == 0 and not out.terms
+    assert not out.logvar.any() and out.mean.shape == (1, 4, 16, 16)  # the decoded latent; the KL term reads zeros
 
 
 # -- latent statistics --------------------------------------------------------------------------------------
@@ -265,13 +317,14 @@ def test_latent_stats_match_a_direct_computation_and_write_atomically(teacher_di
 
 def test_both_mode_trains_decoder_on_teacher_latents_and_encoder_by_regression(teacher_dir, photos, tmp_path):
     s = settings(teacher_dir, photos, tmp_path / "run", mode="both", encoder_channels=[8, 16])
-    d = Distillation(s, torch.device("cpu"))
+    d = student(s)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    recon, z, *_, extra, terms = d.forward(x, None)
+    out = d.forward(TrainBatch(x))
+    recon, z, extra, terms = out.recon, out.mean, out.extra_loss, out.terms
     with torch.no_grad():
-        assert torch.equal(z, d.teacher.encode(x).mean)  # the decoder learns from the teacher's latents
+        assert torch.equal(z, d.forward.teacher.encode(x).mean)  # the decoder learns from the teacher's latents
     (recon.abs().mean() + extra).backward()
-    assert d.student.encoder.conv_in.weight.grad is not None and d.student.decoder.conv_in.weight.grad is not None
+    assert d.model.encoder.conv_in.weight.grad is not None and d.model.decoder.conv_in.weight.grad is not None
     assert "latent" in terms
 
 

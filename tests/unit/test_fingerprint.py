@@ -13,7 +13,7 @@ from zturbo.backends import TorchBackend
 from zturbo.config import ServeConfig
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.serve import build_index, encode_collection
 
 CONFIG = ModelConfig(block_out_channels=[8, 16], norm_num_groups=4, layers_per_block=1, latent_channels=4,

@@ -53,7 +53,7 @@ def test_loader_collates_encoded_batches(folder):
     dataset = ImageFolderDataset(folder, 32, device_decode=True)
     sampler = ResumableSampler(dataset, seed=3)
     loader = make_loader(dataset, sampler, batch_size=3, num_workers=0, pin_memory=False)
-    batches = list(loader)
+    batches = [b.images for b in loader]  # TrainBatch objects of images alone
     assert len(batches) == 2 and all(isinstance(b, EncodedBatch) for b in batches)
     assert any(isinstance(i, EncodedImage) for b in batches for i in b.items)
     x = batches[0].decode(torch.device("cpu"))

@@ -7,15 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from zturbo.model import VAE
-from zturbo.model.blocks import Upsample2D, _attention, _blocked_attention, set_kernels
-from zturbo.model.kernels import kernel_choices
-
-
-@pytest.fixture
-def restore_kernels():
-    previous = kernel_choices()
-    yield
-    set_kernels(**previous)
+from zturbo.model.blocks import Upsample2D, _attention, _blocked_attention
+from zturbo.model.kernels import Kernels
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -56,15 +49,14 @@ def test_blocked_attention_equals_sdpa(budget):
     torch.testing.assert_close(_blocked_attention(q, k, v, budget), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_forced_matmul_attention_falls_back_to_sdpa_under_autograd(restore_kernels):
-    set_kernels(attention="matmul")
+def test_forced_matmul_attention_falls_back_to_sdpa_under_autograd():
     q, k, v = (torch.randn(1, 10, 8, requires_grad=True) for _ in range(3))
-    _attention(q, k, v).sum().backward()  # the custom op has no backward: SDPA must have run
+    _attention(q, k, v, "matmul").sum().backward()  # the custom op has no backward: SDPA must have run
     assert q.grad is not None
 
 
 @pytest.mark.slow
-def test_every_kernel_choice_gives_the_same_decoder(restore_kernels):
+def test_every_kernel_choice_gives_the_same_decoder():
     torch.manual_seed(0)
     vae = VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4).eval()
     z = torch.randn(2, 4, 8, 8)
@@ -72,7 +64,7 @@ def test_every_kernel_choice_gives_the_same_decoder(restore_kernels):
     with torch.inference_mode():
         for up in ("nearest", "subpixel"):
             for attn in ("sdpa", "matmul"):
-                set_kernels(upsample=up, attention=attn)
+                vae.set_kernels(upsample=up, attention=attn)
                 outs[(up, attn)] = vae.decode(z)
     ref = outs[("nearest", "sdpa")]
     for key, out in outs.items():
@@ -80,12 +72,29 @@ def test_every_kernel_choice_gives_the_same_decoder(restore_kernels):
 
 
 def test_unknown_kernel_choice_is_refused():
+    vae = VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4)
     with pytest.raises(ValueError, match="upsample"):
-        set_kernels(upsample="bilinear")
+        vae.set_kernels(upsample="bilinear")
+    assert vae.kernels.upsample == "subpixel"  # nothing changed
+
+
+def test_kernel_choice_is_the_models_own():
+    """Two models in one process compute with their own choices, and every layer follows its model's."""
+    torch.manual_seed(0)
+    a = VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4).eval()
+    b = VAE(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4).eval()
+    previous = a.set_kernels(upsample="nearest", attention="sdpa")
+    assert previous == Kernels().as_dict()
+    assert b.kernels == Kernels()  # the other model is untouched
+    layers = [m for m in a.modules() if hasattr(m, "kernels")]
+    assert len(layers) > 5 and all(m.kernels is a.kernels for m in layers)
+    with a.kernels.using(upsample="subpixel"):
+        assert a.decoder.up_blocks[0].upsamplers[0].kernels.upsample == "subpixel"
+    assert a.kernels.upsample == "nearest"  # restored on leaving
 
 
 @pytest.mark.gpu
-def test_gpu_kernels_match_the_textbook_decoder(restore_kernels):
+def test_gpu_kernels_match_the_textbook_decoder():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from zturbo.model import kernels as k
@@ -102,9 +111,9 @@ def test_gpu_kernels_match_the_textbook_decoder(restore_kernels):
     vae = vae.cuda().bfloat16().eval().to(memory_format=torch.channels_last)
     z = torch.randn(2, 8, 64, 64, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        set_kernels(upsample="nearest", attention="sdpa", group_norm="torch")
+        vae.set_kernels(upsample="nearest", attention="sdpa", group_norm="torch")
         ref = vae.decode(z).float()
-        set_kernels(upsample="subpixel", attention="matmul", group_norm="auto")
+        vae.set_kernels(upsample="subpixel", attention="matmul", group_norm="auto")
         out = vae.decode(z).float()
     assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
@@ -146,7 +155,7 @@ def test_group_norm_falls_back_once_when_the_triton_kernels_fail(monkeypatch):
         calls.append(1)
         raise RuntimeError("no kernel image for this architecture")
 
-    monkeypatch.setattr(k, "use_triton_group_norm", lambda x: not k._TRITON_FAILED)
+    monkeypatch.setattr(k, "use_triton_group_norm", lambda x, choice="auto": not k._TRITON_FAILED)
     monkeypatch.setattr(k, "_TRITON_FAILED", [])
     monkeypatch.setattr(torch.ops.zturbo, "group_norm_silu", broken)
     norm = torch.nn.GroupNorm(4, 8)

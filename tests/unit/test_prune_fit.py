@@ -1,4 +1,4 @@
-"""Calibrated pruning: the ridge refit of each pruned conv (zturbo.model.prune_fit) and its calibration data."""
+"""Calibrated pruning: the ridge refit of each pruned conv (zturbo.distill.prune_fit) and its calibration data."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from torch import nn
 from train_helpers import write_demo_photos
 
 from zturbo.config import load_settings
+from zturbo.data.datasets import split_data
+from zturbo.distill.prune import channel_importance, kept_channels, prune_vae, site_graph
+from zturbo.distill.prune_fit import ridge_conv
+from zturbo.distill.student import calibration_batch
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.prune import channel_importance, kept_channels, prune_vae, site_graph
-from zturbo.model.prune_fit import ridge_conv
-from zturbo.train.distill import calibration_batch
 
 TEACHER = ModelConfig(block_out_channels=[16, 32], norm_num_groups=4, layers_per_block=1, latent_channels=4,
                       sample_size=32)
@@ -119,9 +120,12 @@ def test_calibration_batch_takes_training_crops(tmp_path: Path):
             "distill": {"teacher": tmp_path, **distill},
         })
 
-    batch = calibration_batch(settings(calibration_images=16), torch.device("cpu"))
-    assert batch.shape == (3, 3, 32, 32)  # every training image (one of the four is held out), at the crop size
+    train = split_data(photos, 1).train  # one of the four is held out
+    cpu = torch.device("cpu")
+    batch = calibration_batch(settings(calibration_images=16), train, cpu)
+    assert batch.shape == (3, 3, 32, 32)  # every training image, at the crop size
     assert batch.min() >= -1 and batch.max() <= 1
-    assert calibration_batch(settings(calibration_images=2), torch.device("cpu")).shape[0] == 2
-    assert calibration_batch(settings(calibration_images=0), torch.device("cpu")) is None
-    assert calibration_batch(settings(init="random"), torch.device("cpu")) is None
+    two = calibration_batch(settings(calibration_images=2), train, cpu)
+    assert torch.equal(two, batch[[0, 1]])  # evenly spaced: images 0 and 3 // 2 = 1
+    assert calibration_batch(settings(calibration_images=0), train, cpu) is None
+    assert calibration_batch(settings(init="random"), train, cpu) is None

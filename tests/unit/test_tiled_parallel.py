@@ -10,8 +10,8 @@ from tolerances import SAFETY, rounding_atol, unit_roundoff, vae_depth
 
 from zturbo import VAE, ModelConfig
 from zturbo.errors import UsageError
-from zturbo.model.tiled import Moments
-from zturbo.model.tiled_parallel import band_bounds, decode_parallel
+from zturbo.tiling.maps import Moments
+from zturbo.tiling.parallel import band_bounds, decode_parallel
 
 # Factor 4, 4 GroupNorm groups, mid-block attention, a channel change in every stage.
 TINY = {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "latent_channels": 4, "layers_per_block": 1}

@@ -7,8 +7,8 @@ from test_tiling import TINY, close, model
 from tolerances import rounding_atol, vae_depth
 from zturbo import ModelConfig
 from zturbo.errors import UsageError
-from zturbo.model.tiled_memory import plan_tiling, tiled_peak_bytes
-from zturbo.model.tiled_recompute import levels_of, recompute_plan
+from zturbo.tiling.memory import coder_plan, plan_tiling, tiled_peak_bytes
+from zturbo.tiling.recompute import recompute_plan
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")  # many tiny convs: a second thread only adds overhead
 
@@ -45,15 +45,15 @@ def test_fast_profile_plan_recomputes_only_the_largest_layers():
     # 12288 (over), the 192 px level's first resnet (384 + 192) x 16 = 9216 (over), its others
     # 384 x 16 = 6144 (not over), the last upsample 4 x 192 x 16 = 12288 (over), the one before it
     # 4 x 384 x 4 = 6144 (not over).
-    plan = recompute_plan(levels_of([96, 192, 384, 384], layers_per_block=2))
-    assert plan.fused == (False, False, True, False)
-    assert plan.resnets == ((False,) * 3, (False,) * 3, (True, False, False), (True, True, True))
+    plan = recompute_plan(coder_plan(ModelConfig(block_out_channels=[96, 192, 384, 384]), "decode"))
+    assert plan.fused == {"up_blocks.2.upsamplers.0"}
+    assert plan.recompute == {"up_blocks.2.resnets.0", *(f"up_blocks.3.resnets.{j}" for j in range(3))}
 
 
 def test_auto_recomputes_when_storing_does_not_fit():
-    cfg = ModelConfig(**TINY)
-    smallest_stored = min(tiled_peak_bytes(cfg, "decode", 1, 32, 32, t) for t in (4, 8, 16, 32, 64, 128))
-    plan = plan_tiling(cfg, "decode", 1, 32, 32, budget_bytes=smallest_stored - 1)
+    decoder = coder_plan(ModelConfig(**TINY), "decode")
+    smallest_stored = min(tiled_peak_bytes(decoder, 1, 32, 32, t) for t in (4, 8, 16, 32, 64, 128))
+    plan = plan_tiling(decoder, 1, 32, 32, budget_bytes=smallest_stored - 1)
     assert plan.recompute and plan.peak_bytes < smallest_stored
     vae = model(**TINY)
     z = torch.randn(1, 4, 32, 32)

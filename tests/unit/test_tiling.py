@@ -11,9 +11,9 @@ from torch.utils._pytree import tree_flatten
 from tolerances import rounding_atol
 from zturbo import VAE, ModelConfig
 from zturbo.errors import UsageError
-from zturbo.model import tiled
-from zturbo.model.tiled import Moments, online_attention
-from zturbo.model.tiled_memory import plan_tiling, tiled_peak_bytes
+from zturbo.tiling import maps
+from zturbo.tiling.maps import Moments, online_attention
+from zturbo.tiling.memory import coder_plan, plan_tiling, tiled_peak_bytes
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")  # many tiny convs: a second thread only adds overhead
 
@@ -130,8 +130,8 @@ def test_moments_merge_stays_accurate_where_plain_sums_cancel():
 
 
 def test_online_attention_equals_softmax_attention(monkeypatch):
-    monkeypatch.setattr(tiled, "Q_CHUNK", 7)  # blocks that do not divide the token count
-    monkeypatch.setattr(tiled, "K_CHUNK", 11)
+    monkeypatch.setattr(maps, "Q_CHUNK", 7)  # blocks that do not divide the token count
+    monkeypatch.setattr(maps, "K_CHUNK", 11)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 30, 16, generator=g, dtype=torch.float64) * 3 for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v)
@@ -199,14 +199,14 @@ def test_exact_decode_memory_stays_under_its_estimate_and_the_untiled_peak():
     # The stored tiled pass holds x and conv1's output, (16 + 8) P = 24 P, plus one tile's workspace:
     # 24/40 = 0.6, plus a little.
     assert stored.peak <= 0.65 * untiled.peak, (stored.peak, untiled.peak)
-    assert stored.peak <= tiled_peak_bytes(cfg, "decode", 1, 32, 32, 16)
+    assert stored.peak <= tiled_peak_bytes(coder_plan(cfg, "decode"), 1, 32, 32, 16)
     # Recomputing, the full-resolution ResNets hold their input (the upsample's 16-channel source at
     # P/4 = 4 P, or 8 P) and the output that replaces it row by row: about 8 P; the level below, stored,
     # (16 + 16) P/4 = 8 P. Add a tile row or two of band and one tile's workspace (16 px tiles of 128:
     # an eighth of a map per row): under half of the stored pass, under 0.3 of the untiled one.
     assert lean.peak <= 0.5 * stored.peak, (lean.peak, stored.peak)
     assert lean.peak <= 0.3 * untiled.peak, (lean.peak, untiled.peak)
-    assert lean.peak <= tiled_peak_bytes(cfg, "decode", 1, 32, 32, 16, recompute=True)
+    assert lean.peak <= tiled_peak_bytes(coder_plan(cfg, "decode"), 1, 32, 32, 16, recompute=True)
 
 
 def test_tile_not_a_multiple_of_the_factor_is_refused():
@@ -238,10 +238,10 @@ def test_other_bad_tiling_arguments_are_refused(bad):
 
 
 def test_auto_tiles_only_when_the_untiled_pass_does_not_fit():
-    cfg = ModelConfig(**TINY)
-    plenty = plan_tiling(cfg, "decode", 1, 64, 64, budget_bytes=1 << 40)
+    decoder = coder_plan(ModelConfig(**TINY), "decode")
+    plenty = plan_tiling(decoder, 1, 64, 64, budget_bytes=1 << 40)
     assert plenty.tile is None
-    tight = plan_tiling(cfg, "decode", 1, 64, 64, budget_bytes=plenty.peak_bytes - 1)
+    tight = plan_tiling(decoder, 1, 64, 64, budget_bytes=plenty.peak_bytes - 1)
     assert tight.tile is not None and tight.peak_bytes < plenty.peak_bytes
     vae = model(**TINY)
     z = torch.randn(1, 4, 16, 16)

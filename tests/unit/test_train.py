@@ -46,12 +46,15 @@ def tiny_vae() -> VAE:
 
 
 def _grads_for(loss_cfg: LossConfig, perceptual=None, with_disc=False):
-    from zturbo.model.discriminator import NLayerDiscriminator
+    from zturbo.train.discriminator import NLayerDiscriminator
+    from zturbo.data.batch import TrainBatch
     from zturbo.train.engine import TrainForward
 
     vae = tiny_vae().train()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    recon, mean, logvar = TrainForward(vae)(x, torch.randn(2, 4, 16, 16))
+    out = TrainForward(vae)(TrainBatch(x), torch.randn(2, 4, 16, 16))
+    recon, mean, logvar = out.recon, out.mean, out.logvar
+    assert out.extra_loss is None and not out.terms  # the plain VAE adds nothing to the profile's losses
     disc = NLayerDiscriminator(n_layers=2).requires_grad_(False) if with_disc else None
     total, terms = VAELoss(loss_cfg, perceptual)(
         x,
@@ -114,7 +117,7 @@ def test_adaptive_weight_balances_gradients_and_clamps():
 
 
 def test_discriminator_step_leaves_vae_gradients_alone():
-    from zturbo.model.discriminator import NLayerDiscriminator
+    from zturbo.train.discriminator import NLayerDiscriminator
 
     vae = tiny_vae()
     disc = NLayerDiscriminator(n_layers=2)
@@ -319,7 +322,7 @@ def test_seed_flag_spellings(capsys, tmp_path):
             "train",
             "--profile",
             "fast",
-            "--data_path",
+            "--data",
             str(tmp_path),
             "--output_dir",
             str(tmp_path / "o"),
@@ -360,6 +363,8 @@ def test_seed_flag_spellings(capsys, tmp_path):
         and s["train"]["epochs"] == 7
     )
     assert s["data"]["data_dir"] == str(tmp_path) and s["train"]["output_dir"] == str(tmp_path / "o")
+    for dropped in ("--data_path", "--save_steps"):  # the seed script's other names for --data, --checkpoint-every
+        assert run(["train", "--profile", "fast", dropped, "1", "--dry-run"]) == 2
 
 
 def test_demo_profile_defaults_to_bundled_photos(capsys):

@@ -89,8 +89,10 @@ def test_the_trainers_loader_follows_the_choice(monkeypatch, tiny_config, jpegs,
         if mode == "gpu":
             result = trainer.engine.step(batches[mode], 0)
             assert not result.skipped and np.isfinite(result.terms["loss"])
-    assert isinstance(batches["gpu"], EncodedBatch) and batches["cpu"].dtype == torch.uint8
-    torch.testing.assert_close(batches["gpu"].decode(CPU), to_unit_range(batches["cpu"]), rtol=0, atol=0)
+    gpu, cpu = batches["gpu"].images, batches["cpu"].images
+    assert isinstance(gpu, EncodedBatch) and cpu.dtype == torch.uint8
+    assert batches["gpu"].latents is None and batches["cpu"].latents is None
+    torch.testing.assert_close(gpu.decode(CPU), to_unit_range(cpu), rtol=0, atol=0)
 
 
 def test_gpu_decode_on_a_cpu_machine_stops_training_before_the_run_folder(

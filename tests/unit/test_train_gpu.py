@@ -50,10 +50,10 @@ def test_cuda_out_of_memory_halves_the_micro_batch():
     engine = TrainEngine(settings, torch.device("cuda"), total_steps=4, log=messages.append)
     real = engine.forward
 
-    def forward(x, noise):
-        if x.shape[0] > 2:
+    def forward(batch, noise):
+        if len(batch) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, noise)
+        return real(batch, noise)
 
     engine.forward = forward
     result = engine.step(torch.rand(8, 3, 64, 64) * 2 - 1, 0)
@@ -139,7 +139,7 @@ def test_cuda_out_of_memory_at_micro_batch_one_is_a_one_line_error():
                              default_profile=None)
     engine = TrainEngine(settings, torch.device("cuda"), total_steps=4)
 
-    def forward(x, noise):
+    def forward(batch, noise):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     engine.forward = forward

@@ -80,7 +80,7 @@ def resolve_export(
     artifact = require_artifact(model, ALL_KINDS, job)
     if artifact.is_export:
         return artifact, None
-    return _export_now(artifact.load_vae(), artifact.model_dir, export_options)
+    return _export_now(artifact.load_vae(), artifact.source, export_options)
 
 
 def _export_now(

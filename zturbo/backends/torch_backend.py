@@ -6,9 +6,10 @@ import torch
 
 from zturbo.artifacts import TORCH_KINDS, require
 from zturbo.backends.base import Backend
+from zturbo.backends.fp16_guard import Fp16Guard, guard_fp16
 from zturbo.errors import UsageError
 from zturbo.model import VAE, ModelConfig
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import resolve_device, resolve_dtype
 
 
@@ -58,7 +59,14 @@ class TorchBackend(Backend):
         config = config or vae.config
         # Of the weights as given, before the cast to the computing precision (serve-batch encode records it).
         self.fingerprint = encoder_fingerprint(vae.state_dict(), config)
-        vae = vae.to(device=device, dtype=dtype).eval()
+        self.fp16_guard = self._cast(vae, device, dtype)
+        if self.fp16_guard is not None and self.fp16_guard.kept and tile is not None:
+            raise UsageError(
+                f"--precision fp16 with --tile: this model's activations reach {self.fp16_guard.max_activation:.4g} "
+                f"(fp16 ends at 65504), so {len(self.fp16_guard.kept)} layers must run in fp32, which the tiled "
+                "engines do not do", "use --precision bf16 (fp32's range), or fp16 without --tile",
+            )
+        vae = vae.eval()
         if channels_last:
             vae = vae.to(memory_format=torch.channels_last)
         for p in vae.parameters():
@@ -69,6 +77,24 @@ class TorchBackend(Backend):
         # dynamic=False: one graph per input shape, the fastest code for each.
         self._encode = torch.compile(self._encode_impl, mode=mode, dynamic=False) if compiled else self._encode_impl
         self._decode = torch.compile(self._decode_impl, mode=mode, dynamic=False) if compiled else self._decode_impl
+
+    @staticmethod
+    def _cast(vae, device: torch.device, dtype: torch.dtype) -> Fp16Guard | None:
+        """Move ``vae`` to ``device`` and ``dtype``; fp16 with the overflow guard for our VAE (the plan, else None)."""
+        previous = getattr(vae, "fp16_guard", None)
+        if previous is not None:  # the module was guarded by an earlier backend: start from plain weights
+            previous.remove()
+        if dtype != torch.float16 or not isinstance(vae, VAE):
+            vae.to(device=device, dtype=dtype)
+            return None
+        vae.fp16_guard = guard_fp16(vae, device)
+        return vae.fp16_guard
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.fp16_guard is not None:
+            out["fp16_guard"] = self.fp16_guard.summary()
+        return out
 
     @classmethod
     def load(

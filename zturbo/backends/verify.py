@@ -30,12 +30,14 @@ def export_checkpoint(
     log: Log | None = None,
     job: str = "export",
 ) -> dict[str, Any]:
-    """Export a model, run, step-N, diffusers or pipeline folder to ``out_dir`` (verified with cfg.verify)."""
+    """Export a model, run, step-N, diffusers or pipeline folder or a single file to ``out_dir``
+    (verified with cfg.verify)."""
     cfg = cfg or ExportConfig()
     log = log or _nolog
     artifact = require(model, TORCH_KINDS, job)
     return export_model(
-        artifact.model_dir, out_dir, cfg, log, lambda vae, folder: verify_export(vae, folder, cfg, log)
+        artifact.source, out_dir, cfg, log, lambda vae, folder: verify_export(vae, folder, cfg, log),
+        vae=artifact.load_vae() if artifact.model_dir is None else None,
     )
 
 

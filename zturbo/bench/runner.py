@@ -237,7 +237,7 @@ class _FlopCache:
             if subject.kind == "diffusers":
                 self._cache[key] = _diffusers_flops(subject, resolution)
             else:
-                self._cache[key] = flops_per_image(subject.config, resolution)
+                self._cache[key] = flops_per_image(subject.config, resolution, subject.model.kernels)
         return self._cache[key]
 
 

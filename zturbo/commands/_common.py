@@ -11,12 +11,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from zturbo.config import Settings, load_settings
+from zturbo.config import Settings, available_profiles, load_settings
 
 ProfileOpt = Annotated[
     Optional[str],
-    typer.Option("--profile", "-p", help="Profile name (ultrafast, fast, highres, ultra, standard, demo) or .toml path."),
+    typer.Option("--profile", "-p", help=f"Profile name ({', '.join(available_profiles())}) or .toml path."),
 ]
+LATENT_FAMILY_HELP = (
+    "A single .safetensors file's latent family when its shapes fit several and it carries no zturbo metadata: "
+    "flux1 (FLUX.1, Z-Image), sd3, sdxl, sd1 (SD1/SD2), flux2."
+)
+LatentFamilyOpt = Annotated[Optional[str], typer.Option("--latent-family", help=LATENT_FAMILY_HELP)]
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="Config file (TOML, JSON or YAML) over the profile.")
 ]
@@ -29,6 +34,32 @@ def settings_from(
 ) -> Settings:
     """Resolve settings from the flags a user actually gave (``None`` means not given)."""
     return load_settings(profile, config, overrides, **kwargs)
+
+
+def model_arg(path: Any, latent_family: str | None, job: str, quiet: bool = False) -> Any:
+    """A model path as given, or, for a single file, the artifact it resolves to with ``--latent-family``.
+
+    Says in one line on stderr what the file holds and where its latent factors come from.
+    Folders and exports pass through untouched: the job resolves them itself.
+    """
+    from zturbo.artifacts import ALL_KINDS, require
+
+    if path is None or not Path(path).is_file():
+        return path
+    artifact = require(path, ALL_KINDS, job, latent_family)
+    if artifact.single_file is not None:
+        say_line(artifact.single_file.note, quiet)
+    return artifact
+
+
+def say_line(message: str, quiet: bool = False) -> None:
+    """``message`` on stderr as one line (no wrapping, no markup), unless ``quiet``."""
+    from rich.markup import escape
+
+    from zturbo.console import stderr
+
+    if not quiet:
+        stderr.print(escape(message), highlight=False, soft_wrap=True)
 
 
 def parse_int_list(text: str | None, name: str) -> list[int] | None:

@@ -10,8 +10,10 @@ import typer
 from zturbo.commands._common import (
     ConfigOpt,
     Flag,
+    LatentFamilyOpt,
     ProfileOpt,
     QuietOpt,
+    model_arg,
     parse_int_list,
     parse_list,
     settings_from,
@@ -56,8 +58,9 @@ def register(app: typer.Typer) -> None:
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         model: Annotated[Path | None, typer.Option(
-            "--model", help="Time a saved model (model, run, step-N, diffusers folder or an export) "
-                            "instead of the profile's random init.")] = None,
+            "--model", help="Time a saved model (model, run, step-N, diffusers folder, single .safetensors file or "
+                            "an export) instead of the profile's random init.")] = None,
+        latent_family: LatentFamilyOpt = None,
         json_file: Annotated[str | None, typer.Option(
             "--json", help="Write the report as JSON to FILE ('-': stdout); rewritten after every case.")] = None,
         markdown_file: Annotated[str | None, typer.Option(
@@ -83,6 +86,7 @@ def register(app: typer.Typer) -> None:
         if json_file == "-" and markdown_file == "-":
             raise UsageError("--json - and --markdown - both want stdout", "write one of them to a file")
         settings = settings_from(profile, config, overrides)
+        model = model_arg(model, latent_family, "bench --model", quiet)
         stored = load_report(baseline) if baseline is not None else None
         to_file = json_file not in (None, "-")
 

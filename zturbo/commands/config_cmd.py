@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
     def profiles(json_out: JsonOpt = False) -> None:
         """List the profiles: resolution, batch, channels, z, parameters and GFLOPs per image."""
         from zturbo.console import print_json, stdout
-        from zturbo.profiles_table import profile_rows
+        from zturbo.bench.profiles_table import profile_rows
 
         rows = profile_rows()
         if json_out:

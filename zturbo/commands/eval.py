@@ -11,8 +11,10 @@ from zturbo.commands._common import (
     ConfigOpt,
     Flag,
     JsonOpt,
+    LatentFamilyOpt,
     ProfileOpt,
     QuietOpt,
+    model_arg,
     parse_list,
     settings_from,
     tile_flags,
@@ -103,7 +105,8 @@ def register(app: typer.Typer) -> None:
         overrides: dict,
         checkpoint: Annotated[
             Path,
-            typer.Argument(help="Model, run, step-N, diffusers or pipeline folder, or an ONNX / TensorRT export."),
+            typer.Argument(help="Model, run, step-N, diffusers or pipeline folder, a single .safetensors file, or an "
+                                "ONNX / TensorRT export."),
         ],
         data: Annotated[Path, typer.Option("--data", "-d", help="Folder of images (subfolders included).")],
         compare: Annotated[
@@ -123,6 +126,7 @@ def register(app: typer.Typer) -> None:
                 help="With --latent-stats: store them in the model's config.json (FLUX.2 layout: in its bn statistics).",
             )
         ] = False,
+        latent_family: LatentFamilyOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -131,11 +135,16 @@ def register(app: typer.Typer) -> None:
         """Measure PSNR, SSIM / MS-SSIM, LPIPS and rFID of reconstructions, optionally against another model."""
         from zturbo.console import info, print_json, progress, stderr, stdout, warn
         from zturbo.eval import evaluate, render_tables, report_json, write_report
+        from zturbo.paths import check_output_folder
 
         settings = settings_from(profile, config, overrides)
+        checkpoint = model_arg(checkpoint, latent_family, "eval", quiet)
+        compare = model_arg(compare, latent_family, "eval --compare", quiet)
         if latent_stats or write:
             _latent_stats(checkpoint, data, settings.eval, write, json_out, quiet)
             return
+        if out is not None:
+            check_output_folder(out, "--out")  # before the evaluation, not after it
         with progress(quiet or json_out) as bar:
             task = bar.add_task("eval", total=None)
             report = evaluate(
@@ -157,12 +166,20 @@ def register(app: typer.Typer) -> None:
             payload = report_json(report)
             payload["written"] = {k: str(v) for k, v in written.items()}
             print_json(payload)
-            return
-        render_tables(report, stdout)
-        if written:
-            info(f"wrote {', '.join(str(p) for p in written.values())}", quiet)
-        elif not quiet:
-            stderr.print("[dim]add --out DIR for the per-image CSV, summary.json and the contact sheet[/]")
+        else:
+            render_tables(report, stdout)
+            if written:
+                info(f"wrote {', '.join(str(p) for p in written.values())}", quiet)
+            elif not quiet:
+                stderr.print("[dim]add --out DIR for the per-image CSV, summary.json and the contact sheet[/]")
+        failed = report.data["failed"]
+        if failed:
+            from rich.markup import escape
+
+            stderr.print(f"[bold red]error:[/] {len(failed)} image(s) failed and are left out of every metric "
+                         f"({escape(failed[0]['name'])}: {escape(failed[0]['detail'])})", highlight=False,
+                         soft_wrap=True)
+            raise typer.Exit(1)
 
 
 def _latent_stats(checkpoint, data, ecfg, write: bool, json_out: bool, quiet: bool) -> None:

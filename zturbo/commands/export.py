@@ -1,4 +1,4 @@
-"""`zturbo export` (ONNX / TensorRT / diffusers folder) and `zturbo import-diffusers`."""
+"""`zturbo export` (ONNX / TensorRT / diffusers folder / single file) and `zturbo import` (`import-diffusers`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from zturbo.commands._common import (
     ConfigOpt,
     Flag,
     JsonOpt,
+    LatentFamilyOpt,
     ProfileOpt,
     QuietOpt,
+    model_arg,
     parse_list,
+    say_line,
     settings_from,
     with_flags,
 )
@@ -36,9 +39,13 @@ def _triple(text: str | None, name: str) -> tuple[int, int, int] | None:
 
 
 FLAGS = [
-    Flag("--format -f", "export.format", str, "onnx | trt | diffusers."),
+    Flag("--format -f", "export.format", str, "onnx | trt | diffusers | single-file (one .safetensors for ComfyUI, "
+         "Forge, InvokeAI, diffusers)."),
     Flag("--part", "export.parts", str, "encoder,decoder (default both).", parse=parse_list),
-    Flag("--precision", "export.precision", str, "fp32 | fp16."),
+    Flag("--precision", "export.precision", str, "fp32 | fp16 (| bf16 for single-file)."),
+    Flag("--layout", "export.layout", str, "single-file key names: ldm (LDM/BFL, default) | diffusers."),
+    Flag("--force/--no-force", "export.force", bool,
+         "single-file: write a model the other tools' loaders cannot express (zturbo still reads it)."),
     Flag("--opset", "export.opset", int, "ONNX opset (18-23)."),
     Flag("--batch", "export.batch", str, "MIN:OPT:MAX batch (TRT profile).", parse=lambda t: _triple(t, "--batch")),
     Flag("--size", "export.size", str, "MIN:OPT:MAX image side in pixels.", parse=lambda t: _triple(t, "--size")),
@@ -57,18 +64,20 @@ def register(app: typer.Typer) -> None:
         overrides: dict,
         checkpoint: Annotated[
             Path,
-            typer.Argument(help="Model, run (its EMA weights), step-N, diffusers or diffusers pipeline folder."),
+            typer.Argument(help="Model, run (its EMA weights), step-N, diffusers or diffusers pipeline folder, or a "
+                                "single .safetensors file."),
         ],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (a .safetensors file for single-file).")],
         trt: Annotated[
             bool, typer.Option("--trt", help="Shorthand for --format trt --precision fp16.")
         ] = False,
+        latent_family: LatentFamilyOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
-        """Export a checkpoint's EMA weights as ONNX graphs, TensorRT FP16 engines or a diffusers folder."""
+        """Export a checkpoint's EMA weights as ONNX graphs, TensorRT FP16 engines, a diffusers folder or one file."""
         from zturbo.backends.verify import export_checkpoint
         from zturbo.console import info, print_json
         from zturbo.errors import UsageError
@@ -79,30 +88,49 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"--trt contradicts --format {given['format']}")
             overrides = {**overrides, "export": {**TRT_SHORTHAND, **given}}
         settings = settings_from(profile, config, overrides)
+        checkpoint = model_arg(checkpoint, latent_family, "export", quiet)
         meta = export_checkpoint(checkpoint, out, settings.export, log=lambda m: info(m, quiet))
         if json_out:
             print_json(meta)
         else:
             _print_summary(meta, out)
 
-    @app.command("import-diffusers")
-    def import_diffusers_cmd(
+    def import_cmd(
         source: Annotated[
             Path,
-            typer.Argument(help="diffusers AutoencoderKL folder, a pipeline with vae/, or any model / run / step-N."),
+            typer.Argument(help="A single .safetensors file, a diffusers AutoencoderKL folder, a pipeline with vae/, "
+                                "or any model / run / step-N."),
         ],
         out: Annotated[Path, typer.Option("--out", "-o", help="zturbo model folder to write.")],
+        encoder_from: Annotated[
+            Path | None,
+            typer.Option("--encoder-from", help="For a decoder-only file: the VAE whose encoder (and latent factors) "
+                                                "complete it, e.g. the teacher it was distilled from."),
+        ] = None,
         verify: Annotated[bool, typer.Option("--verify", help="Compare outputs with diffusers.")] = False,
+        latent_family: LatentFamilyOpt = None,
         json_out: JsonOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
-        """Import a diffusers VAE (e.g. FLUX.1's) as a zturbo model folder for eval and bench."""
+        """Import a VAE (a single file such as ae.safetensors, or a diffusers folder) as a zturbo model folder."""
         from zturbo.artifacts import TORCH_KINDS, require
         from zturbo.console import info, print_json, stdout
-        from zturbo.export import import_diffusers
+        from zturbo.errors import UsageError
+        from zturbo.export import import_model
+        from zturbo.model.single_file import open_single_file
 
-        folder = require(source, TORCH_KINDS, "import-diffusers").model_dir
-        report = import_diffusers(folder, out, verify=verify, log=lambda m: info(m, quiet))
+        if encoder_from is not None:
+            if not source.is_file():
+                raise UsageError(f"--encoder-from completes a decoder-only single file; {source} is no file")
+            teacher = model_arg(encoder_from, latent_family, "import --encoder-from", quiet)
+            single = open_single_file(source, latent_family, require(teacher, TORCH_KINDS, "import --encoder-from")
+                                      .load_vae())
+            say_line(single.note, quiet)
+            vae, weights = single.load(), source
+        else:
+            artifact = require(model_arg(source, latent_family, "import", quiet), TORCH_KINDS, "import")
+            vae, weights = artifact.load_vae(), artifact.source
+        report = import_model(vae, weights, out, verify=verify, log=lambda m: info(m, quiet))
         if json_out:
             print_json(report)
             return
@@ -112,12 +140,26 @@ def register(app: typer.Typer) -> None:
         for part, stats in report.get("verify", {}).items():
             stdout.print(f"  {part} vs diffusers: max abs {stats['max_abs']:.3g}", highlight=False)
 
+    app.command("import")(import_cmd)
+    # The command's name before it read single files; kept so existing scripts keep working.
+    app.command("import-diffusers", hidden=True)(import_cmd)
+
 
 def _print_summary(meta: dict, out: Path) -> None:
     from rich.table import Table
 
     from zturbo.console import stdout
 
+    if meta.get("format") == "single-file":
+        layout = {"ldm": "LDM/BFL", "bfl-flux2": "BFL FLUX.2", "diffusers": "diffusers"}[meta["layout"]]
+        stdout.print(f"wrote {out} ({layout} layout, {meta['precision']}, {meta['bytes'] / 1e6:.1f} MB; "
+                     f"scaling {meta['scaling_factor']:g}, shift {meta['shift_factor']:g})", highlight=False)
+        if meta["loader_limits"]:
+            stdout.print(f"  written with --force; other tools cannot load it: {'; '.join(meta['loader_limits'])}",
+                         highlight=False, soft_wrap=True)
+        if meta.get("verify"):
+            stdout.print(f"  read back: {meta['verify']['read_back']}", highlight=False)
+        return
     if meta.get("format") == "diffusers":
         stdout.print(f"wrote diffusers folder {out}", highlight=False)
         for part, stats in meta.get("verify", {}).items():

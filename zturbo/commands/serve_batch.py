@@ -14,8 +14,10 @@ from zturbo.commands._common import (
     ConfigOpt,
     Flag,
     JsonOpt,
+    LatentFamilyOpt,
     ProfileOpt,
     QuietOpt,
+    model_arg,
     settings_from,
     tile_flags,
     with_flags,
@@ -127,6 +129,7 @@ def _print_report(report, json_out: bool) -> None:
     if json_out:
         print_json(report.to_dict())
         return
+    from rich.markup import escape
     from rich.table import Table
 
     r = report
@@ -152,9 +155,31 @@ def _print_report(report, json_out: bool) -> None:
         table.add_row(key, value)
     stdout.print(table)
     for f in r.failures[:20]:
-        stdout.print(f"  skipped {f['source']}: {f['reason']}", highlight=False)
+        detail = f" ({f['detail']})" if f.get("detail") else ""
+        verb = "failed" if f["reason"] in _OUTPUT_FAILURES else "skipped"
+        stdout.print(f"  {verb} {escape(f['source'])}: {f['reason']}{escape(detail)}", highlight=False)
     if len(r.failures) > 20:
-        stdout.print(f"  ... and {len(r.failures) - 20} more (see report.json / index.json)", highlight=False)
+        where = "report.json / index.json" if r.operation == "encode" else "--json"
+        stdout.print(f"  ... and {len(r.failures) - 20} more (see {where})", highlight=False)
+
+
+# Failures where asked-for output is missing: the run exits 1. Unreadable inputs of encode are skipped,
+# listed, and exit 0 (a collection with a few broken files still encodes).
+_OUTPUT_FAILURES = {"non-finite", "unwritable", "outside-output"}
+
+
+def _exit_status(report) -> None:
+    """Exit 1, after the report, when an image's output could not be made (``_OUTPUT_FAILURES``)."""
+    from rich.markup import escape
+
+    from zturbo.console import stderr
+
+    failed = [f for f in report.failures if f["reason"] in _OUTPUT_FAILURES]
+    if failed:
+        first = f"{failed[0]['reason']}: {failed[0]['source']}{', ...' if len(failed) > 1 else ''}"
+        stderr.print(f"[bold red]error:[/] {len(failed)} image(s) failed ({escape(first)}); nothing was written "
+                     "for them", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
@@ -167,10 +192,12 @@ def register(app: typer.Typer) -> None:
     @with_flags(ENCODE_FLAGS)
     def encode(
         overrides: dict,
-        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
+        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint, single .safetensors file "
+                                                  "or export.")],
         input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images or a manifest listing them.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for shards, index.json, report.json.")],
         shard: ShardOpt = None,
+        latent_family: LatentFamilyOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -181,21 +208,25 @@ def register(app: typer.Typer) -> None:
 
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
+        model = model_arg(model, latent_family, "serve-batch", quiet or part.rank != 0)
         with _process_group(part.world_size) as barrier, _progress("encode", quiet or part.rank != 0) as progress:
             report = encode_collection(model, input, output, cfg, part, device=dev, barrier=barrier, progress=progress)
         if part.rank == 0:
             _print_report(report, json_out)
+        _exit_status(report)
 
     @group.command("decode")
     @with_flags(DECODE_FLAGS)
     def decode(
         overrides: dict,
-        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint or export.")],
+        model: Annotated[str, typer.Argument(help="Model folder, run folder, checkpoint, single .safetensors file "
+                                                  "or export.")],
         input: Annotated[
             Path, typer.Option("--input", "-i", help="Encode output, shards, or .safetensors / .npy files.")
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images.")],
         shard: ShardOpt = None,
+        latent_family: LatentFamilyOpt = None,
         profile: ProfileOpt = None,
         config: ConfigOpt = None,
         json_out: JsonOpt = False,
@@ -206,10 +237,12 @@ def register(app: typer.Typer) -> None:
 
         cfg = settings_from(profile, config, overrides).serve
         part, dev = _placement(shard, cfg.device)
+        model = model_arg(model, latent_family, "serve-batch", quiet or part.rank != 0)
         with _progress("decode", quiet or part.rank != 0) as progress:
             report = decode_collection(model, input, output, cfg, part, device=dev, progress=progress)
         if part.rank == 0:
             _print_report(report, json_out)
+        _exit_status(report)
 
     @group.command("merge")
     def merge(

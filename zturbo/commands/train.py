@@ -10,12 +10,14 @@ from typing import Annotated
 import typer
 
 from zturbo.commands._common import (
+    LATENT_FAMILY_HELP,
     ConfigOpt,
     Flag,
     JsonOpt,
     ProfileOpt,
     QuietOpt,
     parse_int_list,
+    say_line,
     settings_from,
     with_flags,
 )
@@ -76,7 +78,7 @@ def _int_list(text: str) -> list[int]:
 
 # Every setting flag of `zturbo train`, with the seed script's underscore spellings.
 FLAGS = [
-    Flag("--data --data_path --data-path", "data.data_dir", Path, "Image folder or `zturbo prepare` output."),
+    Flag("--data", "data.data_dir", Path, "Image folder or `zturbo prepare` output."),
     Flag("--output --output_dir --output-dir -o", "train.output_dir", Path, "Run folder."),
     # The model's nominal size follows the training size unless set elsewhere.
     Flag("--image-size --image_size", "data.image_size model.sample_size", int, "Training crop size."),
@@ -107,13 +109,15 @@ FLAGS = [
          bool),
     Flag("--device", "train.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("--seed", "train.seed", int),
-    Flag("--checkpoint-every --save_steps", "train.checkpoint_every", int),
+    Flag("--checkpoint-every", "train.checkpoint_every", int),
     Flag("--keep-last", "train.keep_last", int),
     Flag("--sample-every", "train.sample_every", int),
     Flag("--log-every", "train.log_every", int),
-    # Distillation into an existing VAE's latent space (zturbo.train.distill).
+    # Distillation into an existing VAE's latent space (zturbo.distill).
     Flag("--teacher", "distill.teacher", Path,
-         "Distil into this VAE's latent space (model, diffusers or pipeline folder)."),
+         "Distil into this VAE's latent space (a single .safetensors file such as ae.safetensors, a model, "
+         "diffusers or pipeline folder, a run)."),
+    Flag("--latent-family", "distill.latent_family", str, LATENT_FAMILY_HELP),
     Flag("--distill", "distill.mode", str, "decoder (default) | encoder | both: what the student trains."),
     Flag("--decoder-channels", "distill.decoder_channels", str, "Student decoder widths, e.g. 96,192,384,384.",
          parse=lambda text: parse_int_list(text, "--decoder-channels")),
@@ -156,10 +160,15 @@ def register(app: typer.Typer) -> None:
             profile = choose_profile() if _interactive() else None  # None: the default profile (fast)
         if resume not in (None, "auto"):
             require(resume, RESUME_KINDS, "train --resume")
-        teacher = overrides.get("distill", {}).get("teacher")
-        if teacher is not None:  # the library takes the teacher's model folder; find it in what was given
-            overrides["distill"]["teacher"] = require(teacher, TORCH_KINDS, "train --teacher").model_dir
         settings = settings_from(profile, config, overrides)
+        if settings.distill.teacher is not None:  # the library takes the teacher's weights: a model folder or a file
+            teacher = require(settings.distill.teacher, TORCH_KINDS, "train --teacher", settings.distill.latent_family)
+            settings.distill.teacher = teacher.source
+            if teacher.single_file is not None:
+                say_line(teacher.single_file.note, quiet)
+            from zturbo.distill import student_settings
+
+            settings = student_settings(settings)  # the teacher's config, the student's widths
         dist_ctx = DistContext.from_env(os.environ)
         if dry_run:
             plan = {
@@ -185,6 +194,7 @@ def register(app: typer.Typer) -> None:
 
         from zturbo.train import train as run_training
 
+        _check_before_loading(settings, dist_ctx.world_size, profile is None and config is None)
         result = run_training(settings, resume=resume, dist_ctx=dist_ctx, quiet=quiet)
         if not dist_ctx.is_main:
             return
@@ -192,6 +202,22 @@ def register(app: typer.Typer) -> None:
             print_json(result.to_dict())
         elif not quiet:
             _summary(result)
+
+
+def _check_before_loading(settings, world_size: int, default_profile: bool) -> None:
+    """What can be checked in a moment, before any model (a teacher takes a while) is loaded:
+    the run folder can be one, and the data holds at least one batch."""
+    from zturbo.data.datasets import check_batch_fits
+    from zturbo.paths import check_output_folder
+
+    check_output_folder(settings.train.output_dir)
+    if settings.data.data_dir is None:
+        return  # the trainer says so
+    hint = "add images or lower --batch-size"
+    if default_profile:
+        hint += (f" (no --profile was given: the default profile '{settings.profile}' trains with batch "
+                 f"{settings.train.batch_size}; `zturbo config profiles` lists the others)")
+    check_batch_fits(settings.data.data_dir, settings.data.val_images, settings.train.batch_size, world_size, hint)
 
 
 def _summary(result) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from zturbo.data import IMAGE_EXTENSIONS
+from zturbo.data.batch import TrainBatch
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
 from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
 from zturbo.console import warn
@@ -135,6 +136,10 @@ class ImageFolderDataset(Dataset):
             return self._transform(image, generator)
         raise InputError("no readable image in the dataset", "check the files in the data folder")
 
+    def collate(self, items: list[torch.Tensor | EncodedImage]) -> TrainBatch:
+        """The loader's batch of these items (still-encoded JPEGs with ``device_decode``)."""
+        return TrainBatch(collate_encoded(items) if self.device_decode else default_collate(items))
+
     def _report(self, exc: ImageReadError) -> None:
         if exc.path not in self._reported:
             self._reported.add(exc.path)
@@ -205,8 +210,7 @@ def make_loader(
     num_workers: int,
     pin_memory: bool,
 ) -> DataLoader:
-    """Full batches only (drop_last), workers kept alive across epochs."""
-    device_decode = getattr(dataset, "device_decode", False)
+    """``TrainBatch`` objects (the dataset's ``collate``), full batches only (drop_last), workers kept alive across epochs."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -217,12 +221,25 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),  # keeps the global RNG out of loader start-up
-        collate_fn=collate_encoded if device_decode else None,
+        collate_fn=dataset.collate,
     )
 
 
 def steps_per_epoch(num_images: int, world_size: int, per_rank_batch: int) -> int:
     return math.ceil(num_images / world_size) // per_rank_batch
+
+
+def check_batch_fits(data_dir: str | Path, val_images: int, batch_size: int, world_size: int,
+                     hint: str = "add images or lower --batch-size") -> int:
+    """The number of training images under ``data_dir``; an InputError (with ``hint``) when they are fewer
+    than one per-process batch. Cheap (it lists files), so a run can check it before loading any model."""
+    train = split_data(data_dir, val_images).train
+    per_rank = max(1, batch_size // max(1, world_size))
+    if steps_per_epoch(len(train), world_size, per_rank) == 0:
+        raise InputError(
+            f"{len(train)} training images in {data_dir} are fewer than the per-process batch of {per_rank}", hint
+        )
+    return len(train)
 
 
 def load_batch(paths: list[Path], image_size: int) -> torch.Tensor:

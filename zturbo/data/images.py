@@ -7,6 +7,7 @@ treats EXIF orientation, ICC profiles, alpha and odd modes the same way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +66,7 @@ def to_srgb_rgb(im: Image.Image) -> Image.Image:
 def image_read_errors(path: str | Path) -> Iterator[None]:
     """Turn any failure while opening or decoding ``path`` into ImageReadError with a reason tag.
 
-    Reasons: too-large, missing, unreadable, not-an-image, corrupt (and whatever an
+    Reasons: too-large, missing, unreadable, not-an-image, symlink-loop, corrupt (and whatever an
     ImageReadError raised inside carries).
     """
     try:
@@ -80,7 +81,11 @@ def image_read_errors(path: str | Path) -> Iterator[None]:
         raise ImageReadError(path, "unreadable", "permission denied") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageReadError(path, "not-an-image") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated data, bad headers, symlink loops
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageReadError(path, "symlink-loop", "too many levels of symbolic links") from exc
+        raise ImageReadError(path, "corrupt", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    except (SyntaxError, ValueError, EOFError) as exc:  # truncated data, bad headers
         raise ImageReadError(path, "corrupt", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
 

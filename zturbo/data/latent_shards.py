@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
+from zturbo.data.batch import TrainBatch
 from zturbo.data.images import DEFAULT_MAX_PIXELS, open_image_sized, pil_to_tensor, resize_to_bucket
 from zturbo.errors import InputError, UsageError
 
@@ -124,3 +125,8 @@ class LatentPairDataset(Dataset):
         latent = latent[:, top : top + size, left : left + size]
         image = image[:, top * f : (top + size) * f, left * f : (left + size) * f]
         return image.contiguous(), latent.contiguous()
+
+    def collate(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> TrainBatch:
+        """The loader's batch of these pairs: images and their latents."""
+        images, latents = default_collate(items)
+        return TrainBatch(images, latents)

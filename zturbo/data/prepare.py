@@ -32,27 +32,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from zturbo.config import PrepareConfig
 from zturbo.data import demo_dir
 from zturbo.data.prepare_image import RenderOptions, output_name, split_for
 from zturbo.data.prepare_pool import run_tasks
-from zturbo.data.prepare_scan import Candidate, image_extensions, is_inside, scan
+from zturbo.data.prepare_scan import Candidate, ScanResult, image_extensions, is_inside, scan
 from zturbo.data.prepare_state import (
+    SPLITS,
     Journal,
     OutputLock,
-    remove_empty_dirs,
+    remove_stale_outputs,
     remove_temp_files,
     write_json,
     write_jsonl,
 )
 from zturbo.errors import InputError, UsageError
+from zturbo.paths import ensure_output_folder
 from zturbo.utils import atomic_write_bytes, usable_cores
 
 PIPELINE_VERSION = 2  # bump when the same settings would render different pixels
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "prepare-report.json"
-SPLITS = ("train", "val")
 # Skips that depend only on the file's bytes and the settings, so a re-run can trust them.
 _CACHEABLE_SKIPS = {"corrupt", "not-an-image", "too-large", "too-small", "unsupported-mode", "empty"}
 
@@ -158,24 +158,7 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     opts = render_options(config)
-    workers = resolve_workers(config.workers)
-    input_root, output_root = Path(input_dir), Path(output_dir)
-    if not input_root.is_dir():
-        what = "is not a folder" if input_root.exists() else "does not exist"
-        raise InputError(f"input folder {input_root} {what}", "pass the folder that holds your images")
-    if is_inside(output_root, input_root):
-        raise UsageError(
-            f"output folder {output_root} is inside the input folder {input_root}",
-            "choose an OUTPUT outside INPUT, otherwise prepared images would be read back as sources",
-        )
-    try:
-        output_root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(
-            f"cannot create output folder {output_root}: {exc.strerror or exc}",
-            "choose a folder you can write to",
-        ) from exc
-
+    input_root, output_root = _open_folders(Path(input_dir), Path(output_dir))
     report = PrepareReport(
         input=str(input_root.resolve()),
         output=str(output_root.resolve()),
@@ -184,59 +167,95 @@ def prepare_dataset(
         resize=opts.resize,
         val_fraction=opts.val_fraction,
         dedupe=config.dedupe,
-        workers=workers,
+        workers=resolve_workers(config.workers),
     )
     with OutputLock(output_root):
         remove_temp_files(output_root)
         found = scan(input_root, exclude=output_root)
-        journal = Journal(output_root)
-        state, known_outputs = journal.load()
-        fp = fingerprint(opts)
-        try:
-            records = _process(
-                found.candidates, state, fp, opts, output_root, workers, journal, on_progress, report
-            )
-            records = _settle_splits_and_duplicates(
-                records, found.candidates, fp, opts, config.dedupe, output_root, workers, journal, report
-            )
-            report.removed = _remove_stale_outputs(known_outputs, records, output_root)
-            written = sorted(
-                (r for r in records.values() if r["status"] == "written"), key=lambda r: r["source"]
-            )
-            write_jsonl(output_root / MANIFEST_NAME, (_manifest_line(r) for r in written))
-            journal.rewrite(records[c.rel] for c in found.candidates if c.rel in records)
-        finally:
-            journal.close()
-
-        skipped = found.skipped + [
-            {"source": r["source"], "reason": r["reason"], "detail": r.get("detail", "")}
-            for r in records.values()
-            if r["status"] == "skipped"
-        ]
-        skipped.sort(key=lambda s: s["source"])
-        report.seen = len(found.candidates) + len(found.skipped)
-        report.ignored = found.ignored
-        report.outputs = len(written)
-        report.train = sum(r["split"] == "train" for r in written)
-        report.val = report.outputs - report.train
-        report.skipped = dict(sorted(Counter(s["reason"] for s in skipped).items()))
-        report.skipped_files = skipped
-        report.elapsed_s = round(time.perf_counter() - started, 3)
-        report.images_per_s = round(report.written / report.elapsed_s, 2) if report.elapsed_s > 0 else 0.0
+        records = _bring_outputs_up_to_date(found, opts, config.dedupe, output_root, on_progress, report)
+        _count(report, found, records, started)
         write_json(output_root / REPORT_NAME, report.to_dict())
-
-    if report.outputs == 0:
-        if report.seen == 0:
-            raise InputError(
-                f"no image files found under {input_root}",
-                f"prepare reads {', '.join(sorted(_short_exts()))} files, in sub-folders too",
-            )
-        raise InputError(
-            f"no usable images under {input_root}: all {report.seen} skipped "
-            f"({', '.join(f'{n} {r}' for r, n in report.skipped.items())})",
-            f"see {output_root / REPORT_NAME} for each file and why",
-        )
+    _check_usable(report, input_root, output_root)
     return report
+
+
+def _open_folders(input_root: Path, output_root: Path) -> tuple[Path, Path]:
+    """Check INPUT is a folder and OUTPUT a folder outside it, and create OUTPUT."""
+    if not input_root.is_dir():
+        what = "is not a folder" if input_root.exists() else "does not exist"
+        raise InputError(f"input folder {input_root} {what}", "pass the folder that holds your images")
+    if is_inside(output_root, input_root):
+        raise UsageError(
+            f"output folder {output_root} is inside the input folder {input_root}",
+            "choose an OUTPUT outside INPUT, otherwise prepared images would be read back as sources",
+        )
+    return input_root, ensure_output_folder(output_root, "output folder")
+
+
+def _bring_outputs_up_to_date(
+    found: ScanResult,
+    opts: RenderOptions,
+    dedupe: bool,
+    output_root: Path,
+    on_progress: Callable[[PrepareProgress], None] | None,
+    report: PrepareReport,
+) -> dict[str, dict[str, Any]]:
+    """Render what is new or changed, settle splits and duplicates, remove stale outputs, and write the
+    manifest and the compacted journal; returns the record of every current source."""
+    journal = Journal(output_root)
+    state, known_outputs = journal.load()
+    fp = fingerprint(opts)
+    try:
+        records = _process(found.candidates, state, fp, opts, output_root, report.workers, journal, on_progress, report)
+        records = _settle_splits_and_duplicates(
+            records, found.candidates, fp, opts, dedupe, output_root, report.workers, journal, report
+        )
+        report.removed = remove_stale_outputs(known_outputs, records, output_root)
+        write_jsonl(output_root / MANIFEST_NAME, (_manifest_line(r) for r in _written(records)))
+        journal.rewrite(records[c.rel] for c in found.candidates if c.rel in records)
+    finally:
+        journal.close()
+    return records
+
+
+def _written(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((r for r in records.values() if r["status"] == "written"), key=lambda r: r["source"])
+
+
+def _count(report: PrepareReport, found: ScanResult, records: dict[str, dict[str, Any]], started: float) -> None:
+    """Fill in the report's counts, skipped files and speed."""
+    written = _written(records)
+    skipped = found.skipped + [
+        {"source": r["source"], "reason": r["reason"], "detail": r.get("detail", "")}
+        for r in records.values()
+        if r["status"] == "skipped"
+    ]
+    skipped.sort(key=lambda s: s["source"])
+    report.seen = len(found.candidates) + len(found.skipped)
+    report.ignored = found.ignored
+    report.outputs = len(written)
+    report.train = sum(r["split"] == "train" for r in written)
+    report.val = report.outputs - report.train
+    report.skipped = dict(sorted(Counter(s["reason"] for s in skipped).items()))
+    report.skipped_files = skipped
+    report.elapsed_s = round(time.perf_counter() - started, 3)
+    report.images_per_s = round(report.written / report.elapsed_s, 2) if report.elapsed_s > 0 else 0.0
+
+
+def _check_usable(report: PrepareReport, input_root: Path, output_root: Path) -> None:
+    """Fail when nothing usable came out: no image files at all, or every one skipped."""
+    if report.outputs:
+        return
+    if report.seen == 0:
+        raise InputError(
+            f"no image files found under {input_root}",
+            f"prepare reads {', '.join(sorted(_short_exts()))} files, in sub-folders too",
+        )
+    raise InputError(
+        f"no usable images under {input_root}: all {report.seen} skipped "
+        f"({', '.join(f'{n} {r}' for r, n in report.skipped.items())})",
+        f"see {output_root / REPORT_NAME} for each file and why",
+    )
 
 
 def prepare_demo(
@@ -409,24 +428,3 @@ def _settle_splits_and_duplicates(
             [(c.path, c.rel, str(output_root), opts) for c in redo], workers, opts.max_pixels, finished
         )
     return records
-
-
-def _remove_stale_outputs(
-    known_outputs: set[str], records: dict[str, dict[str, Any]], output_root: Path
-) -> int:
-    """Delete outputs earlier runs wrote that no current source owns (source removed, format changed)."""
-    current = {r["output"] for r in records.values() if r["status"] == "written"}
-    removed = 0
-    for rel in sorted(known_outputs - current):
-        try:
-            os.unlink(output_root / rel)
-            removed += 1
-        except FileNotFoundError:
-            pass
-    for split in SPLITS:
-        remove_empty_dirs(output_root / split)
-    return removed
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parallel execution

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from zturbo.data.images import ImageReadError, check_pixels, image_read_errors, to_srgb_rgb
+from zturbo.paths import inside
 from zturbo.utils import atomic_path
 
 TMP_SUFFIX = ".zturbo-tmp"
@@ -78,6 +79,9 @@ def process_file(source: str, rel: str, output_root: str, opts: RenderOptions) -
         return record
     split = split_for(sha, opts.val_fraction)
     out_rel = f"{split}/{output_name(rel, opts.format)}"
+    if not inside((Path(output_root) / out_rel).parent, Path(output_root)):  # a symlinked folder in OUTPUT
+        record.update(status="skipped", reason="outside-output", detail=f"{out_rel} leads outside {output_root}")
+        return record
     write_atomic(Path(output_root) / out_rel, payload)
     record.update(status="written", split=split, output=out_rel, output_bytes=len(payload))
     return record

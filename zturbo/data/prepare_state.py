@@ -14,11 +14,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from zturbo.data.prepare_image import TMP_SUFFIX
+from zturbo.data.prepare_image import OUTPUT_EXT, TMP_SUFFIX
 from zturbo.errors import InputError, UsageError
+from zturbo.paths import inside
 from zturbo.utils import atomic_path
 
 STATE_DIR = ".prepare"
+SPLITS = ("train", "val")
 
 
 class Journal:
@@ -27,18 +29,25 @@ class Journal:
         self._fh = None
 
     def load(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
-        """Latest record per source, and every output path any record ever named."""
+        """Latest record per source, and every output path any record ever named.
+
+        A line that is not a well-formed record (a torn last line after a power cut, or an
+        edited one) is ignored, so its source is redone; in particular a record whose output
+        is not one prepare writes (``is_prepared_output``) never reaches the code that moves
+        or deletes outputs.
+        """
         records: dict[str, dict[str, Any]] = {}
         outputs: set[str] = set()
         if not self.path.exists():
             return records, outputs
-        with open(self.path, encoding="utf-8") as fh:
+        root = self.path.parent.parent
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a torn line from a power cut: that source is simply redone
-                if not isinstance(rec, dict) or "source" not in rec:
+                    continue
+                if not _well_formed(rec, root):
                     continue
                 records[rec["source"]] = rec
                 if rec.get("output"):
@@ -61,6 +70,31 @@ class Journal:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def is_prepared_output(rel: object, root: Path) -> bool:
+    """``rel`` names a file prepare writes: ``train/...`` or ``val/...`` with an output format's
+    extension, relative, without ``.`` or ``..`` parts, and inside ``root`` once symlinks are resolved."""
+    if not isinstance(rel, str) or "\\" in rel or "\x00" in rel:
+        return False
+    parts = rel.split("/")
+    if len(parts) < 2 or parts[0] not in SPLITS or any(p in ("", ".", "..") for p in parts):
+        return False
+    if os.path.splitext(parts[-1])[1] not in OUTPUT_EXT.values():
+        return False
+    return inside(root / rel, root / parts[0])
+
+
+def _well_formed(rec: object, root: Path) -> bool:
+    if not isinstance(rec, dict) or not isinstance(rec.get("source"), str):
+        return False
+    status = rec.get("status")
+    if status == "written":
+        return (is_prepared_output(rec.get("output"), root) and rec.get("split") in SPLITS
+                and isinstance(rec.get("sha256"), str) and isinstance(rec.get("output_bytes"), int))
+    if status == "duplicate":
+        return isinstance(rec.get("sha256"), str) and "output" not in rec
+    return status == "skipped" and "output" not in rec
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -141,3 +175,25 @@ def remove_empty_dirs(root: Path) -> None:
                 os.rmdir(dirpath)  # fails, harmlessly, unless empty
             except OSError:
                 pass
+
+
+def remove_stale_outputs(
+    known_outputs: set[str], records: dict[str, dict[str, Any]], output_root: Path
+) -> int:
+    """Delete outputs earlier runs wrote that no current source owns (source removed, format changed)."""
+    current = {r["output"] for r in records.values() if r["status"] == "written"}
+    removed = 0
+    for rel in sorted(known_outputs - current):
+        # Journal.load keeps only outputs prepare writes (train/ or val/, inside OUTPUT); checked
+        # again here, right before deleting.
+        path = output_root / rel
+        if not is_prepared_output(rel, output_root) or path.is_dir():
+            continue
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    for split in SPLITS:
+        remove_empty_dirs(output_root / split)
+    return removed

@@ -52,7 +52,7 @@ def find_images(data_dir: str | Path, max_images: int | None = None) -> ImageSet
             for p in root.rglob("*")
             if p.suffix.lower() in IMAGE_EXTENSIONS
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and p.is_file()
+            and (p.is_file() or (p.is_symlink() and not p.is_dir()))  # a dangling link is listed as skipped
         )
     if not paths:
         raise InputError(

@@ -108,7 +108,7 @@ def latent_statistics(
     overall_mean = float(moments.sum.sum() / (moments.n * mean.numel()))
     overall_var = float(moments.sq.sum() / (moments.n * mean.numel())) - overall_mean**2
     return LatentStats(
-        model=str(artifact.model_dir),
+        model=str(artifact.source),
         images=count,
         positions=moments.n,
         latents_mean=[float(v) for v in mean],
@@ -126,6 +126,9 @@ def write_latent_stats(stats: LatentStats) -> Path:
     FLUX.2 layout: the BatchNorm statistics in the weights file (config.json is untouched).
     """
     folder = Path(stats.model)
+    if folder.is_file():
+        raise UsageError(f"--write stores the statistics in a model folder; {folder} is a single file",
+                         f"import it first: zturbo import {folder} --out MODEL_DIR")
     data = read_config(folder)
     if config_from_diffusers(data).patch_size is not None:
         if stats.bn_running_mean is None or stats.bn_running_var is None:

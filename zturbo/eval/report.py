@@ -14,8 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from zturbo.eval.runner import EvalReport
 from zturbo.eval.sheet import render_sheet
+from zturbo.paths import ensure_output_folder
 from zturbo.utils import atomic_write_text
 
 CSV_NAME = "per_image.csv"
@@ -72,8 +75,7 @@ def per_image_csv(report: EvalReport) -> str:
 
 def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     """per_image.csv, summary.json and contact_sheet.png in ``out_dir``, each written atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_folder(out_dir, "--out")
     written = {"csv": out / CSV_NAME, "json": out / JSON_NAME}
     atomic_write_text(written["csv"], per_image_csv(report))
     atomic_write_text(written["json"], json.dumps(report_json(report), indent=2) + "\n")
@@ -112,8 +114,9 @@ def render_tables(report: EvalReport, console) -> None:
     keys = list(report.models)
     d = report.data
     console.print(
-        f"[bold]eval[/] {d['evaluated']} images from {d['dir']} at size {d['size']}"
-        + (f", {len(d['skipped'])} skipped" if d["skipped"] else ""),
+        f"[bold]eval[/] {d['evaluated']} images from {escape(d['dir'])} at size {d['size']}"
+        + (f", {len(d['skipped'])} skipped" if d["skipped"] else "")
+        + (f", {len(d['failed'])} failed" if d.get("failed") else ""),
         highlight=False,
     )
     for key in keys:
@@ -142,7 +145,7 @@ def render_tables(report: EvalReport, console) -> None:
     if rank and report.summary["model"].get(rank, {}).get("worst"):
         worst = report.summary["model"][rank]["worst"]
         console.print(
-            f"worst by {rank}: " + ", ".join(f"{w['name']} ({fmt(rank, w['value'])})" for w in worst),
+            f"worst by {rank}: " + ", ".join(f"{escape(w['name'])} ({fmt(rank, w['value'])})" for w in worst),
             highlight=False,
         )
     if report.compare is not None:
@@ -172,6 +175,8 @@ def render_tables(report: EvalReport, console) -> None:
         highlight=False,
     )
     for s in d["skipped"]:
-        console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(s['path'])}: {s['reason']}", highlight=False)
+    for f in d.get("failed", []):
+        console.print(f"[red]failed[/] {escape(f['name'])}: {f['reason']} ({escape(f['detail'])})", highlight=False)
     for note in report.notes:
         console.print(f"[dim]note:[/] {note}", highlight=False)

@@ -12,10 +12,8 @@ metric side by side with the ratio, plus the speed ratio from the same run.
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,12 +25,12 @@ from zturbo.artifacts import ALL_KINDS, require
 from zturbo.backends import Backend, open_backend
 from zturbo.config import EvalConfig
 from zturbo.errors import CheckpointError, InputError, ZTurboError
-from zturbo.eval.data import ImageBatch, find_images, iter_batches
-from zturbo.eval.metrics import MS_SSIM_MIN_SIDE, MetricSuite, higher_is_better
+from zturbo.eval.data import ImageBatch, ImageSet, find_images, iter_batches
+from zturbo.eval.metrics import MS_SSIM_MIN_SIDE, MetricSuite
 from zturbo.eval.sheet import SheetCollector
+from zturbo.eval.summary import compare_summaries, summarize
 from zturbo.utils import resolve_device
 
-MODEL_KEYS = ("model", "other")
 _RANK_PREFERENCE = (
     "psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_alex_random", "lpips_vgg_random", "chroma_outlier"
 )
@@ -133,8 +131,10 @@ def _to_model_input(pixels: torch.Tensor, factor: int, device: torch.device) -> 
     return x
 
 
-def reconstruct(model: EvaluatedModel, pixels: torch.Tensor, *, timed: bool = True, first: bool = False):
-    """uint8 (B, 3, H, W) -> reconstruction as uint8 on the backend's device (clamped, rounded, cropped back)."""
+def reconstruct(model: EvaluatedModel, pixels: torch.Tensor, *, timed: bool = True,
+                first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, 3, H, W) -> reconstruction as uint8 on the backend's device (clamped, rounded, cropped back),
+    and per image whether the decoder's output was all finite (clamping hides a NaN as a black pixel)."""
     backend = model.backend
     h, w = pixels.shape[-2:]
     x = _to_model_input(pixels, backend.downsample_factor, backend.device)
@@ -174,100 +174,8 @@ def reconstruct(model: EvaluatedModel, pixels: torch.Tensor, *, timed: bool = Tr
         model.decode_s += t2 - t1
         model.images += pixels.shape[0]
     images = images[..., :h, :w].float()
-    return ((images.clamp(-1, 1) + 1.0) * 127.5).round_().to(torch.uint8)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def _finite(values: list[float]) -> list[float]:
-    return [v for v in values if v is not None and math.isfinite(v)]
-
-
-def summarize(values: list[float], names: list[str], metric: str, worst: int) -> dict[str, Any] | None:
-    """Mean, median, std, range and the worst images of one metric.
-
-    PSNR of an exact reconstruction is +inf: such images are counted as
-    ``identical``, kept in the median (they sort above every finite value) and
-    left out of the mean, which would otherwise be inf for the whole set.
-    """
-    valid = [(v, n) for v, n in zip(values, names) if v is not None and not math.isnan(v)]
-    if not valid:
-        return None
-    finite = _finite([v for v, _ in valid])
-    up = higher_is_better(metric)
-    ordered = sorted(valid, key=lambda vn: vn[0], reverse=not up)  # worst first
-    out = {
-        "count": len(valid),
-        "mean": statistics.fmean(finite) if finite else math.inf,
-        "median": statistics.median(v for v, _ in valid),
-        "std": statistics.pstdev(finite) if len(finite) > 1 else 0.0,
-        "worst_value": ordered[0][0],
-        "best_value": ordered[-1][0],
-        "identical": sum(1 for v, _ in valid if math.isinf(v)),
-        "worst": [{"name": n, "value": v} for v, n in ordered[:worst]],
-    }
-    return out
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
-        return None
-    return a / b
-
-
-def compare_summaries(
-    report_summary: dict, models: dict, dataset: dict, per_image: list[dict]
-) -> dict[str, Any]:
-    """Each metric's mean for both models, model / other, and how often the model wins image by image."""
-    metrics: dict[str, Any] = {}
-    ours, theirs = report_summary.get("model", {}), report_summary.get("other", {})
-    for metric in ours:
-        if metric not in theirs:
-            continue
-        a, b = ours[metric]["mean"], theirs[metric]["mean"]
-        up = higher_is_better(metric)
-        wins = ties = counted = 0
-        for row in per_image:
-            va, vb = row["model"].get(metric), row["other"].get(metric)
-            if va is None or vb is None or math.isnan(va) or math.isnan(vb):
-                continue
-            counted += 1
-            if va == vb:
-                ties += 1
-            elif (va > vb) == up:
-                wins += 1
-        metrics[metric] = {
-            "model": a,
-            "other": b,
-            "ratio": _ratio(a, b),
-            "difference": a - b if math.isfinite(a) and math.isfinite(b) else None,
-            "higher_is_better": up,
-            "model_better_images": wins,
-            "tied_images": ties,
-            "images": counted,
-        }
-    for metric in dataset.get("model", {}):
-        if metric in dataset.get("other", {}):
-            a, b = dataset["model"][metric], dataset["other"][metric]
-            metrics[metric] = {
-                "model": a,
-                "other": b,
-                "ratio": _ratio(a, b),
-                "difference": a - b,
-                "higher_is_better": higher_is_better(metric),
-            }
-    speed_a, speed_b = models["model"]["images_per_s"], models["other"]["images_per_s"]
-    return {
-        "metrics": metrics,
-        "speed": {
-            "model_images_per_s": speed_a,
-            "other_images_per_s": speed_b,
-            "ratio": _ratio(speed_a, speed_b),
-            "what": "encode + decode throughput on the same batches, interleaved, after one warm-up batch each",
-        },
-    }
+    finite = torch.isfinite(images).flatten(1).all(1)
+    return ((images.clamp(-1, 1) + 1.0) * 127.5).round_().to(torch.uint8), finite
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,140 +203,176 @@ def evaluate(
     ``fid_feature`` exist to test the plumbing; their values are named
     ``*_random`` and are no quality figure. ``metric_suite`` reuses loaded metric
     networks across calls (it then replaces ``config.metrics`` and the options above).
+    An image whose reconstruction holds NaN or inf is listed in ``report.data["failed"]``
+    and left out of every metric, for both models.
     """
     config = config or EvalConfig()
     wall_start = time.perf_counter()
     images = find_images(data_dir, config.max_images)
     device = resolve_device(config.device)
+    models = _open_models(checkpoint, compare, config, device)
+    if metric_suite is None:
+        suite = MetricSuite(config.metrics, device, lpips_nets=list(dict.fromkeys(config.lpips_nets)),
+                            lpips_random_backbone=lpips_random_backbone, allow_download=allow_download,
+                            fid_feature=fid_feature, inception_weights=config.inception_weights,
+                            missing_weights=missing_weights)
+    else:
+        suite = metric_suite
+        suite.reset()
+    if not suite.per_image_names and not suite.dataset_names:
+        raise ZTurboError(
+            "none of the requested metrics can run here: " + "; ".join(suite.unavailable.values()),
+            "add psnr or ssim to --metrics, or provide the missing network weights",
+        )
+    if on_start is not None:
+        on_start(len(images.paths))
+    done = _run_images(images, models, suite, config, on_batch)
+    if not done.rows:
+        raise _nothing_evaluated(images, done, data_dir, config)
+    return _build_report(config, data_dir, images, models, suite, done, time.perf_counter() - wall_start)
+
+
+@dataclass
+class _Evaluated:
+    """What the pass over the images produced."""
+
+    rows: list[dict[str, Any]]  # one per image evaluated: its size and each model's metric values
+    failed: list[dict[str, Any]]  # images whose reconstruction was not finite: name, reason, detail
+    sheet: SheetCollector
+    rank_metric: str | None
+    load_s: float = 0.0
+
+
+def _open_models(checkpoint: Any, compare: Any, config: EvalConfig, device: torch.device) -> list[EvaluatedModel]:
     models = [open_model("model", checkpoint, config, device)]
     if compare is not None:
         models.append(open_model("other", compare, config, device))
     if len(models) == 2 and models[0].name == models[1].name:
         models[0].name, models[1].name = f"{models[0].name} (model)", f"{models[1].name} (other)"
-    if metric_suite is not None:
-        suite = metric_suite
-        suite.reset()
-    else:
-        suite = MetricSuite(
-            config.metrics,
-            device,
-            lpips_nets=list(dict.fromkeys(config.lpips_nets)),
-            lpips_random_backbone=lpips_random_backbone,
-            allow_download=allow_download,
-            fid_feature=fid_feature,
-            inception_weights=config.inception_weights,
-            missing_weights=missing_weights,
-        )
-    names = suite.per_image_names
-    if not names and not suite.dataset_names:
-        raise ZTurboError(
-            "none of the requested metrics can run here: " + "; ".join(suite.unavailable.values()),
-            "add psnr or ssim to --metrics, or provide the missing network weights",
-        )
-    rank_metric = next((m for m in _RANK_PREFERENCE if m in names), None)
-    sheet = SheetCollector(config.sheet_images, rank_metric, [m.key for m in models])
-    if on_start is not None:
-        on_start(len(images.paths))
+    return models
 
-    rows: list[dict[str, Any]] = []
-    load_s = 0.0
+
+def _run_images(images: ImageSet, models: list[EvaluatedModel], suite: MetricSuite, config: EvalConfig,
+                on_batch: Callable[[int, int], None] | None) -> _Evaluated:
+    """Reconstruct every batch with every model (alternating which goes first) and score the finite ones."""
+    rank_metric = next((m for m in _RANK_PREFERENCE if m in suite.per_image_names), None)
+    done = _Evaluated([], [], SheetCollector(config.sheet_images, rank_metric, [m.key for m in models]), rank_metric)
     batches = iter_batches(images, config.size, config.batch_size, config.max_pixels)
-    index = 0
-    while True:
-        t0 = time.perf_counter()
-        batch: ImageBatch | None = next(batches, None)
-        load_s += time.perf_counter() - t0
-        if batch is None:
-            break
+    for index, batch in enumerate(_timed(batches, done)):
         if index == 0:
             # Warm-up on one image: one-time allocations and kernel selection stay out of the timing.
             for model in models:
                 reconstruct(model, batch.pixels[:1], timed=False, first=True)
-        order = models if index % 2 == 0 else models[::-1]
-        recons = {m.key: reconstruct(m, batch.pixels) for m in order}
-        values = {m.key: suite.update(m.key, recons[m.key], batch.pixels) for m in models}
-        for i, name in enumerate(batch.names):
-            row = {
-                "name": name,
-                "width": int(batch.pixels.shape[-1]),
-                "height": int(batch.pixels.shape[-2]),
-                "source_width": batch.original_sizes[i][0],
-                "source_height": batch.original_sizes[i][1],
-            }
-            for m in models:
-                row[m.key] = {k: float(v[i]) for k, v in values[m.key].items()}
-            rows.append(row)
-            if rank_metric is not None:
-                sheet.offer(
-                    name,
-                    values["model"][rank_metric][i].item(),
-                    batch.pixels[i],
-                    {k: r[i] for k, r in recons.items()},
-                )
-        index += 1
+        _score_batch(batch, models if index % 2 == 0 else models[::-1], models, suite, done)
         if on_batch is not None:
-            on_batch(len(rows) + len(images.skipped), len(images.paths))
+            on_batch(len(done.rows) + len(done.failed) + len(images.skipped), len(images.paths))
+    return done
 
-    if not rows:
-        raise _no_readable(images, data_dir)
 
+def _timed(batches: Iterator[ImageBatch], done: _Evaluated) -> Iterator[ImageBatch]:
+    """``batches``, adding the time spent reading them to ``done.load_s``."""
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        done.load_s += time.perf_counter() - t0
+        if batch is None:
+            return
+        yield batch
+
+
+def _score_batch(batch: ImageBatch, order: list[EvaluatedModel], models: list[EvaluatedModel],
+                 suite: MetricSuite, done: _Evaluated) -> None:
+    """Reconstruct one batch; images every model reconstructed finitely get rows, the others a failure."""
+    outputs = {m.key: reconstruct(m, batch.pixels) for m in order}
+    finite = {m.key: outputs[m.key][1].cpu() for m in models}
+    keep = torch.stack(list(finite.values())).all(0)
+    for i in (~keep).nonzero().flatten().tolist():
+        culprits = ", ".join(m.name for m in models if not finite[m.key][i])
+        done.failed.append({"name": batch.names[i], "reason": "non-finite",
+                            "detail": f"the reconstruction by {culprits} holds NaN or infinite values"})
+    if not keep.any():
+        return
+    rows = keep.nonzero().flatten()
+    pixels = batch.pixels[rows]
+    recons = {k: r[rows.to(r.device)] for k, (r, _) in outputs.items()}
+    values = {m.key: suite.update(m.key, recons[m.key], pixels) for m in models}
+    for j, i in enumerate(rows.tolist()):
+        name = batch.names[i]
+        row = {"name": name, "width": int(pixels.shape[-1]), "height": int(pixels.shape[-2]),
+               "source_width": batch.original_sizes[i][0], "source_height": batch.original_sizes[i][1]}
+        for m in models:
+            row[m.key] = {k: float(v[j]) for k, v in values[m.key].items()}
+        done.rows.append(row)
+        if done.rank_metric is not None:
+            done.sheet.offer(name, values["model"][done.rank_metric][j].item(), pixels[j],
+                             {k: r[j] for k, r in recons.items()})
+
+
+def _summaries(models: list[EvaluatedModel], suite: MetricSuite, rows: list[dict], worst: int):
+    """Per model: each per-image metric's statistics, and the dataset-level metrics (rFID)."""
     summary: dict[str, dict[str, Any]] = {}
     dataset: dict[str, dict[str, float]] = {}
-    row_names = [r["name"] for r in rows]
+    names = [r["name"] for r in rows]
     for m in models:
         summary[m.key] = {}
-        for metric in names:
-            stats = summarize([r[m.key].get(metric) for r in rows], row_names, metric, config.worst_images)
+        for metric in suite.per_image_names:
+            stats = summarize([r[m.key].get(metric) for r in rows], names, metric, worst)
             if stats is not None:
                 summary[m.key][metric] = stats
         dataset[m.key] = suite.dataset_metrics(m.key)
+    return summary, dataset
 
-    notes: list[str] = []
-    for metric in names:
-        if metric not in summary["model"]:
-            notes.append(
-                f"{metric}: no image large enough (MS-SSIM needs sides of at least {MS_SSIM_MIN_SIDE} px)"
-            )
+
+def _notes(suite: MetricSuite, summary: dict, evaluated: int) -> list[str]:
+    notes = [f"{metric}: no image large enough (MS-SSIM needs sides of at least {MS_SSIM_MIN_SIDE} px)"
+             for metric in suite.per_image_names if metric not in summary["model"]]
     if suite.lpips_random:
         notes.append("LPIPS used a random backbone (plumbing test): its values are not a quality figure")
     if suite.fid_random:
         notes.append("rFID used a custom feature network: its value is not comparable to published FID")
-    elif suite.dataset_names and len(rows) < 2048:
-        notes.append(f"rFID on {len(rows)} images is biased upwards; published rFID uses 50k images")
+    elif suite.dataset_names and evaluated < 2048:
+        notes.append(f"rFID on {evaluated} images is biased upwards; published rFID uses 50k images")
+    return notes
 
+
+def _build_report(config: EvalConfig, data_dir: str | Path, images: ImageSet, models: list[EvaluatedModel],
+                  suite: MetricSuite, done: _Evaluated, wall_s: float) -> EvalReport:
+    summary, dataset = _summaries(models, suite, done.rows, config.worst_images)
     described = {m.key: m.describe() for m in models}
-    wall_s = time.perf_counter() - wall_start
     timing = {
         "wall_s": wall_s,
-        "images_per_s": len(rows) / wall_s,
-        "load_s": load_s,
+        "images_per_s": len(done.rows) / wall_s,
+        "load_s": done.load_s,
         "reconstruct_s": {m.key: m.encode_s + m.decode_s for m in models},
         "metrics_s": dict(suite.seconds),
         "note": "reconstruct_s excludes the warm-up batch; metrics_s sums over all models",
     }
+    data = {
+        "dir": str(data_dir),
+        "size": config.size,
+        "found": len(images.paths),
+        "evaluated": len(done.rows),
+        "skipped": [s.__dict__ for s in images.skipped],
+        "failed": done.failed,
+    }
     report = EvalReport(
-        config=config.model_dump(mode="json"),
-        models=described,
-        data={
-            "dir": str(data_dir),
-            "size": config.size,
-            "found": len(images.paths),
-            "evaluated": len(rows),
-            "skipped": [s.__dict__ for s in images.skipped],
-        },
-        metrics=names + suite.dataset_names,
-        rank_metric=rank_metric,
-        per_image=rows,
-        summary=summary,
-        dataset_metrics=dataset,
-        unavailable=dict(suite.unavailable),
-        timing=timing,
-        notes=notes,
-        sheet=sheet,
+        config=config.model_dump(mode="json"), models=described, data=data,
+        metrics=suite.per_image_names + suite.dataset_names, rank_metric=done.rank_metric, per_image=done.rows,
+        summary=summary, dataset_metrics=dataset, unavailable=dict(suite.unavailable), timing=timing,
+        notes=_notes(suite, summary, len(done.rows)), sheet=done.sheet,
     )
     if len(models) == 2:
-        report.compare = compare_summaries(summary, described, dataset, rows)
+        report.compare = compare_summaries(summary, described, dataset, done.rows)
     return report
+
+
+def _nothing_evaluated(images: ImageSet, done: _Evaluated, data_dir, config: EvalConfig) -> ZTurboError:
+    if done.failed:
+        hint = "fp16 overflows in this model: use --precision bf16 or fp32" if config.precision == "fp16" else (
+            "the model's weights may be damaged; check it with fp32 on a few images")
+        return ZTurboError(f"every reconstruction of the {len(done.failed)} readable images in {data_dir} holds "
+                           f"NaN or infinite values ({done.failed[0]['detail']})", hint)
+    return _no_readable(images, data_dir)
 
 
 def _no_readable(images, data_dir) -> InputError:

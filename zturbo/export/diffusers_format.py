@@ -5,9 +5,9 @@ loads (config.json with scaling and shift factors + safetensors). Our state
 dict already uses diffusers' key layout, so this is a save with a check.
 
 Import: a diffusers VAE folder (for example FLUX.1's ``vae/``, in fp32, fp16 or
-bf16, safetensors or a weights-only .bin, old or new attention key names) as a
-zturbo model folder, so a standard VAE can be evaluated and benchmarked next to
-a turbo one with the same tools.
+bf16, safetensors or a weights-only .bin, old or new attention key names), or any
+model a single file holds (``import_model``), as a zturbo model folder, so a standard
+VAE can be evaluated and benchmarked next to a turbo one with the same tools.
 """
 
 from __future__ import annotations
@@ -96,30 +96,58 @@ def import_diffusers(
 
     ``zturbo.artifacts`` finds that folder in a pipeline (its ``vae/``), a run or a checkpoint.
     """
-    log = log or _nolog
     folder = Path(folder)
-    vae = load_pretrained(folder).float()
-    config = vae.config
+    return import_model(load_pretrained(folder), folder, out, verify, log)
+
+
+def import_model(
+    vae, source: Path, out: str | Path, verify: bool = False, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Write ``vae``, read from ``source`` (a model folder or a single file), as a zturbo model folder at ``out``.
+
+    ``verify`` loads ``source`` with diffusers and compares: ``from_pretrained`` for a folder,
+    ``from_single_file`` (with the folder written as its config) for a file.
+    """
+    log = log or _nolog
+    source = Path(source)
+    vae = vae.float()
+    if verify and source.is_file():
+        check_single_file_verifiable(vae.config)
     out = prepare_out_dir(out)
-    log(f"importing {folder} ({vae.num_parameters / 1e6:.1f} M parameters) to {out}")
+    log(f"importing {source} ({vae.num_parameters / 1e6:.1f} M parameters) to {out}")
     save_model_folder(vae, out)
     report: dict[str, Any] = {
         "format": "zturbo",
-        "source": str(folder),
+        "source": str(source),
         "out": str(out),
-        "model": config.model_dump(mode="json"),
+        "model": vae.config.model_dump(mode="json"),
         "parameters": vae.num_parameters,
     }
     if verify:
-        report["verify"] = compare_with_diffusers(vae, folder)
+        report["verify"] = compare_with_diffusers(vae, out if source.is_file() else source, single_file=source
+                                                  if source.is_file() else None)
     return report
 
 
-def compare_with_diffusers(vae, folder: Path) -> dict[str, Any]:
-    """Load ``folder`` with diffusers and compare its encode/decode with ``vae`` on sample photos."""
+def check_single_file_verifiable(config) -> None:
+    """diffusers' ``from_single_file`` reads AutoencoderKL files with one width list only."""
+    if config.patch_size is not None or config.decoder_channels != config.block_out_channels:
+        raise UsageError(
+            "--verify loads the file with diffusers' AutoencoderKL.from_single_file, which reads neither FLUX.2 "
+            "files nor decoders narrower than their encoder",
+            "import without --verify; `zturbo import DIR_WRITTEN --out ... --verify` compares the folder instead",
+        )
+
+
+def compare_with_diffusers(vae, folder: Path, single_file: Path | None = None) -> dict[str, Any]:
+    """Load ``folder`` (or ``single_file``, configured by ``folder``) with diffusers and compare its
+    encode/decode with ``vae`` on sample photos."""
     diffusers = require("diffusers", "comparing with diffusers' AutoencoderKL")
     cls = getattr(diffusers, diffusers_class(vae.config))
-    theirs = cls.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    if single_file is not None:
+        theirs = cls.from_single_file(str(single_file), config=str(folder), torch_dtype=torch.float32).eval()
+    else:
+        theirs = cls.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     f = vae.config.downsample_factor
     images = sample_images(max(f, _COMPARE_SIZE // f * f), 2)
     with torch.inference_mode():

@@ -27,10 +27,11 @@ from zturbo.export.diffusers_format import check_diffusers_class, export_diffuse
 from zturbo.export.fp16 import activation_ranges, convert_to_fp16, plan_fp16
 from zturbo.export.layout import INPUT_NAMES, META_NAME, OUTPUT_NAMES, prepare_out_dir
 from zturbo.export.onnx import check_onnx, export_part, io_shapes
+from zturbo.export.single_file import export_single_file
 from zturbo.export.tensorrt import build_engine, environment, require_tensorrt
 from zturbo.export.verify import sample_images
 from zturbo.model import VAE, load_pretrained
-from zturbo.model.fingerprint import encoder_fingerprint
+from zturbo.distill.fingerprint import encoder_fingerprint
 from zturbo.utils import atomic_write_json
 from zturbo.version import __version__
 
@@ -85,21 +86,23 @@ def export_model(
     cfg: ExportConfig | None = None,
     log: Log | None = None,
     verifier: Verifier | None = None,
+    vae: VAE | None = None,
 ) -> dict[str, Any]:
-    """Export the model folder ``model_dir`` to ``out_dir``.
+    """Export the model folder ``model_dir`` (or ``vae``, loaded from there already) to ``out_dir``.
 
     ``verifier(vae, staging_dir)`` checks ONNX / TensorRT files before they are
     published and raises when they fail; ``cfg.verify`` needs one, because running
     the files takes a backend, which sits above this package
     (``zturbo.backends.verify.export_checkpoint`` passes it). The diffusers format
-    verifies itself against diffusers. Returns the metadata written to
-    ``out_dir/zturbo_export.json`` (or, for the diffusers format, a summary of the folder written).
+    verifies itself against diffusers, the single-file format by reading itself back. Returns the
+    metadata written to ``out_dir/zturbo_export.json`` (or, for the diffusers and single-file formats,
+    a summary of what was written; ``out_dir`` is then the file).
     """
     cfg = cfg or ExportConfig()
     log = log or _nolog
     if not cfg.parts:
         raise UsageError("nothing to export: --part is empty", "use --part encoder,decoder")
-    if cfg.verify and cfg.format != "diffusers" and verifier is None:
+    if cfg.verify and cfg.format in ("onnx", "trt") and verifier is None:
         raise UsageError(
             "export.verify needs a verifier that runs the exported files",
             "call zturbo.backends.verify.export_checkpoint, which passes one",
@@ -107,7 +110,9 @@ def export_model(
     if cfg.format == "trt":  # fail before minutes of export work if the engine cannot be built here
         require_tensorrt()
     source = Path(model_dir)
-    vae = load_pretrained(source).float().eval()
+    vae = (vae if vae is not None else load_pretrained(source)).float().eval()
+    if cfg.format == "single-file":
+        return export_single_file(vae, Path(out_dir), cfg.layout, cfg.precision, cfg.force, cfg.verify, source, log)
     if cfg.format == "diffusers":  # refuse a model diffusers cannot hold before any folder is made
         check_diffusers_class(vae.config)
     out = prepare_out_dir(out_dir)

@@ -9,25 +9,28 @@ adds when no gradient is being recorded.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import register_flop_formula
 
-from zturbo.model.kernels import KERNELS as _KERNELS
-from zturbo.model.kernels import group_norm_silu, kernel_choices, set_kernels  # noqa: F401 - re-exported
+from zturbo.model.kernels import Kernels, group_norm_silu
+from zturbo.model.plan import PlanBuilder
 
 NORM_EPS = 1e-6
 
 
-def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, recompute: bool = False, choice: str = "auto") -> torch.Tensor:
     """silu(norm(x)). With ``recompute`` (under autograd) only ``x`` is kept for the backward and
     the pair is recomputed there: under CUDA autocast GroupNorm runs in fp32, so its output, kept
-    for SiLU's backward, is twice the size of the bf16 tensors around it."""
+    for SiLU's backward, is twice the size of the bf16 tensors around it. ``choice``: the model's
+    ``Kernels.group_norm``."""
     if recompute and torch.is_grad_enabled():
-        return checkpoint(group_norm_silu, norm, x, True, use_reentrant=False)
-    return group_norm_silu(norm, x, silu=True)
+        return checkpoint(group_norm_silu, norm, x, True, choice, use_reentrant=False)
+    return group_norm_silu(norm, x, silu=True, choice=choice)
 
 
 def _add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -39,8 +42,9 @@ def _add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1 conv) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or Kernels()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=NORM_EPS, affine=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=NORM_EPS, affine=True)
@@ -51,10 +55,13 @@ class ResnetBlock2D(nn.Module):
     # Set by VAE.enable_gradient_checkpointing: GroupNorm+SiLU then recompute in the backward.
     checkpoint_norms = False
 
+    def add_to_plan(self, plan: PlanBuilder) -> None:
+        plan.add("resnet", self, self.conv1.in_channels, self.conv2.out_channels)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        recompute = self.checkpoint_norms and self.training
-        h = self.conv1(norm_silu(self.norm1, x, recompute))
-        h = self.conv2(norm_silu(self.norm2, h, recompute))
+        recompute, choice = self.checkpoint_norms and self.training, self.kernels.group_norm
+        h = self.conv1(norm_silu(self.norm1, x, recompute, choice))
+        h = self.conv2(norm_silu(self.norm2, h, recompute, choice))
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return _add(h, shortcut)
 
@@ -65,6 +72,9 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def add_to_plan(self, plan: PlanBuilder) -> None:
+        plan.add("downsample", self, self.conv.in_channels, self.conv.out_channels, scale=Fraction(1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -115,10 +125,11 @@ def upsample_conv_subpixel(
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 conv (computed per output phase, see ``set_kernels``)."""
+    """Nearest-neighbour x2 followed by a 3x3 conv (computed per output phase, see ``Kernels``)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or Kernels()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self._folded: tuple | None = None  # (weight identity, folded weight), for calls without autograd
 
@@ -131,8 +142,11 @@ class Upsample2D(nn.Module):
             self._folded = (key, subpixel_weight(weight))
         return self._folded[1]
 
+    def add_to_plan(self, plan: PlanBuilder) -> None:
+        plan.add("upsample", self, self.conv.in_channels, self.conv.out_channels, scale=2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _KERNELS["upsample"] == "subpixel":
+        if self.kernels.upsample == "subpixel":
             return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias, self._folded_weight())
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
@@ -169,9 +183,8 @@ def _blocked_attention_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
     return 2 * (2 * b * length * k_shape[1] * d)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Single-head attention on (B, L, D) tensors."""
-    choice = _KERNELS["attention"]
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, choice: str = "auto") -> torch.Tensor:
+    """Single-head attention on (B, L, D) tensors; ``choice``: the model's ``Kernels.attention``."""
     if choice == "auto":
         fused_unavailable = q.shape[-1] > 256 and q.dtype in (torch.float16, torch.bfloat16)
         choice = "matmul" if q.is_cuda and fused_unavailable else "sdpa"
@@ -183,18 +196,22 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 class Attention(nn.Module):
     """Single-head spatial self-attention with a residual, diffusers' key layout."""
 
-    def __init__(self, channels: int, groups: int = 32):
+    def __init__(self, channels: int, groups: int = 32, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or Kernels()
         self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
 
+    def add_to_plan(self, plan: PlanBuilder) -> None:
+        plan.add("attention", self, self.to_q.in_features, self.to_out[0].out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = group_norm_silu(self.group_norm, x, silu=False).flatten(2).transpose(1, 2)  # (B, HW, C)
-        out = _attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        tokens = group_norm_silu(self.group_norm, x, False, self.kernels.group_norm).flatten(2).transpose(1, 2)
+        out = _attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), self.kernels.attention)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)  # a channels-last view
         # The residual goes first so the sum keeps the input's memory layout. With ``out``
         # first, everything after the mid block silently ran channels-last, which on CPU
@@ -204,58 +221,57 @@ class Attention(nn.Module):
         return x + out
 
 
-class MidBlock(nn.Module):
-    """ResNet -> (optional) attention -> ResNet."""
-
-    def __init__(self, channels: int, groups: int, add_attention: bool = True):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups), ResnetBlock2D(channels, channels, groups)])
-        self.attentions = nn.ModuleList([Attention(channels, groups)]) if add_attention else None
-
-    def layers(self) -> list[nn.Module]:
-        """The layers in call order (for per-layer gradient checkpointing)."""
-        return [self.resnets[0], *(self.attentions or []), self.resnets[1]]
+class _Block(nn.Module):
+    """A container of layers run in ``layers()`` order (the order the plan lists them in)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
-        if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
-class DownEncoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
+class MidBlock(_Block):
+    """ResNet -> (optional) attention -> ResNet."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool = True, kernels: Kernels | None = None):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
-        )
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, kernels) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups, kernels)]) if add_attention else None
+
+    def layers(self) -> list[nn.Module]:
+        """The layers in call order: the first ResNet, the attentions, the other ResNets."""
+        return [self.resnets[0], *(self.attentions or []), *self.resnets[1:]]
+
+
+class DownEncoderBlock(_Block):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool,
+                 kernels: Kernels | None = None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, kernels)
+                                      for i in range(num_layers)])
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
 
     def layers(self) -> list[nn.Module]:
+        """The layers in call order: the ResNets, then the downsampler."""
         return [*self.resnets, *(self.downsamplers or [])]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
 
-
-class UpDecoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
+class UpDecoderBlock(_Block):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool,
+                 kernels: Kernels | None = None):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
-        )
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, kernels)
+                                      for i in range(num_layers)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, kernels)]) if add_upsample else None
 
     def layers(self) -> list[nn.Module]:
+        """The layers in call order: the ResNets, then the upsampler."""
         return [*self.resnets, *(self.upsamplers or [])]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+
+def add_block(plan: PlanBuilder, block: MidBlock | DownEncoderBlock | UpDecoderBlock) -> None:
+    """A block's layers to a coder's plan: each layer module describes itself (``add_to_plan``)."""
+    for layer in block.layers():
+        if not hasattr(layer, "add_to_plan"):
+            raise TypeError(f"{type(layer).__name__} does not describe itself to the layer plan (add_to_plan)")
+        layer.add_to_plan(plan)

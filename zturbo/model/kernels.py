@@ -11,6 +11,9 @@ matmuls back into the fused kernel it avoids.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,22 +34,38 @@ from zturbo.model.group_norm_triton import triton_available
 #             "sdpa" always uses it, "matmul" the blocked matmuls whenever autograd is off.
 #   group_norm "auto": the Triton kernels (zturbo.model.group_norm_triton) for half-precision
 #             channels-last CUDA tensors, with or without autograd; "torch": always F.group_norm.
-KERNELS = {"upsample": "subpixel", "attention": "auto", "group_norm": "auto"}
-_CHOICES = {"upsample": ("subpixel", "nearest"), "attention": ("auto", "sdpa", "matmul"), "group_norm": ("auto", "torch")}
+CHOICES = {"upsample": ("subpixel", "nearest"), "attention": ("auto", "sdpa", "matmul"), "group_norm": ("auto", "torch")}
 
 
-def set_kernels(**choices: str) -> dict[str, str]:
-    """Choose how upsampling, attention and GroupNorm are computed; returns the previous choices."""
-    previous = dict(KERNELS)
-    for name, value in choices.items():
-        if name not in _CHOICES or value not in _CHOICES[name]:
-            raise ValueError(f"{name}={value!r}: choose {name} from {_CHOICES.get(name, ())}")
-        KERNELS[name] = value
-    return previous
+@dataclass
+class Kernels:
+    """How one model computes its upsampling, attention and GroupNorm: state of the model, shared by its
+    layers (``VAE.kernels``), never of the process. ``set`` changes it in place; ``using`` for a while."""
 
+    upsample: str = "subpixel"
+    attention: str = "auto"
+    group_norm: str = "auto"
 
-def kernel_choices() -> dict[str, str]:
-    return dict(KERNELS)
+    def set(self, **choices: str) -> dict[str, str]:
+        """Change the named choices; returns the previous ones (all three)."""
+        for name, value in choices.items():
+            if name not in CHOICES or value not in CHOICES[name]:
+                raise ValueError(f"{name}={value!r}: choose {name} from {CHOICES.get(name, ())}")
+        previous = self.as_dict()
+        for name, value in choices.items():
+            setattr(self, name, value)
+        return previous
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @contextmanager
+    def using(self, **choices: str) -> Iterator[Kernels]:
+        previous = self.set(**choices)
+        try:
+            yield self
+        finally:
+            self.set(**previous)
 
 
 MIN_ELEMENTS = 1 << 22  # below this the launch overhead of the small merge ops dominates
@@ -57,11 +76,11 @@ _TRITON_FAILED: list[str] = []  # the first error, once the kernels failed to bu
 _CHECKPOINT_STOP = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 
 
-def use_triton_group_norm(x: torch.Tensor) -> bool:
+def use_triton_group_norm(x: torch.Tensor, choice: str = "auto") -> bool:
     return (
-        triton_available()
+        choice == "auto"
+        and triton_available()
         and not _TRITON_FAILED
-        and KERNELS["group_norm"] == "auto"
         and x.is_cuda
         and x.dim() == 4
         and x.dtype in (torch.float16, torch.bfloat16)
@@ -76,7 +95,7 @@ def _note_failure(exc: Exception) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-def probe_triton_group_norm(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+def probe_triton_group_norm(device: torch.device, dtype: torch.dtype = torch.bfloat16, choice: str = "auto") -> bool:
     """Build and run the kernels once on a small map, eagerly; on failure fall back for good.
 
     Returns whether the Triton kernels will be used on ``device``.
@@ -84,7 +103,7 @@ def probe_triton_group_norm(device: torch.device, dtype: torch.dtype = torch.bfl
     Call it before ``torch.compile`` traces the model: a compiled graph cannot fall back
     on its own, and a GPU Triton does not support should train with PyTorch's GroupNorm.
     """
-    if not triton_available() or device.type != "cuda" or KERNELS["group_norm"] != "auto" or _TRITON_FAILED:
+    if not triton_available() or device.type != "cuda" or choice != "auto" or _TRITON_FAILED:
         return False
     x = torch.randn(1, 32, 8, 8, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.ones(32, device=device, requires_grad=True)
@@ -100,15 +119,15 @@ def probe_triton_group_norm(device: torch.device, dtype: torch.dtype = torch.bfl
     return True
 
 
-def group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
-    """``silu(norm(x))`` (or ``norm(x)``), by the Triton kernels where they apply.
+def group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor, silu: bool, choice: str = "auto") -> torch.Tensor:
+    """``silu(norm(x))`` (or ``norm(x)``), by the Triton kernels where they apply (``choice`` "auto").
 
     Under autograd the differentiable training op runs (Triton backward too); without,
     the inference op. If the kernels cannot build or launch on this GPU (an architecture
     Triton does not support, say), eager calls warn once and use PyTorch's GroupNorm from
     then on.
     """
-    if norm.affine and use_triton_group_norm(x):
+    if norm.affine and use_triton_group_norm(x, choice):
         args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
         try:
             if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):

@@ -3,7 +3,7 @@
     vae = VAE(ModelConfig(block_out_channels=[96, 192, 384, 384], latent_channels=8))
     z = vae.encode(x).mode()          # x in [-1, 1], (B, 3, H, W)
     x_hat = vae.decode(z)
-    x_hat = vae.decode(z, tile=256)   # exact tiled decode, bounded memory (zturbo.model.tiling)
+    x_hat = vae.decode(z, tile=256)   # exact tiled decode, bounded memory (zturbo.tiling)
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, ResnetBlock2D, UpDecoderBlock, norm_silu
+from zturbo.model.blocks import NORM_EPS, DownEncoderBlock, MidBlock, ResnetBlock2D, UpDecoderBlock, add_block, norm_silu
 from zturbo.model.config import ModelConfig
 from zturbo.model.diffusers import (
     CONFIG_NAME,
@@ -29,9 +29,10 @@ from zturbo.model.diffusers import (
     read_config,
     read_weights,
 )
-from zturbo.model.errors import CheckpointError
+from zturbo.model.errors import CheckpointError, UsageError
 from zturbo.model.files import atomic_path, atomic_write_text
-from zturbo.model.tiling import decode_tiled, encode_moments
+from zturbo.model.kernels import Kernels
+from zturbo.model.plan import Layer, PlanBuilder, run_layer
 
 
 class DiagonalGaussian:
@@ -56,77 +57,99 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
-class _CheckpointedSequence(nn.Module):
+class _Coder(nn.Module):
+    """An encoder or decoder: its layers in ``plan()`` order, each checkpointed on its own when asked."""
+
     gradient_checkpointing = False
+    kernels: Kernels
 
-    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``block(x)``; with gradient checkpointing, each of its layers is checkpointed on its own.
+    def plan(self) -> list[Layer]:
+        """The layers in call order (``zturbo.model.plan``): what ``forward`` runs and every engine reads."""
+        b = PlanBuilder(self)
+        b.add("conv", self.conv_in, self.conv_in.in_channels, self.conv_in.out_channels)
+        for block in self.blocks():
+            add_block(b, block)
+        b.add("conv", self.conv_out, self.conv_out.in_channels, self.conv_out.out_channels, norm=self.conv_norm_out)
+        return b.layers
 
-        Per layer rather than per block: recomputing a whole block for its backward holds all of
-        its layers' activations at once, which at 2048 px (three ResNets of 96 channels at full
-        resolution) is most of the step's peak memory. Per layer holds one ResNet's, for the same
-        recompute work and a few more saved layer inputs.
-        """
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            for layer in block.layers():
-                x = checkpoint(layer, x, use_reentrant=False)
-            return x
-        return block(x)
+    def _norm_silu(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm_silu(norm, x, self.gradient_checkpointing and self.training, self.kernels.group_norm)
 
-    def _norm_out(self, x: torch.Tensor) -> torch.Tensor:
-        return norm_silu(self.conv_norm_out, x, recompute=self.gradient_checkpointing and self.training)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each layer in turn. With gradient checkpointing, each block layer (ResNet, attention,
+        resampler) is checkpointed on its own rather than per block: recomputing a whole block for its
+        backward holds all of its layers' activations at once, which at 2048 px (three ResNets of 96
+        channels at full resolution) is most of the step's peak memory."""
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.plan():
+            if checkpointing and layer.kind != "conv":
+                x = checkpoint(layer.module, x, use_reentrant=False)
+            else:
+                x = run_layer(layer, x, self._norm_silu)
+        return x
 
 
-class Encoder(_CheckpointedSequence):
-    def __init__(self, cfg: ModelConfig):
+class Encoder(_Coder):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels = kernels or Kernels()
         ch = cfg.block_out_channels
         g = cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         prev = ch[0]
         for i, out in enumerate(ch):
-            self.down_blocks.append(DownEncoderBlock(prev, out, cfg.layers_per_block, g, add_downsample=i < len(ch) - 1))
+            self.down_blocks.append(
+                DownEncoderBlock(prev, out, cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, kernels=kernels))
             prev = out
-        self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
+        self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention, kernels)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=NORM_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = self._run(block, x)
-        x = self._run(self.mid_block, x)
-        return self.conv_out(self._norm_out(x))
+    def blocks(self) -> list[nn.Module]:
+        return [*self.down_blocks, self.mid_block]
 
 
-class Decoder(_CheckpointedSequence):
-    def __init__(self, cfg: ModelConfig):
+class Decoder(_Coder):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels = kernels or Kernels()
         ch = list(reversed(cfg.decoder_channels))
         g = cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
+        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention, kernels)
         self.up_blocks = nn.ModuleList()
         prev = ch[0]
         for i, out in enumerate(ch):
-            self.up_blocks.append(UpDecoderBlock(prev, out, cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1))
+            self.up_blocks.append(
+                UpDecoderBlock(prev, out, cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1, kernels=kernels))
             prev = out
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=NORM_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(z)
-        x = self._run(self.mid_block, x)
-        for block in self.up_blocks:
-            x = self._run(block, x)
-        return self.conv_out(self._norm_out(x))
+    def blocks(self) -> list[nn.Module]:
+        return [self.mid_block, *self.up_blocks]
+
+
+class Tiler(Protocol):
+    """What ``encode`` / ``decode`` with ``tile=`` call: ``zturbo.tiling`` installs itself as ``VAE.tiler``."""
+
+    def encode_moments(self, vae: nn.Module, x: torch.Tensor, tile: int | str, mode: str, **options: Any) -> torch.Tensor: ...
+
+    def decode(self, vae: nn.Module, z: torch.Tensor, tile: int | str, mode: str, **options: Any) -> torch.Tensor: ...
 
 
 class VAE(nn.Module):
-    """AutoencoderKL with diffusers-identical parameter names and shapes."""
+    """AutoencoderKL with diffusers-identical parameter names and shapes.
+
+    ``kernels`` (``zturbo.model.kernels.Kernels``) says how this model computes its upsampling,
+    attention and GroupNorm; ``set_kernels`` changes it for every layer at once.
+    """
+
+    # The tiled engines live above the model (``zturbo.tiling``, which sets this when the package is imported).
+    tiler: ClassVar[Tiler | None] = None
 
     def __init__(self, config: ModelConfig | dict[str, Any] | None = None, **overrides: Any):
         super().__init__()
@@ -138,8 +161,9 @@ class VAE(nn.Module):
             config = ModelConfig(**{**config.model_dump(), **overrides})
         self.config = config
         lat = config.latent_channels
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.kernels = Kernels()
+        self.encoder = Encoder(config, self.kernels)
+        self.decoder = Decoder(config, self.kernels)
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if config.use_post_quant_conv else None
         if config.patch_size is not None:
@@ -158,9 +182,9 @@ class VAE(nn.Module):
                **tiling: Any) -> DiagonalGaussian:
         """q(z|x). With ``tile`` (pixels, or "auto"), computed over tiles without autograd: ``tile_mode``
         "exact" equals the untiled result, "fast" approximates it in one pass per tile. ``tiling``:
-        ``memory_budget`` (bytes), ``offload``, ``halo``, ``stats_size`` (see ``zturbo.model.tiling``)."""
+        ``memory_budget`` (bytes), ``offload``, ``halo``, ``stats_size`` (see ``zturbo.tiling``)."""
         if tile is not None:
-            return DiagonalGaussian(encode_moments(self, x, tile, tile_mode, **tiling))
+            return DiagonalGaussian(self._tiler().encode_moments(self, x, tile, tile_mode, **tiling))
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -171,7 +195,7 @@ class VAE(nn.Module):
         """The image. ``tile``: output tile side in pixels (a multiple of the downsampling factor) or
         "auto"; ``tile_mode`` and ``tiling`` as for ``encode``, plus ``recompute`` (exact mode, least memory)."""
         if tile is not None:
-            return decode_tiled(self, z, tile, tile_mode, **tiling)
+            return self._tiler().decode(self, z, tile, tile_mode, **tiling)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
@@ -182,6 +206,16 @@ class VAE(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
+
+    def _tiler(self) -> Tiler:
+        if self.tiler is None:
+            raise UsageError("tiled encode and decode need the zturbo.tiling package: import zturbo")
+        return self.tiler
+
+    def set_kernels(self, **choices: str) -> dict[str, str]:
+        """Choose how this model computes upsampling, attention and GroupNorm (``Kernels``); returns the
+        previous choices."""
+        return self.kernels.set(**choices)
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latent as a diffusion model sees it: (z - shift) * scale."""
@@ -214,7 +248,7 @@ class VAE(nn.Module):
     # -- training helpers ------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in the backward instead of keeping them: each block layer's
-        (per layer, see ``_CheckpointedSequence._run``) and each GroupNorm+SiLU's output."""
+        (per layer, see ``_Coder.forward``) and each GroupNorm+SiLU's output."""
         self.encoder.gradient_checkpointing = enabled
         self.decoder.gradient_checkpointing = enabled
         for module in self.modules():

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from zturbo.config import ServeConfig
-from zturbo.errors import UsageError
+from zturbo.paths import check_output_folder, ensure_output_folder, inside
 from zturbo.serve.inputs import Partition
-from zturbo.serve.latents import LatentItem, check_channels, enumerate_latents
+from zturbo.serve.latents import check_channels, enumerate_latents
 from zturbo.serve.plan import plan_batches, reader_threads, resolve_batch_size
 from zturbo.serve.readers import LatentSource
 from zturbo.serve.run import RunReport, open_reader, reading_mode, run_batches
@@ -40,25 +40,27 @@ def decode_collection(
 ) -> RunReport:
     """Decode latents (an encode output, shards, ``.safetensors`` or ``.npy`` files) into images.
 
-    Each image is written atomically, so a rerun skips the ones that exist.
+    Each image is written atomically under a name derived from its latent's key that stays
+    inside ``output_dir`` (``assign_names``), never over an existing file, so a rerun skips
+    the ones that exist. A latent or decoded image holding NaN or inf is reported in the
+    report's failures and nothing is written for it.
     """
     cfg = cfg or ServeConfig()
     partition = partition or Partition()
-    out_dir = Path(output_dir)
+    out_dir = check_output_folder(output_dir)
     t_start = time.perf_counter()
     items = [it for it in enumerate_latents(latents_path) if partition.owns(it.name)]
     backend = backend or load_backend(model, cfg, device)
     mode = reading_mode(cfg, backend.device)
     check_channels(items, backend.latent_channels)
-    _check_unique_names(items)
     suffix = image_suffix(cfg.image_format)
-    todo = [it for it in items if not (out_dir / f"{it.name}.{suffix}").is_file()]
+    todo = [it for it in items if not _written(out_dir, f"{it.name}.{suffix}")]
     report = RunReport("decode", str(out_dir), total=len(items), already_done=len(items) - len(todo),
                        backend=backend.describe(), partition=partition.name)
     writer = ImageWriter(out_dir, cfg.image_format, cfg.quality, reader_threads(), todo, cfg.restore_size)
     step = DeviceStep(backend, "decode")
     if todo:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_output_folder(out_dir)
         largest = max((it.shape for it in todo), key=lambda s: s[1] * s[2])
 
         def trial(b: int) -> None:
@@ -77,14 +79,7 @@ def decode_collection(
     return report
 
 
-def _check_unique_names(items: list[LatentItem]) -> None:
-    """Two sources that differ only in extension (a.jpg, a.png) would overwrite each other's image."""
-    seen: dict[str, int] = {}
-    for it in items:
-        seen[it.name] = seen.get(it.name, 0) + 1
-    if any(n > 1 for n in seen.values()):
-        raise UsageError(
-            f"several latents would be written to the same image name (e.g. "
-            f"'{next(k for k, n in seen.items() if n > 1)}')",
-            "decode them into separate output folders",
-        )
+def _written(out_dir: Path, name: str) -> bool:
+    """An earlier run wrote this image (a file of that name inside ``out_dir``)."""
+    path = out_dir / name
+    return path.is_file() and inside(path, out_dir)

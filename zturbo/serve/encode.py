@@ -19,6 +19,7 @@ import torch
 
 from zturbo.config import ServeConfig
 from zturbo.errors import InputError
+from zturbo.paths import check_output_folder
 from zturbo.serve import store
 from zturbo.serve.inputs import Failure, Partition, Probed, bucket_sizes, discover_sources, probe_all
 from zturbo.serve.plan import plan_batches, reader_threads, resolve_batch_size
@@ -51,7 +52,7 @@ def encode_collection(
     """
     cfg = cfg or ServeConfig()
     partition = partition or Partition()
-    out_dir = Path(output_dir)
+    out_dir = check_output_folder(output_dir)
     t_start = time.perf_counter()
     sources, _ = discover_sources(input_path)
     if not sources:

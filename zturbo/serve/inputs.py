@@ -91,13 +91,7 @@ def discover_sources(input_path: str | os.PathLike) -> tuple[list[Source], int]:
     """
     root = Path(input_path)
     if root.is_dir():
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    path = Path(dirpath) / name
-                    found.append(Source(path.relative_to(root).as_posix(), path))
+        found = [Source(path.relative_to(root).as_posix(), path) for path in _walk_images(root)]
         found.sort(key=lambda s: s.key)
         return found, 0
     if root.is_file():
@@ -108,6 +102,28 @@ def discover_sources(input_path: str | os.PathLike) -> tuple[list[Source], int]:
             )
         return _read_manifest(root)
     raise InputError(f"input not found: {root}", "give a folder of images or a manifest file listing them")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under ``root``, through symlinked folders, each folder entered once: a link back to a
+    folder already walked (``loop -> .``) is not followed again. Hidden entries are skipped."""
+    found = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return found
 
 
 def _read_manifest(manifest: Path) -> tuple[list[Source], int]:

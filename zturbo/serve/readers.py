@@ -107,7 +107,13 @@ class LatentSource:
     def read(self, index: int) -> Sample:
         t0 = time.thread_time()
         item = self.items[index]
-        return Sample(index, item.name, self.reader.load(item).numpy(), seconds=time.thread_time() - t0)
+        latent = self.reader.load(item)
+        finite = torch.isfinite(latent)
+        if not bool(finite.all()):
+            # A NaN or inf decodes to a black image: report it instead.
+            failure = Failure(item.name, "non-finite", f"the latent holds {int((~finite).sum())} NaN or infinite values")
+            return Sample(index, item.name, None, failure, time.thread_time() - t0)
+        return Sample(index, item.name, latent.numpy(), seconds=time.thread_time() - t0)
 
 
 def collate(samples: list[Sample], pin: bool) -> Batch:

@@ -120,6 +120,9 @@ def run_batches(reader: Reader, step: DeviceStep, writer: Writer, report: RunRep
         raise
     reader.close()
     writer.finish()
+    report.processed -= len(writer.failed)
+    report.failed += len(writer.failed)
+    report.failures += writer.failed
     report.wait_seconds = reader.wait_seconds
     report.compute_seconds = writer.compute_seconds / reader.concurrency
     report.write_seconds = writer.busy_seconds

@@ -43,6 +43,7 @@ class StepResult:
     """One computed batch. On CUDA ``host`` is still being filled until ``ready`` has passed."""
 
     host: torch.Tensor  # latents (encode) or uint8 (n, H, W, 3) images (decode), on the host
+    finite: torch.Tensor | None = None  # per row, whether the model's output was all finite
     ready: torch.cuda.Event | None = None  # None: ``host`` is complete already (CPU compute)
     seconds: float = 0.0  # compute time, measured on the host (CPU compute)
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # compute start and end (CUDA)
@@ -93,10 +94,13 @@ class DeviceStep:
         return torch.Generator().manual_seed(int.from_bytes(digest, "big") & ((1 << 63) - 1))
 
     @torch.inference_mode()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (n, H, W, 3) images, and per image whether the model's output was all finite
+        (clamping would turn a NaN into a black pixel and an inf into a saturated one)."""
         x = self.backend.decode(z.to(self.device, non_blocking=True))
+        finite = _all_finite(x)
         # To uint8 on the device: a quarter of the bytes to copy back.
-        return ((x.float().clamp_(-1, 1) + 1.0) * 127.5).round_().to(torch.uint8).permute(0, 2, 3, 1)
+        return ((x.float().clamp_(-1, 1) + 1.0) * 127.5).round_().to(torch.uint8).permute(0, 2, 3, 1), finite
 
     def run(self, data: torch.Tensor, keys: list[str]) -> StepResult:
         """Compute one batch (uint8 images to encode, or latents to decode) without waiting for a GPU."""
@@ -104,12 +108,23 @@ class DeviceStep:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        out = self.encode(self.images_in(data), keys) if self.op == "encode" else self.decode(data)
+        if self.op == "encode":
+            out = self.encode(self.images_in(data), keys)
+            finite = _all_finite(out)
+        else:
+            out, finite = self.decode(data)
         if not self.cuda:
-            return StepResult(out.contiguous().cpu(), seconds=time.perf_counter() - t0)
+            return StepResult(out.contiguous().cpu(), finite.cpu(), seconds=time.perf_counter() - t0)
         end.record()
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         host.copy_(out, non_blocking=True)
+        host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+        host_finite.copy_(finite, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return StepResult(host, ready=ready, events=(start, end))
+        return StepResult(host, host_finite, ready=ready, events=(start, end))
+
+
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """Per batch row: True when every value is finite."""
+    return torch.isfinite(x).flatten(1).all(1)

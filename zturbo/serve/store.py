@@ -6,7 +6,7 @@
     OUT/shards/<part>-<seq>.safetensors up to shard_size latents each; metadata lists their sources
     OUT/failures/<part>.json            inputs of that part that could not be read, with the reason
     OUT/index.json                      every latent (source -> shard, tensor, shape, original size) and the
-                                        encoding model's path and encoder_fingerprint (zturbo.model.fingerprint)
+                                        encoding model's path and encoder_fingerprint (zturbo.distill.fingerprint)
     OUT/report.json                     the last run's counts and timings
 
 A shard appears under its final name only once it is complete (temp name + fsync +

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from zturbo.paths import EscapeError, prepare_parent, write_new
 from zturbo.serve import store
-from zturbo.serve.inputs import Probed
+from zturbo.serve.inputs import Failure, Probed
 from zturbo.serve.latents import LatentItem
 from zturbo.serve.readers import Computed
-from zturbo.utils import atomic_path
 
 # How many computed batches may wait for the writer.
 WRITE_QUEUE = 4
@@ -51,6 +51,8 @@ class Writer(threading.Thread, abc.ABC):
         self.error: BaseException | None = None
         self.busy_seconds = 0.0  # writing
         self.compute_seconds = 0.0  # the batches' compute time, summed
+        # Items computed but not written (a non-finite output, an unusable name), as Failure.to_dict() rows.
+        self.failed: list[dict] = []
 
     def put(self, computed: Computed) -> None:
         while True:
@@ -126,9 +128,15 @@ class ShardWriter(Writer):
             self.failures_dirty = True
         if computed.result is None:
             return
-        host = computed.result.host
+        host, finite = computed.result.host, computed.result.finite
         for row, (index, (width, height)) in enumerate(zip(batch.indices, batch.sizes)):
             item = self.items[index]
+            if finite is not None and not bool(finite[row]):
+                failure = Failure(item.source.key, "non-finite", "the encoder's output holds NaN or infinite values")
+                self.failures[item.source.key] = failure.to_dict()
+                self.failed.append(failure.to_dict())
+                self.failures_dirty = True
+                continue
             name = f"{len(self.entries):06d}"
             self.tensors[name] = host[row].clone()
             self.entries.append({
@@ -162,7 +170,8 @@ class ShardWriter(Writer):
 
 
 class ImageWriter(Writer):
-    """One image per latent, named after it; at the source region's size with ``restore_size``."""
+    """One image per latent, named after it, inside ``out_dir`` and never over an existing file; at the
+    source region's size with ``restore_size``. A non-finite image is reported in ``failed``, not written."""
 
     def __init__(self, out_dir: Path, fmt: str, quality: int, threads: int, items: list[LatentItem],
                  restore_size: bool):
@@ -177,30 +186,51 @@ class ImageWriter(Writer):
     def handle(self, computed: Computed) -> None:
         if computed.result is None:
             return
-        arrays = computed.result.host.numpy()
+        arrays, finite = computed.result.host.numpy(), computed.result.finite
         for row, index in enumerate(computed.batch.indices):
             item = self.items[index]
+            if finite is not None and not bool(finite[row]):
+                # Clamped to 8 bits, NaN would be black and inf saturated: nothing is written.
+                self.failed.append(Failure(item.name, "non-finite", "the decoded image holds NaN or infinite "
+                                           "values (the latent is out of range for this model, or the "
+                                           "precision overflowed)").to_dict())
+                continue
             size = item.source_region() if self.restore_size else None
             self.pending.append(self.pool.submit(self._save, arrays[row], item.name, size))
         # Bound the in-flight work and surface the first error.
         while len(self.pending) > 4 * self.threads:
-            self.pending.pop(0).result()
-            self.written += 1
+            self._settle(self.pending.pop(0))
 
-    def _save(self, arr: np.ndarray, name: str, size: tuple[int, int] | None) -> None:
-        path = self.out_dir / f"{name}.{image_suffix(self.fmt)}"
+    def _settle(self, future: Future) -> None:
+        failure = future.result()
+        if failure is None:
+            self.written += 1
+        else:
+            self.failed.append(failure.to_dict())
+
+    def _save(self, arr: np.ndarray, name: str, size: tuple[int, int] | None) -> Failure | None:
+        """Write one image under ``out_dir``, never replacing a file; a Failure when it cannot be placed there."""
         options = {"compress_level": 1} if self.fmt == "png" else {"quality": self.quality}
         im = Image.fromarray(arr)
         if size is not None and im.size != size:
             im = im.resize(size, Image.Resampling.LANCZOS)
-        with atomic_path(path, suffix=".tmp") as tmp:
-            im.save(tmp, format=self.fmt.upper(), **options)
+        try:
+            path = prepare_parent(self.out_dir, f"{name}.{image_suffix(self.fmt)}")
+            written = write_new(path, lambda tmp: im.save(tmp, format=self.fmt.upper(), **options))
+            if not written and not path.is_file():
+                return Failure(name, "unwritable", f"{path} exists and is not a file")
+        except EscapeError as exc:
+            return Failure(name, "outside-output", exc.message)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise
+            return Failure(name, "unwritable", f"{exc.filename or name}: {exc.strerror or exc}")
+        return None
 
     def close(self) -> None:
         try:
             for fut in self.pending:
-                fut.result()
-                self.written += 1
+                self._settle(fut)
         finally:
             self.pending = []
             self.pool.shutdown(wait=True)

@@ -23,18 +23,19 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from zturbo.config import Settings
+from zturbo.data.batch import ForwardResult, TrainBatch
 from zturbo.data.datasets import to_unit_range
 from zturbo.data.jpeg_device import EncodedBatch
 from zturbo.errors import ZTurboError
 from zturbo.model import VAE
-from zturbo.model.discriminator import NLayerDiscriminator
+from zturbo.train.discriminator import NLayerDiscriminator
 from zturbo.model.kernels import probe_triton_group_norm
 from zturbo.perceptual import load_lpips
 from zturbo.train.compile import CompileWatch, resolve_compile
@@ -70,15 +71,13 @@ class TrainForward(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(
-        self, x: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(x)
+    def forward(self, batch: TrainBatch, noise: torch.Tensor) -> ForwardResult:
+        posterior = self.vae.encode(batch.images)
         posterior = getattr(posterior, "latent_dist", posterior)
         mean, logvar = posterior.mean, torch.clamp(posterior.logvar, -30.0, 20.0)
         z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
         recon = self.vae.decode(z)
-        return getattr(recon, "sample", recon), mean, logvar
+        return ForwardResult(getattr(recon, "sample", recon), mean, logvar)
 
 
 @dataclass
@@ -112,77 +111,90 @@ class TrainEngine:
         per_rank_batch: int | None = None,
         log: Callable[[str], None] | None = None,
     ):
+        """``model`` (default: a new VAE of ``settings.model``) is trained through ``forward_module``
+        (default: ``TrainForward``; distillation's runs the student and its teacher)."""
         self.settings = settings
         self.device = device
         self.dist = dist_ctx or DistContext()
         self.log = log or (lambda message: None)
-        tcfg, lcfg = settings.train, settings.loss
+        tcfg = settings.train
         self.precision = resolve_precision(tcfg.precision, tcfg.mixed_precision, device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.per_rank_batch = per_rank_batch or max(1, tcfg.batch_size // self.dist.world_size)
         self.channels_last = device.type == "cuda"
-
-        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-        self.vae = (model if model is not None else VAE(settings.model)).to(device)
-        if tcfg.gradient_checkpointing and hasattr(self.vae, "enable_gradient_checkpointing"):
-            self.vae.enable_gradient_checkpointing()
-        if self.channels_last:
-            self.vae = self.vae.to(memory_format=torch.channels_last)
-        self.vae.train()
+        self.vae = self._place_model(model)
         self.ema = EMA(self.vae, tcfg.ema_decay)
+        self.loss = self._make_loss(perceptual, lpips_random_backbone)
+        self.disc = self._make_discriminator()
+        self._make_optimizers(total_steps, warmup_steps)
+        self._make_step_functions(forward_module if forward_module is not None else TrainForward(self.vae))
+        self.micro_batch = min(tcfg.micro_batch_size or self.per_rank_batch, self.per_rank_batch)
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0
 
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _place_model(self, model: nn.Module | None) -> nn.Module:
+        """The trained model on the device, in training mode (the same initial weights on every rank)."""
+        tcfg = self.settings.train
+        torch.manual_seed(tcfg.seed)
+        vae = (model if model is not None else VAE(self.settings.model)).to(self.device)
+        if tcfg.gradient_checkpointing and hasattr(vae, "enable_gradient_checkpointing"):
+            vae.enable_gradient_checkpointing()
+        if self.channels_last:
+            vae = vae.to(memory_format=torch.channels_last)
+        return vae.train()
+
+    def _make_loss(self, perceptual: nn.Module | None, lpips_random_backbone: bool) -> VAELoss:
+        lcfg, size = self.settings.loss, self.settings.data.image_size
         if lcfg.perceptual_weight > 0:  # before the backbone loads (or downloads)
-            check_lpips_size(lcfg.lpips_size, settings.data.image_size, settings.data.image_size)
-        if perceptual is None and lcfg.perceptual_weight > 0:
-            perceptual = load_lpips(lcfg.perceptual_net, device, random_backbone=lpips_random_backbone)
-        self.loss = VAELoss(lcfg, perceptual)
+            check_lpips_size(lcfg.lpips_size, size, size)
+            if perceptual is None:
+                perceptual = load_lpips(lcfg.perceptual_net, self.device, random_backbone=lpips_random_backbone)
+        return VAELoss(lcfg, perceptual)
 
-        self.disc: nn.Module | None = None
-        if lcfg.disc_weight > 0:
-            self.disc = NLayerDiscriminator(settings.model.out_channels, n_layers=lcfg.disc_layers).to(device)
-            if self.channels_last:
-                self.disc = self.disc.to(memory_format=torch.channels_last)
+    def _make_discriminator(self) -> nn.Module | None:
+        lcfg = self.settings.loss
+        if lcfg.disc_weight <= 0:
+            return None
+        disc = NLayerDiscriminator(self.settings.model.out_channels, n_layers=lcfg.disc_layers).to(self.device)
+        return disc.to(memory_format=torch.channels_last) if self.channels_last else disc
 
-        betas = (tcfg.adam_beta1, tcfg.adam_beta2)
+    def _make_optimizers(self, total_steps: int, warmup_steps: int) -> None:
+        """AdamW, its LR schedule and grad scaler for the model and, with a GAN, for the discriminator."""
+        tcfg, lcfg = self.settings.train, self.settings.loss
         # One fused kernel over all parameters on CUDA; elsewhere the multi-tensor (foreach) update.
-        fused = device.type == "cuda"
+        fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             [p for p in self.vae.parameters() if p.requires_grad],  # a distilled model's frozen parts stay out
-            lr=tcfg.learning_rate,
-            betas=betas,
-            weight_decay=tcfg.weight_decay,
-            fused=fused,
-            foreach=not fused,
+            lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay,
+            fused=fused, foreach=not fused,
         )
         self.scheduler = make_scheduler(self.optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio)
         scaler_on = self.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=scaler_on)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaler_on)
+        self.disc_scaler = torch.amp.GradScaler(self.device.type, enabled=scaler_on)
         self.disc_optimizer = self.disc_scheduler = None
-        self.disc_scaler = torch.amp.GradScaler(device.type, enabled=scaler_on)
         if self.disc is not None:
             # Betas (0.5, 0.9) as in the reference discriminator training.
             self.disc_optimizer = torch.optim.AdamW(
-                self.disc.parameters(),
-                lr=lcfg.disc_learning_rate or tcfg.learning_rate,
-                betas=(0.5, 0.9),
-                fused=fused,
-                foreach=not fused,
+                self.disc.parameters(), lr=lcfg.disc_learning_rate or tcfg.learning_rate, betas=(0.5, 0.9),
+                fused=fused, foreach=not fused,
             )
-            self.disc_scheduler = make_scheduler(
-                self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio
-            )
+            self.disc_scheduler = make_scheduler(self.disc_optimizer, warmup_steps, total_steps, tcfg.min_lr_ratio)
 
-        # forward_module: distillation's (zturbo.train.distill.DistillForward), over the same self.vae.
-        forward: nn.Module = forward_module if forward_module is not None else TrainForward(self.vae)
+    def _make_step_functions(self, forward: nn.Module) -> None:
+        """The forward and the loss terms a step calls: DDP-wrapped under torchrun, compiled when asked."""
         self.disc_train: nn.Module | None = self.disc
         if self.dist.enabled:
-            ids = [device.index] if device.type == "cuda" else None
+            ids = [self.device.index] if self.device.type == "cuda" else None
             forward = DDP(forward, device_ids=ids)
             if self.disc is not None:
                 self.disc_train = DDP(self.disc, device_ids=ids)
-        self.compiled = resolve_compile(tcfg.compile, device, self.log)
-        if device.type == "cuda" and self.autocast_dtype is not None:
-            probe_triton_group_norm(device, self.autocast_dtype)  # before tracing: a graph cannot fall back
+        self.compiled = resolve_compile(self.settings.train.compile, self.device, self.log)
+        if self.device.type == "cuda" and self.autocast_dtype is not None:
+            # Before tracing: a graph cannot fall back. (A diffusers model, benchmarked alike, has no kernel choice.)
+            choice = self.vae.kernels.group_norm if hasattr(self.vae, "kernels") else "auto"
+            probe_triton_group_norm(self.device, self.autocast_dtype, choice)
         self.compile_watch = CompileWatch(self.compiled)
         recon_terms = self.loss.reconstruction_terms
         gen_term = disc_term = None
@@ -201,9 +213,6 @@ class TrainEngine:
                 disc_term = torch.compile(disc_term, dynamic=False)
         self.forward, self.reconstruction_terms = forward, recon_terms
         self.generator_term, self.discriminator_term = gen_term, disc_term
-        self.micro_batch = min(tcfg.micro_batch_size or self.per_rank_batch, self.per_rank_batch)
-        self.nonfinite_streak = 0
-        self.skipped_steps = 0
 
     # ------------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -234,88 +243,94 @@ class TrainEngine:
     def disc_active(self, step: int) -> bool:
         return self.disc is not None and step >= self.settings.loss.disc_start
 
-    def step(self, batch: torch.Tensor | EncodedBatch, step: int) -> StepResult:
+    def step(self, batch: TrainBatch | torch.Tensor, step: int) -> StepResult:
         """One optimizer step on ``batch`` (this rank's share of the effective batch), at global ``step``.
 
-        An ``EncodedBatch`` (a loader with ``device_decode``) is decoded on this device first;
-        uint8 images (``as_uint8``) are copied as they are and scaled to [-1, 1] there.
+        A tensor is a batch of images alone. An ``EncodedBatch`` of images (a loader with
+        ``device_decode``) is decoded on this device first; uint8 images (``as_uint8``) are
+        copied as they are and scaled to [-1, 1] there.
         """
-        images, latents = batch if isinstance(batch, (tuple, list)) else (batch, None)  # distillation: + latents
-        if isinstance(images, EncodedBatch):
-            images = images.decode(self.device)
-        elif images.dtype == torch.uint8:
-            images = to_unit_range(images.to(self.device, non_blocking=True))
-        batch = images if latents is None else (images, latents)
+        batch = batch if isinstance(batch, TrainBatch) else TrainBatch(batch)
+        batch = replace(batch, images=self._device_images(batch.images))
         while True:
             try:
                 return self._step(batch, step)
             except torch.OutOfMemoryError:
                 if self.device.type != "cuda":
                     raise
-                if self.micro_batch == 1:
-                    peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-                    raise does_not_fit(self.settings.profile, images.shape[-1], peak, total,
-                                       self.settings.train.gradient_checkpointing) from None
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.disc_optimizer is not None:
-                    self.disc_optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                old, self.micro_batch = self.micro_batch, max(1, self.micro_batch // 2)
-                self.log(
-                    f"out of GPU memory at micro-batch {old}: retrying the step with micro-batch {self.micro_batch}"
-                )
+                self._halve_micro_batch(batch.images.shape[-1])
 
-    def _step(self, batch: torch.Tensor, step: int) -> StepResult:
-        tcfg = self.settings.train
+    def _device_images(self, images: torch.Tensor | EncodedBatch) -> torch.Tensor:
+        if isinstance(images, EncodedBatch):
+            return images.decode(self.device)
+        if images.dtype == torch.uint8:
+            return to_unit_range(images.to(self.device, non_blocking=True))
+        return images
+
+    def _halve_micro_batch(self, image_size: int) -> None:
+        """After a CUDA out-of-memory error: drop the step's gradients and retry at half the micro-batch."""
+        if self.micro_batch == 1:
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            raise does_not_fit(self.settings.profile, image_size, peak, total,
+                               self.settings.train.gradient_checkpointing) from None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.disc_optimizer is not None:
+            self.disc_optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        old, self.micro_batch = self.micro_batch, max(1, self.micro_batch // 2)
+        self.log(f"out of GPU memory at micro-batch {old}: retrying the step with micro-batch {self.micro_batch}")
+
+    def _step(self, batch: TrainBatch, step: int) -> StepResult:
         use_disc = self.disc_active(step)
-        # A distillation batch from stored latents is (images, latents); the latents go to the forward.
-        batch, latents = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        n = batch.shape[0]
-        chunks = batch.split(self.micro_batch)
-        latent_chunks = latents.split(self.micro_batch) if latents is not None else [None] * len(chunks)
+        sums = self._accumulate(batch, step, use_disc)
+        self.compile_watch.after_step(self.log)
+        return self._update(sums, step, use_disc)
+
+    def _accumulate(self, batch: TrainBatch, step: int, use_disc: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward over the micro-batches; the loss terms, weighted by micro-batch size, summed."""
+        n = len(batch)
+        micro_batches = batch.split(self.micro_batch)
         sums: dict[str, torch.Tensor] = {}
         last_layer = self.vae.decoder.conv_out.weight
-        for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
-            weight = chunk.shape[0] / n
-            x = chunk.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            seed = step_seed(tcfg.seed, step, self.dist.rank, i)
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            weight = len(micro) / n
+            micro = micro.to(self.device, self.channels_last)
+            x = micro.images
+            seed = step_seed(self.settings.train.seed, step, self.dist.rank, i)
             noise = self._latent_noise(x, seed)
             crop = self._crop_offset(x.shape[-1], seed + 1)
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.forward.no_sync()
             with sync:
                 with self._autocast():
-                    inputs = () if latent_chunks[i] is None else (latent_chunks[i].to(self.device, non_blocking=True),)
-                    recon, mean, logvar, *distill = self.forward(x, noise, *inputs)
-                    nll, kl, terms = self.reconstruction_terms(x, recon, mean, logvar, crop)
+                    out = self.forward(micro, noise)
+                    nll, kl, terms = self.reconstruction_terms(x, out.recon, out.mean, out.logvar, crop)
                     g = None
                     if use_disc:
                         self.disc.requires_grad_(False)
-                        g = self.generator_term(recon)
+                        g = self.generator_term(out.recon)
                     total = self.loss.combine(nll, kl, terms, g, last_layer if use_disc else None)
-                    if distill:  # distillation's own terms: (added loss, logged values)
-                        total = total + distill[0]
-                        terms.update(distill[1])
+                    if out.extra_loss is not None:  # what the forward adds (distillation's own terms)
+                        total = total + out.extra_loss
+                    terms.update(out.terms)
                 self.scaler.scale(total * weight).backward()
             terms["loss"] = total.detach()
             if use_disc:
                 self.disc.requires_grad_(True)
-                dsync = (
-                    contextlib.nullcontext() if last or not self.dist.enabled else self.disc_train.no_sync()
-                )
-                with dsync:
+                with contextlib.nullcontext() if last or not self.dist.enabled else self.disc_train.no_sync():
                     with self._autocast():
-                        d_loss = self.discriminator_term(x, recon)
+                        d_loss = self.discriminator_term(x, out.recon)
                     self.disc_scaler.scale(d_loss * weight).backward()
                 terms["d"] = d_loss.detach()
             for k, v in terms.items():
                 term = v.float() * weight
                 sums[k] = sums[k] + term if k in sums else term
-        self.compile_watch.after_step(self.log)
+        return sums
 
+    def _update(self, sums: dict[str, torch.Tensor], step: int, use_disc: bool) -> StepResult:
+        """Clip, guard against non-finite values, then the optimizer, EMA and discriminator updates."""
+        tcfg = self.settings.train
         self.scaler.unscale_(self.optimizer)
         clip = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), clip)
@@ -385,13 +400,13 @@ class TrainEngine:
         try:
             with self._autocast():
                 # Eager: compiling a one-image graph would cost another compile; eager peaks higher.
-                recon, mean, logvar, *_ = self._eager_forward(x, self._latent_noise(x, 0))
-                total, _ = self.loss(x, recon, mean, logvar, crop_offset=self._crop_offset(image_size, 0))
+                out = self._eager_forward(TrainBatch(x), self._latent_noise(x, 0))
+                total, _ = self.loss(x, out.recon, out.mean, out.logvar, crop_offset=self._crop_offset(image_size, 0))
             total.backward()
             per_image = torch.cuda.max_memory_allocated(self.device) - base
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-        del x, recon, mean, logvar, total
+        del x, out, total
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         param_bytes = sum(p.numel() * 4 for p in self.vae.parameters())

@@ -7,13 +7,12 @@
     >>> result = Trainer(settings).fit()          # RUN_DIR/final/ holds the EMA model
 
 Under torchrun pass ``dist_ctx=DistContext.from_env(os.environ)``; every rank
-runs the same loop, rank 0 alone logs, samples and writes checkpoints.
+runs the same loop, rank 0 alone logs, samples and writes checkpoints. Settings with
+a teacher (``settings.distill.teacher``) train its student (``zturbo.distill``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -23,10 +22,12 @@ from typing import Any
 
 import torch
 from PIL import Image
+from rich.progress import Progress, TaskID, TextColumn
 
 from zturbo.config import Settings
 from zturbo.console import info, progress
 from zturbo.data.datasets import (
+    DataSplit,
     ImageFolderDataset,
     ResumableSampler,
     load_batch,
@@ -36,15 +37,16 @@ from zturbo.data.datasets import (
 )
 from zturbo.data.images import tensor_to_uint8
 from zturbo.data.jpeg_device import decode_on_device
+from zturbo.distill import load_student, student_settings
 from zturbo.errors import CheckpointError, InputError, UsageError
 from zturbo.model import load_state_dict_strict
 from zturbo.model.diffusers import config_from_diffusers
 from zturbo.train import checkpoint as ckpt
 from zturbo.train import distributed
-from zturbo.train.distill import Distillation
 from zturbo.train.distributed import DistContext
 from zturbo.train.engine import StepResult, TrainEngine
-from zturbo.utils import atomic_path, atomic_write_text, resolve_device
+from zturbo.train.run_log import RunLog, duration, status_line
+from zturbo.utils import atomic_path, resolve_device
 
 
 @dataclass
@@ -84,42 +86,79 @@ class Trainer:
         lpips_random_backbone: bool = False,
         on_step: Callable[[int, StepResult], None] | None = None,
     ):
-        self.settings = settings
+        """Set up a run of ``settings``: device, data, model (a distillation's student), engine, run folder.
+
+        Settings with a teacher are those of its student (``zturbo.distill.student_settings``,
+        which ``zturbo train`` applies; settings it made come back equal), resolved before
+        anything reads them.
+        """
+        self.settings = student_settings(settings) if settings.distill.teacher is not None else settings
         self.dist = dist_ctx or DistContext()
         self.quiet = quiet or not self.dist.is_main
         self.on_step = on_step
-        tcfg, dcfg = settings.train, settings.data
-        self.run_dir = Path(tcfg.output_dir)
+        self.run_dir = Path(self.settings.train.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = self._start_device()
+        self.split = self._split_data()
+        self.per_rank_batch = self._per_rank_batch()
+        self.student = (load_student(self.settings, self.device, self.split.train, self._log)
+                        if self.settings.distill.teacher is not None else None)
+        self._make_loader()
+        self._make_schedule()
+        self.val_batch, self.train_batch = self._sample_batches()
+        self.engine = TrainEngine(
+            self.settings,
+            self.device,
+            dist_ctx=self.dist,
+            model=self.student.model if self.student else None,
+            forward_module=self.student.forward if self.student else None,
+            lpips_random_backbone=lpips_random_backbone,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            per_rank_batch=self.per_rank_batch,
+            log=self._log,
+        )
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.resumed_from: Path | None = None
+        self.resumed_step = 0
+        self.run_log = RunLog(self.run_dir, self.dist.is_main, self._log)
+        self._prepare_run_dir(resume)
 
-        device = resolve_device(tcfg.device)
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _start_device(self) -> torch.device:
+        """``train.device``, this rank's GPU under torchrun, with the process group started on it."""
+        device = resolve_device(self.settings.train.device)
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
-        self.device = device
         distributed.setup(self.dist, device)
-        # Distillation (zturbo.train.distill): a student in the teacher's latent space; its settings
-        # carry the student's model config.
-        self.distill = Distillation(settings, device, self._log) if settings.distill.teacher is not None else None
-        if self.distill is not None:
-            self.settings = settings = self.distill.settings
+        return device
 
+    def _split_data(self) -> DataSplit:
+        dcfg = self.settings.data
         if dcfg.data_dir is None:
             raise UsageError(
                 "no training data given", "pass --data DIR (a folder of images or `zturbo prepare` output)"
             )
-        if tcfg.batch_size % self.dist.world_size:
+        return split_data(dcfg.data_dir, dcfg.val_images)
+
+    def _per_rank_batch(self) -> int:
+        batch_size = self.settings.train.batch_size
+        if batch_size % self.dist.world_size:
             raise UsageError(
-                f"batch size {tcfg.batch_size} is not divisible by the {self.dist.world_size} processes",
+                f"batch size {batch_size} is not divisible by the {self.dist.world_size} processes",
                 "the batch size is the effective batch over all processes; pick a multiple of the process count",
             )
-        self.per_rank_batch = tcfg.batch_size // self.dist.world_size
-        split = self.split = split_data(dcfg.data_dir, dcfg.val_images)
+        return batch_size // self.dist.world_size
+
+    def _make_loader(self) -> None:
+        """This rank's sampler and loader over the training images (or a distillation's stored-latent pairs)."""
+        dcfg, train = self.settings.data, self.split.train
         # data.decode: JPEGs stay encoded for the device to decode (image folders; --latents pairs are read as pixels).
-        self.device_decode = decode_on_device(dcfg.decode, device, split.train, dcfg.image_size)
-        dataset = self.distill.dataset(split.train, dcfg.data_dir, dcfg.image_size) if self.distill else None
+        self.device_decode = decode_on_device(dcfg.decode, self.device, train, dcfg.image_size)
+        dataset = self.student.dataset(train, dcfg.data_dir, dcfg.image_size) if self.student else None
         if dataset is None:
             # uint8 crops: a quarter of the bytes through the workers and to the device (the engine scales them).
-            dataset = ImageFolderDataset(split.train, dcfg.image_size, dcfg.random_crop, dcfg.random_flip,
+            dataset = ImageFolderDataset(train, dcfg.image_size, dcfg.random_crop, dcfg.random_flip,
                                          device_decode=self.device_decode, as_uint8=True)
         else:
             self.device_decode = False
@@ -129,49 +168,27 @@ class Trainer:
                 f"{len(dataset)} training images are fewer than the per-process batch of {self.per_rank_batch}",
                 "add images or lower --batch-size",
             )
-        self.sampler = ResumableSampler(dataset, self.dist.world_size, self.dist.rank, seed=tcfg.seed)
+        self.sampler = ResumableSampler(dataset, self.dist.world_size, self.dist.rank, seed=self.settings.train.seed)
         self.loader = make_loader(
-            dataset, self.sampler, self.per_rank_batch, dcfg.num_workers, pin_memory=device.type == "cuda"
+            dataset, self.sampler, self.per_rank_batch, dcfg.num_workers, pin_memory=self.device.type == "cuda"
         )
+
+    def _make_schedule(self) -> None:
+        tcfg = self.settings.train
         self.total_steps = tcfg.max_steps or tcfg.epochs * self.steps_per_epoch
-        warmup = (
-            tcfg.warmup_steps
-            if tcfg.warmup_steps is not None
-            else round(tcfg.warmup_epochs * self.steps_per_epoch)
-        )
+        warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else round(tcfg.warmup_epochs * self.steps_per_epoch)
         self.warmup_steps = min(warmup, self.total_steps)
-        self.val_batch = load_batch(split.val, dcfg.image_size) if split.val and self.dist.is_main else None
-        # As many training photos, evenly spaced, shown beside the held-out ones: what the model has learned
-        # next to how it generalises.
-        shown = split.train[:: max(1, len(split.train) // max(1, len(split.val)))][: len(split.val)]
-        held = set(split.val)
-        self.train_batch = (
-            load_batch(shown, dcfg.image_size)
-            if self.val_batch is not None and shown and not held.intersection(shown) else None
-        )
 
-        self.engine = TrainEngine(
-            settings,
-            device,
-            dist_ctx=self.dist,
-            model=self.distill.student if self.distill else None,
-            forward_module=self.distill.forward if self.distill else None,
-            lpips_random_backbone=lpips_random_backbone,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            per_rank_batch=self.per_rank_batch,
-            log=self._log,
-        )
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.resumed_from: Path | None = None
-        self.resumed_step = 0
-        self._prepare_run_dir(resume)
-        self._writer = None
-        self._history: list[float] = []
+    def _sample_batches(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sample grid's held-out photos and, beside them, as many training photos, evenly spaced: what the
+        model has learned next to how it generalises (rank 0 only)."""
+        split, size = self.split, self.settings.data.image_size
+        if not split.val or not self.dist.is_main:
+            return None, None
+        shown = split.train[:: max(1, len(split.train) // len(split.val))][: len(split.val)]
+        train = load_batch(shown, size) if shown and not set(split.val).intersection(shown) else None
+        return load_batch(split.val, size), train
 
-    # -- set-up ---------------------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: str | os.PathLike | None) -> None:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,40 +234,12 @@ class Trainer:
                 "uninterrupted run"
             )
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-        if self.dist.is_main:
-            self._truncate_metrics(self.step)
+        self.run_log.resume_at(self.step)
 
     # -- logging --------------------------------------------------------------------------------------
     def _log(self, message: str) -> None:
         if not self.quiet:
             info(message)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines a killed run wrote after the checkpoint we resume from."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a kill
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-    def _tensorboard(self):
-        if self._writer is None and self.dist.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency, but keep training if it is broken
-                self._writer = False
-                self._log("tensorboard is not importable: metrics go to metrics.jsonl only")
-            else:
-                # On resume, drop events a killed run logged after the checkpoint.
-                purge = self.resumed_step + 1 if self.resumed_from is not None else None
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
-        return self._writer or None
 
     def _record(self, result: StepResult, images_per_s: float) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -263,13 +252,7 @@ class Trainer:
             row["skipped"] = True
         if self.device.type == "cuda":
             row["memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-        writer = self._tensorboard()
-        if writer is not None:
-            for key, value in row.items():
-                if key not in ("step", "skipped") and isinstance(value, (int, float)):
-                    writer.add_scalar(f"train/{key}", value, self.step)
+        self.run_log.record(row, self.step)
         return row
 
     # -- samples and checkpoints ----------------------------------------------------------------------
@@ -295,9 +278,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".png") as tmp:
             Image.fromarray(array).save(tmp, format="PNG")
-        writer = self._tensorboard()
-        if writer is not None:
-            writer.add_image("samples/original|reconstruction", array, self.step, dataformats="HWC")
+        self.run_log.image("samples/original|reconstruction", array, self.step)
         return path
 
     def save(self) -> Path | None:
@@ -327,119 +308,125 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        tcfg = self.settings.train
-        start_step, t0 = self.step, time.perf_counter()
+        """Train to ``total_steps`` (from where a resumed run stopped); the EMA model goes to RUN_DIR/final/."""
+        run = _FitProgress(start_step=self.step)
         if self.step == 0:
             self.engine.fit_micro_batch(self.settings.data.image_size)
-        self._log(
+        self._log(self._plan_line())
+        bar = progress(self.quiet, TextColumn("{task.fields[status]}"))
+        try:
+            with bar:
+                task = bar.add_task("train", total=self.total_steps, completed=self.step, status="")
+                run.window_t = time.perf_counter()
+                while self.step < self.total_steps:
+                    self._train_epoch(run, bar, task)
+            final_dir = self.engine.ema.model.save_pretrained(self.run_dir / "final") if self.dist.is_main else None
+            distributed.barrier()
+        finally:
+            self.run_log.close()
+        return self._result(run, final_dir)
+
+    def _plan_line(self) -> str:
+        tcfg = self.settings.train
+        return (
             f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.device} "
             f"({self.engine.precision}), {len(self.split.train)} images"
             f"{' (JPEGs decoded on the GPU)' if self.device_decode else ''}, batch {tcfg.batch_size} "
             f"= {self.dist.world_size} process(es) x micro-batch {self.engine.micro_batch} x accumulation, "
             f"run folder {self.run_dir}"
         )
-        saved: list[str] = []
-        last_result: StepResult | None = None
-        first_loss = None
-        from rich.progress import TextColumn
 
-        bar = progress(self.quiet, TextColumn("{task.fields[status]}"))
-        plain_logs = not self.quiet and bar.disable
-        try:
-            with bar:
-                task = bar.add_task("train", total=self.total_steps, completed=self.step, status="")
-                window_t, window_steps = time.perf_counter(), 0
-                while self.step < self.total_steps:
-                    self.sampler.set_epoch(self.epoch)
-                    self.sampler.skip(self.batch_in_epoch * self.per_rank_batch)
-                    for batch in self.loader:
-                        result = self.engine.step(batch, self.step)
-                        self.step += 1
-                        self.batch_in_epoch += 1
-                        if self.batch_in_epoch >= self.steps_per_epoch:
-                            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                        window_steps += 1
-                        last_result = result
-                        if first_loss is None and not result.skipped:
-                            first_loss = result.terms.get("loss")
-                        if self.on_step is not None:
-                            self.on_step(self.step, result)
-                        done = self.step >= self.total_steps
-                        if self.step % tcfg.log_every == 0 or done or self.step == start_step + 1:
-                            now = time.perf_counter()
-                            ips = window_steps * tcfg.batch_size / max(now - window_t, 1e-9)
-                            window_t, window_steps = now, 0
-                            terms = distributed.mean_across(result.terms, self.device)
-                            result.terms = terms
-                            if self.dist.is_main:
-                                row = self._record(result, ips)
-                                eta = (self.total_steps - self.step) * tcfg.batch_size / max(ips, 1e-9)
-                                status = f"{_status(row, self.device)}  ETA {_duration(eta)}"
-                                bar.update(task, completed=self.step, status=status)
-                                if plain_logs:
-                                    self._log(f"step {self.step}/{self.total_steps} {status}")
-                        else:
-                            bar.update(task, completed=self.step)
-                        if self.step % tcfg.sample_every == 0 or done:
-                            self.write_samples()
-                        if self.step % tcfg.checkpoint_every == 0 or done:
-                            path = self.save()
-                            if path is not None:
-                                saved.append(str(path))
-                        if done:
-                            break
-            final_dir = None
-            if self.dist.is_main:
-                final_dir = self.engine.ema.model.save_pretrained(self.run_dir / "final")
-            distributed.barrier()
-        finally:
-            if self._writer:
-                self._writer.close()
-        wall = time.perf_counter() - t0
-        steps_run = self.step - start_step
+    def _train_epoch(self, run: _FitProgress, bar: Progress, task: TaskID) -> None:
+        """The rest of the current epoch (from ``batch_in_epoch``), or up to the last step."""
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip(self.batch_in_epoch * self.per_rank_batch)
+        for batch in self.loader:
+            result = self.engine.step(batch, self.step)
+            self._advance(run, result)
+            self._report(run, result, bar, task)
+            self._write_on_schedule(run)
+            if self.step >= self.total_steps:
+                return
+
+    def _advance(self, run: _FitProgress, result: StepResult) -> None:
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        run.window_steps += 1
+        run.last = result
+        if run.first_loss is None and not result.skipped:
+            run.first_loss = result.terms.get("loss")
+        if self.on_step is not None:
+            self.on_step(self.step, result)
+
+    def _report(self, run: _FitProgress, result: StepResult, bar: Progress, task: TaskID) -> None:
+        """Every ``log_every`` steps (and the first and last): terms averaged over ranks, recorded and shown."""
+        tcfg = self.settings.train
+        if not (self.step % tcfg.log_every == 0 or self.step >= self.total_steps or self.step == run.start_step + 1):
+            bar.update(task, completed=self.step)
+            return
+        now = time.perf_counter()
+        ips = run.window_steps * tcfg.batch_size / max(now - run.window_t, 1e-9)
+        run.window_t, run.window_steps = now, 0
+        result.terms = distributed.mean_across(result.terms, self.device)
+        if not self.dist.is_main:
+            return
+        row = self._record(result, ips)
+        eta = (self.total_steps - self.step) * tcfg.batch_size / max(ips, 1e-9)
+        status = f"{status_line(row, self.device)}  ETA {duration(eta)}"
+        bar.update(task, completed=self.step, status=status)
+        if not self.quiet and bar.disable:  # no live bar (not a terminal): plain log lines instead
+            self._log(f"step {self.step}/{self.total_steps} {status}")
+
+    def _write_on_schedule(self, run: _FitProgress) -> None:
+        tcfg, done = self.settings.train, self.step >= self.total_steps
+        if self.step % tcfg.sample_every == 0 or done:
+            self.write_samples()
+        if self.step % tcfg.checkpoint_every == 0 or done:
+            path = self.save()
+            if path is not None:
+                run.saved.append(str(path))
+
+    def _result(self, run: _FitProgress, final_dir: Path | None) -> TrainResult:
+        tcfg = self.settings.train
+        wall = time.perf_counter() - run.t0
+        steps_run = self.step - run.start_step
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         return TrainResult(
             run_dir=str(self.run_dir),
             final_dir=str(final_dir) if final_dir else None,
             steps=self.step,
-            start_step=start_step,
+            start_step=run.start_step,
             epochs_completed=round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 3),
             images_seen=self.step * tcfg.batch_size,
             wall_s=round(wall, 2),
             images_per_s=round(steps_run * tcfg.batch_size / max(wall, 1e-9), 2),
-            first_loss=first_loss,
-            last_loss=last_result.terms.get("loss") if last_result else None,
-            last_terms=last_result.terms if last_result else {},
+            first_loss=run.first_loss,
+            last_loss=run.last.terms.get("loss") if run.last else None,
+            last_terms=run.last.terms if run.last else {},
             skipped_steps=self.engine.skipped_steps,
             micro_batch=self.engine.micro_batch,
             precision=self.engine.precision,
             device=str(self.device),
             world_size=self.dist.world_size,
             resumed_from=str(self.resumed_from) if self.resumed_from else None,
-            checkpoints=saved,
+            checkpoints=run.saved,
             peak_memory_gib=round(peak, 3) if peak is not None else None,
         )
 
 
-def _status(row: dict[str, Any], device: torch.device) -> str:
-    parts = [f"loss {row.get('loss', float('nan')):.4f}"]
-    for key in ("rec", "lpips", "kl", "g", "d"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.4g}")
-    parts.append(f"lr {row['lr']:.2e}")
-    parts.append(f"{row['images_per_s']:.1f} img/s")
-    if "memory_gib" in row:
-        parts.append(f"{row['memory_gib']:.1f} GiB")
-        with contextlib.suppress(Exception):  # needs NVML; utilisation is optional information
-            parts.append(f"util {torch.cuda.utilization(device)}%")
-    if row.get("skipped"):
-        parts.append("[skipped: non-finite]")
-    return "  ".join(parts)
+@dataclass
+class _FitProgress:
+    """What ``fit`` keeps across steps: where it started, the throughput window, losses, checkpoints."""
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    start_step: int
+    t0: float = field(default_factory=time.perf_counter)
+    window_t: float = 0.0
+    window_steps: int = 0
+    first_loss: float | None = None
+    last: StepResult | None = None
+    saved: list[str] = field(default_factory=list)
 
 
 def train(settings: Settings, **kwargs: Any) -> TrainResult:

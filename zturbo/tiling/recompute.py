@@ -1,6 +1,6 @@
 """Exact tiled decode that recomputes instead of storing, for the least memory.
 
-``tiled.py`` keeps, for each resnet, its input and its first convolution's output as whole
+``exact.py`` keeps, for each resnet, its input and its first convolution's output as whole
 maps, and materialises every upsampled map: at the decoder's full resolution that is several
 maps of the largest size. Here, where a layer's stored maps would exceed the plan's floor:
 
@@ -10,9 +10,9 @@ maps of the largest size. Here, where a layer's stored maps would exceed the pla
   ``conv2`` and adds the shortcut;
 - an upsample (nearest x2 + 3x3 conv) is never stored: the next resnet reads it through
   ``Upsampled``, which computes any region from the stored low-resolution map (per phase, by
-  ``tiled.upsample_region``), so its input costs a quarter of the pixels.
+  ``maps.upsample_region``), so its input costs a quarter of the pixels.
 
-The result is the same arithmetic as ``tiled.py`` on the same tiles, so it equals the untiled
+The result is the same arithmetic as ``exact.py`` on the same tiles, so it equals the untiled
 decode to within float rounding. The price is compute: each recomputing resnet runs ``conv1``
 twice, and a fused upsample runs three times (for ``norm1``'s moments, ``norm2``'s, and the
 output). ``recompute_plan`` chooses the layers: the floor is the largest map any layer needs
@@ -31,53 +31,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from zturbo.model.blocks import ResnetBlock2D, Upsample2D, subpixel_weight
-from zturbo.model.tiled import Grid, Moments, Norm, Runner, TiledMap, decode_exact, upsample_region
-
-
-@dataclass(frozen=True)
-class Level:
-    """One decoder resolution level: its resnets' (in, out) channels and the channels it upsamples."""
-
-    resnets: tuple[tuple[int, int], ...]
-    upsample: int | None
+from zturbo.model.plan import Layer
+from zturbo.tiling.exact import Runner, decode_exact
+from zturbo.tiling.maps import Moments, Norm, TiledMap, upsample_region
 
 
 @dataclass(frozen=True)
 class RecomputePlan:
-    resnets: tuple[tuple[bool, ...], ...]  # [level][resnet]: recompute conv1 instead of storing it
-    fused: tuple[bool, ...]  # [level]: its upsample is computed on demand by the next level's first resnet
+    recompute: frozenset[str]  # ResNets (layer names) that recompute conv1 instead of storing it
+    fused: frozenset[str]  # upsamples computed on demand by the ResNet after them, never stored
 
 
-def levels_of(channels: Sequence[int], layers_per_block: int) -> list[Level]:
-    """The decoder's levels from its block widths (encoder order, as ``ModelConfig`` gives them)."""
-    ch = list(channels)[::-1]
-    levels, prev = [], ch[0]
-    for i, c in enumerate(ch):
-        resnets = tuple((prev if j == 0 else c, c) for j in range(layers_per_block + 1))
-        levels.append(Level(resnets, c if i < len(ch) - 1 else None))
-        prev = c
-    return levels
-
-
-def recompute_plan(levels: Sequence[Level]) -> RecomputePlan:
+def recompute_plan(plan: Sequence[Layer]) -> RecomputePlan:
     """Recompute where storing would exceed the least peak recomputing can reach (see the module doc).
 
-    Units are channels x pixels, with the latent's pixel count 1 (level ``i`` has ``4**i``). A
-    recomputing resnet holds its input (a quarter of the pixels when fed by a fused upsample) and
+    Units are channels x pixels, with the coder input's pixel count 1 (a layer at resolution r has r^2).
+    A recomputing resnet holds its input (a quarter of the pixels when fed by a fused upsample) and
     its growing output, which replaces the input row by row: about the larger of the two. A stored
     resnet holds its input and conv1's output; a stored upsample its output, 4 c pixels per input pixel.
+    Only an upsample followed by a ResNet can be fused (the ResNet reads it region by region).
     """
-    def lean(i: int, cin: int, cout: int, fused_in: bool) -> float:
-        p = 4**i
-        return max(cin * p / (4 if fused_in else 1), cout * p)
+    fusable = {up.name for up, nxt in zip(plan, plan[1:]) if up.kind == "upsample" and nxt.kind == "resnet"}
+    after_fusable = {nxt.name for up, nxt in zip(plan, plan[1:]) if up.name in fusable}
+    pixels = {layer.name: float(layer.resolution**2) for layer in plan}
 
-    floor = max(lean(i, cin, cout, j == 0 and i > 0)
-                for i, level in enumerate(levels) for j, (cin, cout) in enumerate(level.resnets))
-    fused = tuple(level.upsample is not None and 4 * level.upsample * 4**i > floor for i, level in enumerate(levels))
-    resnets = tuple(
-        tuple((j == 0 and i > 0 and fused[i - 1]) or (cin + cout) * 4**i > floor for j, (cin, cout) in enumerate(level.resnets))
-        for i, level in enumerate(levels))
-    return RecomputePlan(resnets, fused)
+    def lean(layer: Layer) -> float:
+        p = pixels[layer.name]
+        return max(layer.cin * p / (4 if layer.name in after_fusable else 1), layer.cout * p)
+
+    floor = max((lean(layer) for layer in plan if layer.kind == "resnet"), default=0.0)
+    fused = frozenset(up.name for up in plan if up.name in fusable and 4 * up.cout * pixels[up.name] > floor)
+    fed = {nxt.name for up, nxt in zip(plan, plan[1:]) if up.name in fused}
+    recompute = frozenset(layer.name for layer in plan if layer.kind == "resnet" and (
+        layer.name in fed or (layer.cin + layer.cout) * pixels[layer.name] > floor))
+    return RecomputePlan(recompute, fused)
 
 
 def zero_outside(t: torch.Tensor, y0: int, x0: int, height: int, width: int) -> None:
@@ -128,17 +115,13 @@ def raw(x: Source, y0: int, y1: int, x0: int, x1: int, device: torch.device) -> 
     return x.raw(y0, y1, x0, x1) if isinstance(x, Upsampled) else x.region(y0, y1, x0, x1, device)
 
 
-def tiles(grid: Grid):
-    for r in range(len(grid.rows) - 1):
-        for c in range(len(grid.cols) - 1):
-            yield grid.rows[r], grid.rows[r + 1], grid.cols[c], grid.cols[c + 1]
-
-
 def moments_of(x: Source, device: torch.device) -> Moments:
+    if isinstance(x, TiledMap):
+        return x.stats(device)
     if x.moments is None:
         x.moments = Moments()
-        for y0, y1, x0, x1 in tiles(x.grid):
-            x.moments.add(raw(x, y0, y1, x0, x1, device))
+        for y0, y1, x0, x1 in x.grid.tiles():
+            x.moments.add(x.raw(y0, y1, x0, x1))
     return x.moments
 
 
@@ -156,7 +139,7 @@ def resnet_recompute(run: Runner, block: ResnetBlock2D, x: Source) -> TiledMap:
         return F.conv2d(xr, block.conv1.weight, block.conv1.bias), skip
 
     moments = Moments()
-    for y0, y1, x0, x1 in tiles(x.grid):
+    for y0, y1, x0, x1 in x.grid.tiles():
         moments.add(first(y0, y1, x0, x1, 0)[0])
     norm2 = moments.norm(block.norm2, silu=True)
 
@@ -170,19 +153,15 @@ def resnet_recompute(run: Runner, block: ResnetBlock2D, x: Source) -> TiledMap:
     return run.produce(x.grid, tile, release=[(x, lambda y: y - 2)])
 
 
-def decoder_levels(dec: nn.Module) -> list[Level]:
-    return [Level(tuple((r.conv1.in_channels, r.conv1.out_channels) for r in block.resnets),
-                  None if block.upsamplers is None else block.upsamplers[0].conv.out_channels)
-            for block in dec.up_blocks]
-
-
 def decode_recompute(vae: nn.Module, z: torch.Tensor, tile: int, offload: bool = False) -> torch.Tensor:
-    """``tiled.decode_exact``'s result with ``recompute_plan``'s layers recomputed instead of stored."""
-    plan = recompute_plan(decoder_levels(vae.decoder))
+    """``exact.decode_exact``'s result with ``recompute_plan``'s layers recomputed instead of stored."""
+    plan = recompute_plan(vae.decoder.plan())
 
-    def layer(run: Runner, level: int, index: int, module: nn.Module, x: Source) -> Source:
-        if index < 0:
-            return Upsampled(run, module, x) if plan.fused[level] else run.upsample(module, x)
-        return resnet_recompute(run, module, x) if plan.resnets[level][index] else run.resnet(module, x)
+    def layer(run: Runner, item: Layer, x: Source) -> Source:
+        if item.name in plan.fused:
+            return Upsampled(run, item.module, x)
+        if item.name in plan.recompute:
+            return resnet_recompute(run, item.module, x)
+        return run.layer(item, x)
 
     return decode_exact(vae, z, tile, offload, layer)

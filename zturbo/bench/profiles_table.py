@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from zturbo.config import available_profiles, load_settings
-from zturbo.model.flops import parameter_count, vae_flops
+from zturbo.bench.flops import parameter_count, vae_flops
 
 
 def profile_rows() -> list[dict[str, Any]]:

@@ -14,15 +14,19 @@ the single-device decoder computes:
   pads. The rows are exchanged after GroupNorm and SiLU, so the zeros are padding of the
   normalised map, as in the untiled network;
 - GroupNorm takes the statistics of the whole image: each rank's per-channel count, mean and
-  sum of squared deviations (M2, fp32 at least, as ``tiled.Moments``) are all-gathered and
+  sum of squared deviations (M2, fp32 at least, as ``maps.Moments``) are all-gathered and
   merged in rank order with Chan et al.'s parallel update, never as sums of x and x^2 (which
   cancel catastrophically when the mean is large next to the spread);
 - the mid-block attention is exact and global: each rank's keys and values are all-gathered
   (linear in the tokens) and each rank's queries attend to all of them with the blockwise
-  online softmax of ``tiled.online_attention``;
+  online softmax of ``maps.online_attention``;
 - the upsample is the model's own ``Upsample2D`` on the band plus its one-row halo; the halo's
   output rows are dropped (they are the only ones the halo's outer padding reaches);
+- any other (``local``) layer gathers ``halo`` rows from each neighbour and runs as its module on the
+  band so grown (not grown past the image's edges, where the module's own padding applies);
 - the output bands are all-gathered into one image on every rank.
+
+The layers come from the decoder's ``plan()``, as for the tiled engines.
 
 A rank holds only its band of each activation, so the peak memory per rank is about the
 single-device peak divided by the number of ranks (plus the gathered keys and values, and
@@ -38,9 +42,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from zturbo.model.blocks import Attention, MidBlock, ResnetBlock2D, Upsample2D
+from zturbo.model.blocks import Attention, ResnetBlock2D, Upsample2D
 from zturbo.model.errors import UsageError
-from zturbo.model.tiled import Moments, Norm, online_attention
+from zturbo.model.plan import Layer
+from zturbo.tiling.maps import Moments, Norm, local_window, online_attention
 
 MIN_BAND_ROWS = 1  # latent rows per rank: a 3x3 conv's one-row halo then always comes from the next rank
 
@@ -176,11 +181,66 @@ class Bands:
         """Nearest x2 + 3x3 conv (the module's own kernel) on the band plus halo: output rows 2..-2 are exact."""
         return up(self.padded(x, None))[:, :, 2:-2]
 
-    def mid(self, block: MidBlock, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnet(block.resnets[0], x)
-        if block.attentions is not None:
-            x = self.attention(block.attentions[0], x)
-        return self.resnet(block.resnets[1], x)
+    def local(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        """A layer without global statistics on the band grown by its window from the neighbours' rows."""
+        per_row = x.shape[2] // self.rows(self.rank)  # this resolution's rows per latent row
+        height = self.bounds[-1] * per_row
+
+        def window(r: int) -> tuple[int, int, int]:
+            """(rows wanted from above, from below, first output row) of rank ``r``'s window."""
+            top, bottom = self.bounds[r] * per_row, self.bounds[r + 1] * per_row
+            first, end, offset = local_window(int(top * layer.scale), int(bottom * layer.scale), height, layer)
+            return top - first, end - bottom, int(top * layer.scale) - offset
+
+        wants = [window(r) for r in range(self.world)]
+        if any(max(a, b) > self.rows(r, per_row) for r, (a, b, _) in enumerate(wants)):
+            raise UsageError(f"layer {layer.name} reads {layer.halo} rows around each row, more than the narrowest "
+                             f"band holds over {self.world} ranks at this resolution; use fewer ranks")
+        above, below, start = wants[self.rank]
+        send_up = wants[self.rank - 1][1] if self.rank > 0 else 0  # the previous rank's rows from below
+        send_down = wants[self.rank + 1][0] if self.rank + 1 < self.world else 0
+        grown = self.exchange(x, above, below, send_up, send_down)
+        return layer.module(grown)[:, :, start : start + int(x.shape[2] * layer.scale)]
+
+    def exchange(self, x: torch.Tensor, above: int, below: int, send_up: int, send_down: int) -> torch.Tensor:
+        """The band with ``above`` rows of the previous rank's band on top and ``below`` of the next's under
+        it; this rank's first ``send_up`` rows go to the previous rank, its last ``send_down`` to the next."""
+        b, c, h, w = x.shape
+        out = torch.empty((b, c, h + above + below, w), dtype=x.dtype, device=x.device)
+        out[:, :, above : above + h].copy_(x)
+        ops, received = [], []
+        for count, sent, neighbour, dst in ((above, send_up, self.rank - 1, out[:, :, :above]),
+                                            (below, send_down, self.rank + 1, out[:, :, above + h :])):
+            if not 0 <= neighbour < self.world:
+                continue
+            peer = self.peers[neighbour]
+            if sent:
+                rows = x[:, :, :sent] if neighbour < self.rank else x[:, :, h - sent :]
+                ops.append(dist.P2POp(dist.isend, rows.contiguous(), peer, self.group))
+            if count:
+                buffer = torch.empty(dst.shape, dtype=x.dtype, device=x.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group))
+                received.append((dst, buffer))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        for dst, buffer in received:
+            dst.copy_(buffer)
+        return out
+
+    def layer(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        """One layer of the decoder's plan on this rank's band."""
+        if layer.kind == "conv":
+            return self.conv3(layer.module, x, None if layer.norm is None else self.norm(layer.norm, x, silu=True))
+        if layer.kind == "resnet":
+            return self.resnet(layer.module, x)
+        if layer.kind == "attention":
+            return self.attention(layer.module, x)
+        if layer.kind == "upsample":
+            return self.upsample(layer.module, x)
+        if layer.kind == "local":
+            return self.local(layer, x)
+        raise UsageError(f"parallel decode does not run {layer.kind} layers ({layer.name}): it splits decoders")
 
 
 @torch.no_grad()
@@ -194,16 +254,9 @@ def decode_parallel(vae: nn.Module, z: torch.Tensor, group: dist.ProcessGroup | 
     if z.dim() != 4:
         raise UsageError(f"decode_parallel takes a (batch, channels, height, width) latent, got shape {tuple(z.shape)}")
     bands = Bands.of(z, group)
-    dec = vae.decoder
     x = z[:, :, bands.bounds[bands.rank] : bands.bounds[bands.rank + 1]]
     if vae.post_quant_conv is not None:
         x = vae.post_quant_conv(x)  # 1x1: per pixel, no halo
-    h = bands.conv3(dec.conv_in, x, None)
-    h = bands.mid(dec.mid_block, h)
-    for block in dec.up_blocks:
-        for resnet in block.resnets:
-            h = bands.resnet(resnet, h)
-        if block.upsamplers is not None:
-            h = bands.upsample(block.upsamplers[0], h)
-    out = bands.conv3(dec.conv_out, h, bands.norm(dec.conv_norm_out, h, silu=True))
-    return bands.gather(out, dim=2, per_row=out.shape[3] // bands.latent_width)
+    for layer in vae.decoder.plan():
+        x = bands.layer(layer, x)
+    return bands.gather(x, dim=2, per_row=x.shape[3] // bands.latent_width)

@@ -6,7 +6,11 @@
    stages (the decoder's up blocks, the encoder's down blocks) with every GroupNorm
    normalising by those recorded statistics; keep the tile's centre.
 3. The latent-resolution stage (conv_in and the mid block with its global attention) is
-   small, 1/64 of the pixels at factor 8, and runs exactly (``tiled.py``).
+   small, 1/64 of the pixels at factor 8, and runs exactly (``exact.py``).
+
+The stages come from the coder's plan: the full-resolution stage is every layer above the
+latent's resolution (the encoder's layers up to its last downsample, the decoder's from its
+first upsample), the latent stage the rest.
 
 Against the exact mode this trades two errors for one pass over the expensive stages and
 one tile's memory there: the statistics are those of a smaller image (features at another
@@ -20,27 +24,18 @@ sampling for latents (averaging latents would make codes the decoder was never t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zturbo.model.kernels import set_kernels
-from zturbo.model.tiled import Grid, Runner, TiledMap
+from zturbo.model.plan import Layer, run_layer
+from zturbo.tiling.exact import Runner, decode_exact, encode_exact, run_plan
+from zturbo.tiling.maps import Grid, TiledMap
 
 Stats = dict[nn.GroupNorm, tuple[torch.Tensor, torch.Tensor]]  # per-sample group mean and rstd, (B, G) fp32
-
-
-@contextmanager
-def _torch_group_norm() -> Iterator[None]:
-    """The fused GroupNorm kernels bypass the module call that the hooks below rely on."""
-    previous = set_kernels(group_norm="torch")
-    try:
-        yield
-    finally:
-        set_kernels(group_norm=previous["group_norm"])
 
 
 def collect_stats(module: nn.Module, x: torch.Tensor) -> Stats:
@@ -56,7 +51,7 @@ def collect_stats(module: nn.Module, x: torch.Tensor) -> Stats:
     norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
     handles = [n.register_forward_pre_hook(record) for n in norms]
     try:
-        with _torch_group_norm():
+        with module.kernels.using(group_norm="torch"):  # the fused kernels bypass the module call hooked here
             module(x)
     finally:
         for h in handles:
@@ -65,7 +60,7 @@ def collect_stats(module: nn.Module, x: torch.Tensor) -> Stats:
 
 
 @contextmanager
-def fixed_statistics(stats: Stats) -> Iterator[None]:
+def fixed_statistics(module: nn.Module, stats: Stats) -> Iterator[None]:
     """Every recorded GroupNorm normalises by its recorded statistics instead of its input's."""
 
     def fixed(norm: nn.GroupNorm, mean: torch.Tensor, rstd: torch.Tensor):
@@ -82,7 +77,7 @@ def fixed_statistics(stats: Stats) -> Iterator[None]:
     try:
         for norm, (mean, rstd) in stats.items():
             norm.forward = fixed(norm, mean, rstd)  # an instance attribute shadows the class's forward
-        with _torch_group_norm():
+        with module.kernels.using(group_norm="torch"):
             yield
     finally:
         for norm in stats:
@@ -106,34 +101,44 @@ def _tiles(height: int, width: int, step: int) -> Iterator[tuple[int, int, int, 
             yield y0, min(y0 + step, height), x0, min(x0 + step, width)
 
 
-def _latent_stage(run: Runner, conv_in: nn.Conv2d | None, mid: nn.Module, x: torch.Tensor, step: int) -> TiledMap:
-    """The latent-resolution part (decoder: conv_in then the mid block; encoder: the mid block), exactly."""
-    grid = Grid.even(x.shape[2], x.shape[3], step)
-    h = run.conv3_map(conv_in, TiledMap.of(x, grid), None) if conv_in is not None else TiledMap.of(x, grid, True)
-    return run.mid(mid, h)
+def _full_resolution(plan: Sequence[Layer], part: torch.Tensor) -> torch.Tensor:
+    """The layers of ``plan`` on one tile, as the coder's forward runs them (norms fixed by the caller)."""
+    for layer in plan:
+        part = run_layer(layer, part, lambda norm, x: F.silu(norm(x)))
+    return part
+
+
+def _split(plan: list[Layer], decoder: bool) -> tuple[list[Layer], list[Layer]]:
+    """(full-resolution layers, latent-resolution layers): the encoder's up to its last resampler, the
+    decoder's from its first."""
+    resamplers = [i for i, layer in enumerate(plan) if layer.scale != 1]
+    if decoder:
+        first = resamplers[0] if resamplers else len(plan)
+        return plan[first:], plan[:first]
+    last = resamplers[-1] + 1 if resamplers else 0
+    return plan[:last], plan[last:]
 
 
 @torch.no_grad()
 def encode_fast(vae: nn.Module, x: torch.Tensor, tile: int, halo: int, stats_size: int = 64) -> torch.Tensor:
     """Approximate encoder moments; ``tile`` and ``halo`` in pixels, multiples of the downsampling factor."""
     enc = vae.encoder
-    f = 2 ** (len(enc.down_blocks) - 1)
+    full, latent = _split(enc.plan(), decoder=False)
+    if not full:  # no downsampling: the whole encoder is its latent stage
+        return encode_exact(vae, x, tile)
+    f = int(1 / full[-1].output_resolution)
     stats = collect_stats(enc, _downscaled(x, stats_size, f, latent=False))
     h, w = x.shape[2] // f, x.shape[3] // f
-    feats = torch.empty((x.shape[0], enc.mid_block.resnets[0].conv1.in_channels, h, w), dtype=x.dtype, device=x.device)
-    with fixed_statistics(stats):
+    feats = torch.empty((x.shape[0], full[-1].cout, h, w), dtype=x.dtype, device=x.device)
+    with fixed_statistics(enc, stats):
         for y0, y1, x0, x1 in _tiles(x.shape[2], x.shape[3], tile):
             cy0, cx0 = max(0, y0 - halo), max(0, x0 - halo)
-            part = enc.conv_in(x[:, :, cy0 : y1 + halo, cx0 : x1 + halo])
-            for block in enc.down_blocks:
-                part = block(part)
+            part = _full_resolution(full, x[:, :, cy0 : y1 + halo, cx0 : x1 + halo])
             oy, ox = (y0 - cy0) // f, (x0 - cx0) // f
             ty, tx = min(y1 // f, h) - y0 // f, min(x1 // f, w) - x0 // f
             feats[:, :, y0 // f : y0 // f + ty, x0 // f : x0 // f + tx] = part[:, :, oy : oy + ty, ox : ox + tx]
-    run = Runner(x.device, x.device)
-    mid = _latent_stage(run, None, enc.mid_block, feats, max(1, tile // f))
-    out = torch.empty((x.shape[0], enc.conv_out.out_channels, h, w), dtype=x.dtype, device=x.device)
-    run.conv3_map(enc.conv_out, mid, mid.moments.norm(enc.conv_norm_out, silu=True), into=out)
+    grid = Grid.even(h, w, max(1, tile // f))
+    out = run_plan(Runner(x.device, x.device), latent, TiledMap.of(feats, grid))
     return out if vae.quant_conv is None else vae.quant_conv(out)
 
 
@@ -141,23 +146,20 @@ def encode_fast(vae: nn.Module, x: torch.Tensor, tile: int, halo: int, stats_siz
 def decode_fast(vae: nn.Module, z: torch.Tensor, tile: int, halo: int, stats_size: int = 64) -> torch.Tensor:
     """Approximate decode; ``tile`` and ``halo`` in output pixels, multiples of the downsampling factor."""
     dec = vae.decoder
-    f = 2 ** (len(dec.up_blocks) - 1)
+    full, latent = _split(dec.plan(), decoder=True)
+    if not full:
+        return decode_exact(vae, z, tile)
+    f = int(full[-1].output_resolution)
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
     stats = collect_stats(dec, _downscaled(z, stats_size, 1, latent=True))
     step, pad = tile // f, halo // f
-    mid = _latent_stage(Runner(z.device, z.device), dec.conv_in, dec.mid_block, z, step)
-    feats = mid.region(0, z.shape[2], 0, z.shape[3], z.device)
-    del mid
-    out = torch.empty((z.shape[0], dec.conv_out.out_channels, z.shape[2] * f, z.shape[3] * f),
-                      dtype=z.dtype, device=z.device)
-    with fixed_statistics(stats):
+    feats = run_plan(Runner(z.device, z.device), latent, TiledMap.of(z, Grid.even(z.shape[2], z.shape[3], step)))
+    out = torch.empty((z.shape[0], full[-1].cout, z.shape[2] * f, z.shape[3] * f), dtype=z.dtype, device=z.device)
+    with fixed_statistics(dec, stats):
         for y0, y1, x0, x1 in _tiles(z.shape[2], z.shape[3], step):
             cy0, cx0 = max(0, y0 - pad), max(0, x0 - pad)
-            part = feats[:, :, cy0 : y1 + pad, cx0 : x1 + pad]
-            for block in dec.up_blocks:
-                part = block(part)
-            image = dec.conv_out(F.silu(dec.conv_norm_out(part)))
+            image = _full_resolution(full, feats[:, :, cy0 : y1 + pad, cx0 : x1 + pad])
             oy, ox = (y0 - cy0) * f, (x0 - cx0) * f
             out[:, :, y0 * f : y1 * f, x0 * f : x1 * f] = image[:, :, oy : oy + (y1 - y0) * f, ox : ox + (x1 - x0) * f]
     return out

@@ -35,7 +35,7 @@ GroupNorm group normalises by the statistics of fewer channels; the errors compo
 on the demo model the pruned decoder starts no better than random weights. Given
 calibration inputs (``prune_vae(..., images=...)``: training crops), every conv that reads
 a narrowed site is then refit, in forward order, to reproduce the teacher's value of the
-site it writes from the student's own input (``zturbo.model.prune_fit``). The channel
+site it writes from the student's own input (``zturbo.distill.prune_fit``). The channel
 choice stays the weight rule above: on the demo model, choosing by calibration activations
 (mean |input| x the reader's weight norm) starts better without the refit but worse with it.
 """
@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zturbo.model.blocks import Attention, MidBlock, ResnetBlock2D
+from zturbo.distill.prune_fit import refit
+from zturbo.model.blocks import Attention, ResnetBlock2D
 from zturbo.model.errors import UsageError
-from zturbo.model.prune_fit import refit
 from zturbo.model.vae import VAE, Decoder, Encoder
 
 
@@ -93,32 +93,34 @@ def _attention(g: SiteGraph, name: str, attn: Attention, x: int) -> None:
     g.layers[f"{name}.to_out.0"] = (v, x)
 
 
-def _mid(g: SiteGraph, name: str, mid: MidBlock, x: int) -> int:
-    x = _resnet(g, f"{name}.resnets.0", mid.resnets[0], x)
-    if mid.attentions is not None:
-        _attention(g, f"{name}.attentions.0", mid.attentions[0], x)
-    return _resnet(g, f"{name}.resnets.1", mid.resnets[1], x)
-
-
 def site_graph(coder: Encoder | Decoder) -> SiteGraph:
-    """The sites of an Encoder or Decoder (layer names relative to it)."""
+    """The sites of an Encoder or Decoder (layer names relative to it), from its layer plan.
+
+    The first layer reads the coder's input and the last writes its output: neither is a site (their
+    channels are the image's or the latent's, never pruned).
+    """
     g = SiteGraph()
-    x = g.site(coder.conv_in.out_channels)
-    g.layers["conv_in"] = (None, x)
-    if isinstance(coder, Decoder):
-        x = _mid(g, "mid_block", coder.mid_block, x)
-    blocks, sampler = ("down_blocks", "downsamplers") if isinstance(coder, Encoder) else ("up_blocks", "upsamplers")
-    for i, block in enumerate(getattr(coder, blocks)):
-        for j, resnet in enumerate(block.resnets):
-            x = _resnet(g, f"{blocks}.{i}.resnets.{j}", resnet, x)
-        if getattr(block, sampler) is not None:
-            out = g.site(getattr(block, sampler)[0].conv.out_channels)
-            g.layers[f"{blocks}.{i}.{sampler}.0.conv"] = (x, out)
+    names = {id(m): n for n, m in coder.named_modules()}
+    plan = coder.plan()
+    x: int | None = None
+    for i, layer in enumerate(plan):
+        if layer.kind == "conv":
+            if layer.norm is not None:
+                g.norm(names[id(layer.norm)], x)
+            out = None if i == len(plan) - 1 else g.site(layer.cout)
+            g.layers[layer.name] = (x, out)
             x = out
-    if isinstance(coder, Encoder):
-        x = _mid(g, "mid_block", coder.mid_block, x)
-    g.norm("conv_norm_out", x)
-    g.layers["conv_out"] = (x, None)
+        elif layer.kind == "resnet":
+            x = _resnet(g, layer.name, layer.module, x)
+        elif layer.kind == "attention":
+            _attention(g, layer.name, layer.module, x)
+        elif layer.kind in ("downsample", "upsample"):
+            out = g.site(layer.cout)
+            g.layers[f"{layer.name}.conv"] = (x, out)
+            x = out
+        else:
+            raise UsageError(f"pruning reads the AutoencoderKL family's layers; {layer.name} is a {layer.kind} layer",
+                             "start this student from random weights (--init random)")
     return g
 
 
@@ -180,7 +182,7 @@ def prune_into(teacher: Encoder | Decoder, student: Encoder | Decoder, groups: i
     """Set every weight of ``student`` from ``teacher``'s most important channels (same layout, narrower).
 
     With ``calibration`` (the coder's input on real data), the convs that read a narrowed
-    site are then refit to follow the teacher (``zturbo.model.prune_fit.refit``).
+    site are then refit to follow the teacher (``zturbo.distill.prune_fit.refit``).
     """
     tg, sg = site_graph(teacher), site_graph(student)
     if list(tg.layers) != list(sg.layers) or tg.norms != sg.norms:
