@@ -217,6 +217,7 @@ def cmd_score(args) -> None:
         model = load_model(path)
         table[str(path)] = score(model, pixels)
         if args.sheet:
+            args.sheet.mkdir(parents=True, exist_ok=True)
             folder = args.sheet / path.as_posix().replace("/", "_")
             outlier_sheet(folder.with_suffix(".png"), pixels, reconstruct(model, pixels))
     print(f"{'photo':<34}" + "".join(f"{Path(k).name[-22:]:>24}" for k in table))
@@ -230,6 +231,26 @@ def cmd_score(args) -> None:
 def grey_mask(pixels: torch.Tensor) -> torch.Tensor:
     """Which photos are grey (R = G = B everywhere): on those any chroma at all is invented."""
     return (pixels[:, 0] == pixels[:, 1]).flatten(1).all(1) & (pixels[:, 1] == pixels[:, 2]).flatten(1).all(1)
+
+
+@torch.no_grad()
+def activation_peak(part: nn.Module, model: VAE, photo: torch.Tensor) -> float:
+    """The largest |activation| any layer of ``part`` (e.g. the decoder) outputs on one photo: how far the
+    residual stream's levels have grown (GroupNorm reads it scale-free, fp16 ends at 65504)."""
+    peak = [0.0]
+
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            peak[0] = max(peak[0], float(output.abs().max()))
+
+    hooks = [m.register_forward_hook(record) for m in part.modules()]
+    try:
+        model.eval()
+        model.decode(model.encode(photo.float() / 127.5 - 1.0).mode())
+    finally:
+        for h in hooks:
+            h.remove()
+    return peak[0]
 
 
 def spike_summary(model: VAE, photo: torch.Tensor) -> dict:
@@ -383,6 +404,15 @@ def cmd_ablate(args) -> None:
             "per_photo": {n: [round(float(c), 2), round(float(p), 2)]
                           for n, c, p in zip(names, values["chroma_outlier"], values["psnr"], strict=True)},
         }
+        grey = grey_mask(pixels)
+        row["chroma_outlier_grey_mean"] = float(values["chroma_outlier"][grey].mean())
+        live = score(trainer.engine.vae, pixels)
+        trainer.engine.vae.train()
+        row["live"] = {"chroma_outlier_mean": float(live["chroma_outlier"].mean()),
+                       "chroma_outlier_grey_mean": float(live["chroma_outlier"][grey].mean()),
+                       "psnr_mean": float(live["psnr"].mean())}
+        row["decoder_peak"] = activation_peak(trainer.engine.ema.model.decoder, trainer.engine.ema.model,
+                                              pixels[names.index("gravel.png")][None])
         if step == trainer.total_steps:
             spikes = spike_summary(trainer.engine.ema.model, pixels[names.index("gravel.png")][None])
             row["spike_gravel"] = {k: round(spikes[k]["concentration"], 1) for k in ("latent", "encoder", "decoder")}
@@ -391,8 +421,10 @@ def cmd_ablate(args) -> None:
             row["spike_gravel"]["decoder_offset_share"] = round(spikes["decoder_offset_share"], 3)
         records.append(row)
         scoring += time.perf_counter() - t
-        print(f"{args.name} step {step}: chroma_outlier mean {row['chroma_outlier_mean']:.1f} max "
-              f"{row['chroma_outlier_max']:.1f}, PSNR {row['psnr_mean']:.2f} dB", flush=True)
+        print(f"{args.name} step {step}: chroma_outlier mean {row['chroma_outlier_mean']:.1f} (grey "
+              f"{row['chroma_outlier_grey_mean']:.1f}) max {row['chroma_outlier_max']:.1f}, PSNR "
+              f"{row['psnr_mean']:.2f} dB; live weights {row['live']['chroma_outlier_mean']:.1f} (grey "
+              f"{row['live']['chroma_outlier_grey_mean']:.1f}); decoder peak {row['decoder_peak']:.3g}", flush=True)
 
     class StopEarly(Exception):
         pass

@@ -95,9 +95,6 @@ class LossConfig(Section):
     perceptual_weight: float = Field(0.8, ge=0)
     perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"
     kl_weight: float = Field(1e-6, ge=0)
-    chroma_weight: float = Field(
-        0.0, ge=0, description="weight of an extra L2 term on the colour (Cb, Cr) error; 0: off"
-    )
     disc_weight: float = Field(0.5, ge=0, description="0 disables the discriminator")
     disc_start: int = Field(50001, ge=0, description="step at which the discriminator loss starts")
     disc_layers: int = Field(3, ge=1, le=6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,21 +130,29 @@ def test_cli_accepts_chroma_outlier(tmp_path, capsys):
     assert math.isfinite(summary["mean"]) and summary["mean"] >= 0
 
 
-def test_chroma_loss_sees_colour_errors_only():
-    from zturbo.config import LossConfig
-    from zturbo.train.losses import VAELoss, chroma_loss
+DROPLETS = Path(__file__).resolve().parents[1] / "data"
 
-    target = torch.rand(2, 3, 16, 16) * 2 - 1
-    grey_error = target + 0.1  # the same shift in R, G and B: luma only
-    assert chroma_loss(grey_error, target).item() == pytest.approx(0.0, abs=1e-12)
-    tinted = target.clone()
-    tinted[:, 1] += 0.1  # green up by 0.1: Cb -0.0331264, Cr -0.0418688 everywhere
-    expected = (0.0331264**2 + 0.0418688**2) / 2
-    assert chroma_loss(tinted, target).item() == pytest.approx(expected, rel=1e-4)
-    mean, logvar = torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
-    base = VAELoss(LossConfig(perceptual_weight=0, kl_weight=0, reconstruction_loss="l2"))
-    weighted = VAELoss(LossConfig(perceptual_weight=0, kl_weight=0, reconstruction_loss="l2", chroma_weight=4.0))
-    nll0, _, terms0 = base.reconstruction_terms(target, tinted, mean, logvar)
-    nll4, _, terms4 = weighted.reconstruction_terms(target, tinted, mean, logvar)
-    assert "chroma" not in terms0 and terms4["chroma"].item() == pytest.approx(expected, rel=1e-4)
-    assert (nll4 - nll0).item() == pytest.approx(4.0 * expected, rel=1e-4)
+
+@pytest.mark.parametrize(
+    ("name", "box"),
+    # Each file is photo | demo reconstruction (128 px each); box: (top, bottom, left, right) of the
+    # droplet in the reconstruction as seen by eye (gravel: the ringed droplet at the top left; brick:
+    # the green square near the bottom).
+    [("gravel", (0, 28, 18, 48)), ("brick", (92, 128, 46, 76))],
+)
+def test_real_droplets_score_where_they_are(name, box):
+    pair = torch.from_numpy(np.array(Image.open(DROPLETS / f"droplet_{name}.png").convert("RGB")))
+    pair = pair.permute(2, 0, 1).float()[None]
+    photo, recon = pair[..., :128], pair[..., 128:]
+    assert (photo[:, 0] == photo[:, 1]).all() and (photo[:, 1] == photo[:, 2]).all()  # grey photos
+    outlier = chroma_outlier_map(recon, photo)[0]
+    y, x = divmod(int(outlier.argmax()), outlier.shape[1])
+    centre_y, centre_x = y + OUTLIER_WINDOW // 2, x + OUTLIER_WINDOW // 2
+    top, bottom, left, right = box
+    assert top <= centre_y < bottom and left <= centre_x < right
+    # 10 chroma levels of colour on a grey photo is plainly visible.
+    assert chroma_outlier(recon, photo).item() > 10
+    # The same reconstruction without its colour (luma kept) invents nothing: 0 up to the float32
+    # rounding of the YCbCr matrix on 0..255 values (a few 1e-5 levels).
+    greyed = recon.mean(dim=1, keepdim=True).expand_as(recon)
+    assert chroma_outlier(greyed, photo).item() < 1e-4

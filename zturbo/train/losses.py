@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from zturbo.config import LossConfig
-from zturbo.data.images import chroma_planes
 from zturbo.errors import UsageError
 
 
@@ -23,15 +22,6 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "
     if kind == "l2":
         return F.mse_loss(recon, target)
     return F.l1_loss(recon, target)
-
-
-def chroma_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared Cb and Cr error (full-range YCbCr, in the images' [-1, 1] units).
-
-    RGB L2 counts a colour error of a few levels as little as a luma error of the same
-    size; on a grey photo any colour at all is wrong, so this term weighs it on its own.
-    """
-    return chroma_planes(recon.float() - target.float()).square().mean()
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -130,10 +120,6 @@ class VAELoss(nn.Module):
             p = self.perceptual(r, t).float().mean()
             nll = nll + cfg.perceptual_weight * p
             terms["lpips"] = p.detach()
-        if cfg.chroma_weight > 0:
-            c = chroma_loss(recon, target)
-            nll = nll + cfg.chroma_weight * c
-            terms["chroma"] = c.detach()
         kl = kl_loss(mean, logvar)
         terms["kl"] = kl.detach()
         terms["nll"] = nll.detach()
