@@ -23,7 +23,12 @@ with one change: a profile value, the border padding of every 3x3 convolution an
 encoder's downsampling (``--padding``; training-time only, applied to the live model, so it
 is scored here and not saved for diffusers), or the upsampling kernel (``--upsample``).
 It scores the EMA model at every checkpoint, so one run shows whether the blobs grow with
-steps, and appends one JSON line per checkpoint to ``--log``.
+steps, and appends one JSON line per checkpoint to ``--log``; each line also holds the
+live (non-EMA) weights' scores and the EMA decoder's largest activation on gravel
+(``activation_peak``: the residual-stream growth that breeds the blobs).
+
+One script of about 620 lines on purpose: the probes, the scores and the ablations share
+the photos, the model loading and the log format, and a reader follows one investigation.
 """
 
 from __future__ import annotations
