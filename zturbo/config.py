@@ -200,7 +200,7 @@ class EvalConfig(Tiling):
     size: int | Literal["native"] = Field(
         256, description="square side (shorter side resized, then center-cropped) or 'native' (padded, cropped back)"
     )
-    metrics: list[Literal["psnr", "ssim", "lpips", "rfid"]] = Field(
+    metrics: list[Literal["psnr", "ssim", "lpips", "rfid", "chroma_outlier"]] = Field(
         default_factory=lambda: ["psnr", "ssim", "lpips"], min_length=1
     )
     lpips_nets: list[Literal["alex", "vgg"]] = Field(default_factory=lambda: ["alex", "vgg"], min_length=1)

@@ -33,6 +33,8 @@ _METRIC_ALIASES = {
     "lpips_vgg": ("lpips", "vgg"),
     "rfid": ("rfid", None),
     "fid": ("rfid", None),
+    "chroma_outlier": ("chroma_outlier", None),
+    "chroma-outlier": ("chroma_outlier", None),
 }
 
 
@@ -84,7 +86,8 @@ FLAGS = [
     Flag("--size -s", "eval.size", str, "N: shorter side to N, center crop (default 256); 'native': padded, "
          "cropped back.", parse=parse_size),
     Flag("--metrics", "eval.metrics eval.lpips_nets", str,
-         "psnr, ssim (+MS-SSIM), lpips (or lpips-alex, lpips-vgg), rfid. Default psnr,ssim,lpips.", parse=_metrics),
+         "psnr, ssim (+MS-SSIM), lpips (or lpips-alex, lpips-vgg), rfid, chroma_outlier (largest local "
+         "colour outlier). Default psnr,ssim,lpips.", parse=_metrics),
     Flag("--backend", "eval.backend", str,
          "auto (default: what CHECKPOINT is; exports pick onnx / trt), torch, compile, onnx, trt."),
     Flag("--batch-size -b", "eval.batch_size", int, "Images per batch (default 8)."),

@@ -158,6 +158,18 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1) if x.dim() == 4 else x.permute(1, 2, 0)).cpu().numpy()
 
 
+# Full-range BT.601 (JPEG's YCbCr): the rows give Cb and Cr from R, G, B. Linear, so the chroma of a
+# difference is the difference of the chromas, and grey (R = G = B) has none.
+CHROMA_MATRIX = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+def chroma_planes(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB -> (B, 2, H, W) Cb, Cr around 0, in the pixels' own units, in float32 at least."""
+    x = pixels.float() if pixels.dtype in (torch.uint8, torch.float16, torch.bfloat16) else pixels
+    weights = torch.tensor(CHROMA_MATRIX, dtype=x.dtype, device=x.device)
+    return torch.einsum("kc,bchw->bkhw", weights, x)
+
+
 def bucket_crop_box(width: int, height: int, bucket: tuple[int, int]) -> tuple[float, float, float, float]:
     """The centered region of a ``width`` x ``height`` image that, scaled to cover ``bucket``, fills it exactly."""
     bw, bh = bucket

@@ -28,6 +28,7 @@ from torchmetrics.functional.image import (
 )
 
 from zturbo.errors import MissingDependencyError, ZTurboError
+from zturbo.eval.chroma import chroma_outlier
 from zturbo.perceptual import MissingWeightsError, load_lpips
 
 DATA_RANGE = 255.0
@@ -39,7 +40,9 @@ MS_SSIM_MIN_SIDE = SSIM_KERNEL * (len(MS_SSIM_BETAS) - 1) ** 2
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 # Direction of each metric: True when a larger value is better.
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "lpips": False, "rfid": False}
+HIGHER_IS_BETTER = {
+    "psnr": True, "ssim": True, "ms_ssim": True, "lpips": False, "rfid": False, "chroma_outlier": False
+}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -162,6 +165,8 @@ class MetricSuite:
             names += ["ssim", "ms_ssim"]
         suffix = "_random" if self.lpips_random else ""
         names += [f"lpips_{net}{suffix}" for net in self.lpips]
+        if "chroma_outlier" in self.requested:
+            names.append("chroma_outlier")
         return names
 
     @property
@@ -201,6 +206,8 @@ class MetricSuite:
                 out[name] = self._timed(
                     name, lambda a, b, net=model: net(a, b).flatten().float(), rec_pm, ref_pm
                 )
+        if "chroma_outlier" in self.requested:
+            out["chroma_outlier"] = self._timed("chroma_outlier", chroma_outlier, rec, ref)
         if self._fid_factory is not None:
             fid = self._fid.get(model_key)
             if fid is None:

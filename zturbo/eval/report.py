@@ -97,7 +97,7 @@ def fmt(metric: str, value: float | None) -> str:
         return "-"
     if math.isinf(value):
         return "inf"
-    if metric.startswith(("psnr", "rfid")):
+    if metric.startswith(("psnr", "rfid", "chroma_outlier")):
         return f"{value:.2f}"
     return f"{value:.4f}"
 

@@ -31,7 +31,9 @@ from zturbo.eval.sheet import SheetCollector
 from zturbo.eval.summary import compare_summaries, summarize
 from zturbo.utils import resolve_device
 
-_RANK_PREFERENCE = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_alex_random", "lpips_vgg_random")
+_RANK_PREFERENCE = (
+    "psnr", "ssim", "lpips_alex", "lpips_vgg", "lpips_alex_random", "lpips_vgg_random", "chroma_outlier"
+)
 
 
 @dataclass
