@@ -60,6 +60,7 @@ def fp32_export(checkpoint, tmp_path_factory):
 # -- ONNX fp32 ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # shares a 15 s ONNX export
 def test_onnx_graphs_are_checked_named_and_dynamic(fp32_export):
     for part, (inp, out) in {"encoder": ("image", "latent"), "decoder": ("latent", "image")}.items():
         model = onnx.load(str(fp32_export / f"{part}.onnx"))
@@ -75,6 +76,7 @@ def test_onnx_graphs_are_checked_named_and_dynamic(fp32_export):
         assert float(props["zturbo_scaling_factor"]) == 0.5
 
 
+@pytest.mark.slow  # shares a 15 s ONNX export
 @pytest.mark.parametrize("batch,height,width", [(1, 32, 48), (3, 64, 32)])
 def test_onnx_fp32_matches_torch_at_two_sizes_and_batches(fp32_export, checkpoint, batch, height, width):
     vae = load_vae(checkpoint)
@@ -91,6 +93,7 @@ def test_onnx_fp32_matches_torch_at_two_sizes_and_batches(fp32_export, checkpoin
     assert (image - ref_image).abs().max() <= 1e-4
 
 
+@pytest.mark.slow  # shares a 15 s ONNX export
 def test_export_metadata_describes_the_folder(fp32_export):
     meta = read_export_meta(fp32_export)
     graph_opset = {o.domain: o.version for o in onnx.load(str(fp32_export / "decoder.onnx")).opset_import}[""]
@@ -104,6 +107,7 @@ def test_export_metadata_describes_the_folder(fp32_export):
     assert not [p for p in fp32_export.iterdir() if p.name.startswith(".")], "staging files left behind"
 
 
+@pytest.mark.slow  # shares a 15 s ONNX export
 def test_scaled_graphs_apply_factors_and_backend_undoes_them(fp32_export, checkpoint):
     """The fixture's export has --scaled: graphs speak diffusion-model latents, the backend plain ones."""
     vae = load_vae(checkpoint)

@@ -144,6 +144,7 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts two processes
 def test_parallel_decode_follows_the_variant(tmp_path):
     world = 2
     mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)

@@ -48,7 +48,8 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
 
 
 # 3 ranks: a middle band takes its halo from both neighbours (a few seconds more of process start-up)
-@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # starts 2 and 3 processes
+@pytest.mark.parametrize("world", [2, 3])
 def test_ranks_decode_what_one_process_decodes(world, tmp_path):
     mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)
     for dtype in (torch.float32, torch.float64):

@@ -183,6 +183,7 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow  # measures peaks at several sizes
 def test_exact_decode_memory_stays_under_its_estimate_and_the_untiled_peak():
     cfg = ModelConfig(**TINY)
     vae = model(**TINY)

@@ -301,6 +301,7 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts two processes
 def test_parallel_decode_over_two_ranks_equals_the_untiled_decode(tmp_path):
     mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     with torch.no_grad():
