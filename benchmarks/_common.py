@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import tomllib
 import torch
 
 from zturbo.model import ModelConfig
@@ -86,3 +87,15 @@ def summarise_profile(prof, steps: int, top: int, cuda: bool, kind: Callable[[st
         for row in summary["top"]:
             row["kind"] = kind(row["name"])
     return summary
+
+
+def parse_set(items: list[str]) -> dict:
+    """``section.key=value`` pairs (values parsed as TOML: 4e-3, [32,64], true) into a nested mapping."""
+    tree: dict = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        if not name or not raw:
+            raise SystemExit(f"--set wants section.key=value, got {item!r}")
+        tree.setdefault(section, {})[name] = tomllib.loads(f"v = {raw}")["v"]
+    return tree

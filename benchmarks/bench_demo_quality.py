@@ -29,8 +29,8 @@ import os
 import time
 from pathlib import Path
 
-import tomllib
 import torch
+from _common import parse_set
 
 from zturbo.config import EvalConfig, load_settings
 from zturbo.data import demo_dir
@@ -44,18 +44,6 @@ from zturbo.model.vae import VAE
 from zturbo.train import Trainer
 from zturbo.train.checkpoint import step_folders
 from zturbo.utils import atomic_write_text
-
-
-def parse_set(items: list[str]) -> dict:
-    """``section.key=value`` pairs (values parsed as TOML: 4e-3, [32,64], true) into a nested mapping."""
-    tree: dict = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        section, _, name = key.partition(".")
-        if not name or not raw:
-            raise SystemExit(f"--set wants section.key=value, got {item!r}")
-        tree.setdefault(section, {})[name] = tomllib.loads(f"v = {raw}")["v"]
-    return tree
 
 
 def crops_uint8(paths: list[Path], size: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import parse_set
 from torch import nn
 
 from zturbo.config import load_settings
@@ -49,8 +50,8 @@ from zturbo.data.images import DEFAULT_MAX_PIXELS
 from zturbo.eval.chroma import chroma_outlier, chroma_outlier_map
 from zturbo.eval.data import find_images, load_pixels
 from zturbo.eval.metrics import psnr_uint8
+from zturbo.model import VAE, load_pretrained
 from zturbo.model.blocks import Downsample2D
-from zturbo.model.vae import VAE, load_pretrained
 from zturbo.train import Trainer
 
 SIZE = 128
@@ -312,19 +313,6 @@ def apply_padding(model: nn.Module, mode: str) -> None:
             module.padding_mode = mode
     if mode == "replicate":
         Downsample2D.forward = _downsample_replicate
-
-
-def parse_set(items: list[str]) -> dict:
-    import tomllib
-
-    tree: dict = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        section, _, name = key.partition(".")
-        if not name or not raw:
-            raise SystemExit(f"--set wants section.key=value, got {item!r}")
-        tree.setdefault(section, {})[name] = tomllib.loads(f"v = {raw}")["v"]
-    return tree
 
 
 class SpikePenalty:
