@@ -117,6 +117,12 @@ if [ "$DRY" = 0 ]; then
   bench distill-compile 150 --profile flux-decoder-fast --backend compile --against standard --what decode \
     --precision bf16 --channels-last --resolutions 1024 --batch-sizes 1
 fi
+# Tiny students: the TAESD-class decoder for FLUX.1 latents against FLUX.1's decoder, bf16 eager,
+# 1024 px, and against diffusers' AutoencoderTiny with the same weights.
+bench tiny 90 --profile tiny-flux --against standard --what decode --precision bf16 --resolutions $R_MFU \
+  --batch-sizes 1
+bench tiny-diffusers 90 --profile tiny-flux --against diffusers --what decode --precision bf16 \
+  --resolutions $R_MFU --batch-sizes 1
 # bf16 in the default NCHW layout at the MFU target case, encode and decode, against standard.
 bench bf16 $T --against standard --precision bf16 --resolutions $R_MFU --batch-sizes $B_MFU
 
