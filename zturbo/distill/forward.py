@@ -11,6 +11,16 @@ from zturbo.data.batch import ForwardResult, TrainBatch
 from zturbo.model import VAE, TinyVAE
 
 
+def teacher_match(teacher: VAE, raw_latent: torch.Tensor, recon: torch.Tensor, terms: dict) -> torch.Tensor:
+    """L1 between a student's reconstruction and the frozen teacher's decode of the same raw latent
+    (logged as the ``teacher`` term)."""
+    with torch.no_grad():
+        reference = teacher.decode(raw_latent)
+    match = F.l1_loss(recon.float(), reference.float())
+    terms["teacher"] = match.detach()
+    return match
+
+
 class DistillForward(nn.Module):
     """The student's reconstruction of a micro-batch, and the losses distillation adds to the profile's.
 
@@ -51,11 +61,7 @@ class DistillForward(nn.Module):
             terms["latent"] = latent.detach()
             extra = extra + latent
         if self.teacher_weight > 0 and self.mode != "encoder":
-            with torch.no_grad():
-                reference = self.teacher.decode(z)
-            match = F.l1_loss(recon.float(), reference.float())
-            terms["teacher"] = match.detach()
-            extra = extra + self.teacher_weight * match
+            extra = extra + self.teacher_weight * teacher_match(self.teacher, z, recon, terms)
         return ForwardResult(recon, z, torch.zeros_like(z), extra, terms)
 
 
@@ -98,9 +104,5 @@ class TinyDistillForward(nn.Module):
         else:
             recon = self.vae.decode(target)
         if self.teacher_weight > 0 and self.mode != "encoder":
-            with torch.no_grad():
-                reference = self.teacher.decode(raw)
-            match = F.l1_loss(recon.float(), reference.float())
-            terms["teacher"] = match.detach()
-            extra = extra + self.teacher_weight * match
+            extra = extra + self.teacher_weight * teacher_match(self.teacher, raw, recon, terms)
         return ForwardResult(recon, target, torch.zeros_like(target), extra, terms)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zturbo.model.config import TinyConfig
+from zturbo.model.diffusers import TINY_CLASS
 from zturbo.model.errors import UsageError
 from zturbo.model.kernels import Kernels
 from zturbo.model.plan import Layer, PlanBuilder
@@ -199,19 +200,13 @@ class TinyVAE(Autoencoder):
     """
 
     config_class = TinyConfig
+    diffusers_class = TINY_CLASS
     quant_conv = None
     post_quant_conv = None
 
     def __init__(self, config: TinyConfig | dict[str, Any] | None = None, **overrides: Any):
         super().__init__()
-        if config is None or isinstance(config, dict):
-            config = TinyConfig(**{**(config or {}), **overrides})
-        elif overrides:
-            config = TinyConfig(**{**config.model_dump(), **overrides})
-        if not isinstance(config, TinyConfig):
-            raise UsageError(f"TinyVAE takes an AutoencoderTiny config, not a {type(config).__name__}",
-                             "build any family's model with zturbo.model.build_model")
-        self.config = config
+        self.config = config = self.resolve_config(config, overrides)
         self.kernels = Kernels()  # no layer of this family has a kernel choice; the tiled engines read it
         self.encoder = TinyEncoder(config, self.kernels)
         self.decoder = TinyDecoder(config, self.kernels)

@@ -30,6 +30,7 @@ from zturbo.model.blocks import (
 )
 from zturbo.model.config import ModelConfig
 from zturbo.model.diffusers import (
+    AUTOENCODER_KL_CLASS,
     CONFIG_NAME,
     WEIGHTS_NAME,
     config_from_diffusers,
@@ -156,7 +157,21 @@ class Autoencoder(nn.Module):
     # The tiled engines live above the model (``zturbo.tiling``, which sets this when the package is imported).
     tiler: ClassVar[Tiler | None] = None
     config_class: ClassVar[type]
+    diffusers_class: ClassVar[str]  # the diffusers model this family's folders and configs are
     kernels: Kernels
+
+    @classmethod
+    def resolve_config(cls, config: Any, overrides: dict[str, Any]) -> Any:
+        """``config`` (a config of this family, a dict of its fields, or None) with ``overrides`` applied;
+        a config of another family is refused in one line."""
+        if config is None or isinstance(config, dict):
+            config = cls.config_class(**{**(config or {}), **overrides})
+        elif overrides:
+            config = cls.config_class(**{**config.model_dump(), **overrides})
+        if not isinstance(config, cls.config_class):
+            raise UsageError(f"{cls.__name__} takes an {cls.diffusers_class} config, not a {type(config).__name__}",
+                             "build any family's model with zturbo.model.build_model")
+        return config
 
     def _tiler(self) -> Tiler:
         if self.tiler is None:
@@ -215,19 +230,11 @@ class VAE(Autoencoder):
     """
 
     config_class = ModelConfig
+    diffusers_class = AUTOENCODER_KL_CLASS
 
     def __init__(self, config: ModelConfig | dict[str, Any] | None = None, **overrides: Any):
         super().__init__()
-        if config is None:
-            config = ModelConfig(**overrides)
-        elif isinstance(config, dict):
-            config = ModelConfig(**{**config, **overrides})
-        elif overrides:
-            config = ModelConfig(**{**config.model_dump(), **overrides})
-        if not isinstance(config, ModelConfig):
-            raise UsageError(f"VAE takes an AutoencoderKL config, not a {type(config).__name__}",
-                             "build any family's model with zturbo.model.build_model")
-        self.config = config
+        self.config = config = self.resolve_config(config, overrides)
         lat = config.latent_channels
         self.kernels = Kernels()
         self.encoder = Encoder(config, self.kernels)
