@@ -45,13 +45,6 @@ class DataConfig(Section):
     num_workers: int = Field(4, ge=0, le=256)
     random_flip: bool = True
     random_crop: bool = True
-    max_zoom: float = Field(1.0, ge=1.0, le=16.0, description="zoom augmentation: the shorter side is resized to "
-                            "image_size x s before the crop, s log-uniform in [1, max_zoom], never past the photo's own "
-                            "pixels (1: the whole view only)")
-    hue_probability: float = Field(0.0, ge=0, le=1, description="colour augmentation: the share of crops whose "
-                                   "chroma is rotated by a random hue angle and scaled by a random saturation")
-    grey_probability: float = Field(0.0, ge=0, le=1, description="colour augmentation: the share of crops turned grey "
-                                    "(luma kept)")
     val_images: int = Field(4, ge=0, description="images held out for the fixed sample grid")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="training JPEGs: gpu decodes them on the CUDA device (nvJPEG); auto: gpu when "

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from zturbo.console import warn
 from zturbo.data import IMAGE_EXTENSIONS
-from zturbo.data.augment import Augment, apply_chroma_map
 from zturbo.data.batch import TrainBatch
 from zturbo.data.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, pil_to_tensor
 from zturbo.data.jpeg_device import EncodedImage, collate_encoded, device_decodable, read_encoded
@@ -125,8 +124,7 @@ class ImageFolderDataset(Dataset):
     same [-1, 1] values on the device. With ``device_decode`` JPEGs that need no colour or geometry work come back
     still encoded (``EncodedImage``: bytes plus the same crop and flip), for the
     GPU to decode a whole batch at once (``zturbo.data.jpeg_device``); the loader
-    then collates ``EncodedBatch`` objects. ``augment`` adds zoom and colour
-    (``zturbo.data.augment``); those crops are decoded here, never on the device.
+    then collates ``EncodedBatch`` objects.
     """
 
     def __init__(
@@ -138,7 +136,6 @@ class ImageFolderDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         device_decode: bool = False,
         as_uint8: bool = False,
-        augment: Augment | None = None,
     ):
         if not paths:
             raise InputError("the dataset is empty")
@@ -147,9 +144,7 @@ class ImageFolderDataset(Dataset):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.max_pixels = max_pixels
-        self.augment = augment or Augment()
-        # Zoom and colour work on decoded pixels, so those crops are never left encoded for the device.
-        self.device_decode = device_decode and not self.augment.active
+        self.device_decode = device_decode
         self.as_uint8 = as_uint8
         self._reported: set[str] = set()
 
@@ -167,8 +162,7 @@ class ImageFolderDataset(Dataset):
                 except OSError:
                     pass  # vanished or unreadable since the check: the CPU path reports it
             try:
-                draft = math.ceil(self.image_size * self.augment.max_zoom)
-                image = open_image(path, max_pixels=self.max_pixels, draft_size=draft)
+                image = open_image(path, max_pixels=self.max_pixels, draft_size=self.image_size)
             except ImageReadError as exc:
                 self._report(exc)
                 continue
@@ -187,9 +181,8 @@ class ImageFolderDataset(Dataset):
     def _transform(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
         size = self.image_size
         w, h = image.size
-        side = self.augment.zoomed_side(size, min(w, h), generator if self.random_crop else None)
-        if min(w, h) != side:
-            scale = side / min(w, h)
+        if min(w, h) != size:
+            scale = size / min(w, h)
             new = (max(size, round(w * scale)), max(size, round(h * scale)))
             image = image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
             w, h = image.size
@@ -202,8 +195,7 @@ class ImageFolderDataset(Dataset):
         tensor = pil_to_uint8(image) if self.as_uint8 else pil_to_tensor(image)
         if self.random_flip and generator is not None and bool(torch.rand((), generator=generator) < 0.5):
             tensor = tensor.flip(-1)
-        chroma_map = self.augment.colour_transform(generator)
-        return tensor if chroma_map is None else apply_chroma_map(tensor, chroma_map)
+        return tensor
 
 
 class ResumableSampler(DistributedSampler):

@@ -26,7 +26,6 @@ from rich.progress import Progress, TaskID, TextColumn
 
 from zturbo.config import Settings
 from zturbo.console import info, progress
-from zturbo.data.augment import Augment
 from zturbo.data.datasets import (
     DataSplit,
     ImageFolderDataset,
@@ -167,10 +166,8 @@ class Trainer:
         dataset = self.student.dataset(train, dcfg.data_dir, dcfg.image_size) if self.student else None
         if dataset is None:
             # uint8 crops: a quarter of the bytes through the workers and to the device (the engine scales them).
-            augment = Augment(dcfg.max_zoom, dcfg.hue_probability, dcfg.grey_probability)
             dataset = ImageFolderDataset(train, dcfg.image_size, dcfg.random_crop, dcfg.random_flip,
-                                         device_decode=self.device_decode, as_uint8=True, augment=augment)
-            self.device_decode = dataset.device_decode
+                                         device_decode=self.device_decode, as_uint8=True)
         else:
             self.device_decode = False
         self.steps_per_epoch = steps_per_epoch(len(dataset), self.dist.world_size, self.per_rank_batch)
