@@ -18,6 +18,11 @@ variance, so a spike that holds most of it sets the scale of everything else.
 
 ``score`` prints ``chroma_outlier`` (``zturbo.eval.chroma``) per demo photo with PSNR.
 
+``reference`` gives the metric a scale: the same scores for JPEG (Pillow) at chosen
+qualities, with 4:2:0 and 4:4:4 chroma, on the same 128 px crops. JPEG never invents colour
+on a grey photo (it scores 0 there), so what it scores elsewhere is what plain colour error
+at that PSNR costs in this metric, droplets or not.
+
 ``ablate`` trains the demo profile (``--set`` overrides as in bench_demo_quality.py)
 with one change: a profile value, the border padding of every 3x3 convolution and of the
 encoder's downsampling (``--padding``; training-time only, applied to the live model, so it
@@ -27,7 +32,7 @@ steps, and appends one JSON line per checkpoint to ``--log``; each line also hol
 live (non-EMA) weights' scores and the EMA decoder's largest activation on gravel
 (``activation_peak``: the residual-stream growth that breeds the blobs).
 
-One script of about 620 lines on purpose: the probes, the scores and the ablations share
+One script of about 660 lines on purpose: the probes, the scores and the ablations share
 the photos, the model loading and the log format, and a reader follows one investigation.
 """
 
@@ -232,6 +237,38 @@ def cmd_score(args) -> None:
     print(f"{'mean':<34}" + "".join(f"{v['chroma_outlier'].mean():>14.1f}{v['psnr'].mean():>8.2f} dB"
                                      for v in table.values()))
     print(f"{'max':<34}" + "".join(f"{v['chroma_outlier'].max():>14.1f}{'':>11}" for v in table.values()))
+
+
+def jpeg_roundtrip(pixels: torch.Tensor, quality: int, subsampling: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> the same photos through Pillow's JPEG encoder and decoder, as float."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for photo in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(photo.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=quality, subsampling=subsampling)
+        decoded = np.array(Image.open(buffer).convert("RGB"))
+        out.append(torch.from_numpy(decoded).permute(2, 0, 1))
+    return torch.stack(out).float()
+
+
+def cmd_reference(args) -> None:
+    names, pixels = photos(args.size)
+    grey = grey_mask(pixels)
+    print(f"{'JPEG quality':>12} {'chroma':>7} {'PSNR (dB)':>10} {'chroma_outlier mean':>20} {'grey photos':>12} "
+          f"{'colour photos':>14} {'max':>6}")
+    for quality in args.qualities:
+        for subsampling, label in ((2, "4:2:0"), (0, "4:4:4")):
+            recon = jpeg_roundtrip(pixels, quality, subsampling)
+            outlier = chroma_outlier(recon, pixels.float())
+            psnr = psnr_uint8(recon, pixels.float())
+            print(f"{quality:>12} {label:>7} {psnr.mean():>10.2f} {outlier.mean():>20.1f} {outlier[grey].mean():>12.1f} "
+                  f"{outlier[~grey].mean():>14.1f} {outlier.max():>6.1f}")
+            if args.per_photo:
+                print("    " + ", ".join(f"{n} {o:.1f}" for n, o in zip(names, outlier.tolist())))
 
 
 def grey_mask(pixels: torch.Tensor) -> torch.Tensor:
@@ -556,6 +593,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=SIZE)
     p.add_argument("--sheet", type=Path, help="write photo | reconstruction | outlier map sheets into this folder")
     p.set_defaults(handler=cmd_score)
+    p = sub.add_parser("reference", help="the metric's scale: JPEG at chosen qualities on the same photos")
+    p.add_argument("--qualities", type=int, nargs="+", default=[5, 10, 20, 40])
+    p.add_argument("--size", type=int, default=SIZE)
+    p.add_argument("--per-photo", action="store_true")
+    p.set_defaults(handler=cmd_reference)
     p = sub.add_parser("steps", help="spike and outliers at every checkpoint of a run")
     p.add_argument("run", type=Path)
     p.add_argument("--image", default="gravel.png")
