@@ -4,6 +4,7 @@ TensorRT's clear message (and an engine build where TensorRT exists), bad input,
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import numpy as np
@@ -12,7 +13,10 @@ import torch
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+# torch's ONNX exporter needs onnxscript; looked up, not imported (its import takes seconds and the
+# exporter imports it when a test exports).
+if importlib.util.find_spec("onnxscript") is None:
+    pytest.skip("torch's ONNX exporter needs onnxscript", allow_module_level=True)
 
 from tolerances import rounding_atol, vae_depth
 
@@ -277,7 +281,7 @@ def test_import_rejects_non_vae_folder(tmp_path, capsys):
 
 
 @pytest.mark.skipif(_has_tensorrt(), reason="this machine has TensorRT and a GPU")
-def test_trt_without_tensorrt_or_gpu_says_what_is_needed(checkpoint, fp32_export, tmp_path, capsys):
+def test_trt_without_tensorrt_or_gpu_says_what_is_needed(checkpoint, tmp_path, capsys):
     rc = run(["export", str(checkpoint), "--trt", "--out", str(tmp_path / "trt")])
     err = capsys.readouterr().err
     assert rc != 0
@@ -290,7 +294,7 @@ def test_trt_without_tensorrt_or_gpu_says_what_is_needed(checkpoint, fp32_export
     from zturbo.errors import ZTurboError
 
     with pytest.raises(ZTurboError, match="TensorRT|tensorrt"):
-        create_backend("trt", fp32_export)
+        create_backend("trt", checkpoint)
 
 
 @pytest.mark.gpu
@@ -369,6 +373,7 @@ def test_unwritable_output_is_a_clean_error(checkpoint, tmp_path, capsys):
     assert "cannot write to output folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # shares a 15 s ONNX export
 def test_interrupted_export_leaves_previous_export_intact(checkpoint, fp32_export, tmp_path, monkeypatch):
     import shutil
 
