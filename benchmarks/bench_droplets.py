@@ -26,13 +26,15 @@ at that PSNR costs in this metric, droplets or not.
 ``ablate`` trains the demo profile (``--set`` overrides as in bench_demo_quality.py)
 with one change: a profile value, the border padding of every 3x3 convolution and of the
 encoder's downsampling (``--padding``; training-time only, applied to the live model, so it
-is scored here and not saved for diffusers), or the upsampling kernel (``--upsample``).
+is scored here and not saved for diffusers), the upsampling kernel (``--upsample``), or the
+normalisation (``--channel-norm``: per pixel over channels instead of GroupNorm, likewise
+training-time only).
 It scores the EMA model at every checkpoint, so one run shows whether the blobs grow with
 steps, and appends one JSON line per checkpoint to ``--log``; each line also holds the
 live (non-EMA) weights' scores and the EMA decoder's largest activation on gravel
 (``activation_peak``: the residual-stream growth that breeds the blobs).
 
-One script of about 660 lines on purpose: the probes, the scores and the ablations share
+One script of about 670 lines on purpose: the probes, the scores and the ablations share
 the photos, the model loading and the log format, and a reader follows one investigation.
 """
 
@@ -352,6 +354,28 @@ def apply_padding(model: nn.Module, mode: str) -> None:
         Downsample2D.forward = _downsample_replicate
 
 
+class ChannelNorm(nn.GroupNorm):
+    """An ablation: each pixel normalised over its channels (LayerNorm over C, ConvNeXt's), the same
+    affine parameters as the GroupNorm it replaces. Its statistics are per pixel, so no spot
+    elsewhere in the image can set them: StyleGAN2's argument for why removing image-wide
+    normalisation removes droplets. Not a diffusers layer (training-time only, scored here)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = x.var(dim=1, keepdim=True, unbiased=False)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def apply_norm(model: nn.Module, where: str) -> None:
+    """Swap the GroupNorms of the decoder (or both coders) for ChannelNorm, keeping their parameters."""
+    parts = (model.decoder,) if where == "decoder" else (model.encoder, model.decoder)
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.__class__ = ChannelNorm
+
+
 class SpikePenalty:
     """A loss term on the kurtosis of every GroupNorm input (an ablation: larger, softer blobs evade it).
 
@@ -413,6 +437,9 @@ def cmd_ablate(args) -> None:
             raise SystemExit("--padding other than zeros needs --upsample nearest (the per-phase kernel pads with zeros)")
         apply_padding(trainer.engine.vae, args.padding)
         apply_padding(trainer.engine.ema.model, args.padding)
+    if args.channel_norm:
+        apply_norm(trainer.engine.vae, args.channel_norm)
+        apply_norm(trainer.engine.ema.model, args.channel_norm)
     if args.spike_weight:
         SpikePenalty(trainer.engine.vae).attach(trainer.engine, args.spike_weight)
     scoring = 0.0
@@ -426,7 +453,7 @@ def cmd_ablate(args) -> None:
         values = score(trainer.engine.ema.model, pixels)
         row = {
             "name": args.name, "step": step, "set": args.set, "padding": args.padding, "upsample": args.upsample,
-            "spike_weight": args.spike_weight,
+            "spike_weight": args.spike_weight, "channel_norm": args.channel_norm,
             "profile": args.profile,
             "chroma_outlier_mean": float(values["chroma_outlier"].mean()),
             "chroma_outlier_max": float(values["chroma_outlier"].max()),
@@ -629,6 +656,8 @@ def main() -> None:
     p.add_argument("--padding", choices=("zeros", "replicate"), default="zeros")
     p.add_argument("--upsample", choices=("subpixel", "nearest"))
     p.add_argument("--spike-weight", type=float, default=0.0, help="weight of SpikePenalty in the loss (0: off)")
+    p.add_argument("--channel-norm", choices=("decoder", "both"),
+                   help="replace GroupNorm by a per-pixel norm over channels in the decoder or both coders")
     p.add_argument("--stop-at", type=int, help="stop after this step (the schedule still spans max_steps)")
     p.add_argument("--resume", help="continue the run from its newest checkpoint ('auto') or a step-N folder")
     p.add_argument("--score-every", type=int, default=250)
