@@ -28,13 +28,15 @@ with one change: a profile value, the border padding of every 3x3 convolution an
 encoder's downsampling (``--padding``; training-time only, applied to the live model, so it
 is scored here and not saved for diffusers), the upsampling kernel (``--upsample``), or the
 normalisation (``--channel-norm``: per pixel over channels instead of GroupNorm, likewise
-training-time only).
+training-time only), or the training crop (``--crop N``: random N px crops of the photo as
+resized for training, so no photo is seen twice at the same offset; pair it with a larger
+``train.batch_size`` for the same pixels per step).
 It scores the EMA model at every checkpoint, so one run shows whether the blobs grow with
 steps, and appends one JSON line per checkpoint to ``--log``; each line also holds the
 live (non-EMA) weights' scores and the EMA decoder's largest activation on gravel
 (``activation_peak``: the residual-stream growth that breeds the blobs).
 
-One script of about 670 lines on purpose: the probes, the scores and the ablations share
+One script of about 700 lines on purpose: the probes, the scores and the ablations share
 the photos, the model loading and the log format, and a reader follows one investigation.
 """
 
@@ -53,6 +55,7 @@ from torch import nn
 
 from zturbo.config import load_settings
 from zturbo.data import demo_dir
+from zturbo.data.datasets import ImageFolderDataset
 from zturbo.data.images import DEFAULT_MAX_PIXELS
 from zturbo.eval.chroma import chroma_outlier, chroma_outlier_map
 from zturbo.eval.data import find_images, load_pixels
@@ -419,6 +422,25 @@ class SpikePenalty:
         engine.forward, engine.loss.combine = recorded_forward, combine_with_penalty
 
 
+def apply_crop(side: int) -> None:
+    """Training crops of ``side`` px at a random place in the photo as resized for training (its shorter
+    side at ``data.image_size``), not the whole resized photo: the model sees each photo at the scale it
+    is scored at, but never twice at the same offset, so nothing can be tied to a place in the frame.
+    The sample grid (centre crops, no generator) keeps the full size. Each photo counts four times
+    per epoch, so a batch of smaller crops may hold more crops than there are photos."""
+    whole = ImageFolderDataset._transform
+    ImageFolderDataset.__len__ = lambda self: 4 * len(self.paths)  # __getitem__ wraps the index
+
+    def transform(self, image, generator):
+        tensor = whole(self, image, generator)
+        if generator is None or not self.random_crop or tensor.shape[-1] <= side:
+            return tensor
+        top, left = (int(torch.randint(0, n - side + 1, (1,), generator=generator)) for n in tensor.shape[-2:])
+        return tensor[..., top : top + side, left : left + side]
+
+    ImageFolderDataset._transform = transform
+
+
 def cmd_ablate(args) -> None:
     overrides = parse_set(args.set)
     train = overrides.setdefault("train", {})
@@ -428,6 +450,8 @@ def cmd_ablate(args) -> None:
     overrides.setdefault("data", {}).setdefault("data_dir", str(demo_dir()))
     settings = load_settings(args.profile, None, overrides)
     names, pixels = photos(args.size)
+    if args.crop:
+        apply_crop(args.crop)
     trainer = Trainer(settings, quiet=True, resume=args.resume)
     if args.upsample:  # the kernel choice is the model's: the trained one and its EMA copy
         trainer.engine.vae.set_kernels(upsample=args.upsample)
@@ -453,7 +477,7 @@ def cmd_ablate(args) -> None:
         values = score(trainer.engine.ema.model, pixels)
         row = {
             "name": args.name, "step": step, "set": args.set, "padding": args.padding, "upsample": args.upsample,
-            "spike_weight": args.spike_weight, "channel_norm": args.channel_norm,
+            "spike_weight": args.spike_weight, "channel_norm": args.channel_norm, "crop": args.crop,
             "profile": args.profile,
             "chroma_outlier_mean": float(values["chroma_outlier"].mean()),
             "chroma_outlier_max": float(values["chroma_outlier"].max()),
@@ -658,6 +682,7 @@ def main() -> None:
     p.add_argument("--spike-weight", type=float, default=0.0, help="weight of SpikePenalty in the loss (0: off)")
     p.add_argument("--channel-norm", choices=("decoder", "both"),
                    help="replace GroupNorm by a per-pixel norm over channels in the decoder or both coders")
+    p.add_argument("--crop", type=int, help="train on random crops of this side of the resized photos")
     p.add_argument("--stop-at", type=int, help="stop after this step (the schedule still spans max_steps)")
     p.add_argument("--resume", help="continue the run from its newest checkpoint ('auto') or a step-N folder")
     p.add_argument("--score-every", type=int, default=250)
