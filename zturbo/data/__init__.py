@@ -9,6 +9,21 @@ from zturbo.config import demo_data_dir
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
+class ShardSample:
+    """Base of a sample in a shard (a tar member, a Parquet row), which its dataclass gives a
+    ``unit`` (the shard's name) and a ``key``: known by its source key ``<unit>/<key>``
+    (``zturbo.data.shards``)."""
+
+    __slots__ = ()
+    unit: str
+    key: str
+
+    @property
+    def source(self) -> str:
+        """The sample's source key: ``<shard name>/<key>``."""
+        return f"{self.unit}/{self.key}"
+
+
 def demo_dir() -> Path:
     """Folder of the bundled CC0 / public-domain sample photos (see SOURCES.md there)."""
     return demo_data_dir()

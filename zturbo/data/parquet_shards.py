@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zturbo.data import ShardSample
 from zturbo.errors import require
 
 # Column names tried first when several columns could hold the image.
@@ -22,7 +23,7 @@ KEY_COLUMNS = ("__key__", "key")
 
 
 @dataclass(frozen=True, slots=True)
-class ParquetRow:
+class ParquetRow(ShardSample):
     """One sample's image in a Parquet file: row ``row`` of row group ``group``, column ``column``."""
 
     file: Path
@@ -32,11 +33,6 @@ class ParquetRow:
     key: str
     struct: bool  # the column is a {"bytes", "path"} struct (Hugging Face's Image feature)
     unit: str = ""  # the file's name (zturbo.data.shards.ShardSet.name)
-
-    @property
-    def source(self) -> str:
-        """The sample's source key: ``<file name>/<key>``."""
-        return f"{self.unit}/{self.key}"
 
     @property
     def suffix(self) -> str:

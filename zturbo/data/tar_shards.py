@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zturbo.data import IMAGE_EXTENSIONS
+from zturbo.data import IMAGE_EXTENSIONS, ShardSample
 from zturbo.errors import require
 
 BLOCK = 512
@@ -30,7 +30,7 @@ TAR_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True, slots=True)
-class TarMember:
+class TarMember(ShardSample):
     """One sample's image in a tar shard: readable by offset, named ``shard:member`` in messages."""
 
     shard: Path
@@ -39,11 +39,6 @@ class TarMember:
     offset: int  # where the member's data starts in the file
     size: int
     unit: str = ""  # the shard's name (zturbo.data.shards.ShardSet.name)
-
-    @property
-    def source(self) -> str:
-        """The sample's source key: ``<shard name>/<key>``."""
-        return f"{self.unit}/{self.key}"
 
     @property
     def suffix(self) -> str:
